@@ -1,0 +1,350 @@
+//! The command line: argument definitions and the client commands that talk
+//! to a running supervisor over its control socket.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use forkd_config::Config;
+use forkd_supervisor::control::{Client, Reply, Request, Status};
+
+use crate::{runtime_dir_of, ConfigSource};
+
+/// forkd: a pre-fork HTTP server supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "forkd", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Configuration file [default: config/forkd.toml when it exists, else
+    /// built-in defaults].
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "FORKD_CONFIG",
+        value_name = "FILE"
+    )]
+    pub(crate) config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the supervisor (in the foreground unless --daemon).
+    Start {
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Detach, log to a file, and return once every worker is ready.
+        #[arg(long)]
+        daemon: bool,
+    },
+    /// Stop gracefully and wait until forkd has exited.
+    Stop {
+        /// Seconds workers may drain [default: shutdown_timeout].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+    },
+    /// Reload the configuration and replace the workers one by one.
+    Reload,
+    /// Show the supervisor and its workers.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the number of workers.
+    Scale {
+        /// The new number of workers.
+        workers: usize,
+    },
+    /// Validate the configuration and print it as forkd would use it.
+    CheckConfig {
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+}
+
+impl Command {
+    pub(crate) fn overrides(&self) -> Overrides {
+        match self {
+            Command::Start { overrides, .. } | Command::CheckConfig { overrides } => {
+                overrides.clone()
+            }
+            _ => Overrides::default(),
+        }
+    }
+}
+
+/// Flags that override the file and the environment.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct Overrides {
+    /// Address to listen on, e.g. 127.0.0.1:8080 or [::]:8080.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<String>,
+    /// Number of workers, or "auto".
+    #[arg(long, value_name = "N")]
+    pub(crate) workers: Option<String>,
+    /// Append logs to this file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) log_file: Option<String>,
+}
+
+impl Overrides {
+    pub(crate) fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut v = Vec::new();
+        if let Some(l) = &self.listen {
+            v.push(("listen", l.clone()));
+        }
+        if let Some(w) = &self.workers {
+            v.push(("workers", w.clone()));
+        }
+        if let Some(f) = &self.log_file {
+            v.push(("log_file", f.clone()));
+        }
+        v
+    }
+}
+
+fn connect(config: &Config) -> anyhow::Result<Client> {
+    let dir = runtime_dir_of(config);
+    let path = forkd_supervisor::control_socket_path(&dir, &config.instance);
+    Client::connect(&path).map_err(|e| match e {
+        forkd_supervisor::control::ClientError::NotRunning(_) => {
+            anyhow::anyhow!("instance '{}' is not running", config.instance)
+        }
+        other => other.into(),
+    })
+}
+
+fn expect_ok(reply: Reply) -> anyhow::Result<Reply> {
+    match reply {
+        Reply::Error { message } => bail!("{message}"),
+        other => Ok(other),
+    }
+}
+
+pub(crate) fn fetch_status(config: &Config) -> anyhow::Result<Status> {
+    let mut c = connect(config)?;
+    match expect_ok(c.request(&Request::Status, Duration::from_secs(10))?)? {
+        Reply::Status(s) => Ok(s),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+}
+
+pub(crate) fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let s = fetch_status(config)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!(
+        "forkd {} instance '{}': pid {}, {}, generation {}, up {}",
+        s.version,
+        s.instance,
+        s.pid,
+        s.phase,
+        s.generation,
+        duration(s.uptime_ms)
+    );
+    println!(
+        "listening on {} ({} listener); {}/{} workers ready; supervisor RSS {}",
+        s.listen,
+        s.listener,
+        s.workers_ready,
+        s.workers_wanted,
+        bytes(s.rss_bytes)
+    );
+    println!(
+        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>10} {:>8} {:>9}",
+        "SLOT", "PID", "GEN", "STATE", "UPTIME", "REQUESTS", "RSS", "RESTARTS", "HEARTBEAT"
+    );
+    for w in &s.workers {
+        println!(
+            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>10} {:>8} {:>9}",
+            w.slot,
+            w.pid,
+            w.generation,
+            w.state,
+            duration(w.uptime_ms),
+            w.requests,
+            bytes(w.rss_bytes),
+            w.restarts,
+            duration(w.heartbeat_age_ms)
+        );
+    }
+    for (slot, ms) in &s.backoff {
+        println!(
+            "slot {slot}: crashed at start; next worker in {}",
+            duration(*ms)
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn stop(config: &Config, timeout: Option<f64>) -> anyhow::Result<()> {
+    if let Some(t) = timeout {
+        if !t.is_finite() || t < 0.0 {
+            bail!("invalid --timeout {t}: expected seconds, 0 or more");
+        }
+    }
+    let mut c = connect(config)?;
+    let pid = match expect_ok(c.request(&Request::Stop { timeout }, Duration::from_secs(10))?)? {
+        Reply::Stopping { pid } => pid,
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    let drain = timeout.map_or(config.shutdown_timeout, Duration::from_secs_f64);
+    let wait = drain + Duration::from_secs(10);
+    if !c.wait_closed(wait) {
+        bail!("forkd (pid {pid}) has not exited after {}s", wait.as_secs());
+    }
+    // The control socket closes as the process exits; wait for the pid too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        if Instant::now() > deadline {
+            bail!("forkd (pid {pid}) closed its control socket but has not exited");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("forkd stopped (pid {pid})");
+    Ok(())
+}
+
+pub(crate) fn reload(config: &Config) -> anyhow::Result<()> {
+    let mut c = connect(config)?;
+    // A rolling reload waits for each new worker; allow for all of them.
+    let wait = config.startup_timeout * (config.workers as u32 + 1) + Duration::from_secs(60);
+    let outcome = match expect_ok(c.request(&Request::Reload, wait)?)? {
+        Reply::Reload(o) => o,
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    for (slot, old, new) in &outcome.replaced {
+        println!("slot {slot}: pid {old} -> {new}");
+    }
+    match outcome.error {
+        None => {
+            println!(
+                "reloaded: generation {}, {} worker(s) replaced",
+                outcome.generation,
+                outcome.replaced.len()
+            );
+            Ok(())
+        }
+        Some(e) => bail!("reload failed, the previous workers keep serving: {e}"),
+    }
+}
+
+pub(crate) fn scale(config: &Config, workers: usize) -> anyhow::Result<()> {
+    let mut c = connect(config)?;
+    match expect_ok(c.request(&Request::Scale { workers }, Duration::from_secs(10))?)? {
+        Reply::Scaled { workers } => {
+            println!("scaling to {workers} worker(s)");
+            Ok(())
+        }
+        other => bail!("unexpected reply: {other:?}"),
+    }
+}
+
+/// `forkd start --daemon`: start a detached supervisor that logs to a file
+/// and return once every worker is ready.
+pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Result<()> {
+    if let Ok(s) = fetch_status(config) {
+        bail!(
+            "forkd instance '{}' is already running (pid {})",
+            s.instance,
+            s.pid
+        );
+    }
+    let dir = runtime_dir_of(config);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = config
+        .log_file
+        .clone()
+        .unwrap_or_else(|| dir.join(format!("{}.log", config.instance)));
+    let log_out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open log file {}", log.display()))?;
+    let log_start = log_out.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().context("cannot find the forkd binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(p) = source.file() {
+        cmd.arg("--config").arg(p);
+    }
+    cmd.arg("start").arg("--log-file").arg(&log);
+    if let Some(l) = &source.overrides.listen {
+        cmd.arg("--listen").arg(l);
+    }
+    if let Some(w) = &source.overrides.workers {
+        cmd.arg("--workers").arg(w);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log_out.try_clone()?)
+        .stderr(log_out);
+    let mut child =
+        forkd_supervisor::spawn_detached(&mut cmd).context("cannot start the daemon")?;
+    let deadline = Instant::now() + config.startup_timeout + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            print_log_tail(&log, log_start);
+            bail!(
+                "forkd exited during start-up ({status}); see {}",
+                log.display()
+            );
+        }
+        if let Ok(s) = fetch_status(config) {
+            if s.workers_ready >= s.workers_wanted {
+                println!(
+                    "forkd started: pid {}, {} worker(s) ready, listening on {}; log: {}",
+                    s.pid,
+                    s.workers_ready,
+                    s.listen,
+                    log.display()
+                );
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            print_log_tail(&log, log_start);
+            bail!(
+                "forkd (pid {}) did not become ready in time; it keeps running; see {}",
+                child.id(),
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn print_log_tail(path: &std::path::Path, from: u64) {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return;
+    };
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return;
+    }
+    let lines: Vec<String> = std::io::BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    for l in lines.iter().rev().take(10).rev() {
+        eprintln!("  {l}");
+    }
+}
+
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{}.{}s", s, (ms % 1000) / 100),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn bytes(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}

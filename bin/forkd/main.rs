@@ -1,0 +1,242 @@
+//! The `forkd` binary: the command line, logging, and the wiring of the
+//! config, supervisor and worker crates. Exit codes: 0 ok, 1 runtime
+//! failure, 64 usage or configuration error.
+
+mod cli;
+mod logging;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use forkd_config::{Config, ConfigError, ListenerMode, RawConfig};
+use forkd_supervisor::{Program, Settings, WorkerCell, WorkerContext};
+
+use cli::{Cli, Command, Overrides};
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let overrides = cli.command.overrides();
+    let source = ConfigSource {
+        path: cli.config.clone(),
+        overrides,
+    };
+    let config = match source.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("forkd: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    logging::init(&config.log_level);
+    let result = match cli.command {
+        Command::Start { daemon: true, .. } => cli::start_daemon(&source, &config),
+        Command::Start { .. } => start(source, config),
+        Command::CheckConfig { .. } => {
+            check_config(&source, config);
+            Ok(())
+        }
+        Command::Stop { timeout } => cli::stop(&config, timeout),
+        Command::Reload => cli::reload(&config),
+        Command::Status { json } => cli::status(&config, json),
+        Command::Scale { workers } => cli::scale(&config, workers),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("forkd: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Where the configuration comes from: the file, the environment, flags.
+#[derive(Debug, Clone)]
+pub(crate) struct ConfigSource {
+    path: Option<PathBuf>,
+    overrides: Overrides,
+}
+
+impl ConfigSource {
+    /// The file in use: `--config` (or FORKD_CONFIG), else
+    /// `config/forkd.toml` when it exists, else none (built-in defaults).
+    fn file(&self) -> Option<PathBuf> {
+        self.path.clone().or_else(|| {
+            let default = Path::new("config/forkd.toml");
+            default.exists().then(|| default.to_owned())
+        })
+    }
+
+    fn load(&self) -> Result<Config, ConfigError> {
+        let mut raw = match self.file() {
+            Some(path) => RawConfig::load(&path)?,
+            None => RawConfig::default(),
+        };
+        raw.apply_env(std::env::vars())?;
+        for (key, value) in self.overrides.pairs() {
+            raw.set(key, &value)?;
+        }
+        let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut config = raw.validate(parallelism)?;
+        config.runtime_dir = Some(runtime_dir(&config));
+        Ok(config)
+    }
+}
+
+/// The runtime directory: configured, or systemd's RuntimeDirectory, or a
+/// per-user default.
+fn runtime_dir(c: &Config) -> PathBuf {
+    if let Some(d) = &c.runtime_dir {
+        return d.clone();
+    }
+    if let Ok(d) = std::env::var("RUNTIME_DIRECTORY") {
+        if let Some(first) = d.split(':').find(|s| !s.is_empty()) {
+            return first.into();
+        }
+    }
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return "/run/forkd".into();
+    }
+    match std::env::var("XDG_RUNTIME_DIR") {
+        Ok(x) if !x.is_empty() => Path::new(&x).join("forkd"),
+        _ => format!("/tmp/forkd-{uid}").into(),
+    }
+}
+
+pub(crate) fn runtime_dir_of(c: &Config) -> PathBuf {
+    c.runtime_dir.clone().unwrap_or_else(|| runtime_dir(c))
+}
+
+fn check_config(source: &ConfigSource, config: Config) {
+    match source.file() {
+        Some(p) => println!("# configuration OK: {} with overrides applied", p.display()),
+        None => println!("# configuration OK: built-in defaults with overrides applied"),
+    }
+    print!("{}", config.to_toml());
+}
+
+fn supervisor_settings(c: &Config) -> Settings {
+    Settings {
+        instance: c.instance.clone(),
+        listen: c.listen,
+        backlog: c.backlog,
+        listener: match c.listener {
+            ListenerMode::Shared => forkd_supervisor::ListenerMode::Shared,
+            ListenerMode::Reuseport => forkd_supervisor::ListenerMode::Reuseport,
+        },
+        workers: c.workers,
+        runtime_dir: runtime_dir_of(c),
+        log_file: c.log_file.clone(),
+        shutdown_timeout: c.shutdown_timeout,
+        worker_timeout: c.worker_timeout,
+        startup_timeout: c.startup_timeout,
+    }
+}
+
+fn app_settings(c: &Config) -> forkd_app::Settings {
+    forkd_app::Settings {
+        header_read_timeout: c.http.header_read_timeout,
+        max_connections: c.http.max_connections,
+        keepalive: c.http.keepalive,
+        shutdown_timeout: c.shutdown_timeout,
+        heartbeat_interval: (c.worker_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+    }
+}
+
+/// `forkd start` in the foreground.
+fn start(source: ConfigSource, config: Config) -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        log::warn!("running as root; workers keep root privileges");
+    }
+    let settings = supervisor_settings(&config);
+    let program = Forkd {
+        source,
+        config,
+        previous: None,
+    };
+    forkd_supervisor::run(settings, program).context("cannot start")
+}
+
+/// The program the supervisor forks: the HTTP worker, with reloadable
+/// configuration.
+struct Forkd {
+    source: ConfigSource,
+    config: Config,
+    previous: Option<Config>,
+}
+
+impl Program for Forkd {
+    fn run_worker(&self, ctx: WorkerContext) -> i32 {
+        logging::set_worker(ctx.slot);
+        forkd_app::run(forkd_app::Worker {
+            slot: ctx.slot,
+            generation: ctx.generation,
+            listener: ctx.listener,
+            settings: app_settings(&self.config),
+            host: Arc::new(CellHost {
+                cell: ctx.cell,
+                log_file: ctx.log_file,
+            }),
+        })
+    }
+
+    fn reload(&mut self) -> Result<Settings, String> {
+        let new = self.source.load().map_err(|e| e.to_string())?;
+        let settings = supervisor_settings(&new);
+        self.previous = Some(std::mem::replace(&mut self.config, new));
+        Ok(settings)
+    }
+
+    fn abandon_reload(&mut self) {
+        if let Some(old) = self.previous.take() {
+            self.config = old;
+        }
+    }
+}
+
+/// A worker's view of its scoreboard cell.
+struct CellHost {
+    cell: WorkerCell,
+    log_file: Option<PathBuf>,
+}
+
+impl forkd_app::Host for CellHost {
+    fn heartbeat(&self) {
+        self.cell.heartbeat();
+    }
+    fn ready(&self) {
+        self.cell.set_ready();
+    }
+    fn draining(&self) {
+        self.cell.set_draining();
+    }
+    fn request_served(&self) {
+        self.cell.count_request();
+    }
+    fn reopen_log(&self) {
+        if let Some(path) = &self.log_file {
+            if let Err(e) = forkd_supervisor::redirect_output(path) {
+                log::error!("{e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The worker's runtime, accept loop and graceful drain.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::{sleep, Instant};
+
+use crate::routes::{self, State};
+use crate::Worker;
+
+/// After SIGTERM, how long kept-alive connections may send one more
+/// request (answered with `Connection: close`) before idle ones are closed.
+/// Closing an idle connection at once races with a client that is just
+/// sending on it; this window makes that race practically vanish.
+const LINGER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Graceful,
+    Fast,
+}
+
+/// Runs a worker to completion and returns the process exit code.
+pub fn run(w: Worker) -> i32 {
+    #[cfg(feature = "failpoints")]
+    if failpoint("worker-start") {
+        log::error!("cannot start: failpoint worker-start is set (FORKD_FAILPOINTS)");
+        return 1;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("cannot build the tokio runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(serve(w))
+}
+
+#[cfg(feature = "failpoints")]
+fn failpoint(name: &str) -> bool {
+    std::env::var("FORKD_FAILPOINTS").is_ok_and(|v| v.split(',').any(|p| p.trim() == name))
+}
+
+async fn serve(w: Worker) -> i32 {
+    let Worker {
+        slot,
+        generation,
+        listener,
+        settings,
+        host,
+    } = w;
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("cannot use the listening socket: {e}");
+            return 1;
+        }
+    };
+    let state = Arc::new(State::new(slot, generation, host.clone()));
+
+    // The heartbeat runs on this runtime: if the event loop stalls, it stops.
+    let beat = host.clone();
+    let every = settings.heartbeat_interval;
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(every);
+        loop {
+            t.tick().await;
+            beat.heartbeat();
+        }
+    });
+
+    let (stop_tx, mut stop_rx) = watch::channel(None);
+    if let Err(e) = watch_signals(stop_tx, host.clone()) {
+        log::error!("cannot install signal handlers: {e}");
+        return 1;
+    }
+
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(settings.keepalive);
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let mut accept_pause = Duration::from_millis(10);
+    host.ready();
+    log::debug!("accepting connections");
+
+    let stop = loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop_rx.changed() => break *stop_rx.borrow(),
+            p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let stream = tokio::select! {
+            biased;
+            _ = stop_rx.changed() => break *stop_rx.borrow(),
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE, ENOBUFS and friends pass; back off and retry
+                    // rather than end the worker.
+                    log::warn!("accept failed: {e}; retrying in {accept_pause:?}");
+                    sleep(accept_pause).await;
+                    accept_pause = (accept_pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        accept_pause = Duration::from_millis(10);
+        let _ = stream.set_nodelay(true);
+        let st = state.clone();
+        let conn = http.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| routes::handle(req, st.clone())),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                log::debug!("connection ended: {e}");
+            }
+            drop(permit);
+        });
+    };
+
+    // Stop accepting first: queued connections go to the other workers.
+    drop(listener);
+    state.draining.store(true, Relaxed);
+    host.draining();
+    if stop == Some(Stop::Fast) {
+        log::info!("fast stop: {} connection(s) dropped", graceful.count());
+        return 0;
+    }
+    let deadline = Instant::now() + settings.shutdown_timeout;
+    let open = graceful.count();
+    if open > 0 {
+        log::info!("draining {open} connection(s)");
+        let linger_end = Instant::now() + LINGER.min(settings.shutdown_timeout);
+        while graceful.count() > 0 && Instant::now() < linger_end {
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => log::info!("drained; exiting"),
+        _ = tokio::time::sleep_until(deadline) => {
+            log::warn!("shutdown_timeout reached; exiting with connections still open");
+        }
+    }
+    0
+}
+
+fn watch_signals(
+    stop: watch::Sender<Option<Stop>>,
+    host: Arc<dyn crate::Host>,
+) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { stop.send_replace(Some(Stop::Graceful)); }
+                _ = int.recv() => { stop.send_replace(Some(Stop::Graceful)); }
+                _ = quit.recv() => { stop.send_replace(Some(Stop::Fast)); }
+                _ = usr1.recv() => host.reopen_log(),
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,552 @@
+//! forkd's configuration: a TOML file, `FORKD_*` environment overrides and
+//! command-line overrides, turned into one validated [`Config`].
+//!
+//! - [`RawConfig`] mirrors the file; unknown keys are an error.
+//! - [`RawConfig::set`] applies one override (`key`, string value) and is what
+//!   both the environment and the command line go through.
+//! - [`RawConfig::validate`] returns the distinct validated type [`Config`];
+//!   nothing is bound or forked before it has succeeded.
+//!
+//! This crate reads the config file and the process environment and does no
+//! other I/O.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The largest number of workers one instance may run.
+pub const MAX_WORKERS: usize = 512;
+
+/// Every key the file accepts, as dotted paths. Environment variables are the
+/// same names upper-cased with `.` turned into `_` and `FORKD_` in front.
+pub const KEYS: &[&str] = &[
+    "instance",
+    "listen",
+    "backlog",
+    "listener",
+    "workers",
+    "runtime_dir",
+    "log_level",
+    "log_file",
+    "shutdown_timeout",
+    "worker_timeout",
+    "startup_timeout",
+    "http.header_read_timeout",
+    "http.max_connections",
+    "http.keepalive",
+];
+
+/// Environment variables that start with `FORKD_` but are not config keys.
+const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS"];
+
+/// A configuration error. Every message names the offending key or variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown environment variable {0}: no config key of that name (keys: {keys})", keys = KEYS.join(", "))]
+    UnknownVariable(String),
+    #[error("unknown config key `{0}`")]
+    UnknownKey(String),
+    #[error("invalid value for `{key}`{origin}: {value:?} ({expected})")]
+    Value {
+        key: String,
+        origin: String,
+        value: String,
+        expected: String,
+    },
+}
+
+/// How workers accept connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// One socket; every worker accepts on it.
+    Shared,
+    /// One SO_REUSEPORT socket per worker slot, kept by the supervisor.
+    Reuseport,
+}
+
+/// `workers`: a count or `"auto"` (the machine's available parallelism).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Count(usize),
+}
+
+impl Serialize for Workers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Count(i64),
+            Text(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Count(n) if n >= 0 => Ok(Workers::Count(n as usize)),
+            Repr::Count(n) => Err(serde::de::Error::custom(format!(
+                "invalid value {n} for workers: expected \"auto\" or 1 to {MAX_WORKERS}"
+            ))),
+            Repr::Text(t) if t == "auto" => Ok(Workers::Auto),
+            Repr::Text(t) => Err(serde::de::Error::custom(format!(
+                "invalid value {t:?} for workers: expected \"auto\" or 1 to {MAX_WORKERS}"
+            ))),
+        }
+    }
+}
+
+/// The `[http]` table as written in the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttp {
+    pub header_read_timeout: f64,
+    pub max_connections: i64,
+    pub keepalive: bool,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            header_read_timeout: 15.0,
+            max_connections: 4096,
+            keepalive: true,
+        }
+    }
+}
+
+/// The configuration as written: every key optional, defaults filled in,
+/// nothing checked beyond types.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub instance: String,
+    pub listen: String,
+    pub backlog: i64,
+    pub listener: ListenerMode,
+    pub workers: Workers,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
+    pub log_level: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    pub shutdown_timeout: f64,
+    pub worker_timeout: f64,
+    pub startup_timeout: f64,
+    pub http: RawHttp,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            instance: "forkd".into(),
+            listen: "127.0.0.1:8080".into(),
+            backlog: 1024,
+            listener: ListenerMode::Shared,
+            workers: Workers::Auto,
+            runtime_dir: None,
+            log_level: "info".into(),
+            log_file: None,
+            shutdown_timeout: 30.0,
+            worker_timeout: 30.0,
+            startup_timeout: 30.0,
+            http: RawHttp::default(),
+        }
+    }
+}
+
+/// The HTTP settings of a validated config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Http {
+    #[serde(serialize_with = "secs")]
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub keepalive: bool,
+}
+
+/// A validated configuration. Every value is in range; paths may still fail
+/// to open when used.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub instance: String,
+    pub listen: SocketAddr,
+    pub backlog: u32,
+    pub listener: ListenerMode,
+    /// Resolved: `"auto"` has become the machine's available parallelism.
+    pub workers: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_dir: Option<PathBuf>,
+    pub log_level: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    #[serde(serialize_with = "secs")]
+    pub shutdown_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub worker_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub startup_timeout: Duration,
+    pub http: Http,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl Config {
+    /// The effective configuration as TOML, for `forkd check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a validated config always serializes")
+    }
+}
+
+impl RawConfig {
+    /// Parses a config file's text. `path` is only used in messages.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] naming the line and key for syntax errors,
+    /// unknown keys and wrongly typed values.
+    pub fn from_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, otherwise as
+    /// [`RawConfig::from_str`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_str(&text, path)
+    }
+
+    /// Applies every `FORKD_*` variable of `vars` as an override.
+    ///
+    /// # Errors
+    /// An unknown `FORKD_*` variable, or a value that does not parse.
+    pub fn apply_env<I>(&mut self, vars: I) -> Result<(), ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut vars: Vec<_> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("FORKD_") && !NON_KEY_VARS.contains(&k.as_str()))
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            let key = KEYS
+                .iter()
+                .find(|k| env_name(k) == name)
+                .ok_or_else(|| ConfigError::UnknownVariable(name.clone()))?;
+            self.set_from(key, &value, &format!(" (from {name})"))?;
+        }
+        Ok(())
+    }
+
+    /// Sets one key from its string form, as the command line does.
+    ///
+    /// # Errors
+    /// An unknown key, or a value that does not parse for it.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        self.set_from(key, value, "")
+    }
+
+    fn set_from(&mut self, key: &str, value: &str, origin: &str) -> Result<(), ConfigError> {
+        let bad = |expected: &str| ConfigError::Value {
+            key: key.to_owned(),
+            origin: origin.to_owned(),
+            value: value.to_owned(),
+            expected: expected.to_owned(),
+        };
+        let int = || {
+            value
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| bad("expected a whole number"))
+        };
+        let float = || {
+            value
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| bad("expected a number of seconds"))
+        };
+        match key {
+            "instance" => self.instance = value.to_owned(),
+            "listen" => self.listen = value.to_owned(),
+            "backlog" => self.backlog = int()?,
+            "listener" => {
+                self.listener = match value {
+                    "shared" => ListenerMode::Shared,
+                    "reuseport" => ListenerMode::Reuseport,
+                    _ => return Err(bad("expected \"shared\" or \"reuseport\"")),
+                }
+            }
+            "workers" => {
+                self.workers =
+                    match value.trim() {
+                        "auto" => Workers::Auto,
+                        v => Workers::Count(v.parse::<usize>().map_err(|_| {
+                            bad(&format!("expected \"auto\" or 1 to {MAX_WORKERS}"))
+                        })?),
+                    }
+            }
+            "runtime_dir" => self.runtime_dir = Some(value.into()),
+            "log_level" => self.log_level = value.to_owned(),
+            "log_file" => self.log_file = Some(value.into()),
+            "shutdown_timeout" => self.shutdown_timeout = float()?,
+            "worker_timeout" => self.worker_timeout = float()?,
+            "startup_timeout" => self.startup_timeout = float()?,
+            "http.header_read_timeout" => self.http.header_read_timeout = float()?,
+            "http.max_connections" => self.http.max_connections = int()?,
+            "http.keepalive" => {
+                self.http.keepalive = match value.trim() {
+                    "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => return Err(bad("expected true or false")),
+                }
+            }
+            other => return Err(ConfigError::UnknownKey(other.to_owned())),
+        }
+        Ok(())
+    }
+
+    /// Checks every value and resolves `workers = "auto"` to `parallelism`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Value`] for the first value out of range.
+    pub fn validate(self, parallelism: usize) -> Result<Config, ConfigError> {
+        fn bad(key: &str, value: impl ToString, expected: &str) -> ConfigError {
+            ConfigError::Value {
+                key: key.to_owned(),
+                origin: String::new(),
+                value: value.to_string(),
+                expected: expected.to_owned(),
+            }
+        }
+        fn seconds(key: &str, v: f64, min: f64) -> Result<Duration, ConfigError> {
+            if v.is_finite() && (min..=86_400.0).contains(&v) {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(bad(key, v, &format!("expected {min} to 86400 seconds")))
+            }
+        }
+
+        let name_ok = !self.instance.is_empty()
+            && self.instance.len() <= 64
+            && self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !name_ok {
+            return Err(bad(
+                "instance",
+                &self.instance,
+                "expected 1 to 64 letters, digits, '-' or '_'",
+            ));
+        }
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            bad(
+                "listen",
+                &self.listen,
+                "expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
+            )
+        })?;
+        if !(1..=65_535).contains(&self.backlog) {
+            return Err(bad("backlog", self.backlog, "expected 1 to 65535"));
+        }
+        let workers = match self.workers {
+            Workers::Auto => parallelism.clamp(1, MAX_WORKERS),
+            Workers::Count(n) if (1..=MAX_WORKERS).contains(&n) => n,
+            Workers::Count(n) => {
+                return Err(bad(
+                    "workers",
+                    n,
+                    &format!("expected \"auto\" or 1 to {MAX_WORKERS}"),
+                ))
+            }
+        };
+        let levels = ["off", "error", "warn", "info", "debug", "trace"];
+        if !levels.contains(&self.log_level.as_str()) {
+            return Err(bad("log_level", &self.log_level, &levels.join(", ")));
+        }
+        for (key, path) in [
+            ("runtime_dir", &self.runtime_dir),
+            ("log_file", &self.log_file),
+        ] {
+            if let Some(p) = path {
+                if !p.is_absolute() {
+                    return Err(bad(key, p.display(), "expected an absolute path"));
+                }
+            }
+        }
+        if !(1..=1_000_000).contains(&self.http.max_connections) {
+            return Err(bad(
+                "http.max_connections",
+                self.http.max_connections,
+                "expected 1 to 1000000",
+            ));
+        }
+        Ok(Config {
+            instance: self.instance,
+            listen,
+            backlog: self.backlog as u32,
+            listener: self.listener,
+            workers,
+            runtime_dir: self.runtime_dir,
+            log_level: self.log_level,
+            log_file: self.log_file,
+            shutdown_timeout: seconds("shutdown_timeout", self.shutdown_timeout, 0.0)?,
+            worker_timeout: seconds("worker_timeout", self.worker_timeout, 0.5)?,
+            startup_timeout: seconds("startup_timeout", self.startup_timeout, 0.5)?,
+            http: Http {
+                header_read_timeout: seconds(
+                    "http.header_read_timeout",
+                    self.http.header_read_timeout,
+                    0.1,
+                )?,
+                max_connections: self.http.max_connections as usize,
+                keepalive: self.http.keepalive,
+            },
+        })
+    }
+}
+
+/// The environment variable that overrides `key`.
+pub fn env_name(key: &str) -> String {
+    format!("FORKD_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RawConfig, ConfigError> {
+        RawConfig::from_str(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = RawConfig::default().validate(4).unwrap();
+        assert_eq!(c.workers, 4);
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.listener, ListenerMode::Shared);
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_lists_every_key() {
+        let text = include_str!("../../../config/forkd.toml");
+        parse(text).unwrap().validate(2).unwrap();
+        for key in KEYS {
+            let leaf = key.rsplit('.').next().unwrap();
+            assert!(
+                text.lines()
+                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{leaf} ="))),
+                "config/forkd.toml does not document `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("listen = \"127.0.0.1:1\"\nworkerz = 3\n").unwrap_err();
+        assert!(e.to_string().contains("workerz"), "{e}");
+        let e = parse("[http]\nmax_conn = 3\n").unwrap_err();
+        assert!(e.to_string().contains("max_conn"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse("workers = 0").unwrap().validate(2).unwrap_err();
+        assert!(e.to_string().contains("`workers`"), "{e}");
+        let e = parse("workers = \"many\"").unwrap_err();
+        assert!(e.to_string().contains("workers"), "{e}");
+        let e = parse("listen = \"localhost\"")
+            .unwrap()
+            .validate(2)
+            .unwrap_err();
+        assert!(e.to_string().contains("`listen`"), "{e}");
+        let e = parse("worker_timeout = 0")
+            .unwrap()
+            .validate(2)
+            .unwrap_err();
+        assert!(e.to_string().contains("`worker_timeout`"), "{e}");
+        let e = parse("instance = \"a/b\"")
+            .unwrap()
+            .validate(2)
+            .unwrap_err();
+        assert!(e.to_string().contains("`instance`"), "{e}");
+        let e = parse("log_file = \"rel.log\"")
+            .unwrap()
+            .validate(2)
+            .unwrap_err();
+        assert!(e.to_string().contains("`log_file`"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_unknown_variables_fail() {
+        let mut c = parse("workers = 3\nlisten = \"127.0.0.1:1\"").unwrap();
+        c.apply_env([
+            ("FORKD_WORKERS".to_string(), "5".to_string()),
+            ("FORKD_HTTP_KEEPALIVE".to_string(), "false".to_string()),
+            ("FORKD_CONFIG".to_string(), "/x".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ])
+        .unwrap();
+        let c2 = c.clone().validate(1).unwrap();
+        assert_eq!(c2.workers, 5);
+        assert!(!c2.http.keepalive);
+        let e = c
+            .apply_env([("FORKD_WORKRES".to_string(), "5".to_string())])
+            .unwrap_err();
+        assert!(e.to_string().contains("FORKD_WORKRES"), "{e}");
+        let e = c
+            .apply_env([("FORKD_BACKLOG".to_string(), "lots".to_string())])
+            .unwrap_err();
+        assert!(e.to_string().contains("FORKD_BACKLOG"), "{e}");
+        assert!(e.to_string().contains("`backlog`"), "{e}");
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        for key in KEYS {
+            let value = match *key {
+                "listener" => "reuseport",
+                "http.keepalive" => "true",
+                "runtime_dir" | "log_file" => "/tmp/x",
+                "instance" | "listen" | "log_level" => continue,
+                _ => "7",
+            };
+            RawConfig::default().set(key, value).unwrap();
+        }
+        assert!(RawConfig::default().set("nope", "1").is_err());
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = RawConfig::default().validate(2).unwrap();
+        let again = parse(&c.to_toml()).unwrap().validate(9).unwrap();
+        assert_eq!(c, again);
+    }
+}

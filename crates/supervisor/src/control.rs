@@ -1,0 +1,277 @@
+//! The control socket: a unix stream socket (mode 0600) in the runtime
+//! directory, one JSON request line in, JSON lines out. The CLI's client
+//! side is here too, so both ends share one definition of the protocol.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::ReloadOutcome;
+use crate::scoreboard::WorkerState;
+
+/// A CLI request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    /// Graceful stop; `timeout` (seconds) overrides `shutdown_timeout`.
+    Stop {
+        timeout: Option<f64>,
+    },
+    Reload,
+    Scale {
+        workers: usize,
+    },
+}
+
+/// One worker in a status report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub slot: usize,
+    pub pid: i32,
+    pub generation: u64,
+    pub state: String,
+    pub uptime_ms: u64,
+    pub requests: u64,
+    pub rss_bytes: u64,
+    pub restarts: u64,
+    pub heartbeat_age_ms: u64,
+}
+
+/// A status report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub instance: String,
+    pub pid: i32,
+    pub version: String,
+    pub listen: String,
+    pub listener: String,
+    pub generation: u64,
+    pub phase: String,
+    pub uptime_ms: u64,
+    pub workers_wanted: usize,
+    pub workers_ready: usize,
+    pub rss_bytes: u64,
+    pub workers: Vec<WorkerStatus>,
+    /// Slots waiting out a crash backoff: (slot, milliseconds left).
+    pub backoff: Vec<(usize, u64)>,
+}
+
+/// A reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "lowercase")]
+pub enum Reply {
+    Status(Status),
+    /// A stop has begun; the connection closes when the supervisor exits.
+    Stopping {
+        pid: i32,
+    },
+    Reload(ReloadOutcome),
+    Scaled {
+        workers: usize,
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl WorkerState {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            WorkerState::Free => "exited",
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+        }
+    }
+}
+
+/// Errors of the CLI side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("forkd is not running (no control socket at {0})")]
+    NotRunning(String),
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket {path}: unexpected reply: {detail}")]
+    Protocol { path: String, detail: String },
+}
+
+/// A connection to a running supervisor.
+pub struct Client {
+    path: String,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects to the control socket at `path`.
+    ///
+    /// # Errors
+    /// [`ClientError::NotRunning`] when nothing listens there.
+    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+        let p = path.display().to_string();
+        let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(p.clone())
+            }
+            _ => ClientError::Io {
+                path: p.clone(),
+                source: e,
+            },
+        })?;
+        Ok(Client {
+            path: p,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    fn io(&self, source: io::Error) -> ClientError {
+        ClientError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Sends `req` and waits up to `timeout` for the reply.
+    ///
+    /// # Errors
+    /// I/O failures, a timeout, or a reply that does not parse.
+    pub fn request(&mut self, req: &Request, timeout: Duration) -> Result<Reply, ClientError> {
+        let mut line = serde_json::to_string(req).expect("requests serialize");
+        line.push('\n');
+        let stream = self.reader.get_mut();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| self.io(e))?;
+        self.reader
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(|e| self.io(e))?;
+        self.read_reply(timeout)
+    }
+
+    fn read_reply(&mut self, timeout: Duration) -> Result<Reply, ClientError> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| self.io(e))?;
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(ClientError::Protocol {
+                path: self.path.clone(),
+                detail: "connection closed".into(),
+            });
+        }
+        serde_json::from_str(&line).map_err(|e| ClientError::Protocol {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Waits up to `timeout` for the supervisor to close the connection,
+    /// which it does when it exits. Returns whether it did.
+    pub fn wait_closed(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if self.reader.get_ref().set_read_timeout(Some(left)).is_err() {
+                return true;
+            }
+            buf.clear();
+            match self.reader.read_line(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+/// The server side of one connection.
+pub(crate) struct Conn {
+    pub(crate) stream: UnixStream,
+    buf: Vec<u8>,
+    /// The request has been read and is waiting for an outcome.
+    pub(crate) waiting: Option<Request>,
+}
+
+/// What reading a connection gave.
+pub(crate) enum ReadResult {
+    Pending,
+    Request(Request),
+    Invalid(String),
+    Closed,
+}
+
+impl Conn {
+    pub(crate) fn new(stream: UnixStream) -> io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+            waiting: None,
+        })
+    }
+
+    pub(crate) fn read(&mut self) -> ReadResult {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match io::Read::read(&mut self.stream, &mut chunk) {
+                Ok(0) => return ReadResult::Closed,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if self.buf.len() > 64 * 1024 {
+                        return ReadResult::Invalid("request too long".into());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return ReadResult::Closed,
+            }
+        }
+        if self.waiting.is_some() {
+            return ReadResult::Pending;
+        }
+        let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
+            return ReadResult::Pending;
+        };
+        let line: Vec<u8> = self.buf.drain(..=end).collect();
+        match serde_json::from_slice::<Request>(&line) {
+            Ok(r) => ReadResult::Request(r),
+            Err(e) => ReadResult::Invalid(format!("invalid request: {e}")),
+        }
+    }
+
+    /// Sends one reply line. The stream is switched to blocking with a
+    /// short timeout: replies are small and the peer is a local CLI.
+    pub(crate) fn send(&mut self, reply: &Reply) -> io::Result<()> {
+        let mut line = serde_json::to_vec(reply).expect("replies serialize");
+        line.push(b'\n');
+        self.stream.set_nonblocking(false)?;
+        self.stream
+            .set_write_timeout(Some(Duration::from_millis(500)))?;
+        let r = self.stream.write_all(&line);
+        self.stream.set_nonblocking(true)?;
+        r
+    }
+}

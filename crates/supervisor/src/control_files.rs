@@ -1,0 +1,78 @@
+//! The pidfile (locked for the supervisor's life, so a stale one left by a
+//! dead process never blocks a start) and the control socket's path.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::Error;
+
+/// `RUNTIME_DIR/INSTANCE.pid`
+pub fn pidfile_path(runtime_dir: &Path, instance: &str) -> PathBuf {
+    runtime_dir.join(format!("{instance}.pid"))
+}
+
+/// `RUNTIME_DIR/INSTANCE.sock`
+pub fn control_socket_path(runtime_dir: &Path, instance: &str) -> PathBuf {
+    runtime_dir.join(format!("{instance}.sock"))
+}
+
+/// The pid in a pidfile, if the file exists and holds one.
+pub fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A held pidfile: locked with flock while this process lives.
+pub(crate) struct Pidfile {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl Pidfile {
+    pub(crate) fn acquire(path: &Path, instance: &str) -> Result<Self, Error> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| Error::file(path, e))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(Error::AlreadyRunning {
+                    instance: instance.to_owned(),
+                    pid: text.trim().parse().unwrap_or(0),
+                });
+            }
+            Err((_, e)) => {
+                return Err(Error::Sys {
+                    what: "flock on the pidfile",
+                    source: e,
+                })
+            }
+        };
+        let write = |f: &mut File| -> std::io::Result<()> {
+            f.set_len(0)?;
+            f.rewind()?;
+            writeln!(f, "{}", std::process::id())?;
+            f.sync_data()
+        };
+        write(&mut lock).map_err(|e| Error::file(path, e))?;
+        Ok(Pidfile {
+            path: path.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    /// Removes the file; the lock goes with `self`.
+    pub(crate) fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,155 @@
+//! forkd's supervisor: binds the listener, forks the workers, and keeps them
+//! running. Single-threaded for its whole life; never links tokio, hyper,
+//! fred or argon2 (bin/test checks this with `cargo tree`).
+//!
+//! - `runner`: the main loop: signals, reaping, ticks, the control socket.
+//! - [`plan`]: the pure decisions (respawn, backoff, scale, rolling reload).
+//! - `scoreboard`: per-worker shared-memory cells made before fork.
+//! - `signals`: the one place where signals become [`SignalEvent`]s.
+//! - `listen`: socket binding and the "already served" probe.
+//! - [`control`]: the control-socket protocol, both ends.
+//! - `sys`: every `unsafe` block of the project.
+
+mod control_files;
+mod listen;
+pub mod plan;
+mod runner;
+mod scoreboard;
+mod signals;
+mod sys;
+
+pub mod control;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use control_files::{control_socket_path, pidfile_path, read_pid};
+pub use runner::run;
+pub use scoreboard::{now_ms, WorkerCell, WorkerState};
+pub use signals::SignalEvent;
+pub use sys::spawn_detached;
+
+/// The largest number of workers (the config crate checks the same bound).
+pub const MAX_WORKERS: usize = 512;
+
+/// How workers accept connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// One socket shared by every worker.
+    Shared,
+    /// One SO_REUSEPORT socket per worker slot, kept by the supervisor.
+    Reuseport,
+}
+
+impl ListenerMode {
+    fn name(self) -> &'static str {
+        match self {
+            ListenerMode::Shared => "shared",
+            ListenerMode::Reuseport => "reuseport",
+        }
+    }
+}
+
+/// What the supervisor needs to know from the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub instance: String,
+    pub listen: SocketAddr,
+    pub backlog: u32,
+    pub listener: ListenerMode,
+    pub workers: usize,
+    pub runtime_dir: PathBuf,
+    pub log_file: Option<PathBuf>,
+    pub shutdown_timeout: Duration,
+    pub worker_timeout: Duration,
+    pub startup_timeout: Duration,
+}
+
+/// What a forked worker gets.
+pub struct WorkerContext {
+    pub slot: usize,
+    pub generation: u64,
+    /// The socket to accept on (non-blocking), owned by this process.
+    pub listener: TcpListener,
+    /// This worker's scoreboard cell.
+    pub cell: WorkerCell,
+    pub log_file: Option<PathBuf>,
+}
+
+/// The program the supervisor runs in its workers.
+pub trait Program {
+    /// Runs in the forked child and returns its exit code. It never returns
+    /// into supervisor code: the child exits with the code right after.
+    fn run_worker(&self, ctx: WorkerContext) -> i32;
+
+    /// Reloads the configuration (SIGHUP, `forkd reload`). On success,
+    /// workers forked from now on use the new configuration.
+    ///
+    /// # Errors
+    /// A message for the log and the CLI; the running workers stay.
+    fn reload(&mut self) -> Result<Settings, String>;
+
+    /// A reload's new workers never became ready: go back to the
+    /// configuration from before it.
+    fn abandon_reload(&mut self);
+}
+
+/// Errors that stop the supervisor from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("forkd instance '{instance}' is already running (pid {pid})")]
+    AlreadyRunning { instance: String, pid: i32 },
+    #[error("{0} is already in use: another process listens on it or has bound it")]
+    PortInUse(SocketAddr),
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("cannot use {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error(
+        "the supervisor must be single-threaded when it starts, but this process runs {0} threads"
+    )]
+    Threads(usize),
+}
+
+impl Error {
+    fn file(path: &Path, source: std::io::Error) -> Self {
+        Error::File {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Points this process's stdout and stderr at `path` (opened for append),
+/// so that the log, and anything a library prints, goes there. Used at
+/// start, on SIGUSR1 by the supervisor, and by workers when told to reopen.
+///
+/// # Errors
+/// The file cannot be opened.
+pub fn redirect_output(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|e| Error::file(path, e))?;
+    let sys = |source| Error::Sys {
+        what: "dup2",
+        source,
+    };
+    nix::unistd::dup2_stdout(&file).map_err(sys)?;
+    nix::unistd::dup2_stderr(&file).map_err(sys)?;
+    Ok(())
+}

@@ -1,0 +1,603 @@
+//! The supervisor's main loop. It only carries out what [`Plan`] decides:
+//! forks, signals, replies. One `poll` waits on the signalfd, the control
+//! socket and its connections, with a short timeout for the periodic
+//! heartbeat check, so an idle or crash-looping supervisor costs almost no
+//! CPU.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::stat::{umask, Mode};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::control::{Conn, ReadResult, Reply, Request, Status, WorkerStatus};
+use crate::control_files::{control_socket_path, pidfile_path, Pidfile};
+use crate::plan::{Action, Limits, Observed, Phase, Plan, ReloadOutcome, Sig};
+use crate::scoreboard::{now_ms, Scoreboard, WorkerState};
+use crate::signals::{SignalEvent, Signals};
+use crate::{listen, redirect_output, sys, Error, ListenerMode, Program, Settings, WorkerContext};
+
+/// Heartbeat and readiness checks run at least this often.
+const TICK_MS: u64 = 100;
+
+fn limits(s: &Settings) -> Limits {
+    Limits {
+        worker_timeout_ms: s.worker_timeout.as_millis() as u64,
+        startup_timeout_ms: s.startup_timeout.as_millis() as u64,
+        shutdown_timeout_ms: s.shutdown_timeout.as_millis() as u64,
+    }
+}
+
+/// Runs the supervisor until it is stopped.
+///
+/// Binds the listener (refusing a port that is already served), takes the
+/// pidfile and control socket, forks `settings.workers` workers running
+/// `program`, and supervises them until SIGTERM/SIGINT/SIGQUIT or
+/// `forkd stop`.
+///
+/// # Errors
+/// Anything that prevents start-up: the instance already runs, the port is
+/// served, a file or directory cannot be made. Once workers run, failures
+/// are logged and handled, not returned.
+pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
+    let threads = sys::thread_count();
+    if threads != 1 {
+        return Err(Error::Threads(threads));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&settings.runtime_dir)
+        .map_err(|e| Error::file(&settings.runtime_dir, e))?;
+    let pidfile = Pidfile::acquire(
+        &pidfile_path(&settings.runtime_dir, &settings.instance),
+        &settings.instance,
+    )?;
+    if let Some(path) = &settings.log_file {
+        redirect_output(path)?;
+    }
+    listen::ensure_free(settings.listen)?;
+    let first = listen::bind(settings.listen, settings.backlog)?;
+    let listen_addr = first
+        .local_addr()
+        .map_err(|e| Error::Bind(settings.listen, e))?;
+    let control_path = control_socket_path(&settings.runtime_dir, &settings.instance);
+    let _ = std::fs::remove_file(&control_path);
+    let old_mask = umask(Mode::from_bits_truncate(0o177));
+    let control = UnixListener::bind(&control_path);
+    umask(old_mask);
+    let control = control.map_err(|e| Error::file(&control_path, e))?;
+    control
+        .set_nonblocking(true)
+        .map_err(|e| Error::file(&control_path, e))?;
+    let signals = Signals::new().map_err(|source| Error::Sys {
+        what: "signalfd",
+        source,
+    })?;
+    // Twice the largest worker count: a rolling replacement briefly runs
+    // two processes per slot.
+    let board = Scoreboard::new(2 * forkd_max_workers()).map_err(|source| Error::Sys {
+        what: "mmap for the scoreboard",
+        source,
+    })?;
+    let mut seed = [0u8; 8];
+    let _ = getrandom::fill(&mut seed);
+
+    log::info!(
+        "forkd {} starting: instance '{}', {} worker(s), listening on {} ({} listener)",
+        env!("CARGO_PKG_VERSION"),
+        settings.instance,
+        settings.workers,
+        listen_addr,
+        settings.listener.name()
+    );
+    let mut sup = Supervisor {
+        plan: Plan::new(
+            settings.workers,
+            limits(&settings),
+            u64::from_le_bytes(seed),
+        ),
+        settings,
+        program,
+        board,
+        listeners: vec![first],
+        listen_addr,
+        signals,
+        control,
+        conns: Vec::new(),
+        pid: std::process::id() as i32,
+        started_ms: now_ms(),
+        control_path,
+    };
+    let actions = sup.plan.start();
+    sup.execute(actions);
+    sup.run_loop();
+    let _ = std::fs::remove_file(&sup.control_path);
+    pidfile.remove();
+    log::info!("forkd stopped");
+    Ok(())
+}
+
+fn forkd_max_workers() -> usize {
+    crate::MAX_WORKERS
+}
+
+struct Supervisor<P: Program> {
+    settings: Settings,
+    program: P,
+    plan: Plan,
+    board: Scoreboard,
+    /// Shared mode: one socket. Reuseport mode: one per slot.
+    listeners: Vec<TcpListener>,
+    listen_addr: SocketAddr,
+    signals: Signals,
+    control: UnixListener,
+    conns: Vec<Conn>,
+    pid: i32,
+    started_ms: u64,
+    control_path: PathBuf,
+}
+
+impl<P: Program> Supervisor<P> {
+    fn run_loop(&mut self) {
+        loop {
+            let now = now_ms();
+            let wait = self
+                .plan
+                .next_timer()
+                .map_or(TICK_MS, |t| t.saturating_sub(now).min(TICK_MS));
+            self.wait(wait);
+            for ev in self.signals.drain() {
+                self.on_signal(ev);
+            }
+            self.reap();
+            self.serve_control();
+            let board = &self.board;
+            let actions = self.plan.tick(now_ms(), |w| {
+                let v = board.view(w.cell);
+                Observed {
+                    ready: v.state == WorkerState::Ready,
+                    heartbeat_ms: v.heartbeat_ms,
+                }
+            });
+            if self.execute(actions) {
+                return;
+            }
+        }
+    }
+
+    /// Blocks until a signal, a control connection or request, or `ms`.
+    fn wait(&self, ms: u64) {
+        let mut fds = vec![
+            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.control.as_fd(), PollFlags::POLLIN),
+        ];
+        fds.extend(
+            self.conns
+                .iter()
+                .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+        );
+        let timeout = PollTimeout::try_from(ms.min(10_000) as i32).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, timeout);
+    }
+
+    /// Carries out actions. Returns true when the supervisor should exit.
+    fn execute(&mut self, actions: Vec<Action>) -> bool {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        let mut exit = false;
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Spawn { slot, generation } => queue.extend(self.spawn(slot, generation)),
+                Action::Signal { pid, sig } => {
+                    let sig = match sig {
+                        Sig::Term => Signal::SIGTERM,
+                        Sig::Kill => Signal::SIGKILL,
+                    };
+                    let _ = kill(Pid::from_raw(pid), sig);
+                }
+                Action::ReloadDone(outcome) => self.reload_done(outcome),
+                Action::Exit => exit = true,
+            }
+        }
+        exit
+    }
+
+    fn listener_for(&mut self, slot: usize) -> Result<&TcpListener, Error> {
+        if self.settings.listener == ListenerMode::Shared {
+            return Ok(&self.listeners[0]);
+        }
+        while self.listeners.len() <= slot {
+            let l = listen::bind(self.listen_addr, self.settings.backlog)?;
+            self.listeners.push(l);
+        }
+        Ok(&self.listeners[slot])
+    }
+
+    fn spawn(&mut self, slot: usize, generation: u64) -> Vec<Action> {
+        let now = now_ms();
+        let listener = match self.listener_for(slot) {
+            Ok(l) => l.as_raw_fd(),
+            Err(e) => {
+                log::error!("slot {slot}: {e}");
+                return self.plan.spawn_failed(slot, generation, now);
+            }
+        };
+        let Some(cell) = self.board.claim(slot, generation, now) else {
+            log::error!("slot {slot}: no free scoreboard cell");
+            return self.plan.spawn_failed(slot, generation, now);
+        };
+        match sys::fork() {
+            Ok(nix::unistd::ForkResult::Child) => self.child(slot, generation, cell, listener),
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                self.board.set_pid(cell, child.as_raw());
+                self.plan
+                    .spawned(slot, generation, child.as_raw(), cell, now);
+                log::info!("worker slot {slot} started: pid {child}, generation {generation}");
+                Vec::new()
+            }
+            Err(e) => {
+                self.board.release(cell);
+                log::error!("slot {slot}: fork failed: {e}");
+                self.plan.spawn_failed(slot, generation, now)
+            }
+        }
+    }
+
+    /// The child side of a fork. Never returns.
+    fn child(&self, slot: usize, generation: u64, cell: usize, listener_fd: i32) -> ! {
+        crate::signals::unblock_all();
+        // Die with the supervisor, even when it is SIGKILLed, so that no
+        // orphan keeps the port; then make sure it had not died already.
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+        if nix::unistd::getppid().as_raw() != self.pid {
+            sys::exit_now(1);
+        }
+        let listener = self
+            .listeners
+            .iter()
+            .find(|l| l.as_raw_fd() == listener_fd)
+            .and_then(|l| l.try_clone().ok());
+        let Some(listener) = listener else {
+            sys::exit_now(1);
+        };
+        sys::close_fds_except(&[0, 1, 2, listener.as_raw_fd()]);
+        self.board.set_pid(cell, std::process::id() as i32);
+        let ctx = WorkerContext {
+            slot,
+            generation,
+            listener,
+            cell: self.board.handle(cell),
+            log_file: self.settings.log_file.clone(),
+        };
+        let code = std::panic::catch_unwind(AssertUnwindSafe(|| self.program.run_worker(ctx)))
+            .unwrap_or(70);
+        sys::exit_now(code)
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exited with status {code}")),
+                WaitStatus::Signaled(pid, sig, _) => (pid, format!("was killed by {sig}")),
+                _ => continue,
+            };
+            let (worker, actions) = self.plan.child_exited(pid.as_raw(), now_ms());
+            if let Some(w) = worker {
+                self.board.release(w.cell);
+                if w.leaving.is_some() {
+                    log::info!("worker slot {} pid {pid} {how}", w.slot);
+                } else {
+                    log::error!("worker slot {} pid {pid} {how} unexpectedly", w.slot);
+                }
+            }
+            // An Exit here (the last worker of a stop) is seen again by the
+            // tick that follows, which ends the loop.
+            self.execute(actions);
+        }
+    }
+
+    fn on_signal(&mut self, ev: SignalEvent) {
+        let now = now_ms();
+        let actions = match ev {
+            SignalEvent::Stop => {
+                log::info!("graceful stop requested");
+                self.plan
+                    .stop(now, self.settings.shutdown_timeout.as_millis() as u64)
+            }
+            SignalEvent::FastStop => {
+                log::info!("fast stop requested");
+                self.plan.fast_stop(now)
+            }
+            SignalEvent::Reload => self.reload(now),
+            SignalEvent::ReopenLogs => {
+                self.reopen_logs();
+                Vec::new()
+            }
+            SignalEvent::Upgrade => {
+                log::warn!("SIGUSR2 (binary upgrade) is not supported by this version; ignored");
+                Vec::new()
+            }
+            SignalEvent::More => self.scale(self.plan.target() + 1, now),
+            SignalEvent::Fewer => self.scale(self.plan.target().saturating_sub(1), now),
+            SignalEvent::Child => Vec::new(),
+        };
+        self.execute(actions);
+    }
+
+    fn scale(&mut self, n: usize, now: u64) -> Vec<Action> {
+        let n = n.clamp(1, forkd_max_workers());
+        if n != self.plan.target() {
+            log::info!("scaling from {} to {n} worker(s)", self.plan.target());
+        }
+        let actions = self.plan.scale(n, now);
+        if self.settings.listener == ListenerMode::Reuseport {
+            // The slot sockets of removed slots close here; their retiring
+            // workers hold their own copies until they exit.
+            self.listeners.truncate(n.max(1));
+        }
+        actions
+    }
+
+    fn reopen_logs(&mut self) {
+        let Some(path) = self.settings.log_file.clone() else {
+            log::info!("SIGUSR1: no log_file configured; nothing to reopen");
+            return;
+        };
+        match redirect_output(&path) {
+            Ok(()) => log::info!("reopened log file {}", path.display()),
+            Err(e) => log::error!("cannot reopen log file: {e}"),
+        }
+        for w in self.plan.workers() {
+            let _ = kill(Pid::from_raw(w.pid), Signal::SIGUSR1);
+        }
+    }
+
+    fn reload(&mut self, now: u64) -> Vec<Action> {
+        if self.plan.phase() != Phase::Running {
+            return Vec::new();
+        }
+        log::info!("reloading the configuration");
+        let new = match self.program.reload() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("reload failed, the current workers keep serving: {e}");
+                self.reply_reload(ReloadOutcome {
+                    ok: false,
+                    generation: self.plan.generation(),
+                    replaced: Vec::new(),
+                    error: Some(e),
+                });
+                return Vec::new();
+            }
+        };
+        let old = &self.settings;
+        if (
+            &new.listen,
+            new.backlog,
+            new.listener,
+            &new.instance,
+            &new.runtime_dir,
+        ) != (
+            &old.listen,
+            old.backlog,
+            old.listener,
+            &old.instance,
+            &old.runtime_dir,
+        ) {
+            log::warn!(
+                "listen, backlog, listener, instance and runtime_dir changes take effect at the next start"
+            );
+        }
+        let log_changed = new.log_file != old.log_file;
+        let workers = new.workers;
+        self.settings = Settings {
+            listen: old.listen,
+            backlog: old.backlog,
+            listener: old.listener,
+            instance: old.instance.clone(),
+            runtime_dir: old.runtime_dir.clone(),
+            ..new
+        };
+        self.plan.set_limits(limits(&self.settings));
+        if log_changed {
+            if let Some(path) = &self.settings.log_file {
+                if let Err(e) = redirect_output(path) {
+                    log::error!("{e}");
+                }
+            }
+        }
+        let mut actions = self.plan.begin_reload(now);
+        if workers != self.plan.target() {
+            actions.extend(self.scale(workers, now));
+        }
+        actions
+    }
+
+    fn reload_done(&mut self, outcome: ReloadOutcome) {
+        if !outcome.ok {
+            self.program.abandon_reload();
+        }
+        self.reply_reload(outcome);
+    }
+
+    fn reply_reload(&mut self, outcome: ReloadOutcome) {
+        for c in &mut self.conns {
+            if c.waiting == Some(Request::Reload) {
+                c.waiting = None;
+                let _ = c.send(&Reply::Reload(outcome.clone()));
+            }
+        }
+    }
+
+    fn serve_control(&mut self) {
+        while let Ok((stream, _)) = self.control.accept() {
+            match Conn::new(stream) {
+                Ok(c) => self.conns.push(c),
+                Err(e) => log::warn!("control connection: {e}"),
+            }
+        }
+        let mut i = 0;
+        while i < self.conns.len() {
+            match self.conns[i].read() {
+                ReadResult::Pending => i += 1,
+                ReadResult::Closed => {
+                    self.conns.swap_remove(i);
+                }
+                ReadResult::Invalid(message) => {
+                    let _ = self.conns[i].send(&Reply::Error { message });
+                    self.conns.swap_remove(i);
+                }
+                ReadResult::Request(req) => {
+                    let keep = self.handle_request(i, req);
+                    if keep {
+                        i += 1;
+                    } else {
+                        self.conns.swap_remove(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers one request. Returns whether the connection stays open.
+    fn handle_request(&mut self, i: usize, req: Request) -> bool {
+        let now = now_ms();
+        match req {
+            Request::Status => {
+                let status = self.status(now);
+                let _ = self.conns[i].send(&Reply::Status(status));
+                true
+            }
+            Request::Stop { timeout } => {
+                let ms = match timeout {
+                    Some(t) if t.is_finite() && t >= 0.0 => (t * 1000.0) as u64,
+                    _ => self.settings.shutdown_timeout.as_millis() as u64,
+                };
+                let _ = self.conns[i].send(&Reply::Stopping { pid: self.pid });
+                // Kept open: it closes when the supervisor exits.
+                self.conns[i].waiting = Some(Request::Stop { timeout });
+                if self.plan.phase() == Phase::Running {
+                    log::info!("graceful stop requested (drain up to {ms} ms)");
+                    let actions = self.plan.stop(now, ms);
+                    self.execute(actions);
+                }
+                true
+            }
+            Request::Reload => {
+                if self.plan.phase() != Phase::Running {
+                    let _ = self.conns[i].send(&Reply::Error {
+                        message: "forkd is stopping".into(),
+                    });
+                    return true;
+                }
+                self.conns[i].waiting = Some(Request::Reload);
+                let actions = self.reload(now);
+                self.execute(actions);
+                true
+            }
+            Request::Scale { workers } => {
+                let max = forkd_max_workers();
+                let reply = if !(1..=max).contains(&workers) {
+                    Reply::Error {
+                        message: format!("cannot scale to {workers}: expected 1 to {max} workers"),
+                    }
+                } else if self.plan.phase() != Phase::Running {
+                    Reply::Error {
+                        message: "forkd is stopping".into(),
+                    }
+                } else {
+                    let actions = self.scale(workers, now);
+                    self.execute(actions);
+                    Reply::Scaled { workers }
+                };
+                let _ = self.conns[i].send(&reply);
+                true
+            }
+        }
+    }
+
+    fn status(&self, now: u64) -> Status {
+        let slots = self.plan.slots();
+        let mut workers: Vec<WorkerStatus> = self
+            .plan
+            .workers()
+            .iter()
+            .map(|w| {
+                let v = self.board.view(w.cell);
+                let state = match w.leaving {
+                    Some(_) if v.state != WorkerState::Draining => "stopping",
+                    _ => v.state.name(),
+                };
+                WorkerStatus {
+                    slot: w.slot,
+                    pid: w.pid,
+                    generation: w.generation,
+                    state: state.to_owned(),
+                    uptime_ms: now.saturating_sub(w.spawned_ms),
+                    requests: v.requests,
+                    rss_bytes: rss_bytes(w.pid),
+                    restarts: slots.get(w.slot).map_or(0, |s| s.restarts),
+                    heartbeat_age_ms: now.saturating_sub(v.heartbeat_ms),
+                }
+            })
+            .collect();
+        workers.sort_by_key(|w| (w.slot, w.generation, w.pid));
+        let ready = self
+            .plan
+            .workers()
+            .iter()
+            .filter(|w| w.leaving.is_none() && w.slot < self.plan.target())
+            .filter(|w| self.board.view(w.cell).state == WorkerState::Ready)
+            .map(|w| w.slot)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        Status {
+            instance: self.settings.instance.clone(),
+            pid: self.pid,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            listen: self.listen_addr.to_string(),
+            listener: self.settings.listener.name().to_owned(),
+            generation: self.plan.generation(),
+            phase: match (self.plan.phase(), self.plan.reloading()) {
+                (Phase::Stopping, _) => "stopping",
+                (Phase::Running, true) => "reloading",
+                (Phase::Running, false) => "running",
+            }
+            .to_owned(),
+            uptime_ms: now.saturating_sub(self.started_ms),
+            workers_wanted: self.plan.target(),
+            workers_ready: ready,
+            rss_bytes: rss_bytes(self.pid),
+            workers,
+            backoff: slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.respawn_at_ms?.saturating_sub(now))))
+                .collect(),
+        }
+    }
+}
+
+/// Resident set size of `pid`, from /proc (0 when it cannot be read).
+fn rss_bytes(pid: i32) -> u64 {
+    let pages = std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    pages * page
+}

@@ -1,0 +1,119 @@
+//! Every `unsafe` block of forkd lives here, each with the reason it holds.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::ptr::NonNull;
+
+use nix::libc;
+use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use nix::unistd::ForkResult;
+
+/// Forks the process.
+///
+/// # Errors
+/// The `fork(2)` error (EAGAIN, ENOMEM).
+pub(crate) fn fork() -> nix::Result<ForkResult> {
+    debug_assert_eq!(thread_count(), 1, "fork from a multi-threaded supervisor");
+    // SAFETY: the supervisor is single-threaded for its whole life (checked at
+    // start-up by `thread_count`), so no lock can be held by another thread at
+    // the moment of the fork, and the child may use the allocator and std.
+    unsafe { nix::unistd::fork() }
+}
+
+/// The number of threads of this process, from /proc.
+pub(crate) fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count())
+}
+
+/// Ends the calling process at once, without running atexit handlers or
+/// destructors: a forked child must never unwind into the supervisor's code.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` is async-signal-safe and takes no pointers.
+    unsafe { libc::_exit(code) }
+}
+
+/// Closes every open descriptor of this process except those in `keep`.
+/// Used in a freshly forked child, which must not hold the supervisor's
+/// pidfile, control socket or signalfd, nor its siblings' listeners.
+pub(crate) fn close_fds_except(keep: &[RawFd]) {
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        if !keep.contains(&fd) {
+            // SAFETY: the child owns every descriptor it inherited and never
+            // runs the destructors of the supervisor's owners of them (it
+            // leaves through `exit_now`), so closing by number cannot close a
+            // descriptor that something alive still uses. The read_dir
+            // descriptor is already closed; EBADF for it is harmless.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// A shared, anonymous, zero-filled memory mapping that survives `fork`:
+/// parent and children see the same pages.
+pub(crate) struct SharedMapping {
+    ptr: NonNull<u8>,
+    len: NonZeroUsize,
+}
+
+impl SharedMapping {
+    /// # Errors
+    /// The `mmap(2)` error.
+    pub(crate) fn new(len: NonZeroUsize) -> nix::Result<Self> {
+        // SAFETY: an anonymous mapping at an address of the kernel's choosing
+        // aliases no existing Rust object.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )?
+        };
+        Ok(SharedMapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub(crate) fn as_ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.get()
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this length, and the
+        // borrows handed out by the scoreboard end with it.
+        let _ = unsafe { munmap(self.ptr.cast(), self.len.get()) };
+    }
+}
+
+/// Starts `cmd` in a new session (no controlling terminal), for
+/// `forkd start --daemon`.
+///
+/// # Errors
+/// As `Command::spawn`.
+pub fn spawn_detached(cmd: &mut Command) -> io::Result<Child> {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // `setsid`, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
