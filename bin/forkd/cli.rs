@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use forkd_config::Config;
 use forkd_supervisor::control::{Client, Reply, Request, Status};
 
-use crate::{runtime_dir_of, ConfigSource};
+use crate::{runtime_dir_of, ConfigSource, Target};
 
 /// forkd: a pre-fork HTTP server supervisor.
 #[derive(Debug, Parser)]
@@ -107,12 +107,10 @@ impl Overrides {
     }
 }
 
-fn connect(config: &Config) -> anyhow::Result<Client> {
-    let dir = runtime_dir_of(config);
-    let path = forkd_supervisor::control_socket_path(&dir, &config.instance);
-    Client::connect(&path).map_err(|e| match e {
+fn connect(target: &Target) -> anyhow::Result<Client> {
+    Client::connect(&target.control_socket()).map_err(|e| match e {
         forkd_supervisor::control::ClientError::NotRunning(_) => {
-            anyhow::anyhow!("instance '{}' is not running", config.instance)
+            anyhow::anyhow!("instance '{}' is not running", target.instance)
         }
         other => other.into(),
     })
@@ -125,16 +123,16 @@ fn expect_ok(reply: Reply) -> anyhow::Result<Reply> {
     }
 }
 
-pub(crate) fn fetch_status(config: &Config) -> anyhow::Result<Status> {
-    let mut c = connect(config)?;
+pub(crate) fn fetch_status(target: &Target) -> anyhow::Result<Status> {
+    let mut c = connect(target)?;
     match expect_ok(c.request(&Request::Status, Duration::from_secs(10))?)? {
         Reply::Status(s) => Ok(s),
         other => bail!("unexpected reply: {other:?}"),
     }
 }
 
-pub(crate) fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    let s = fetch_status(config)?;
+pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+    let s = fetch_status(target)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
@@ -183,25 +181,25 @@ pub(crate) fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn stop(config: &Config, timeout: Option<f64>) -> anyhow::Result<()> {
+pub(crate) fn stop(target: &Target, timeout: Option<f64>) -> anyhow::Result<()> {
     if let Some(t) = timeout {
         if !t.is_finite() || t < 0.0 {
             bail!("invalid --timeout {t}: expected seconds, 0 or more");
         }
     }
-    let mut c = connect(config)?;
-    let pid = match expect_ok(c.request(&Request::Stop { timeout }, Duration::from_secs(10))?)? {
-        Reply::Stopping { pid } => pid,
-        other => bail!("unexpected reply: {other:?}"),
-    };
-    let drain = timeout.map_or(config.shutdown_timeout, Duration::from_secs_f64);
-    let wait = drain + Duration::from_secs(10);
+    let mut c = connect(target)?;
+    let (pid, drain_ms) =
+        match expect_ok(c.request(&Request::Stop { timeout }, Duration::from_secs(10))?)? {
+            Reply::Stopping { pid, drain_ms } => (pid, drain_ms),
+            other => bail!("unexpected reply: {other:?}"),
+        };
+    let wait = Duration::from_millis(drain_ms) + Duration::from_secs(10);
     if !c.wait_closed(wait) {
         bail!("forkd (pid {pid}) has not exited after {}s", wait.as_secs());
     }
     // The control socket closes as the process exits; wait for the pid too.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+    while process_exists(pid) {
         if Instant::now() > deadline {
             bail!("forkd (pid {pid}) closed its control socket but has not exited");
         }
@@ -211,10 +209,11 @@ pub(crate) fn stop(config: &Config, timeout: Option<f64>) -> anyhow::Result<()> 
     Ok(())
 }
 
-pub(crate) fn reload(config: &Config) -> anyhow::Result<()> {
-    let mut c = connect(config)?;
-    // A rolling reload waits for each new worker; allow for all of them.
-    let wait = config.startup_timeout * (config.workers as u32 + 1) + Duration::from_secs(60);
+pub(crate) fn reload(target: &Target) -> anyhow::Result<()> {
+    let mut c = connect(target)?;
+    // A rolling reload waits for each new worker in turn, each bounded by
+    // startup_timeout; the supervisor always answers in the end.
+    let wait = Duration::from_secs(3600);
     let outcome = match expect_ok(c.request(&Request::Reload, wait)?)? {
         Reply::Reload(o) => o,
         other => bail!("unexpected reply: {other:?}"),
@@ -235,8 +234,8 @@ pub(crate) fn reload(config: &Config) -> anyhow::Result<()> {
     }
 }
 
-pub(crate) fn scale(config: &Config, workers: usize) -> anyhow::Result<()> {
-    let mut c = connect(config)?;
+pub(crate) fn scale(target: &Target, workers: usize) -> anyhow::Result<()> {
+    let mut c = connect(target)?;
     match expect_ok(c.request(&Request::Scale { workers }, Duration::from_secs(10))?)? {
         Reply::Scaled { workers } => {
             println!("scaling to {workers} worker(s)");
@@ -249,14 +248,18 @@ pub(crate) fn scale(config: &Config, workers: usize) -> anyhow::Result<()> {
 /// `forkd start --daemon`: start a detached supervisor that logs to a file
 /// and return once every worker is ready.
 pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Result<()> {
-    if let Ok(s) = fetch_status(config) {
+    let target = Target {
+        instance: config.instance.clone(),
+        runtime_dir: runtime_dir_of(config),
+    };
+    if let Ok(s) = fetch_status(&target) {
         bail!(
             "forkd instance '{}' is already running (pid {})",
             s.instance,
             s.pid
         );
     }
-    let dir = runtime_dir_of(config);
+    let dir = &target.runtime_dir;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let log = config
         .log_file
@@ -294,7 +297,7 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
                 log.display()
             );
         }
-        if let Ok(s) = fetch_status(config) {
+        if let Ok(s) = fetch_status(&target) {
             if s.workers_ready >= s.workers_wanted {
                 println!(
                     "forkd started: pid {}, {} worker(s) ready, listening on {}; log: {}",
@@ -315,6 +318,17 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `pid` still runs; a zombie waiting for its parent does not.
+fn process_exists(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
 

@@ -33,30 +33,45 @@ fn main() -> ExitCode {
             };
         }
     };
-    let overrides = cli.command.overrides();
     let source = ConfigSource {
         path: cli.config.clone(),
-        overrides,
+        overrides: cli.command.overrides(),
     };
-    let config = match source.load() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("forkd: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    logging::init(&config.log_level);
     let result = match cli.command {
-        Command::Start { daemon: true, .. } => cli::start_daemon(&source, &config),
-        Command::Start { .. } => start(source, config),
-        Command::CheckConfig { .. } => {
-            check_config(&source, config);
-            Ok(())
+        Command::Start { .. } | Command::CheckConfig { .. } => {
+            let config = match source.load() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("forkd: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            logging::init(&config.log_level);
+            match cli.command {
+                Command::Start { daemon: true, .. } => cli::start_daemon(&source, &config),
+                Command::Start { .. } => start(source, config),
+                _ => {
+                    check_config(&source, config);
+                    Ok(())
+                }
+            }
         }
-        Command::Stop { timeout } => cli::stop(&config, timeout),
-        Command::Reload => cli::reload(&config),
-        Command::Status { json } => cli::status(&config, json),
-        Command::Scale { workers } => cli::scale(&config, workers),
+        command => {
+            let target = match source.target() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("forkd: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match command {
+                Command::Stop { timeout } => cli::stop(&target, timeout),
+                Command::Reload => cli::reload(&target),
+                Command::Status { json } => cli::status(&target, json),
+                Command::Scale { workers } => cli::scale(&target, workers),
+                Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,6 +79,18 @@ fn main() -> ExitCode {
             eprintln!("forkd: {e:#}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// A running instance, as the client commands find it.
+pub(crate) struct Target {
+    pub(crate) instance: String,
+    pub(crate) runtime_dir: PathBuf,
+}
+
+impl Target {
+    pub(crate) fn control_socket(&self) -> PathBuf {
+        forkd_supervisor::control_socket_path(&self.runtime_dir, &self.instance)
     }
 }
 
@@ -95,16 +122,27 @@ impl ConfigSource {
         }
         let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut config = raw.validate(parallelism)?;
-        config.runtime_dir = Some(runtime_dir(&config));
+        config.runtime_dir = Some(resolve_runtime_dir(config.runtime_dir.as_deref()));
         Ok(config)
+    }
+
+    /// Where the client commands find the instance. Reads only `instance`
+    /// and `runtime_dir`, so that `forkd stop` works even while the file
+    /// holds a value that a start would reject.
+    fn target(&self) -> Result<Target, ConfigError> {
+        let loc = forkd_config::Location::load(self.file().as_deref(), std::env::vars())?;
+        Ok(Target {
+            runtime_dir: resolve_runtime_dir(loc.runtime_dir.as_deref()),
+            instance: loc.instance,
+        })
     }
 }
 
 /// The runtime directory: configured, or systemd's RuntimeDirectory, or a
 /// per-user default.
-fn runtime_dir(c: &Config) -> PathBuf {
-    if let Some(d) = &c.runtime_dir {
-        return d.clone();
+fn resolve_runtime_dir(configured: Option<&Path>) -> PathBuf {
+    if let Some(d) = configured {
+        return d.to_owned();
     }
     if let Ok(d) = std::env::var("RUNTIME_DIRECTORY") {
         if let Some(first) = d.split(':').find(|s| !s.is_empty()) {
@@ -122,7 +160,7 @@ fn runtime_dir(c: &Config) -> PathBuf {
 }
 
 pub(crate) fn runtime_dir_of(c: &Config) -> PathBuf {
-    c.runtime_dir.clone().unwrap_or_else(|| runtime_dir(c))
+    resolve_runtime_dir(c.runtime_dir.as_deref())
 }
 
 fn check_config(source: &ConfigSource, config: Config) {

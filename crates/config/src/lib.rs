@@ -433,6 +433,56 @@ impl RawConfig {
     }
 }
 
+/// Where a running instance can be found: all the CLI's client commands
+/// (stop, reload, status, scale) need, read leniently so that they still
+/// work while the file holds a value that a start would reject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub instance: String,
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Location {
+    /// `instance` and `runtime_dir` from the file (if any) and the
+    /// `FORKD_INSTANCE` / `FORKD_RUNTIME_DIR` variables of `vars`.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not TOML.
+    pub fn load<I>(file: Option<&Path>, vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut loc = Location {
+            instance: RawConfig::default().instance,
+            runtime_dir: None,
+        };
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string().trim_end().to_owned(),
+            })?;
+            if let Some(i) = table.get("instance").and_then(|v| v.as_str()) {
+                loc.instance = i.to_owned();
+            }
+            if let Some(d) = table.get("runtime_dir").and_then(|v| v.as_str()) {
+                loc.runtime_dir = Some(d.into());
+            }
+        }
+        for (k, v) in vars {
+            if k == env_name("instance") {
+                loc.instance = v;
+            } else if k == env_name("runtime_dir") {
+                loc.runtime_dir = Some(v.into());
+            }
+        }
+        Ok(loc)
+    }
+}
+
 /// The environment variable that overrides `key`.
 pub fn env_name(key: &str) -> String {
     format!("FORKD_{}", key.replace('.', "_").to_ascii_uppercase())
@@ -541,6 +591,26 @@ mod tests {
             RawConfig::default().set(key, value).unwrap();
         }
         assert!(RawConfig::default().set("nope", "1").is_err());
+    }
+
+    #[test]
+    fn location_ignores_values_a_start_would_reject() {
+        let dir = std::env::temp_dir().join(format!("forkd-loc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "instance = \"a\"\nworkers = \"lots\"\nruntime_dir = \"/r\"\n",
+        )
+        .unwrap();
+        let loc = Location::load(Some(&file), []).unwrap();
+        assert_eq!(loc.instance, "a");
+        assert_eq!(loc.runtime_dir, Some(PathBuf::from("/r")));
+        let loc = Location::load(Some(&file), [("FORKD_INSTANCE".into(), "b".into())]).unwrap();
+        assert_eq!(loc.instance, "b");
+        std::fs::write(&file, "instance = ").unwrap();
+        assert!(Location::load(Some(&file), []).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

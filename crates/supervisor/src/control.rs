@@ -66,8 +66,10 @@ pub struct Status {
 pub enum Reply {
     Status(Status),
     /// A stop has begun; the connection closes when the supervisor exits.
+    /// Workers drain for up to `drain_ms`.
     Stopping {
         pid: i32,
+        drain_ms: u64,
     },
     Reload(ReloadOutcome),
     Scaled {

@@ -484,7 +484,10 @@ impl<P: Program> Supervisor<P> {
                     Some(t) if t.is_finite() && t >= 0.0 => (t * 1000.0) as u64,
                     _ => self.settings.shutdown_timeout.as_millis() as u64,
                 };
-                let _ = self.conns[i].send(&Reply::Stopping { pid: self.pid });
+                let _ = self.conns[i].send(&Reply::Stopping {
+                    pid: self.pid,
+                    drain_ms: ms,
+                });
                 // Kept open: it closes when the supervisor exits.
                 self.conns[i].waiting = Some(Request::Stop { timeout });
                 if self.plan.phase() == Phase::Running {

@@ -1,0 +1,323 @@
+//! The command line and configuration, through the built binary, plus the
+//! worker's HTTP edges (errors, slow clients, IPv6).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new(BIN);
+    c.args(args).stdin(Stdio::null()).env_remove("RUST_LOG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn unknown_key_exits_64_naming_the_key() {
+    let f = Forkd::configure("workerz = 3\n");
+    for cmd in ["start", "check-config"] {
+        let out = f.cli(&[cmd]);
+        assert_eq!(out.status.code(), Some(64), "{cmd}");
+        assert!(stderr(&out).contains("workerz"), "{}", stderr(&out));
+    }
+    // Nothing was bound.
+    assert!(port_free(f.port));
+}
+
+#[test]
+fn bad_values_exit_64_naming_key_and_value() {
+    for (extra, key) in [
+        ("workers = 0\n", "workers"),
+        ("backlog = -1\n", "backlog"),
+        ("listener = \"fast\"\n", "listener"),
+        ("shutdown_timeout = \"soon\"\n", "shutdown_timeout"),
+        ("[http]\nmax_connections = 0\n", "max_connections"),
+    ] {
+        let f = Forkd::configure(extra);
+        let out = f.cli(&["start"]);
+        assert_eq!(out.status.code(), Some(64), "{extra}: {}", stderr(&out));
+        assert!(stderr(&out).contains(key), "{extra}: {}", stderr(&out));
+        assert!(port_free(f.port));
+    }
+    let f = Forkd::configure("");
+    let out = f.cli(&["start", "--listen", "nowhere"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("`listen`") && stderr(&out).contains("nowhere"));
+}
+
+#[test]
+fn environment_and_flags_override_the_file() {
+    let f = Forkd::configure("workers = 2\n");
+    let path = f.config.to_str().unwrap();
+    let out = run(
+        &["--config", path, "check-config"],
+        &[("FORKD_WORKERS", "3"), ("FORKD_HTTP_KEEPALIVE", "false")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("workers = 3"), "{text}");
+    assert!(text.contains("keepalive = false"), "{text}");
+
+    let out = run(
+        &[
+            "--config",
+            path,
+            "check-config",
+            "--workers",
+            "5",
+            "--listen",
+            "[::1]:9",
+        ],
+        &[("FORKD_WORKERS", "3")],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("workers = 5"), "{text}");
+    assert!(text.contains("listen = \"[::1]:9\""), "{text}");
+
+    let out = run(
+        &["--config", path, "check-config"],
+        &[("FORKD_WORKERS", "many")],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("FORKD_WORKERS"), "{}", stderr(&out));
+    let out = run(
+        &["--config", path, "check-config"],
+        &[("FORKD_WROKERS", "2")],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("FORKD_WROKERS"), "{}", stderr(&out));
+}
+
+#[test]
+fn missing_config_file_and_bad_usage_exit_64() {
+    let out = run(
+        &["--config", "/nonexistent/forkd.toml", "check-config"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("/nonexistent/forkd.toml"));
+    let out = run(&["frobnicate"], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    let out = run(&["--help"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["start", "stop", "reload", "status", "scale", "check-config"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+}
+
+#[test]
+fn port_already_served_by_another_process_is_refused() {
+    let f = Forkd::configure("workers = 1\n");
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", f.port)).unwrap();
+    let out = f.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already in use"), "{}", stderr(&out));
+    drop(squatter);
+    // The same holds for a socket that itself uses SO_REUSEPORT, which would
+    // otherwise share the port silently.
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], f.port)).into())
+        .unwrap();
+    s.listen(8).unwrap();
+    let out = f.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already in use"), "{}", stderr(&out));
+}
+
+#[test]
+fn second_start_of_the_same_instance_is_refused() {
+    let f = Forkd::start("workers = 1\n");
+    let out = f.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&f.pid().to_string()),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(f.get("/healthz").unwrap().status, 200);
+}
+
+#[test]
+fn two_instances_with_different_names_run_side_by_side() {
+    let a = Forkd::start("workers = 1\ninstance = \"alpha\"\n");
+    let b = Forkd::configure("workers = 1\ninstance = \"beta\"\n");
+    // Same runtime dir as `a`, different name and port.
+    let text = std::fs::read_to_string(&b.config).unwrap().replace(
+        &b.dir.path().join("run").display().to_string(),
+        &a.dir.path().join("run").display().to_string(),
+    );
+    std::fs::write(&b.config, text).unwrap();
+    let mut b = b;
+    b.spawn(&[]);
+    b.wait_ready();
+    assert_eq!(a.get("/healthz").unwrap().status, 200);
+    assert_eq!(b.get("/healthz").unwrap().status, 200);
+    assert_eq!(a.status().unwrap()["instance"], "alpha");
+    assert_eq!(b.status().unwrap()["instance"], "beta");
+    assert!(a.dir.path().join("run/alpha.sock").exists());
+    assert!(a.dir.path().join("run/beta.sock").exists());
+}
+
+#[test]
+fn commands_say_plainly_when_forkd_is_not_running() {
+    let f = Forkd::configure("");
+    for args in [
+        &["status"][..],
+        &["stop"],
+        &["reload"],
+        &["scale", "2"],
+        &["status", "--json"],
+    ] {
+        let out = f.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("is not running"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn daemon_start_returns_when_ready_and_stop_waits() {
+    let f = Forkd::configure("workers = 2\n");
+    let out = f.cli(&["start", "--daemon"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 worker(s) ready"), "{text}");
+    // Ready means serving, right away.
+    assert_eq!(f.get("/healthz").unwrap().status, 200);
+    let status = f.status().unwrap();
+    let sup = status["pid"].as_i64().unwrap() as i32;
+    let log = f.dir.path().join("run/forkd.log");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("starting"));
+    // A second daemon start is refused.
+    let out = f.cli(&["start", "--daemon"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already running"));
+
+    let out = f.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!alive(sup));
+    assert!(port_free(f.port));
+}
+
+#[test]
+fn daemon_start_reports_a_failed_start() {
+    let f = Forkd::configure("workers = 1\n");
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", f.port)).unwrap();
+    let out = f.cli(&["start", "--daemon"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already in use"), "{}", stderr(&out));
+    drop(squatter);
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let f = Forkd::configure("workers = \"auto\"\n");
+    let out = f.cli(&["check-config"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert!(text.contains(&format!("workers = {cores}")), "{text}");
+    assert!(text.contains(&format!("listen = \"127.0.0.1:{}\"", f.port)));
+    assert!(port_free(f.port));
+}
+
+#[test]
+fn unknown_paths_and_methods_get_problem_json() {
+    let f = Forkd::start("workers = 1\n");
+    let r = f.get("/nope").unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.json()["type"], "urn:forkd:problem:not-found");
+    assert_eq!(r.json()["status"], 404);
+
+    let r = raw(
+        f.port,
+        "DELETE /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+
+    let r = raw(
+        f.port,
+        "HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.unwrap().status, 200);
+    // Garbage is answered with 400 by hyper, and the worker lives on.
+    let r = raw(f.port, "NOT HTTP AT ALL\r\n\r\n").unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(f.get("/healthz").unwrap().status, 200);
+}
+
+#[test]
+fn keep_alive_serves_many_requests_on_one_connection() {
+    let f = Forkd::start("workers = 1\n");
+    let mut ka = KeepAlive::new(f.port);
+    let pid = ka.get("/healthz").unwrap().pid();
+    for _ in 0..50 {
+        let r = ka.get("/healthz").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.pid(), pid);
+    }
+}
+
+#[test]
+fn a_slow_client_is_cut_off_and_cannot_pin_the_worker() {
+    let f = Forkd::start("workers = 1\n[http]\nheader_read_timeout = 1\nmax_connections = 2\n");
+    // A client that never finishes its request head is disconnected.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = t.elapsed();
+    assert!(waited < Duration::from_secs(10), "cut off after {waited:?}");
+    // Two idle connections fill max_connections; a third is served once the
+    // header timeout has freed a place, not never.
+    let _a = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    let _b = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    let r = f.get("/healthz").unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn listens_on_ipv6_loopback() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback on this machine; skipped");
+        return;
+    }
+    let mut f = Forkd::configure("workers = 1\n");
+    let port = f.port;
+    let text = std::fs::read_to_string(&f.config)
+        .unwrap()
+        .replace(&format!("127.0.0.1:{port}"), &format!("[::1]:{port}"));
+    std::fs::write(&f.config, text).unwrap();
+    f.spawn(&[]);
+    f.wait_ready();
+    let mut s = std::net::TcpStream::connect(("::1", port)).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}

@@ -1,0 +1,483 @@
+//! Test harness: runs the built `forkd` binary in a temporary directory on a
+//! free loopback port and speaks plain HTTP/1.1 to it over std sockets.
+//! Never forks: processes are started with `Command` and ended by pid.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_forkd");
+
+/// A generous deadline for things that normally take milliseconds, so tests
+/// hold on a loaded 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 20 ms until it returns Some or `limit` passes.
+pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at its state too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Sum of user and system CPU ticks of `pid`.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // Fields after the command: state is index 0, utime 11, stime 12.
+    let f = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    f(11) + f(12)
+}
+
+pub fn signal(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap();
+}
+
+/// One forkd instance under test.
+pub struct Forkd {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    seen_pids: Mutex<HashSet<i32>>,
+}
+
+impl Forkd {
+    /// Writes a config (listen on a free port, runtime dir in a temp dir,
+    /// plus `extra`) without starting anything.
+    pub fn configure(extra: &str) -> Forkd {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("forkd.toml");
+        let text = format!(
+            "listen = \"127.0.0.1:{port}\"\nruntime_dir = \"{}\"\n{extra}\n",
+            dir.path().join("run").display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let log = dir.path().join("forkd.log");
+        Forkd {
+            dir,
+            port,
+            config,
+            log,
+            child: None,
+            seen_pids: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Starts forkd in the foreground with `extra` config and waits until
+    /// every worker is ready.
+    pub fn start(extra: &str) -> Forkd {
+        Self::start_env(extra, &[])
+    }
+
+    pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Forkd {
+        let mut f = Forkd::configure(extra);
+        f.spawn(env);
+        f.wait_ready();
+        f
+    }
+
+    /// Starts the supervisor without waiting.
+    pub fn spawn(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("start")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("started").id() as i32
+    }
+
+    /// Runs `forkd --config CONFIG ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `forkd status --json`, or None when it fails.
+    pub fn status(&self) -> Option<Value> {
+        let out = self.cli(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        for w in v["workers"].as_array().into_iter().flatten() {
+            self.seen_pids
+                .lock()
+                .unwrap()
+                .insert(w["pid"].as_i64().unwrap() as i32);
+        }
+        Some(v)
+    }
+
+    /// Pids of ready workers, by slot.
+    pub fn ready_workers(&self) -> Option<Vec<(usize, i32)>> {
+        let s = self.status()?;
+        let mut v: Vec<(usize, i32)> = s["workers"]
+            .as_array()?
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .map(|w| {
+                (
+                    w["slot"].as_u64().unwrap() as usize,
+                    w["pid"].as_i64().unwrap() as i32,
+                )
+            })
+            .collect();
+        v.sort();
+        Some(v)
+    }
+
+    /// Waits until every wanted worker is ready and no other process is
+    /// around (no draining or starting leftovers); returns their pids.
+    pub fn wait_ready(&self) -> Vec<i32> {
+        self.wait_workers(None)
+    }
+
+    /// As `wait_ready`, for exactly `n` workers.
+    pub fn wait_workers(&self, n: Option<usize>) -> Vec<i32> {
+        poll(PATIENCE, || {
+            let s = self.status()?;
+            let wanted = s["workers_wanted"].as_u64()? as usize;
+            let workers = s["workers"].as_array()?;
+            let ready = workers.iter().filter(|w| w["state"] == "ready").count();
+            let settled = ready == wanted && workers.len() == wanted;
+            (settled && n.is_none_or(|n| n == wanted)).then(|| {
+                workers
+                    .iter()
+                    .map(|w| w["pid"].as_i64().unwrap() as i32)
+                    .collect()
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "forkd did not become ready; status: {:?}\nlog:\n{}",
+                self.status(),
+                self.log_text()
+            )
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the supervisor to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> std::io::Result<Response> {
+        get(self.port, path)
+    }
+
+    /// Every worker pid this test has seen in a status report.
+    pub fn seen_pids(&self) -> Vec<i32> {
+        self.seen_pids.lock().unwrap().iter().copied().collect()
+    }
+}
+
+impl Drop for Forkd {
+    fn drop(&mut self) {
+        let _ = self.status();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Workers die with the supervisor (PDEATHSIG); make sure, by pid,
+        // of those this test started.
+        for pid in self.seen_pids() {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if alive(pid) && String::from_utf8_lossy(&cmd).contains("forkd") {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.header("x-forkd-pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+fn connect(port: u16) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(5),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+/// Reads one response from `r`.
+fn read_response(r: &mut BufReader<TcpStream>, head: bool) -> std::io::Result<Response> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(&format!("bad status line {line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').ok_or_else(|| bad("bad header"))?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .filter(|_| !head)
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Sends raw request bytes on a new connection and reads one response.
+pub fn raw(port: u16, request: &str) -> std::io::Result<Response> {
+    let mut s = connect(port)?;
+    s.write_all(request.as_bytes())?;
+    read_response(&mut BufReader::new(s), request.starts_with("HEAD "))
+}
+
+/// `GET path` on a new connection.
+pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
+    raw(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// A kept-alive connection that reconnects only when the server said
+/// `Connection: close` (or it was never open). Any other failure is
+/// reported, not retried.
+pub struct KeepAlive {
+    port: u16,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl KeepAlive {
+    pub fn new(port: u16) -> Self {
+        KeepAlive { port, conn: None }
+    }
+
+    pub fn get(&mut self, path: &str) -> std::io::Result<Response> {
+        let r = self.try_get(path);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn try_get(&mut self, path: &str) -> std::io::Result<Response> {
+        if self.conn.is_none() {
+            self.conn = Some(BufReader::new(connect(self.port)?));
+        }
+        let c = self.conn.as_mut().unwrap();
+        c.get_mut()
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())?;
+        let resp = read_response(c, false)?;
+        if resp
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        {
+            self.conn = None;
+        }
+        Ok(resp)
+    }
+}
+
+/// What a load loop saw.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub ok: u64,
+    pub failed: u64,
+    pub errors: Vec<String>,
+    pub pids: HashSet<i32>,
+}
+
+/// A continuous request loop on several threads: half on new connections,
+/// half on kept-alive ones. Bounded: it stops by itself after `max` time.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<LoadResult>>,
+}
+
+impl Load {
+    pub fn start(port: u16, threads: usize, path: &'static str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Duration::from_secs(120);
+        let threads = (0..threads)
+            .map(|i| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut res = LoadResult::default();
+                    let mut ka = KeepAlive::new(port);
+                    let started = Instant::now();
+                    for _ in 0..2_000_000u64 {
+                        if stop.load(Ordering::Relaxed) || started.elapsed() > max {
+                            break;
+                        }
+                        let r = if i % 2 == 0 {
+                            get(port, path)
+                        } else {
+                            ka.get(path)
+                        };
+                        match r {
+                            Ok(r) if r.status == 200 => {
+                                res.ok += 1;
+                                res.pids.insert(r.pid());
+                            }
+                            Ok(r) => {
+                                res.failed += 1;
+                                res.errors.push(format!("status {}", r.status));
+                            }
+                            Err(e) => {
+                                res.failed += 1;
+                                res.errors.push(e.to_string());
+                            }
+                        }
+                    }
+                    res
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    pub fn finish(self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = LoadResult::default();
+        for t in self.threads {
+            let r = t.join().unwrap();
+            total.ok += r.ok;
+            total.failed += r.failed;
+            total.errors.extend(r.errors);
+            total.pids.extend(r.pids);
+        }
+        total
+    }
+}
+
+/// Whether `port` on loopback can be bound (nothing holds it).
+pub fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
