@@ -260,7 +260,7 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
         );
     }
     let dir = &target.runtime_dir;
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let log = config
         .log_file
         .clone()
