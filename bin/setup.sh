@@ -1,0 +1,33 @@
+# Sourced by bin/run, bin/test and .ci/run: installs what is missing on a
+# Debian machine (as root through apt-get; otherwise it prints the command).
+
+apt_updated=""
+
+# need COMMAND PACKAGE: make sure COMMAND exists, installing PACKAGE if not.
+need() {
+    local cmd=$1 pkg=$2
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        if [ -z "$apt_updated" ]; then
+            echo "+ apt-get update" >&2
+            apt-get update -qq >&2
+            apt_updated=1
+        fi
+        echo "+ apt-get install -y $pkg" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >&2
+    else
+        echo "forkd: '$cmd' is missing; install it with: sudo apt-get install -y $pkg" >&2
+        exit 1
+    fi
+}
+
+need_rust() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "forkd: cargo is missing; install Rust (https://rustup.rs) or: sudo apt-get install -y cargo" >&2
+        exit 1
+    fi
+    need cc gcc
+}
