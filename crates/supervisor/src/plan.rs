@@ -227,7 +227,10 @@ impl Plan {
             }
             return (Some(w), out);
         }
-        let was_incoming = self.is_reload_candidate(w.slot, w.generation) && w.leaving.is_none();
+        // A reload's new worker that died (or was killed as hung) before it
+        // was ready fails the reload. One the reload itself retired does not.
+        let was_incoming =
+            self.is_reload_candidate(w.slot, w.generation) && w.leaving != Some(Leaving::Retired);
         if was_incoming {
             self.fail_reload(
                 format!(
@@ -387,6 +390,10 @@ impl Plan {
         }
         if let Some(r) = &mut self.reload {
             r.pending.retain(|&s| s < target);
+            // The slot being replaced was scaled away with its new worker.
+            if r.current.is_some_and(|(s, _)| s >= target) {
+                r.current = None;
+            }
         }
         self.step_reload(now, &mut out);
         out
@@ -826,6 +833,56 @@ mod tests {
         let (_, a) = h.plan.child_exited(102, 50);
         assert!(matches!(&a[..], [Action::ReloadDone(o)] if !o.ok), "{a:?}");
         assert_eq!(h.pids(), vec![101]);
+    }
+
+    #[test]
+    fn reload_fails_when_new_worker_hangs_before_ready() {
+        let mut h = Harness::new(1);
+        h.all_ready();
+        h.heartbeat = 0;
+        let a = h.plan.begin_reload(0);
+        h.apply(a, 0);
+        // The old worker keeps beating; the new one never does.
+        let a = h.plan.tick(2_500, |w| Observed {
+            ready: w.pid == 101,
+            heartbeat_ms: if w.pid == 101 { 2_400 } else { 0 },
+        });
+        assert_eq!(
+            a,
+            vec![Action::Signal {
+                pid: 102,
+                sig: Sig::Kill
+            }]
+        );
+        let (_, a) = h.plan.child_exited(102, 2_600);
+        assert!(matches!(&a[..], [Action::ReloadDone(o)] if !o.ok), "{a:?}");
+        assert!(!h.plan.reloading());
+    }
+
+    #[test]
+    fn scaling_away_the_slot_being_reloaded_finishes_the_reload() {
+        let mut h = Harness::new(2);
+        h.all_ready();
+        h.heartbeat = 1_000;
+        h.tick(10);
+        let a = h.plan.begin_reload(10);
+        h.apply(a, 10);
+        h.ready.push(103);
+        let a = h.tick(20);
+        assert_eq!(
+            a,
+            vec![Action::Signal {
+                pid: 101,
+                sig: Sig::Term
+            }]
+        );
+        // Slot 1's replacement (104) is starting; scale slot 1 away.
+        let a = h.plan.scale(1, 30);
+        assert!(
+            a.iter().any(|a| matches!(a, Action::ReloadDone(o) if o.ok)),
+            "{a:?}"
+        );
+        assert!(!h.plan.reloading());
     }
 
     #[test]

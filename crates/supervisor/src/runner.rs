@@ -26,6 +26,9 @@ use crate::{listen, redirect_output, sys, Error, ListenerMode, Program, Settings
 
 /// Heartbeat and readiness checks run at least this often.
 const TICK_MS: u64 = 100;
+/// Open control connections at most; the socket is 0600, so only the
+/// owner can reach this, but a stuck script should not grow the poll set.
+const MAX_CONTROL_CONNS: usize = 64;
 
 fn limits(s: &Settings) -> Limits {
     Limits {
@@ -442,6 +445,10 @@ impl<P: Program> Supervisor<P> {
 
     fn serve_control(&mut self) {
         while let Ok((stream, _)) = self.control.accept() {
+            if self.conns.len() >= MAX_CONTROL_CONNS {
+                log::warn!("too many control connections; refusing one");
+                continue;
+            }
             match Conn::new(stream) {
                 Ok(c) => self.conns.push(c),
                 Err(e) => log::warn!("control connection: {e}"),
