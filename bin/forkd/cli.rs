@@ -64,6 +64,39 @@ pub(crate) enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Manage users (stored in Redis).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UserCommand {
+    /// Create a user; the password is asked for, or read from stdin.
+    Add {
+        name: String,
+        #[arg(long, default_value = "user")]
+        role: String,
+        /// Shown in the profile [default: the name].
+        #[arg(long)]
+        display_name: Option<String>,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a user's password; ends all of the user's sessions.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete a user and end all of its sessions.
+    Del { name: String },
+    /// List the users.
+    List,
+    /// End all of a user's sessions (log out everywhere).
+    Revoke { name: String },
 }
 
 impl Command {

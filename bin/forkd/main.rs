@@ -4,6 +4,7 @@
 
 mod cli;
 mod logging;
+mod users;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
         overrides: cli.command.overrides(),
     };
     let result = match cli.command {
-        Command::Start { .. } | Command::CheckConfig { .. } => {
+        Command::Start { .. } | Command::CheckConfig { .. } | Command::User { .. } => {
             let config = match source.load() {
                 Ok(c) => c,
                 Err(e) => {
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
             match cli.command {
                 Command::Start { daemon: true, .. } => cli::start_daemon(&source, &config),
                 Command::Start { .. } => start(source, config),
+                Command::User { command } => users::run(&config, command),
                 _ => {
                     check_config(&source, config);
                     Ok(())
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
                 Command::Reload => cli::reload(&target),
                 Command::Status { json } => cli::status(&target, json),
                 Command::Scale { workers } => cli::scale(&target, workers),
+                Command::User { .. } => unreachable!(),
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
             }
         }
@@ -123,6 +126,17 @@ impl ConfigSource {
         let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut config = raw.validate(parallelism)?;
         config.runtime_dir = Some(resolve_runtime_dir(config.runtime_dir.as_deref()));
+        if !config.redis.url.is_empty() {
+            forkd_store::check_url(&config.redis.url).map_err(|e| ConfigError::Value {
+                key: "redis.url".into(),
+                origin: String::new(),
+                value: "(not shown)".into(),
+                expected: e.to_string(),
+            })?;
+        }
+        if config.redis.url.is_empty() && config.redis.data_dir.is_none() {
+            config.redis.data_dir = Some(default_data_dir());
+        }
         Ok(config)
     }
 
@@ -159,6 +173,75 @@ fn resolve_runtime_dir(configured: Option<&Path>) -> PathBuf {
     }
 }
 
+/// The managed redis-server's data directory when `redis.data_dir` is
+/// unset: systemd's StateDirectory, else a per-user default.
+fn default_data_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STATE_DIRECTORY") {
+        if let Some(first) = d.split(':').find(|s| !s.is_empty()) {
+            return first.into();
+        }
+    }
+    if nix::unistd::geteuid().is_root() {
+        return "/var/lib/forkd".into();
+    }
+    match (std::env::var("XDG_STATE_HOME"), std::env::var("HOME")) {
+        (Ok(x), _) if !x.is_empty() => Path::new(&x).join("forkd"),
+        (_, Ok(h)) if !h.is_empty() => Path::new(&h).join(".local/state/forkd"),
+        _ => format!("/tmp/forkd-state-{}", nix::unistd::geteuid()).into(),
+    }
+}
+
+/// The managed redis-server's socket.
+pub(crate) fn managed_socket(runtime_dir: &Path, instance: &str) -> PathBuf {
+    runtime_dir.join(format!("{instance}-redis.sock"))
+}
+
+/// The URL workers and `forkd user` use.
+pub(crate) fn store_url(c: &Config) -> String {
+    if c.redis.url.is_empty() {
+        format!(
+            "redis+unix://{}",
+            managed_socket(&runtime_dir_of(c), &c.instance).display()
+        )
+    } else {
+        c.redis.url.clone()
+    }
+}
+
+pub(crate) fn store_config(c: &Config) -> forkd_store::StoreConfig {
+    forkd_store::StoreConfig {
+        url: store_url(c),
+        prefix: c.redis.prefix.clone(),
+        command_timeout: c.redis.command_timeout,
+        connect_timeout: c.redis.connect_timeout,
+        reconnect_max_delay: c.redis.reconnect_max_delay,
+    }
+}
+
+pub(crate) fn hash_cost(c: &Config) -> forkd_app::secrets::HashCost {
+    forkd_app::secrets::HashCost {
+        memory_kib: c.auth.argon2_memory_kib,
+        iterations: c.auth.argon2_iterations,
+        parallelism: c.auth.argon2_parallelism,
+    }
+}
+
+fn policy(p: forkd_config::Policy) -> forkd_app::Policy {
+    forkd_app::Policy {
+        limit: p.limit,
+        window: p.window,
+    }
+}
+
+/// Whether `program` (a path, or a name looked up in PATH) exists.
+fn program_exists(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
 pub(crate) fn runtime_dir_of(c: &Config) -> PathBuf {
     resolve_runtime_dir(c.runtime_dir.as_deref())
 }
@@ -186,6 +269,15 @@ fn supervisor_settings(c: &Config) -> Settings {
         shutdown_timeout: c.shutdown_timeout,
         worker_timeout: c.worker_timeout,
         startup_timeout: c.startup_timeout,
+        redis: c
+            .redis
+            .url
+            .is_empty()
+            .then(|| forkd_supervisor::ManagedRedis {
+                program: c.redis.server.clone().into(),
+                socket: managed_socket(&runtime_dir_of(c), &c.instance),
+                dir: c.redis.data_dir.clone().unwrap_or_else(default_data_dir),
+            }),
     }
 }
 
@@ -197,6 +289,35 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
         shutdown_timeout: c.shutdown_timeout,
         heartbeat_interval: (c.worker_timeout / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        trusted_proxy: {
+            let nets = c.http.trusted_proxies.clone();
+            Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
+        },
+        store: store_config(c),
+        auth: forkd_app::AuthSettings {
+            cost: hash_cost(c),
+            max_concurrent_hashes: c.auth.max_concurrent_hashes,
+            hash_queue_timeout: c.auth.hash_queue_timeout,
+            session_idle: c.auth.session_idle_timeout,
+            session_absolute: c.auth.session_absolute_timeout,
+            login_ip: forkd_app::Policy {
+                limit: c.auth.login_ip_limit,
+                window: c.auth.login_ip_window,
+            },
+            login_user: forkd_app::Policy {
+                limit: c.auth.login_user_limit,
+                window: c.auth.login_user_window,
+            },
+        },
+        profile: forkd_app::ProfileSettings {
+            origin: (!c.profile.origin.is_empty())
+                .then(|| c.profile.origin.trim_start_matches("http://").to_owned()),
+            origin_timeout: c.profile.origin_timeout,
+            cache_ttl: c.profile.cache_ttl,
+            lock_timeout: c.profile.lock_timeout,
+            lock_wait: c.profile.lock_wait,
+            limit: policy(c.rate_limit.profile),
+        },
     }
 }
 
@@ -204,6 +325,13 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
 fn start(source: ConfigSource, config: Config) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() {
         log::warn!("running as root; workers keep root privileges");
+    }
+    if config.redis.url.is_empty() && !program_exists(&config.redis.server) {
+        anyhow::bail!(
+            "{} is not installed, and redis.url is empty so forkd would run it; \
+             install it with `apt-get install redis-server` (as root), or set redis.url",
+            config.redis.server
+        );
     }
     let settings = supervisor_settings(&config);
     let program = Forkd {

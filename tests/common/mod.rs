@@ -135,7 +135,10 @@ impl Forkd {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
-            .env_remove("RUST_LOG");
+            .env_remove("RUST_LOG")
+            // A managed redis-server (when redis.url is unset) keeps its
+            // data in the test's directory.
+            .env("FORKD_REDIS_DATA_DIR", self.dir.path().join("data"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -148,14 +151,28 @@ impl Forkd {
 
     /// Runs `forkd --config CONFIG ARGS...`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.cli_input(args, None)
+    }
+
+    /// Runs `forkd --config CONFIG ARGS...` with `input` on stdin.
+    pub fn cli_input(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&self.config)
             .args(args)
             .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .env("FORKD_REDIS_DATA_DIR", self.dir.path().join("data"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(text) = input {
+            stdin.write_all(text.as_bytes()).unwrap();
+        }
+        drop(stdin);
+        child.wait_with_output().unwrap()
     }
 
     /// `forkd status --json`, or None when it fails.

@@ -1,27 +1,44 @@
 //! The forkd worker: what runs in each forked process.
 //!
 //! - [`run`] builds a current-thread tokio runtime (after the fork, never
-//!   before), serves HTTP/1.1 through hyper on the inherited listener, beats
-//!   its heartbeat from inside the runtime, and drains on SIGTERM.
-//! - `routes`: the HTTP API and its problem+json errors.
+//!   before), connects to Redis, serves HTTP/1.1 through hyper on the
+//!   inherited listener, beats its heartbeat from inside the runtime, and
+//!   drains on SIGTERM.
+//! - `routes`: dispatch, and the responses every route shares.
+//! - `api`: login, logout, profile, readiness.
+//! - `client`: the client address (X-Forwarded-For through trusted proxies).
+//! - `origin`: the HTTP profile backend.
+//! - [`secrets`]: argon2id password hashes and bearer tokens.
 //!
 //! The worker knows nothing of the supervisor: it reports through the
 //! [`Host`] trait, which the binary implements over the scoreboard.
 #![forbid(unsafe_code)]
+// Handlers return the response to send as their error: it is the whole
+// point of the error path, and it is built once per request.
+#![allow(clippy::result_large_err)]
 
+mod api;
+mod client;
+mod origin;
 mod routes;
+pub mod secrets;
 mod server;
 
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use forkd_store::{Policy, StoreConfig};
 pub use server::run;
 
+/// Decides whether an address is a trusted proxy.
+pub type TrustedProxy = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
 /// The worker's settings, from the config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
-    /// Time to receive a request head; also the idle keep-alive timeout.
+    /// Time to receive a request head; also the idle keep-alive timeout and
+    /// the time allowed for a request body.
     pub header_read_timeout: Duration,
     /// Open connections per worker; more wait in the accept queue.
     pub max_connections: usize,
@@ -30,6 +47,34 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// How often to beat the heartbeat.
     pub heartbeat_interval: Duration,
+    pub trusted_proxy: TrustedProxy,
+    pub store: StoreConfig,
+    pub auth: AuthSettings,
+    pub profile: ProfileSettings,
+}
+
+/// Login and session settings.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub cost: secrets::HashCost,
+    pub max_concurrent_hashes: usize,
+    pub hash_queue_timeout: Duration,
+    pub session_idle: Duration,
+    pub session_absolute: Duration,
+    pub login_ip: Policy,
+    pub login_user: Policy,
+}
+
+/// `GET /profile` settings.
+#[derive(Debug, Clone)]
+pub struct ProfileSettings {
+    /// `HOST:PORT` of the HTTP origin, or None for the user record.
+    pub origin: Option<String>,
+    pub origin_timeout: Duration,
+    pub cache_ttl: Duration,
+    pub lock_timeout: Duration,
+    pub lock_wait: Duration,
+    pub limit: Policy,
 }
 
 /// How a worker tells its supervisor about itself.

@@ -1,17 +1,24 @@
-//! The HTTP API. Every error is an RFC 9457 `application/problem+json` body
-//! with a stable `type`, the right status, and no internal detail.
+//! Dispatch, and the responses every route shares. Every error is an RFC
+//! 9457 `application/problem+json` body with a stable `type`, the right
+//! status, and no internal detail.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
+use forkd_store::Store;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
+use hyper::header::{
+    HeaderName, HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER,
+};
 use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::Semaphore;
 
-use crate::Host;
+use crate::{api, Host, Settings};
 
 pub(crate) type Body = Full<Bytes>;
 
@@ -25,10 +32,23 @@ pub(crate) struct State {
     /// connection, so kept-alive clients move to another worker.
     pub(crate) draining: AtomicBool,
     pub(crate) host: Arc<dyn Host>,
+    pub(crate) settings: Settings,
+    pub(crate) store: Store,
+    /// Password checks in flight (argon2 runs off the event loop).
+    pub(crate) hashes: Arc<Semaphore>,
+    /// A hash of a password nobody has, verified for unknown users so that
+    /// they cost the same time as a wrong password.
+    pub(crate) dummy_phc: Arc<OnceLock<String>>,
 }
 
 impl State {
-    pub(crate) fn new(slot: usize, generation: u64, host: Arc<dyn Host>) -> Self {
+    pub(crate) fn new(
+        slot: usize,
+        generation: u64,
+        host: Arc<dyn Host>,
+        settings: Settings,
+        store: Store,
+    ) -> Self {
         let pid = std::process::id();
         State {
             slot,
@@ -37,6 +57,10 @@ impl State {
             pid_header: HeaderValue::from(pid),
             draining: AtomicBool::new(false),
             host,
+            hashes: Arc::new(Semaphore::new(settings.auth.max_concurrent_hashes)),
+            settings,
+            store,
+            dummy_phc: Arc::new(OnceLock::new()),
         }
     }
 }
@@ -44,8 +68,9 @@ impl State {
 pub(crate) async fn handle(
     req: Request<Incoming>,
     st: Arc<State>,
+    peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    let mut resp = route(&req, &st);
+    let mut resp = route(req, &st, peer).await;
     let headers = resp.headers_mut();
     headers.insert("x-forkd-pid", st.pid_header.clone());
     if st.draining.load(Relaxed) {
@@ -55,9 +80,11 @@ pub(crate) async fn handle(
     Ok(resp)
 }
 
-fn route(req: &Request<Incoming>, st: &State) -> Response<Body> {
-    match req.uri().path() {
-        "/healthz" => match *req.method() {
+async fn route(req: Request<Incoming>, st: &Arc<State>, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match path.as_str() {
+        "/healthz" => match method {
             Method::GET | Method::HEAD => {
                 let body = serde_json::json!({
                     "status": "ok",
@@ -65,12 +92,25 @@ fn route(req: &Request<Incoming>, st: &State) -> Response<Body> {
                     "pid": st.pid,
                     "generation": st.generation,
                 });
-                let mut r = json(StatusCode::OK, &body);
-                r.headers_mut()
-                    .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                r
+                no_store(json(StatusCode::OK, &body))
             }
             _ => method_not_allowed("GET, HEAD"),
+        },
+        "/readyz" => match method {
+            Method::GET | Method::HEAD => api::readyz(st).await,
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        "/login" => match method {
+            Method::POST => api::login(req, st, peer).await,
+            _ => method_not_allowed("POST"),
+        },
+        "/logout" => match method {
+            Method::POST => api::logout(req, st).await,
+            _ => method_not_allowed("POST"),
+        },
+        "/profile" => match method {
+            Method::GET => api::profile(req, st).await,
+            _ => method_not_allowed("GET"),
         },
         _ => problem(
             StatusCode::NOT_FOUND,
@@ -80,8 +120,18 @@ fn route(req: &Request<Incoming>, st: &State) -> Response<Body> {
     }
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+pub(crate) fn no_store(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    json_text(status, value.to_string())
+}
+
+pub(crate) fn json_text(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -104,13 +154,37 @@ pub(crate) fn problem(status: StatusCode, kind: &str, detail: &str) -> Response<
     r
 }
 
-fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = problem(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
-        "This method is not allowed on this resource; see the Allow header.",
-    );
-    r.headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
+pub(crate) fn with_header(
+    mut r: Response<Body>,
+    name: HeaderName,
+    value: HeaderValue,
+) -> Response<Body> {
+    r.headers_mut().insert(name, value);
     r
+}
+
+/// Whole seconds, rounded up, at least 1: for Retry-After.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
+}
+
+/// 503 with Retry-After, for Redis trouble and full queues.
+pub(crate) fn unavailable(detail: &str, retry: Duration) -> Response<Body> {
+    with_header(
+        problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail),
+        RETRY_AFTER,
+        HeaderValue::from(ceil_secs(retry)),
+    )
+}
+
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    with_header(
+        problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "This method is not allowed on this resource; see the Allow header.",
+        ),
+        ALLOW,
+        HeaderValue::from_static(allow),
+    )
 }

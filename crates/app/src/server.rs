@@ -67,7 +67,30 @@ async fn serve(w: Worker) -> i32 {
             return 1;
         }
     };
-    let state = Arc::new(State::new(slot, generation, host.clone()));
+    // One Redis client per worker, made here, inside the runtime, after
+    // the fork. It connects (and reconnects) in the background: the worker
+    // serves at once and answers 503 for what needs Redis until it is up.
+    let store = match forkd_store::Store::new(&settings.store) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
+    store.start();
+    let state = Arc::new(State::new(
+        slot,
+        generation,
+        host.clone(),
+        settings.clone(),
+        store,
+    ));
+    // The hash verified for unknown users, made before the first login.
+    let dummy = state.dummy_phc.clone();
+    let cost = settings.auth.cost;
+    tokio::task::spawn_blocking(move || {
+        dummy.get_or_init(|| crate::api::dummy_hash(cost));
+    });
 
     // The heartbeat runs on this runtime: if the event loop stalls, it stops.
     let beat = host.clone();
@@ -102,11 +125,11 @@ async fn serve(w: Worker) -> i32 {
             _ = stop_rx.changed() => break *stop_rx.borrow(),
             p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             _ = stop_rx.changed() => break *stop_rx.borrow(),
             r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE, ENOBUFS and friends pass; back off and retry
                     // rather than end the worker.
@@ -122,7 +145,7 @@ async fn serve(w: Worker) -> i32 {
         let st = state.clone();
         let conn = http.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| routes::handle(req, st.clone())),
+            service_fn(move |req| routes::handle(req, st.clone(), peer)),
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -37,6 +37,32 @@ pub const KEYS: &[&str] = &[
     "http.header_read_timeout",
     "http.max_connections",
     "http.keepalive",
+    "http.trusted_proxies",
+    "redis.url",
+    "redis.prefix",
+    "redis.command_timeout",
+    "redis.connect_timeout",
+    "redis.reconnect_max_delay",
+    "redis.server",
+    "redis.data_dir",
+    "auth.argon2_memory_kib",
+    "auth.argon2_iterations",
+    "auth.argon2_parallelism",
+    "auth.max_concurrent_hashes",
+    "auth.hash_queue_timeout",
+    "auth.session_idle_timeout",
+    "auth.session_absolute_timeout",
+    "auth.login_ip_limit",
+    "auth.login_ip_window",
+    "auth.login_user_limit",
+    "auth.login_user_window",
+    "profile.origin",
+    "profile.origin_timeout",
+    "profile.cache_ttl",
+    "profile.lock_timeout",
+    "profile.lock_wait",
+    "rate_limit.profile.limit",
+    "rate_limit.profile.window",
 ];
 
 /// Environment variables that start with `FORKD_` but are not config keys.
@@ -120,6 +146,7 @@ pub struct RawHttp {
     pub header_read_timeout: f64,
     pub max_connections: i64,
     pub keepalive: bool,
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for RawHttp {
@@ -128,6 +155,119 @@ impl Default for RawHttp {
             header_read_timeout: 15.0,
             max_connections: 4096,
             keepalive: true,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// The `[redis]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    pub url: String,
+    pub prefix: String,
+    pub command_timeout: f64,
+    pub connect_timeout: f64,
+    pub reconnect_max_delay: f64,
+    pub server: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        RawRedis {
+            url: String::new(),
+            prefix: "forkd:".into(),
+            command_timeout: 1.0,
+            connect_timeout: 1.0,
+            reconnect_max_delay: 1.0,
+            server: "redis-server".into(),
+            data_dir: None,
+        }
+    }
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub argon2_memory_kib: i64,
+    pub argon2_iterations: i64,
+    pub argon2_parallelism: i64,
+    pub max_concurrent_hashes: i64,
+    pub hash_queue_timeout: f64,
+    pub session_idle_timeout: f64,
+    pub session_absolute_timeout: f64,
+    pub login_ip_limit: i64,
+    pub login_ip_window: f64,
+    pub login_user_limit: i64,
+    pub login_user_window: f64,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            max_concurrent_hashes: 2,
+            hash_queue_timeout: 0.5,
+            session_idle_timeout: 1800.0,
+            session_absolute_timeout: 86_400.0,
+            login_ip_limit: 5,
+            login_ip_window: 60.0,
+            login_user_limit: 5,
+            login_user_window: 60.0,
+        }
+    }
+}
+
+/// The `[profile]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProfile {
+    pub origin: String,
+    pub origin_timeout: f64,
+    pub cache_ttl: f64,
+    pub lock_timeout: f64,
+    pub lock_wait: f64,
+}
+
+impl Default for RawProfile {
+    fn default() -> Self {
+        RawProfile {
+            origin: String::new(),
+            origin_timeout: 2.0,
+            cache_ttl: 300.0,
+            lock_timeout: 5.0,
+            lock_wait: 3.0,
+        }
+    }
+}
+
+/// One rate-limit policy as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub limit: i64,
+    pub window: f64,
+}
+
+/// The `[rate_limit]` table: one policy per limited route.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    pub profile: RawPolicy,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        RawRateLimit {
+            profile: RawPolicy {
+                limit: 10,
+                window: 60.0,
+            },
         }
     }
 }
@@ -151,6 +291,10 @@ pub struct RawConfig {
     pub worker_timeout: f64,
     pub startup_timeout: f64,
     pub http: RawHttp,
+    pub redis: RawRedis,
+    pub auth: RawAuth,
+    pub profile: RawProfile,
+    pub rate_limit: RawRateLimit,
 }
 
 impl Default for RawConfig {
@@ -168,6 +312,10 @@ impl Default for RawConfig {
             worker_timeout: 30.0,
             startup_timeout: 30.0,
             http: RawHttp::default(),
+            redis: RawRedis::default(),
+            auth: RawAuth::default(),
+            profile: RawProfile::default(),
+            rate_limit: RawRateLimit::default(),
         }
     }
 }
@@ -179,6 +327,137 @@ pub struct Http {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub keepalive: bool,
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An IP network, `ADDR/LEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 counts as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr.trim().parse().map_err(|_| ())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l.trim().parse::<u8>().map_err(|_| ())?,
+            None => max,
+        };
+        if len > max {
+            return Err(());
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Redis settings of a validated config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Redis {
+    /// Empty: forkd runs its own redis-server (see `server`, `data_dir`).
+    pub url: String,
+    pub prefix: String,
+    #[serde(serialize_with = "secs")]
+    pub command_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub reconnect_max_delay: Duration,
+    pub server: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Authentication settings of a validated config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Auth {
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    pub max_concurrent_hashes: usize,
+    #[serde(serialize_with = "secs")]
+    pub hash_queue_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub session_idle_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub session_absolute_timeout: Duration,
+    pub login_ip_limit: u32,
+    #[serde(serialize_with = "secs")]
+    pub login_ip_window: Duration,
+    pub login_user_limit: u32,
+    #[serde(serialize_with = "secs")]
+    pub login_user_window: Duration,
+}
+
+/// Profile settings of a validated config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Profile {
+    /// Empty: profiles come from the user records.
+    pub origin: String,
+    #[serde(serialize_with = "secs")]
+    pub origin_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub cache_ttl: Duration,
+    #[serde(serialize_with = "secs")]
+    pub lock_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub lock_wait: Duration,
+}
+
+/// A validated rate-limit policy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Policy {
+    pub limit: u32,
+    #[serde(serialize_with = "secs")]
+    pub window: Duration,
+}
+
+/// Rate limits of a validated config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RateLimit {
+    pub profile: Policy,
 }
 
 /// A validated configuration. Every value is in range; paths may still fail
@@ -203,6 +482,10 @@ pub struct Config {
     #[serde(serialize_with = "secs")]
     pub startup_timeout: Duration,
     pub http: Http,
+    pub redis: Redis,
+    pub auth: Auth,
+    pub profile: Profile,
+    pub rate_limit: RateLimit,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -210,9 +493,12 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl Config {
-    /// The effective configuration as TOML, for `forkd check-config`.
+    /// The effective configuration as TOML, for `forkd check-config`, with
+    /// any password in `redis.url` replaced by `***`.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("a validated config always serializes")
+        let mut shown = self.clone();
+        shown.redis.url = redact_url(&shown.redis.url);
+        toml::to_string(&shown).expect("a validated config always serializes")
     }
 }
 
@@ -327,6 +613,38 @@ impl RawConfig {
                     _ => return Err(bad("expected true or false")),
                 }
             }
+            "http.trusted_proxies" => {
+                self.http.trusted_proxies = value
+                    .split(',')
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .collect()
+            }
+            "redis.url" => self.redis.url = value.to_owned(),
+            "redis.prefix" => self.redis.prefix = value.to_owned(),
+            "redis.command_timeout" => self.redis.command_timeout = float()?,
+            "redis.connect_timeout" => self.redis.connect_timeout = float()?,
+            "redis.reconnect_max_delay" => self.redis.reconnect_max_delay = float()?,
+            "redis.server" => self.redis.server = value.to_owned(),
+            "redis.data_dir" => self.redis.data_dir = Some(value.into()),
+            "auth.argon2_memory_kib" => self.auth.argon2_memory_kib = int()?,
+            "auth.argon2_iterations" => self.auth.argon2_iterations = int()?,
+            "auth.argon2_parallelism" => self.auth.argon2_parallelism = int()?,
+            "auth.max_concurrent_hashes" => self.auth.max_concurrent_hashes = int()?,
+            "auth.hash_queue_timeout" => self.auth.hash_queue_timeout = float()?,
+            "auth.session_idle_timeout" => self.auth.session_idle_timeout = float()?,
+            "auth.session_absolute_timeout" => self.auth.session_absolute_timeout = float()?,
+            "auth.login_ip_limit" => self.auth.login_ip_limit = int()?,
+            "auth.login_ip_window" => self.auth.login_ip_window = float()?,
+            "auth.login_user_limit" => self.auth.login_user_limit = int()?,
+            "auth.login_user_window" => self.auth.login_user_window = float()?,
+            "profile.origin" => self.profile.origin = value.to_owned(),
+            "profile.origin_timeout" => self.profile.origin_timeout = float()?,
+            "profile.cache_ttl" => self.profile.cache_ttl = float()?,
+            "profile.lock_timeout" => self.profile.lock_timeout = float()?,
+            "profile.lock_wait" => self.profile.lock_wait = float()?,
+            "rate_limit.profile.limit" => self.rate_limit.profile.limit = int()?,
+            "rate_limit.profile.window" => self.rate_limit.profile.window = float()?,
             other => return Err(ConfigError::UnknownKey(other.to_owned())),
         }
         Ok(())
@@ -408,6 +726,137 @@ impl RawConfig {
                 "expected 1 to 1000000",
             ));
         }
+        fn count(key: &str, v: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+            if (min..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(bad(key, v, &format!("expected {min} to {max}")))
+            }
+        }
+        let mut trusted_proxies = Vec::new();
+        for p in &self.http.trusted_proxies {
+            trusted_proxies.push(p.parse::<Cidr>().map_err(|_| {
+                bad(
+                    "http.trusted_proxies",
+                    p,
+                    "expected IP or IP/LEN, e.g. 10.0.0.0/8 or ::1",
+                )
+            })?);
+        }
+        let url = self.redis.url.trim().to_owned();
+        let schemes = [
+            "redis://",
+            "rediss://",
+            "redis+unix://",
+            "redis-cluster://",
+            "rediss-cluster://",
+            "redis-sentinel://",
+            "rediss-sentinel://",
+        ];
+        if !url.is_empty() && !schemes.iter().any(|s| url.starts_with(s)) {
+            // Never echo the URL: it may carry a password.
+            return Err(bad(
+                "redis.url",
+                "(not shown)",
+                "expected redis://, rediss:// or redis+unix:// (or empty for a managed redis-server)",
+            ));
+        }
+        if self.redis.prefix.contains(['{', '}']) {
+            return Err(bad(
+                "redis.prefix",
+                &self.redis.prefix,
+                "must not contain '{' or '}' (forkd uses hash tags)",
+            ));
+        }
+        if let Some(p) = &self.redis.data_dir {
+            if !p.is_absolute() {
+                return Err(bad(
+                    "redis.data_dir",
+                    p.display(),
+                    "expected an absolute path",
+                ));
+            }
+        }
+        if self.redis.server.trim().is_empty() {
+            return Err(bad(
+                "redis.server",
+                &self.redis.server,
+                "expected a program name or path",
+            ));
+        }
+        let origin = self.profile.origin.trim().trim_end_matches('/').to_owned();
+        if !origin.is_empty() {
+            let ok = origin
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+            if !ok {
+                return Err(bad(
+                    "profile.origin",
+                    &self.profile.origin,
+                    "expected http://HOST:PORT",
+                ));
+            }
+        }
+        let a = &self.auth;
+        let idle = seconds("auth.session_idle_timeout", a.session_idle_timeout, 1.0)?;
+        let absolute = seconds(
+            "auth.session_absolute_timeout",
+            a.session_absolute_timeout,
+            1.0,
+        )?;
+        let auth = Auth {
+            argon2_memory_kib: count("auth.argon2_memory_kib", a.argon2_memory_kib, 8, 4_194_304)?
+                as u32,
+            argon2_iterations: count("auth.argon2_iterations", a.argon2_iterations, 1, 100)? as u32,
+            argon2_parallelism: count("auth.argon2_parallelism", a.argon2_parallelism, 1, 64)?
+                as u32,
+            max_concurrent_hashes: count(
+                "auth.max_concurrent_hashes",
+                a.max_concurrent_hashes,
+                1,
+                1024,
+            )? as usize,
+            hash_queue_timeout: seconds("auth.hash_queue_timeout", a.hash_queue_timeout, 0.0)?,
+            session_idle_timeout: idle,
+            session_absolute_timeout: absolute,
+            login_ip_limit: count("auth.login_ip_limit", a.login_ip_limit, 1, 1_000_000)? as u32,
+            login_ip_window: seconds("auth.login_ip_window", a.login_ip_window, 0.001)?,
+            login_user_limit: count("auth.login_user_limit", a.login_user_limit, 1, 1_000_000)?
+                as u32,
+            login_user_window: seconds("auth.login_user_window", a.login_user_window, 0.001)?,
+        };
+        if auth.argon2_memory_kib < 8 * auth.argon2_parallelism {
+            return Err(bad(
+                "auth.argon2_memory_kib",
+                auth.argon2_memory_kib,
+                "expected at least 8 x argon2_parallelism",
+            ));
+        }
+        let rl = &self.rate_limit.profile;
+        let rate_limit = RateLimit {
+            profile: Policy {
+                limit: count("rate_limit.profile.limit", rl.limit, 1, 1_000_000_000)? as u32,
+                window: seconds("rate_limit.profile.window", rl.window, 0.001)?,
+            },
+        };
+        let p = &self.profile;
+        let profile = Profile {
+            origin,
+            origin_timeout: seconds("profile.origin_timeout", p.origin_timeout, 0.001)?,
+            cache_ttl: seconds("profile.cache_ttl", p.cache_ttl, 0.001)?,
+            lock_timeout: seconds("profile.lock_timeout", p.lock_timeout, 0.01)?,
+            lock_wait: seconds("profile.lock_wait", p.lock_wait, 0.0)?,
+        };
+        let r = &self.redis;
+        let redis = Redis {
+            url,
+            prefix: r.prefix.clone(),
+            command_timeout: seconds("redis.command_timeout", r.command_timeout, 0.001)?,
+            connect_timeout: seconds("redis.connect_timeout", r.connect_timeout, 0.001)?,
+            reconnect_max_delay: seconds("redis.reconnect_max_delay", r.reconnect_max_delay, 0.05)?,
+            server: r.server.clone(),
+            data_dir: r.data_dir.clone(),
+        };
         Ok(Config {
             instance: self.instance,
             listen,
@@ -428,7 +877,12 @@ impl RawConfig {
                 )?,
                 max_connections: self.http.max_connections as usize,
                 keepalive: self.http.keepalive,
+                trusted_proxies,
             },
+            redis,
+            auth,
+            profile,
+            rate_limit,
         })
     }
 }
@@ -480,6 +934,28 @@ impl Location {
             }
         }
         Ok(loc)
+    }
+}
+
+/// `scheme://user:secret@host` -> `scheme://user:***@host`, for logs and
+/// `check-config`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{scheme}://{hidden}{}", &rest[at..])
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -585,7 +1061,15 @@ mod tests {
                 "listener" => "reuseport",
                 "http.keepalive" => "true",
                 "runtime_dir" | "log_file" => "/tmp/x",
-                "instance" | "listen" | "log_level" => continue,
+                "instance"
+                | "listen"
+                | "log_level"
+                | "redis.url"
+                | "redis.prefix"
+                | "redis.server"
+                | "profile.origin"
+                | "http.trusted_proxies" => continue,
+                "redis.data_dir" => "/tmp/y",
                 _ => "7",
             };
             RawConfig::default().set(key, value).unwrap();
@@ -611,6 +1095,40 @@ mod tests {
         std::fs::write(&file, "instance = ").unwrap();
         assert!(Location::load(Some(&file), []).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("rediss://pw@h:1"), "rediss://***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        let mut c = RawConfig::default();
+        c.set("redis.url", "redis://app:hunter2@127.0.0.1:6379")
+            .unwrap();
+        let text = c.validate(1).unwrap().to_toml();
+        assert!(!text.contains("hunter2"), "{text}");
+        let mut c = RawConfig::default();
+        c.set("redis.url", "http://app:hunter2@x").unwrap();
+        assert!(!c.validate(1).unwrap_err().to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        let c: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(c.contains("2001:db8:1::1".parse().unwrap()));
+        let c: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(c.contains("127.0.0.1".parse().unwrap()));
+        assert!(!c.contains("127.0.0.2".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        let e = parse("[http]\ntrusted_proxies = [\"nope\"]")
+            .unwrap()
+            .validate(1)
+            .unwrap_err();
+        assert!(e.to_string().contains("trusted_proxies"), "{e}");
     }
 
     #[test]

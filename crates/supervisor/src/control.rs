@@ -58,6 +58,16 @@ pub struct Status {
     pub workers: Vec<WorkerStatus>,
     /// Slots waiting out a crash backoff: (slot, milliseconds left).
     pub backoff: Vec<(usize, u64)>,
+    /// The managed redis-server, when forkd runs one.
+    pub redis: Option<RedisStatus>,
+}
+
+/// The managed redis-server in a status report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RedisStatus {
+    /// None while it is being restarted.
+    pub pid: Option<i32>,
+    pub socket: String,
 }
 
 /// A reply.

@@ -13,6 +13,7 @@
 mod control_files;
 mod listen;
 pub mod plan;
+mod redis;
 mod runner;
 mod scoreboard;
 mod signals;
@@ -64,6 +65,17 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub worker_timeout: Duration,
     pub startup_timeout: Duration,
+    /// A redis-server for the workers to share, run and respawned by the
+    /// supervisor; None when Redis is run elsewhere.
+    pub redis: Option<ManagedRedis>,
+}
+
+/// The managed redis-server: unix socket only, append-only file in `dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedRedis {
+    pub program: PathBuf,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
 }
 
 /// What a forked worker gets.

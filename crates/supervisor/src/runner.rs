@@ -20,6 +20,7 @@ use nix::unistd::Pid;
 use crate::control::{Conn, ReadResult, Reply, Request, Status, WorkerStatus};
 use crate::control_files::{control_socket_path, pidfile_path, Pidfile};
 use crate::plan::{Action, Limits, Observed, Phase, Plan, ReloadOutcome, Sig};
+use crate::redis::RedisChild;
 use crate::scoreboard::{now_ms, Scoreboard, WorkerState};
 use crate::signals::{SignalEvent, Signals};
 use crate::{listen, redirect_output, sys, Error, ListenerMode, Program, Settings, WorkerContext};
@@ -102,6 +103,7 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
         settings.listener.name()
     );
     let mut sup = Supervisor {
+        redis: settings.redis.clone().map(RedisChild::new),
         plan: Plan::new(
             settings.workers,
             limits(&settings),
@@ -119,9 +121,16 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
         started_ms: now_ms(),
         control_path,
     };
+    // The store first, so that it is up by the time the workers look.
+    if let Some(r) = &mut sup.redis {
+        r.tick(now_ms());
+    }
     let actions = sup.plan.start();
     sup.execute(actions);
     sup.run_loop();
+    if let Some(r) = &mut sup.redis {
+        r.stop(std::time::Duration::from_secs(10));
+    }
     let _ = std::fs::remove_file(&sup.control_path);
     pidfile.remove();
     log::info!("forkd stopped");
@@ -134,6 +143,7 @@ fn forkd_max_workers() -> usize {
 
 struct Supervisor<P: Program> {
     settings: Settings,
+    redis: Option<RedisChild>,
     program: P,
     plan: Plan,
     board: Scoreboard,
@@ -152,15 +162,22 @@ impl<P: Program> Supervisor<P> {
     fn run_loop(&mut self) {
         loop {
             let now = now_ms();
-            let wait = self
-                .plan
-                .next_timer()
+            let redis_due = self.redis.as_ref().and_then(|r| r.restart_at_ms);
+            let wait = [self.plan.next_timer(), redis_due]
+                .into_iter()
+                .flatten()
+                .min()
                 .map_or(TICK_MS, |t| t.saturating_sub(now).min(TICK_MS));
             self.wait(wait);
             for ev in self.signals.drain() {
                 self.on_signal(ev);
             }
             self.reap();
+            if self.plan.phase() == Phase::Running {
+                if let Some(r) = &mut self.redis {
+                    r.tick(now_ms());
+                }
+            }
             self.serve_control();
             let board = &self.board;
             let actions = self.plan.tick(now_ms(), |w| {
@@ -295,6 +312,11 @@ impl<P: Program> Supervisor<P> {
                 WaitStatus::Signaled(pid, sig, _) => (pid, format!("was killed by {sig}")),
                 _ => continue,
             };
+            if let Some(r) = &mut self.redis {
+                if r.exited(pid.as_raw(), &how, now_ms()) {
+                    continue;
+                }
+            }
             let (worker, actions) = self.plan.child_exited(pid.as_raw(), now_ms());
             if let Some(w) = worker {
                 self.board.release(w.cell);
@@ -391,15 +413,17 @@ impl<P: Program> Supervisor<P> {
             new.listener,
             &new.instance,
             &new.runtime_dir,
+            &new.redis,
         ) != (
             &old.listen,
             old.backlog,
             old.listener,
             &old.instance,
             &old.runtime_dir,
+            &old.redis,
         ) {
             log::warn!(
-                "listen, backlog, listener, instance and runtime_dir changes take effect at the next start"
+                "listen, backlog, listener, instance, runtime_dir and managed redis changes take effect at the next start"
             );
         }
         let log_changed = new.log_file != old.log_file;
@@ -410,6 +434,7 @@ impl<P: Program> Supervisor<P> {
             listener: old.listener,
             instance: old.instance.clone(),
             runtime_dir: old.runtime_dir.clone(),
+            redis: old.redis.clone(),
             ..new
         };
         self.plan.set_limits(limits(&self.settings));
@@ -590,6 +615,10 @@ impl<P: Program> Supervisor<P> {
             workers_ready: ready,
             rss_bytes: rss_bytes(self.pid),
             workers,
+            redis: self.redis.as_ref().map(|r| crate::control::RedisStatus {
+                pid: r.pid,
+                socket: r.socket().display().to_string(),
+            }),
             backoff: slots
                 .iter()
                 .enumerate()

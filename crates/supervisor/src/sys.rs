@@ -117,3 +117,29 @@ pub fn spawn_detached(cmd: &mut Command) -> io::Result<Child> {
     }
     cmd.spawn()
 }
+
+/// Starts a helper service (the managed redis-server): it gets the default
+/// signal mask back (the supervisor blocks the signals it reads from a
+/// signalfd, and a mask survives exec) and SIGTERM when the supervisor dies.
+///
+/// # Errors
+/// As `Command::spawn`.
+pub(crate) fn spawn_service(cmd: &mut Command) -> io::Result<Child> {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // sigprocmask and prctl, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let empty = nix::sys::signal::SigSet::empty();
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            )
+            .map_err(io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}

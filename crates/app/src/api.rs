@@ -1,0 +1,502 @@
+//! The API routes: login, logout, profile, readiness. Bad input is answered
+//! before it reaches argon2 or Redis.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use forkd_store::{Decision, Policy, ProfileCheck, StoreError};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use hyper::{Request, Response, StatusCode};
+
+use crate::client::{client_ip, client_key};
+use crate::origin::{self, OriginError};
+use crate::routes::{
+    ceil_secs, json, json_text, no_store, problem, unavailable, with_header, Body, State,
+};
+use crate::secrets;
+
+/// Largest accepted request body.
+const MAX_BODY: usize = 16 * 1024;
+/// Largest username or password.
+const MAX_FIELD: usize = 1024;
+/// Retry-After for Redis trouble: reconnects are retried much faster.
+const REDIS_RETRY: Duration = Duration::from_secs(1);
+
+fn redis_down(e: &StoreError) -> Response<Body> {
+    log::warn!("{e}");
+    unavailable(
+        "The session store is unavailable; try again shortly.",
+        REDIS_RETRY,
+    )
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(crate) async fn readyz(st: &State) -> Response<Body> {
+    match st.store.ping().await {
+        Ok(()) => no_store(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ready", "redis": "ok"}),
+        )),
+        Err(e) => no_store(redis_down(&e)),
+    }
+}
+
+// ---- login ----
+
+fn bad_request(detail: &str) -> Response<Body> {
+    problem(StatusCode::BAD_REQUEST, "bad-request", detail)
+}
+
+/// Reads a JSON body: 415 for another media type, 413 over 16 KiB, 408 when
+/// it does not arrive in time, 400 when it is not UTF-8 JSON.
+async fn read_json(
+    req: Request<Incoming>,
+    st: &State,
+) -> Result<serde_json::Value, Response<Body>> {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "The body must be application/json.",
+        ));
+    }
+    let too_large = || {
+        problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "The body must be at most 16 KiB.",
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let bytes = match tokio::time::timeout(st.settings.header_read_timeout, collect).await {
+        Err(_) => {
+            return Err(problem(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "The body did not arrive in time.",
+            ))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(_)) => return Err(bad_request("The body could not be read.")),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(bad_request("The body is not valid UTF-8."));
+    }
+    serde_json::from_slice(&bytes).map_err(|_| bad_request("The body is not valid JSON."))
+}
+
+/// A required, non-empty string field of at most 1 KiB.
+fn field<'a>(body: &'a serde_json::Value, name: &str) -> Result<&'a str, Response<Body>> {
+    match body.get(name) {
+        None | Some(serde_json::Value::Null) => Err(bad_request(&format!("`{name}` is missing."))),
+        Some(serde_json::Value::String(s)) if s.is_empty() => {
+            Err(bad_request(&format!("`{name}` is empty.")))
+        }
+        Some(serde_json::Value::String(s)) if s.len() > MAX_FIELD => {
+            Err(bad_request(&format!("`{name}` is longer than 1 KiB.")))
+        }
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(_) => Err(bad_request(&format!("`{name}` must be a string."))),
+    }
+}
+
+fn too_many(detail: &str, d: Decision) -> Response<Body> {
+    with_header(
+        problem(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail),
+        RETRY_AFTER,
+        HeaderValue::from(ceil_secs(d.retry_after)),
+    )
+}
+
+fn unauthorized_login() -> Response<Body> {
+    problem(
+        StatusCode::UNAUTHORIZED,
+        "invalid-credentials",
+        "The username or password is wrong.",
+    )
+}
+
+pub(crate) async fn login(
+    req: Request<Incoming>,
+    st: &Arc<State>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let ip = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
+    let body = match read_json(req, st).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if !body.is_object() {
+        return bad_request("The body must be a JSON object.");
+    }
+    let (username, password) = match (field(&body, "username"), field(&body, "password")) {
+        (Ok(u), Ok(p)) => (u.to_owned(), p.to_owned()),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let auth = &st.settings.auth;
+
+    // Brute-force limits, before any hashing.
+    let checks = [
+        ("login-ip", client_key(ip), auth.login_ip),
+        ("login-user", username.clone(), auth.login_user),
+    ];
+    for (name, key, policy) in checks {
+        match st.store.limit(name, &key, policy).await {
+            Ok(d) if !d.allowed => return too_many("Too many login attempts; try again later.", d),
+            Ok(_) => {}
+            Err(e) => return redis_down(&e),
+        }
+    }
+
+    // A place in the bounded password-check queue.
+    let permit = match tokio::time::timeout(
+        auth.hash_queue_timeout,
+        st.hashes.clone().acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(p)) => p,
+        _ => {
+            return unavailable(
+                "Too many logins are being checked; try again shortly.",
+                Duration::from_secs(1),
+            )
+        }
+    };
+    let user = match st.store.user(&username).await {
+        Ok(u) => u,
+        Err(e) => return redis_down(&e),
+    };
+    let phc = user.as_ref().map(|u| u.phc.clone());
+    let cost = auth.cost;
+    let dummy = st.dummy_phc.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        match phc {
+            Some(phc) => {
+                let ok = secrets::verify_password(&phc, &password);
+                let rehash = (ok && secrets::needs_rehash(&phc, cost))
+                    .then(|| secrets::hash_password(&password, cost).ok())
+                    .flatten();
+                (ok, rehash)
+            }
+            None => {
+                // Same work as a wrong password, so that the answer's
+                // timing does not tell whether the user exists.
+                let phc = dummy.get_or_init(|| dummy_hash(cost));
+                let _ = secrets::verify_password(phc, &password);
+                (false, None)
+            }
+        }
+    })
+    .await;
+    let (ok, rehash) = match checked {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("password check failed: {e}");
+            return unavailable(
+                "The password check failed; try again.",
+                Duration::from_secs(1),
+            );
+        }
+    };
+    let Some(user) = user.filter(|_| ok) else {
+        return unauthorized_login();
+    };
+    if let Some(phc) = rehash {
+        match st.store.set_password(&user.name, &phc).await {
+            Ok(()) => log::info!(
+                "re-hashed the password of '{}' with the current parameters",
+                user.name
+            ),
+            Err(e) => log::warn!(
+                "cannot store the re-hashed password of '{}': {e}",
+                user.name
+            ),
+        }
+    }
+    let (token, hash) = secrets::new_token(&user.uid);
+    if let Err(e) = st
+        .store
+        .create_session(&user, &hash, auth.session_idle, auth.session_absolute)
+        .await
+    {
+        return redis_down(&e);
+    }
+    if let Err(e) = st.store.touch_login(&user.name, now_unix()).await {
+        log::warn!("cannot record the login of '{}': {e}", user.name);
+    }
+    let expires = auth.session_idle.min(auth.session_absolute).as_secs();
+    no_store(json(
+        StatusCode::OK,
+        &serde_json::json!({"token": token, "token_type": "Bearer", "expires_in": expires}),
+    ))
+}
+
+/// The PHC string verified for unknown users: a real hash with the
+/// configured cost, of a random password.
+pub(crate) fn dummy_hash(cost: secrets::HashCost) -> String {
+    secrets::hash_password(&secrets::nonce(), cost).unwrap_or_default()
+}
+
+// ---- bearer routes ----
+
+fn unauthorized_bearer(error: Option<&str>, detail: &str) -> Response<Body> {
+    let challenge = match error {
+        Some(e) => format!("Bearer error=\"{e}\""),
+        None => "Bearer".to_owned(),
+    };
+    with_header(
+        problem(StatusCode::UNAUTHORIZED, "unauthorized", detail),
+        WWW_AUTHENTICATE,
+        HeaderValue::from_str(&challenge).expect("a plain ASCII challenge"),
+    )
+}
+
+/// The bearer token's (uid, hash), or the 401 to answer.
+fn bearer(req: &Request<Incoming>) -> Result<(String, String), Response<Body>> {
+    let Some(value) = req.headers().get(AUTHORIZATION) else {
+        return Err(unauthorized_bearer(None, "A bearer token is required."));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .and_then(secrets::parse_token);
+    token.ok_or_else(|| {
+        unauthorized_bearer(
+            Some("invalid_request"),
+            "The Authorization header is not a valid bearer token.",
+        )
+    })
+}
+
+fn invalid_token() -> Response<Body> {
+    unauthorized_bearer(
+        Some("invalid_token"),
+        "The token is unknown or has expired.",
+    )
+}
+
+pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Response<Body> {
+    let (uid, hash) = match bearer(&req) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match st.store.end_session(&uid, &hash).await {
+        Ok(true) => {
+            let mut r = Response::new(Body::default());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Ok(false) => invalid_token(),
+        Err(e) => redis_down(&e),
+    }
+}
+
+fn rate_headers(mut r: Response<Body>, name: &str, policy: Policy, d: Decision) -> Response<Body> {
+    let window = ceil_secs(policy.window);
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={};w={window}", policy.limit)) {
+        h.insert("ratelimit-policy", v);
+    }
+    let reset = d.reset.as_millis().div_ceil(1000);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", d.remaining)) {
+        h.insert("ratelimit", v);
+    }
+    if !d.allowed {
+        h.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(d.retry_after)));
+    }
+    r
+}
+
+fn cache_header(r: Response<Body>, hit: bool) -> Response<Body> {
+    with_header(
+        r,
+        "x-cache".parse().expect("a valid name"),
+        HeaderValue::from_static(if hit { "hit" } else { "miss" }),
+    )
+}
+
+pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body> {
+    let (uid, hash) = match bearer(&req) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let policy = st.settings.profile.limit;
+    let idle = st.settings.auth.session_idle;
+    let check = match st
+        .store
+        .profile_check(&uid, &hash, idle, "profile", policy)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return redis_down(&e),
+    };
+    match check {
+        ProfileCheck::Unauthenticated => invalid_token(),
+        ProfileCheck::Limited { decision, .. } => rate_headers(
+            problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-requests",
+                "Too many requests; see Retry-After.",
+            ),
+            "profile",
+            policy,
+            decision,
+        ),
+        ProfileCheck::Allowed {
+            decision,
+            cached: Some(p),
+            ..
+        } => rate_headers(
+            cache_header(json_text(StatusCode::OK, p), true),
+            "profile",
+            policy,
+            decision,
+        ),
+        ProfileCheck::Allowed {
+            user,
+            decision,
+            cached: None,
+        } => {
+            let r = match fill(st, &uid, &user).await {
+                Ok(p) => cache_header(json_text(StatusCode::OK, p), false),
+                Err(r) => r,
+            };
+            rate_headers(r, "profile", policy, decision)
+        }
+    }
+}
+
+/// Cache-aside with single flight across every worker and host: one
+/// request takes the Redis lock and fills the cache; the others wait
+/// (bounded) for its result.
+async fn fill(st: &State, uid: &str, user: &str) -> Result<String, Response<Body>> {
+    let cfg = &st.settings.profile;
+    let owner = secrets::nonce();
+    let deadline = tokio::time::Instant::now() + cfg.lock_wait;
+    let mut last_try = false;
+    loop {
+        match st.store.lock_profile(uid, &owner, cfg.lock_timeout).await {
+            Ok(true) => {
+                let result = load(st, uid, user).await;
+                if let Ok(p) = &result {
+                    if let Err(e) = st
+                        .store
+                        .cache_profile(uid, p, jittered(cfg.cache_ttl))
+                        .await
+                    {
+                        log::warn!("cannot cache the profile of '{user}': {e}");
+                    }
+                }
+                if let Err(e) = st.store.unlock_profile(uid, &owner).await {
+                    log::warn!("cannot release the profile lock of '{user}': {e}");
+                }
+                return result;
+            }
+            Ok(false) if last_try => {
+                return Err(unavailable(
+                    "The profile is being loaded; try again shortly.",
+                    Duration::from_secs(1),
+                ))
+            }
+            Ok(false) => {}
+            Err(e) => return Err(redis_down(&e)),
+        }
+        // Someone else is filling it: wait (bounded) for the result, then
+        // try the lock once more in case its holder died.
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match st.store.cached_profile(uid).await {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => return Err(redis_down(&e)),
+            }
+        }
+        last_try = true;
+    }
+}
+
+fn jittered(ttl: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    let fraction = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) * 0.1;
+    ttl.mul_f64(1.0 - fraction)
+}
+
+/// The slow path: the profile from the origin or the user record.
+async fn load(st: &State, uid: &str, user: &str) -> Result<String, Response<Body>> {
+    let cfg = &st.settings.profile;
+    if let Some(host) = &cfg.origin {
+        return origin::fetch(host, user, cfg.origin_timeout)
+            .await
+            .map_err(|e| match e {
+                OriginError::NotFound => problem(
+                    StatusCode::NOT_FOUND,
+                    "not-found",
+                    "There is no profile for this user.",
+                ),
+                OriginError::Failed(why) => {
+                    log::warn!("profile origin failed for '{user}': {why}");
+                    problem(
+                        StatusCode::BAD_GATEWAY,
+                        "bad-gateway",
+                        "The profile service did not answer properly.",
+                    )
+                }
+            });
+    }
+    let record = match st.store.user(user).await {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            return Err(problem(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "There is no profile for this user.",
+            ))
+        }
+        Err(e) => return Err(redis_down(&e)),
+    };
+    let sessions = match st.store.session_count(uid).await {
+        Ok(n) => n,
+        Err(e) => return Err(redis_down(&e)),
+    };
+    Ok(serde_json::json!({
+        "username": record.name,
+        "display_name": record.display_name,
+        "role": record.role,
+        "created_at": record.created_at,
+        "last_login": record.last_login,
+        "active_sessions": sessions,
+    })
+    .to_string())
+}

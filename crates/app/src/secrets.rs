@@ -1,0 +1,160 @@
+//! Passwords (argon2id PHC strings) and bearer tokens.
+//!
+//! A token is `UID.SECRET`: UID is the user's random tag (12 base64url
+//! characters; it keeps all of a user's keys in one Redis hash slot) and
+//! SECRET is 32 bytes from the OS (getrandom, never a PRNG seeded before
+//! fork), base64url. Redis only ever sees the token's SHA-256.
+
+use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+
+/// argon2id cost parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashCost {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl HashCost {
+    fn argon2(&self) -> Result<Argon2<'static>, String> {
+        let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None)
+            .map_err(|e| format!("invalid argon2 parameters: {e}"))?;
+        Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+    }
+}
+
+/// Hashes a password with a fresh salt.
+///
+/// # Errors
+/// Parameters argon2 rejects.
+pub fn hash_password(password: &str, cost: HashCost) -> Result<String, String> {
+    let hash = cost
+        .argon2()?
+        .hash_password(password.as_bytes())
+        .map_err(|e| format!("cannot hash the password: {e}"))?;
+    Ok(hash.to_string())
+}
+
+/// Checks a password against a PHC string (with the parameters stored in
+/// it). A damaged PHC string never verifies.
+pub fn verify_password(phc: &str, password: &str) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    Argon2::default()
+        .verify_password(password.as_bytes(), &hash)
+        .is_ok()
+}
+
+/// Whether a stored hash was made with other parameters than `cost`.
+pub fn needs_rehash(phc: &str, cost: HashCost) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return true;
+    };
+    let Ok(params) = Params::try_from(&hash) else {
+        return true;
+    };
+    hash.algorithm.as_str() != "argon2id"
+        || params.m_cost() != cost.memory_kib
+        || params.t_cost() != cost.iterations
+        || params.p_cost() != cost.parallelism
+}
+
+fn random(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    b
+}
+
+/// A new per-user tag.
+pub fn new_uid() -> String {
+    URL_SAFE_NO_PAD.encode(random(9))
+}
+
+const UID_LEN: usize = 12;
+const SECRET_LEN: usize = 43;
+
+/// A new token for the user with tag `uid`, and its hash.
+pub fn new_token(uid: &str) -> (String, String) {
+    let token = format!("{uid}.{}", URL_SAFE_NO_PAD.encode(random(32)));
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// Hex SHA-256 of a token: what Redis stores.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A well-formed token's (uid, hash), or None.
+pub fn parse_token(token: &str) -> Option<(String, String)> {
+    let (uid, secret) = token.split_once('.')?;
+    let b64 = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    (uid.len() == UID_LEN && secret.len() == SECRET_LEN && b64(uid) && b64(secret))
+        .then(|| (uid.to_owned(), token_hash(token)))
+}
+
+/// A random hex string, for lock owners.
+pub fn nonce() -> String {
+    random(16).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHEAP: HashCost = HashCost {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    #[test]
+    fn hash_verify_and_rehash() {
+        let phc = hash_password("s3cret", CHEAP).unwrap();
+        assert!(phc.starts_with("$argon2id$"));
+        assert!(verify_password(&phc, "s3cret"));
+        assert!(!verify_password(&phc, "S3cret"));
+        assert!(!verify_password("garbage", "s3cret"));
+        assert!(!needs_rehash(&phc, CHEAP));
+        assert!(needs_rehash(
+            &phc,
+            HashCost {
+                memory_kib: 128,
+                ..CHEAP
+            }
+        ));
+        // Salts differ.
+        assert_ne!(phc, hash_password("s3cret", CHEAP).unwrap());
+    }
+
+    #[test]
+    fn tokens_round_trip_and_reject_garbage() {
+        let uid = new_uid();
+        assert_eq!(uid.len(), UID_LEN);
+        let (token, hash) = new_token(&uid);
+        assert_eq!(parse_token(&token), Some((uid.clone(), hash.clone())));
+        assert_eq!(hash.len(), 64);
+        assert!(!hash.contains(&token));
+        let (other, _) = new_token(&uid);
+        assert_ne!(token, other);
+        for bad in [
+            "",
+            "x",
+            "a.b",
+            &format!("{uid}."),
+            &format!("{uid}.{}!", &token[13..55]),
+        ] {
+            assert_eq!(parse_token(bad), None, "{bad}");
+        }
+    }
+}

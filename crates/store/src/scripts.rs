@@ -1,0 +1,177 @@
+//! The Lua scripts. Each is loaded once and called by SHA (reloaded if the
+//! server lost it), reads the clock with TIME, and touches only the keys it
+//! is given; the keys of one call share a hash slot.
+
+use std::sync::OnceLock;
+
+use fred::types::scripts::Script;
+
+/// Shared Lua: the Redis clock in ms, and one GCRA step (burst = limit).
+/// `gcra` returns allowed (0/1), remaining, ms until the window is whole
+/// again, ms until the next request is allowed.
+macro_rules! prelude {
+    () => {
+        r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function gcra(key, limit, window, now)
+  local emission = window / limit
+  local tat = tonumber(redis.call('GET', key))
+  if not tat or tat < now then tat = now end
+  local new_tat = tat + emission
+  local allow_at = new_tat - window
+  if now < allow_at then
+    return 0, 0, math.ceil(tat - now), math.ceil(allow_at - now)
+  end
+  redis.call('SET', key, string.format('%.3f', new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
+  return 1, math.floor((now - allow_at) / emission), math.ceil(new_tat - now), 0
+end
+-- A session (KEYS[1]) renewed for ARGV[1] ms of idleness, never past its
+-- absolute expiry; an expired one is removed with its index entry.
+local function session(idle, sha, now)
+  local s = redis.call('HMGET', KEYS[1], 'user', 'abs')
+  if not s[1] then return false end
+  local abs = tonumber(s[2]) or 0
+  if now >= abs then
+    redis.call('DEL', KEYS[1])
+    redis.call('ZREM', KEYS[2], sha)
+    return false
+  end
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.min(idle, abs - now)))
+  return s[1]
+end
+"#
+    };
+}
+
+macro_rules! script {
+    ($name:ident, $body:expr) => {
+        pub(crate) fn $name() -> &'static Script {
+            static S: OnceLock<Script> = OnceLock::new();
+            S.get_or_init(|| Script::from_lua($body))
+        }
+    };
+}
+
+// KEYS: user. ARGV: field, value, ... Returns 1, or 0 if it exists.
+script!(
+    create_user,
+    r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"#
+);
+
+// KEYS: user. ARGV: field, value, ... Returns 1, or 0 if there is no user.
+script!(
+    update_if_exists,
+    r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"#
+);
+
+// KEYS: session, index. ARGV: user, idle ms, absolute ms, token hash.
+script!(
+    create_session,
+    concat!(
+        prelude!(),
+        r#"
+local now = now_ms()
+local idle = tonumber(ARGV[2])
+local absd = tonumber(ARGV[3])
+local abs = now + absd
+redis.call('HSET', KEYS[1], 'user', ARGV[1], 'abs', string.format('%d', abs))
+redis.call('PEXPIRE', KEYS[1], math.min(idle, absd))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], abs, ARGV[4])
+if redis.call('PTTL', KEYS[2]) < absd then redis.call('PEXPIRE', KEYS[2], absd) end
+return 1
+"#
+    )
+);
+
+// KEYS: session, index. ARGV: idle ms, token hash. Returns the user or nil.
+script!(
+    touch_session,
+    concat!(
+        prelude!(),
+        r#"
+return session(tonumber(ARGV[1]), ARGV[2], now_ms())
+"#
+    )
+);
+
+// KEYS: session, index. ARGV: token hash. Returns 1 if it existed.
+script!(
+    end_session,
+    r#"
+local n = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return n
+"#
+);
+
+// KEYS: index. Entries not past absolute expiry (after dropping the rest).
+script!(
+    live_sessions,
+    concat!(
+        prelude!(),
+        r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#
+    )
+);
+
+// KEYS: any keys of one slot. Deletes them all.
+script!(
+    delete_keys,
+    r#"
+return redis.call('DEL', unpack(KEYS))
+"#
+);
+
+// KEYS: lock. ARGV: owner. Deletes the lock only if the owner holds it.
+script!(
+    unlock,
+    r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#
+);
+
+// KEYS: limit state. ARGV: limit, window ms.
+// Returns {allowed, remaining, reset ms, retry ms}.
+script!(
+    limit,
+    concat!(
+        prelude!(),
+        r#"
+local a, r, t, w = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now_ms())
+return {a, r, t, w}
+"#
+    )
+);
+
+// KEYS: session, index, limit state, profile. ARGV: idle ms, token hash,
+// limit, window ms. Returns {0} unauthenticated; {2, user, 0, reset ms,
+// retry ms} limited; {1, user, remaining, reset ms, profile or nil}.
+script!(
+    profile_check,
+    concat!(
+        prelude!(),
+        r#"
+local now = now_ms()
+local user = session(tonumber(ARGV[1]), ARGV[2], now)
+if not user then return {0} end
+local a, r, t, w = gcra(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
+if a == 0 then return {2, user, 0, t, w} end
+return {1, user, r, t, redis.call('GET', KEYS[4])}
+"#
+    )
+);
