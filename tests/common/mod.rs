@@ -83,6 +83,8 @@ pub struct Forkd {
     pub log: PathBuf,
     child: Option<Child>,
     seen_pids: Mutex<HashSet<i32>>,
+    /// Set for every forkd process this test runs.
+    pub env: Vec<(String, String)>,
 }
 
 impl Forkd {
@@ -105,7 +107,30 @@ impl Forkd {
             log,
             child: None,
             seen_pids: Mutex::new(HashSet::new()),
+            env: Vec::new(),
         }
+    }
+
+    /// Starts forkd against `redis` with `extra` config.
+    pub fn start_with_redis(redis: &RedisServer, extra: &str) -> Forkd {
+        let mut f = Forkd::configure(extra);
+        f.env.push(("FORKD_REDIS_URL".into(), redis.url()));
+        f.spawn(&[]);
+        f.wait_ready();
+        f
+    }
+
+    /// Adds a user through the CLI.
+    pub fn add_user(&self, name: &str, password: &str) {
+        let out = self.cli_input(
+            &["user", "add", name, "--password-stdin"],
+            Some(&format!("{password}\n")),
+        );
+        assert!(
+            out.status.success(),
+            "user add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Starts forkd in the foreground with `extra` config and waits until
@@ -138,7 +163,8 @@ impl Forkd {
             .env_remove("RUST_LOG")
             // A managed redis-server (when redis.url is unset) keeps its
             // data in the test's directory.
-            .env("FORKD_REDIS_DATA_DIR", self.dir.path().join("data"));
+            .env("FORKD_REDIS_DATA_DIR", self.dir.path().join("data"))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -162,6 +188,7 @@ impl Forkd {
             .args(args)
             .env_remove("RUST_LOG")
             .env("FORKD_REDIS_DATA_DIR", self.dir.path().join("data"))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -497,4 +524,180 @@ pub fn port_free(port: u16) -> bool {
 
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// Sends one request with `headers` and `body` on a new connection.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let mut s = connect(port)?;
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    read_response(&mut BufReader::new(s), method == "HEAD")
+}
+
+/// `POST /login` with a JSON body.
+pub fn login(port: u16, user: &str, password: &str) -> Response {
+    let body = serde_json::json!({"username": user, "password": password}).to_string();
+    request(
+        port,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .expect("login answered")
+}
+
+/// The token of a successful login.
+pub fn token(port: u16, user: &str, password: &str) -> String {
+    let r = login(port, user, password);
+    assert_eq!(r.status, 200, "login failed: {r:?}");
+    r.json()["token"].as_str().unwrap().to_owned()
+}
+
+/// `GET /profile` with a bearer token.
+pub fn profile(port: u16, token: &str) -> std::io::Result<Response> {
+    request(
+        port,
+        "GET",
+        "/profile",
+        &[("Authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+}
+
+/// A redis-server of the test's own, on a free loopback port, killed when
+/// dropped.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// (Re)starts the server on the same port and data directory. Every
+    /// write is synced, so a SIGKILLed server comes back with its data.
+    pub fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
+                "--loglevel",
+                "warning",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (bin/test installs it)");
+        self.child = Some(child);
+        poll(PATIENCE, || {
+            (self.cli(&["PING"]).trim() == "PONG").then_some(())
+        })
+        .expect("redis-server answers PING");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGKILLs the server and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs redis-cli against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--no-raw"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Like `cli`, with raw output (one value a line).
+    pub fn raw(&self, args: &[&str]) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--raw"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every key (SCAN).
+    pub fn keys(&self) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--scan"])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Commands processed so far (INFO stats).
+    pub fn commands_processed(&self) -> u64 {
+        self.raw(&["INFO", "stats"])
+            .iter()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -78,6 +78,12 @@ async fn serve(w: Worker) -> i32 {
         }
     };
     store.start();
+    // Give Redis a moment before taking requests, so that a new worker of a
+    // rolling reload serves from its first request; if Redis is down, serve
+    // anyway (503 for what needs it) and connect when it appears.
+    if let Err(e) = store.wait_connected(settings.store.connect_timeout).await {
+        log::warn!("starting without Redis: {e}");
+    }
     let state = Arc::new(State::new(
         slot,
         generation,

@@ -191,6 +191,17 @@ impl Store {
     /// [`StoreError::Unavailable`] when Redis did not answer in time.
     pub async fn connect_within(&self, timeout: Duration) -> Result<()> {
         self.start();
+        self.wait_connected(timeout).await
+    }
+
+    /// Waits up to `timeout` for the (already started) connection.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when Redis did not answer in time.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<()> {
+        if self.client.is_connected() {
+            return Ok(());
+        }
         match tokio::time::timeout(timeout, self.client.wait_for_connect()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),

@@ -1,0 +1,875 @@
+//! The API with its state in Redis: each test starts its own redis-server
+//! (or lets forkd run one), runs the built binary, and speaks HTTP to it.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PW: &str = "correct horse battery staple";
+/// Two workers, limits high enough not to interfere.
+const BASE: &str = "workers = 2\nshutdown_timeout = 5\n\
+[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\n\
+[rate_limit.profile]\nlimit = 100000\nwindow = 60\n";
+
+fn with(base: &str, section_values: &str) -> String {
+    // `section_values` adds keys to tables of `base` by appending whole
+    // tables, so it must only name tables base does not have.
+    format!("{base}{section_values}")
+}
+
+/// Sends `n` requests built by `make` from `n` threads at once.
+fn concurrently<F>(n: usize, make: F) -> Vec<std::io::Result<Response>>
+where
+    F: Fn(usize) -> std::io::Result<Response> + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let make = make.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                make(i)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn login_on_one_worker_profile_on_the_other_and_logout_everywhere() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(&redis, BASE);
+    let pids: HashSet<i32> = f.wait_ready().into_iter().collect();
+    f.add_user("alice", PW);
+
+    let login = login(f.port, "alice", PW);
+    assert_eq!(login.status, 200, "{login:?}");
+    let body = login.json();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 1800);
+    let token = body["token"].as_str().unwrap().to_owned();
+    let login_pid = login.pid();
+
+    // Every worker accepts the token, including the one that did not issue it.
+    let mut answered = HashSet::new();
+    poll(PATIENCE, || {
+        let r = profile(f.port, &token).ok()?;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["username"], "alice");
+        answered.insert(r.pid());
+        (answered == pids).then_some(())
+    })
+    .expect("both workers answer /profile");
+    assert!(answered.iter().any(|&p| p != login_pid));
+
+    let out = request(
+        f.port,
+        "POST",
+        "/logout",
+        &[("Authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(out.status, 204);
+    // Refused by every worker from now on.
+    let mut refused = HashSet::new();
+    poll(PATIENCE, || {
+        let r = profile(f.port, &token).ok()?;
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer error=\"invalid_token\"")
+        );
+        refused.insert(r.pid());
+        (refused == pids).then_some(())
+    })
+    .expect("both workers refuse the token");
+    // A second logout of the same token is a 401 too.
+    let again = request(
+        f.port,
+        "POST",
+        "/logout",
+        &[("Authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(again.status, 401);
+}
+
+#[test]
+fn rate_limit_of_10_per_minute_holds_exactly_across_workers() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(
+        &redis,
+        "workers = 2\n[auth]\nlogin_ip_limit = 1000\nlogin_user_limit = 1000\n",
+    );
+    f.add_user("bob", PW);
+    let token = token(f.port, "bob", PW);
+    let port = f.port;
+    let results = concurrently(40, move |_| profile(port, &token));
+    let mut by_status: HashMap<u16, Vec<Response>> = HashMap::new();
+    for r in results {
+        let r = r.expect("every request is answered");
+        by_status.entry(r.status).or_default().push(r);
+    }
+    let ok = by_status.get(&200).map_or(0, Vec::len);
+    let limited = by_status.get(&429).map_or(0, Vec::len);
+    assert_eq!((ok, limited), (10, 30), "{:?}", by_status.keys());
+    let pids: HashSet<i32> = by_status.values().flatten().map(Response::pid).collect();
+    assert_eq!(pids.len(), 2, "both workers took part");
+
+    let mut remaining: Vec<u64> = Vec::new();
+    for r in &by_status[&200] {
+        assert_eq!(r.header("ratelimit-policy"), Some("\"profile\";q=10;w=60"));
+        let rl = r.header("ratelimit").unwrap();
+        let r_value = rl.split(';').find_map(|p| p.strip_prefix("r=")).unwrap();
+        remaining.push(r_value.parse().unwrap());
+        let t: u64 = rl
+            .split(';')
+            .find_map(|p| p.strip_prefix("t="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&t), "{rl}");
+    }
+    remaining.sort();
+    assert_eq!(remaining, (0..10).collect::<Vec<u64>>());
+    for r in &by_status[&429] {
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        assert_eq!(r.json()["status"], 429);
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+        assert_eq!(r.header("ratelimit-policy"), Some("\"profile\";q=10;w=60"));
+        assert!(r.header("ratelimit").unwrap().contains("r=0"));
+    }
+}
+
+/// A slow HTTP origin on loopback that counts its calls.
+struct Origin {
+    port: u16,
+    calls: Arc<AtomicU64>,
+}
+
+impl Origin {
+    fn start(delay: Duration) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = calls.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(10_000) {
+                let Ok(mut stream) = stream else { continue };
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap_or(0);
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(delay);
+                    let path = line.split_whitespace().nth(1).unwrap_or("");
+                    let resp = match path.strip_prefix("/users/") {
+                        Some(name) if name != "ghost" => {
+                            let body = format!("{{\"name\":\"{name}\",\"source\":\"origin\"}}");
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                        }
+                        _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned(),
+                    };
+                    let _ = stream.write_all(resp.as_bytes());
+                });
+            }
+        });
+        Origin { port, calls }
+    }
+}
+
+#[test]
+fn profile_cache_misses_then_hits_and_50_misses_make_one_origin_call() {
+    let redis = RedisServer::start();
+    let origin = Origin::start(Duration::from_millis(400));
+    let config = format!(
+        "{BASE}[profile]\norigin = \"http://127.0.0.1:{}\"\n",
+        origin.port
+    );
+    let f = Forkd::start_with_redis(&redis, &config);
+    f.add_user("carol", PW);
+    f.add_user("dave", PW);
+
+    let t = token(f.port, "carol", PW);
+    let first = profile(f.port, &t).unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.header("x-cache"), Some("miss"));
+    assert_eq!(first.json()["source"], "origin");
+    let second = profile(f.port, &t).unwrap();
+    assert_eq!(second.header("x-cache"), Some("hit"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
+    // The cache entry has a TTL of at most 300 s (less by up to 10 % jitter).
+    let uid = &t[..12];
+    let ttl: i64 = redis
+        .cli(&["PTTL", &format!("forkd:{{{uid}}}:profile")])
+        .trim()
+        .trim_start_matches("(integer) ")
+        .parse()
+        .unwrap();
+    assert!((269_000..=300_000).contains(&ttl), "{ttl}");
+
+    // 50 concurrent misses for another user: one origin call in all.
+    let t = token(f.port, "dave", PW);
+    let port = f.port;
+    let results = concurrently(50, move |_| profile(port, &t));
+    let mut bodies = HashSet::new();
+    for r in results {
+        let r = r.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        bodies.insert(r.body);
+    }
+    assert_eq!(bodies.len(), 1);
+    assert_eq!(
+        origin.calls.load(Ordering::SeqCst),
+        2,
+        "one call for carol, one for dave"
+    );
+}
+
+#[test]
+fn profile_origin_errors_are_problems() {
+    let redis = RedisServer::start();
+    let origin = Origin::start(Duration::from_millis(0));
+    let slow = Origin::start(Duration::from_secs(3));
+    let f = Forkd::start_with_redis(
+        &redis,
+        &format!(
+            "{BASE}[profile]\norigin = \"http://127.0.0.1:{}\"\n",
+            origin.port
+        ),
+    );
+    f.add_user("ghost", PW);
+    let t = token(f.port, "ghost", PW);
+    let r = profile(f.port, &t).unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+
+    let g = Forkd::start_with_redis(
+        &redis,
+        &format!(
+            "{BASE}[profile]\norigin = \"http://127.0.0.1:{}\"\norigin_timeout = 0.5\n",
+            slow.port
+        ),
+    );
+    let t = token(g.port, "ghost", PW);
+    let r = profile(g.port, &t).unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.json()["type"], "urn:forkd:problem:bad-gateway");
+}
+
+#[test]
+fn sessions_expire_when_idle_and_at_the_absolute_limit() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(
+        &redis,
+        &with(
+            "workers = 1\n[rate_limit.profile]\nlimit = 100000\nwindow = 60\n",
+            "[auth]\nsession_idle_timeout = 1.5\nsession_absolute_timeout = 4\nlogin_ip_limit = 1000\nlogin_user_limit = 1000\n",
+        ),
+    );
+    f.add_user("erin", PW);
+
+    // Idle: unused for longer than the idle timeout, the token is dead.
+    let t = token(f.port, "erin", PW);
+    assert_eq!(profile(f.port, &t).unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(1_700));
+    let r = profile(f.port, &t).unwrap();
+    assert_eq!(r.status, 401, "idle session still valid");
+
+    // Absolute: used all the time, it still ends, and not before.
+    let before_login = Instant::now();
+    let t = token(f.port, "erin", PW);
+    let mut last_ok = Duration::ZERO;
+    let ended = poll(Duration::from_secs(30), || {
+        let r = profile(f.port, &t).ok()?;
+        if r.status == 200 {
+            last_ok = before_login.elapsed();
+            std::thread::sleep(Duration::from_millis(100));
+            None
+        } else {
+            Some((r.status, before_login.elapsed()))
+        }
+    })
+    .expect("the session ends");
+    assert_eq!(ended.0, 401);
+    assert!(
+        ended.1 >= Duration::from_secs(4),
+        "ended after {:?}",
+        ended.1
+    );
+    assert!(
+        last_ok >= Duration::from_millis(2_000),
+        "kept alive past the idle timeout by use: last ok at {last_ok:?}"
+    );
+}
+
+#[test]
+fn password_change_revoke_and_delete_end_every_session() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(&redis, BASE);
+    f.add_user("frank", PW);
+    let a = token(f.port, "frank", PW);
+    let b = token(f.port, "frank", PW);
+    assert_ne!(a, b, "a new token at every login");
+    assert_eq!(profile(f.port, &a).unwrap().status, 200);
+
+    let out = f.cli_input(
+        &["user", "passwd", "frank", "--password-stdin"],
+        Some("new-secret\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 session(s) ended"));
+    for t in [&a, &b] {
+        assert_eq!(profile(f.port, t).unwrap().status, 401);
+    }
+    assert_eq!(login(f.port, "frank", PW).status, 401);
+    let c = token(f.port, "frank", "new-secret");
+    let d = token(f.port, "frank", "new-secret");
+
+    let out = f.cli(&["user", "revoke", "frank"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 session(s)"));
+    for t in [&c, &d] {
+        assert_eq!(profile(f.port, t).unwrap().status, 401);
+    }
+
+    let e = token(f.port, "frank", "new-secret");
+    let out = f.cli(&["user", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("frank") && list.contains("user"), "{list}");
+    let out = f.cli(&["user", "del", "frank"]);
+    assert!(out.status.success());
+    assert_eq!(profile(f.port, &e).unwrap().status, 401);
+    assert_eq!(login(f.port, "frank", "new-secret").status, 401);
+    // Nothing of frank is left in Redis.
+    let keys = redis.keys();
+    assert!(keys.iter().all(|k| !k.contains("frank")), "{keys:?}");
+
+    // CLI errors are plain and non-zero.
+    let out = f.cli(&["user", "del", "frank"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no user 'frank'"));
+    let out = f.cli_input(
+        &["user", "add", "bad name", "--password-stdin"],
+        Some("x\n"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid user name"));
+    f.add_user("gina", PW);
+    let out = f.cli_input(&["user", "add", "gina", "--password-stdin"], Some("x\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = f.cli_input(&["user", "add", "hank", "--password-stdin"], Some("\n"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("password is empty"));
+    let out = f.cli(&["user", "add", "hank"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--password-stdin"));
+}
+
+#[test]
+fn redis_never_holds_a_token() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(&redis, BASE);
+    f.add_user("ivy", PW);
+    let tokens: Vec<String> = (0..5).map(|_| token(f.port, "ivy", PW)).collect();
+    for t in &tokens {
+        assert_eq!(profile(f.port, t).unwrap().status, 200);
+    }
+    let keys = redis.keys();
+    assert!(keys.len() >= 5, "{keys:?}");
+    let secrets: Vec<&str> = tokens.iter().map(|t| &t[13..]).collect();
+    let mut seen = 0;
+    for key in &keys {
+        let kind = redis.raw(&["TYPE", key]).join("");
+        let values = match kind.as_str() {
+            "hash" => redis.raw(&["HGETALL", key]),
+            "string" => redis.raw(&["GET", key]),
+            "zset" => redis.raw(&["ZRANGE", key, "0", "-1"]),
+            other => panic!("unexpected key type {other} for {key}"),
+        };
+        for s in &secrets {
+            assert!(!key.contains(s), "key {key} holds a token");
+            for v in &values {
+                assert!(!v.contains(s), "{key} holds a token");
+            }
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, keys.len());
+    // The session keys are the SHA-256 of the tokens.
+    assert_eq!(keys.iter().filter(|k| k.contains(":sess:")).count(), 5);
+}
+
+#[test]
+fn wrong_password_and_unknown_user_look_and_take_the_same() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(
+        &redis,
+        "workers = 1\n[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\n",
+    );
+    f.add_user("judy", PW);
+    // Warm up both paths (connections, the dummy hash).
+    login(f.port, "judy", "nope");
+    login(f.port, "nobody", "nope");
+    let mut wrong = Vec::new();
+    let mut unknown = Vec::new();
+    let mut bodies = HashSet::new();
+    for i in 0..25 {
+        for (name, times) in [("judy", &mut wrong), ("nobody", &mut unknown)] {
+            let t = Instant::now();
+            let r = login(f.port, name, &format!("guess-{i}"));
+            times.push(t.elapsed());
+            assert_eq!(r.status, 401);
+            bodies.insert(r.body);
+        }
+    }
+    assert_eq!(bodies.len(), 1, "one body for both: {bodies:?}");
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (w, u) = (median(&mut wrong), median(&mut unknown));
+    let ratio = w.as_secs_f64() / u.as_secs_f64();
+    eprintln!("login 401 medians: wrong password {w:?}, unknown user {u:?}, ratio {ratio:.3}");
+    assert!(
+        (0.8..=1.25).contains(&ratio),
+        "wrong {w:?} vs unknown {u:?}"
+    );
+}
+
+#[test]
+fn two_hundred_parallel_logins_do_not_stall_the_event_loop() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(
+        &redis,
+        "workers = 2\n[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\nmax_concurrent_hashes = 2\nhash_queue_timeout = 0.2\n",
+    );
+    f.add_user("kim", PW);
+    let port = f.port;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe_stop = stop.clone();
+    let probe = std::thread::spawn(move || {
+        let mut latencies = Vec::new();
+        while !probe_stop.load(Ordering::Relaxed) && latencies.len() < 100_000 {
+            let t = Instant::now();
+            let r = get(port, "/healthz").unwrap();
+            latencies.push(t.elapsed());
+            assert_eq!(r.status, 200);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        latencies
+    });
+    let results = concurrently(200, move |i| {
+        let pw = if i % 2 == 0 { PW } else { "wrong" };
+        let body = serde_json::json!({"username": "kim", "password": pw}).to_string();
+        request(
+            port,
+            "POST",
+            "/login",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    });
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = probe.join().unwrap();
+    let mut counts: HashMap<u16, usize> = HashMap::new();
+    for r in &results {
+        let r = r.as_ref().expect("every login is answered");
+        *counts.entry(r.status).or_default() += 1;
+        match r.status {
+            200 | 401 => {}
+            503 => {
+                assert!(r.header("retry-after").is_some());
+                assert_eq!(r.json()["type"], "urn:forkd:problem:unavailable");
+            }
+            s => panic!("unexpected status {s}: {r:?}"),
+        }
+    }
+    latencies.sort();
+    let p90 = latencies[latencies.len() * 9 / 10];
+    let max = *latencies.last().unwrap();
+    eprintln!(
+        "200 parallel logins: {counts:?}; /healthz during them: {} probes, p90 {p90:?}, max {max:?}",
+        latencies.len()
+    );
+    // Hashes ran: at least the semaphores' capacity (2 per worker) got a
+    // real answer before any 503, and the queue was bounded (some 503s).
+    let answered = counts.get(&200).unwrap_or(&0) + counts.get(&401).unwrap_or(&0);
+    assert!(answered >= 4, "{counts:?}");
+    assert!(counts.get(&503).is_some_and(|&n| n > 0), "{counts:?}");
+    assert!(p90 < Duration::from_millis(50), "/healthz p90 {p90:?}");
+    // With the burst over, logins are answered normally again.
+    assert_eq!(login(f.port, "kim", PW).status, 200);
+}
+
+#[test]
+fn redis_going_away_gives_503s_without_restarts_and_service_resumes() {
+    let mut redis = RedisServer::start();
+    let f = Forkd::start_with_redis(&redis, BASE);
+    let workers = f.wait_ready();
+    f.add_user("leo", PW);
+    let t = token(f.port, "leo", PW);
+    assert_eq!(get(f.port, "/readyz").unwrap().status, 200);
+
+    redis.kill();
+    let r = poll(PATIENCE, || {
+        let r = profile(f.port, &t).ok()?;
+        (r.status == 503).then_some(r)
+    })
+    .expect("503 once Redis is gone");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        !r.body.contains("redis://"),
+        "no internal detail: {}",
+        r.body
+    );
+    assert_eq!(login(f.port, "leo", PW).status, 503);
+    assert_eq!(get(f.port, "/readyz").unwrap().status, 503);
+    assert_eq!(get(f.port, "/healthz").unwrap().status, 200);
+    // A while without Redis: still no worker restarts.
+    for _ in 0..20 {
+        assert_eq!(profile(f.port, &t).unwrap().status, 503);
+        std::thread::sleep(Duration::from_millis(25));
+    }
+
+    redis.spawn();
+    let back = Instant::now();
+    poll(PATIENCE, || {
+        (profile(f.port, &t).ok()?.status == 200).then_some(())
+    })
+    .expect("service resumes");
+    let took = back.elapsed();
+    eprintln!("service resumed {took:?} after Redis answered again");
+    assert!(took < Duration::from_secs(2), "resumed after {took:?}");
+    assert_eq!(get(f.port, "/readyz").unwrap().status, 200);
+    assert_eq!(f.wait_ready(), workers, "no worker was restarted");
+    let status = f.status().unwrap();
+    assert!(status["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|w| w["restarts"] == 0));
+}
+
+/// Expected status, method, path, headers, body.
+type Case<'a> = (u16, &'a str, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>);
+
+#[test]
+fn bad_input_gets_problems_and_never_reaches_argon2_or_redis() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(&redis, BASE);
+    f.add_user("mia", PW);
+    let json = [("Content-Type", "application/json")];
+    let long = "x".repeat(1025);
+    let before = redis.commands_processed();
+    let cases: Vec<Case> = vec![
+        (
+            413,
+            "POST",
+            "/login",
+            json.to_vec(),
+            format!("{{\"username\":\"{}\"}}", "a".repeat(17 * 1024)).into_bytes(),
+        ),
+        (
+            415,
+            "POST",
+            "/login",
+            vec![("Content-Type", "text/plain")],
+            b"{}".to_vec(),
+        ),
+        (
+            415,
+            "POST",
+            "/login",
+            vec![],
+            b"{\"username\":\"mia\",\"password\":\"x\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\": ".to_vec(),
+        ),
+        (400, "POST", "/login", json.to_vec(), b"[1,2]".to_vec()),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"password\":\"x\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":\"mia\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":\"\",\"password\":\"x\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":\"mia\",\"password\":\"\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":7,\"password\":\"x\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            format!("{{\"username\":\"{long}\",\"password\":\"x\"}}").into_bytes(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            format!("{{\"username\":\"mia\",\"password\":\"{long}\"}}").into_bytes(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":\"mi\xff\",\"password\":\"x\"}".to_vec(),
+        ),
+        (405, "GET", "/login", vec![], vec![]),
+        (405, "PUT", "/profile", vec![], vec![]),
+        (405, "GET", "/logout", vec![], vec![]),
+        (401, "GET", "/profile", vec![], vec![]),
+        (
+            401,
+            "GET",
+            "/profile",
+            vec![("Authorization", "Basic bWlhOng=")],
+            vec![],
+        ),
+        (
+            401,
+            "GET",
+            "/profile",
+            vec![("Authorization", "Bearer not-a-token")],
+            vec![],
+        ),
+        (
+            401,
+            "POST",
+            "/logout",
+            vec![("Authorization", "Bearer ")],
+            vec![],
+        ),
+    ];
+    for (status, method, path, headers, body) in &cases {
+        let r = request(f.port, method, path, headers, body).unwrap();
+        assert_eq!(r.status, *status, "{method} {path} {headers:?}: {r:?}");
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/problem+json"),
+            "{r:?}"
+        );
+        assert_eq!(r.json()["status"], *status);
+        assert!(r.json()["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:forkd:problem:"));
+        match status {
+            405 => assert!(r.header("allow").is_some()),
+            401 => assert!(r.header("www-authenticate").unwrap().starts_with("Bearer")),
+            _ => {}
+        }
+    }
+    // A body announced as huge is refused before it is read.
+    let r = raw(
+        f.port,
+        "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 413);
+    // Only the INFO that measures it reached Redis.
+    let after = redis.commands_processed();
+    assert_eq!(after - before, 1, "bad input reached Redis");
+    // The workers are still the same and fine.
+    assert_eq!(login(f.port, "mia", PW).status, 200);
+    assert!(f.status().unwrap()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|w| w["restarts"] == 0));
+}
+
+#[test]
+fn login_limits_apply_per_client_address_and_per_username() {
+    let redis = RedisServer::start();
+    let trusted = "workers = 1\n[http]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+        [auth]\nlogin_ip_limit = 2\nlogin_user_limit = 3\n";
+    let f = Forkd::start_with_redis(&redis, trusted);
+    f.add_user("ned", PW);
+    let attempt = |xff: &str, user: &str| {
+        let body = serde_json::json!({"username": user, "password": "wrong"}).to_string();
+        request(
+            f.port,
+            "POST",
+            "/login",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Forwarded-For", xff),
+            ],
+            body.as_bytes(),
+        )
+        .unwrap()
+    };
+    // Client A: two attempts, then 429 (before any hashing).
+    assert_eq!(attempt("198.51.100.1", "u1").status, 401);
+    assert_eq!(attempt("198.51.100.1", "u2").status, 401);
+    let r = attempt("198.51.100.1", "u3");
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    // Client B has its own budget; an IPv6 /64 is one client.
+    assert_eq!(attempt("198.51.100.2", "u4").status, 401);
+    assert_eq!(attempt("2001:db8:1:2::1", "u5").status, 401);
+    assert_eq!(attempt("2001:db8:1:2::2", "u6").status, 401);
+    assert_eq!(attempt("2001:db8:1:2::3", "u7").status, 429);
+    // Per username, whatever the address: 3 attempts, then 429.
+    assert_eq!(attempt("203.0.113.1", "ned").status, 401);
+    assert_eq!(attempt("203.0.113.2", "ned").status, 401);
+    assert_eq!(attempt("203.0.113.3", "ned").status, 401);
+    assert_eq!(attempt("203.0.113.4", "ned").status, 429);
+
+    // Without trusted proxies, X-Forwarded-For is ignored: one budget.
+    let g = Forkd::start_with_redis(
+        &redis,
+        "workers = 1\n[redis]\nprefix = \"other:\"\n[auth]\nlogin_ip_limit = 2\nlogin_user_limit = 100\n",
+    );
+    let attempt = |xff: &str, user: &str| {
+        let body = serde_json::json!({"username": user, "password": "wrong"}).to_string();
+        request(
+            g.port,
+            "POST",
+            "/login",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Forwarded-For", xff),
+            ],
+            body.as_bytes(),
+        )
+        .unwrap()
+        .status
+    };
+    assert_eq!(attempt("198.51.100.7", "a"), 401);
+    assert_eq!(attempt("198.51.100.8", "b"), 401);
+    assert_eq!(attempt("198.51.100.9", "c"), 429);
+}
+
+#[test]
+fn stored_hashes_with_old_parameters_are_upgraded_at_login() {
+    let redis = RedisServer::start();
+    let cheap = "workers = 1\n[auth]\nargon2_memory_kib = 1024\nargon2_iterations = 1\n";
+    let f = Forkd::start_with_redis(&redis, cheap);
+    f.add_user("olga", PW);
+    let phc = redis.raw(&["HGET", "forkd:user:olga", "phc"]).join("");
+    assert!(phc.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"), "{phc}");
+    drop(f);
+    let g = Forkd::start_with_redis(&redis, "workers = 1\n");
+    assert_eq!(login(g.port, "olga", PW).status, 200);
+    let phc = redis.raw(&["HGET", "forkd:user:olga", "phc"]).join("");
+    assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+    assert_eq!(login(g.port, "olga", PW).status, 200);
+}
+
+#[test]
+fn managed_redis_keeps_sessions_across_restarts_and_is_respawned() {
+    // No redis.url: forkd runs its own redis-server (socket in the runtime
+    // dir, append-only file in the data dir).
+    let mut f = Forkd::start("workers = 1\nshutdown_timeout = 5\n");
+    let status = f.status().unwrap();
+    let redis_pid = status["redis"]["pid"]
+        .as_i64()
+        .expect("a managed redis-server") as i32;
+    assert!(f.dir.path().join("run/forkd-redis.sock").exists());
+    poll(PATIENCE, || {
+        (get(f.port, "/readyz").ok()?.status == 200).then_some(())
+    })
+    .expect("ready once the managed redis-server answers");
+    f.add_user("pia", PW);
+    let t = token(f.port, "pia", PW);
+    assert_eq!(profile(f.port, &t).unwrap().status, 200);
+
+    // The supervisor brings a dead redis-server back.
+    signal(redis_pid, nix::sys::signal::Signal::SIGKILL);
+    let new_pid = poll(PATIENCE, || {
+        let p = f.status()?["redis"]["pid"].as_i64()? as i32;
+        (p != redis_pid).then_some(p)
+    })
+    .expect("redis-server respawned");
+    assert!(alive(new_pid));
+    poll(PATIENCE, || {
+        (profile(f.port, &t).ok()?.status == 200).then_some(())
+    })
+    .expect("the session survived the redis-server restart");
+
+    // And across a restart of forkd itself.
+    signal(f.pid(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(f.wait_exit(PATIENCE), Some(0));
+    assert!(!alive(new_pid), "the managed redis-server stops with forkd");
+    f.spawn(&[]);
+    f.wait_ready();
+    poll(PATIENCE, || {
+        (profile(f.port, &t).ok()?.status == 200).then_some(())
+    })
+    .expect("the session survived a restart of forkd");
+}
+
+#[test]
+fn missing_redis_server_is_a_clear_error() {
+    let f = Forkd::configure("workers = 1\n[redis]\nserver = \"/nonexistent/redis-server\"\n");
+    let out = f.cli(&["start"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not installed") && err.contains("apt-get install redis-server"),
+        "{err}"
+    );
+    assert!(port_free(f.port));
+}
