@@ -873,3 +873,39 @@ fn missing_redis_server_is_a_clear_error() {
     );
     assert!(port_free(f.port));
 }
+
+#[test]
+fn login_limits_hold_per_worker_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    // Default on_redis_error = "local": limit / workers in each worker.
+    let f = Forkd::start_with_redis(
+        &redis,
+        "workers = 1\n[auth]\nlogin_ip_limit = 2\nlogin_user_limit = 100\n",
+    );
+    redis.kill();
+    poll(PATIENCE, || {
+        (get(f.port, "/readyz").ok()?.status == 503).then_some(())
+    })
+    .expect("the worker notices");
+    let statuses: Vec<u16> = (0..4)
+        .map(|i| login(f.port, &format!("u{i}"), "x").status)
+        .collect();
+    // Within the limit the login itself needs Redis (503); past it, 429.
+    assert_eq!(statuses, vec![503, 503, 429, 429]);
+
+    // "fail_closed": 503 from the limiter itself, every time.
+    let mut redis2 = RedisServer::start();
+    let g = Forkd::start_with_redis(
+        &redis2,
+        "workers = 1\n[auth]\nlogin_ip_limit = 2\n[rate_limit]\non_redis_error = \"fail_closed\"\n",
+    );
+    redis2.kill();
+    poll(PATIENCE, || {
+        (get(g.port, "/readyz").ok()?.status == 503).then_some(())
+    })
+    .expect("the worker notices");
+    let statuses: Vec<u16> = (0..4)
+        .map(|i| login(g.port, &format!("u{i}"), "x").status)
+        .collect();
+    assert_eq!(statuses, vec![503, 503, 503, 503]);
+}

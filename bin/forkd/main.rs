@@ -293,6 +293,12 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
             let nets = c.http.trusted_proxies.clone();
             Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
         },
+        workers: c.workers,
+        on_redis_error: match c.rate_limit.on_redis_error {
+            forkd_config::OnRedisError::FailOpen => forkd_app::OnRedisError::FailOpen,
+            forkd_config::OnRedisError::FailClosed => forkd_app::OnRedisError::FailClosed,
+            forkd_config::OnRedisError::Local => forkd_app::OnRedisError::Local,
+        },
         store: store_config(c),
         auth: forkd_app::AuthSettings {
             cost: hash_cost(c),

@@ -18,7 +18,7 @@ use crate::origin::{self, OriginError};
 use crate::routes::{
     ceil_secs, json, json_text, no_store, problem, unavailable, with_header, Body, State,
 };
-use crate::secrets;
+use crate::{secrets, OnRedisError};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -166,10 +166,19 @@ pub(crate) async fn login(
         ("login-user", username.clone(), auth.login_user),
     ];
     for (name, key, policy) in checks {
-        match st.store.limit(name, &key, policy).await {
-            Ok(d) if !d.allowed => return too_many("Too many login attempts; try again later.", d),
-            Ok(_) => {}
-            Err(e) => return redis_down(&e),
+        let decision = match st.store.limit(name, &key, policy).await {
+            Ok(d) => d,
+            Err(e) => match st.settings.on_redis_error {
+                OnRedisError::FailClosed => return redis_down(&e),
+                OnRedisError::FailOpen => continue,
+                OnRedisError::Local => {
+                    st.local_limits
+                        .check(&format!("{name}:{key}"), policy, st.settings.workers)
+                }
+            },
+        };
+        if !decision.allowed {
+            return too_many("Too many login attempts; try again later.", decision);
         }
     }
 

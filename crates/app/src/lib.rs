@@ -19,6 +19,7 @@
 
 mod api;
 mod client;
+mod local_limit;
 mod origin;
 mod routes;
 pub mod secrets;
@@ -48,9 +49,21 @@ pub struct Settings {
     /// How often to beat the heartbeat.
     pub heartbeat_interval: Duration,
     pub trusted_proxy: TrustedProxy,
+    /// Workers of this instance: the local fallback limiter's share.
+    pub workers: usize,
+    pub on_redis_error: OnRedisError,
     pub store: StoreConfig,
     pub auth: AuthSettings,
     pub profile: ProfileSettings,
+}
+
+/// What a rate limit does when Redis cannot answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    FailOpen,
+    FailClosed,
+    /// limit / workers, in each worker's memory.
+    Local,
 }
 
 /// Login and session settings.

@@ -39,6 +39,8 @@ pub(crate) struct State {
     /// A hash of a password nobody has, verified for unknown users so that
     /// they cost the same time as a wrong password.
     pub(crate) dummy_phc: Arc<OnceLock<String>>,
+    /// Used for rate limits while Redis cannot answer them.
+    pub(crate) local_limits: crate::local_limit::LocalLimiter,
 }
 
 impl State {
@@ -61,6 +63,7 @@ impl State {
             settings,
             store,
             dummy_phc: Arc::new(OnceLock::new()),
+            local_limits: crate::local_limit::LocalLimiter::new(),
         }
     }
 }

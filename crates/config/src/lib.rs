@@ -61,6 +61,7 @@ pub const KEYS: &[&str] = &[
     "profile.cache_ttl",
     "profile.lock_timeout",
     "profile.lock_wait",
+    "rate_limit.on_redis_error",
     "rate_limit.profile.limit",
     "rate_limit.profile.window",
 ];
@@ -258,12 +259,14 @@ pub struct RawPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRateLimit {
+    pub on_redis_error: String,
     pub profile: RawPolicy,
 }
 
 impl Default for RawRateLimit {
     fn default() -> Self {
         RawRateLimit {
+            on_redis_error: "local".into(),
             profile: RawPolicy {
                 limit: 10,
                 window: 60.0,
@@ -454,9 +457,22 @@ pub struct Policy {
     pub window: Duration,
 }
 
+/// What a rate limiter does when Redis cannot answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRedisError {
+    /// Let the request through.
+    FailOpen,
+    /// Answer 503.
+    FailClosed,
+    /// Apply limit / workers in each worker's memory.
+    Local,
+}
+
 /// Rate limits of a validated config.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RateLimit {
+    pub on_redis_error: OnRedisError,
     pub profile: Policy,
 }
 
@@ -643,6 +659,7 @@ impl RawConfig {
             "profile.cache_ttl" => self.profile.cache_ttl = float()?,
             "profile.lock_timeout" => self.profile.lock_timeout = float()?,
             "profile.lock_wait" => self.profile.lock_wait = float()?,
+            "rate_limit.on_redis_error" => self.rate_limit.on_redis_error = value.to_owned(),
             "rate_limit.profile.limit" => self.rate_limit.profile.limit = int()?,
             "rate_limit.profile.window" => self.rate_limit.profile.window = float()?,
             other => return Err(ConfigError::UnknownKey(other.to_owned())),
@@ -833,7 +850,20 @@ impl RawConfig {
             ));
         }
         let rl = &self.rate_limit.profile;
+        let on_redis_error = match self.rate_limit.on_redis_error.as_str() {
+            "fail_open" => OnRedisError::FailOpen,
+            "fail_closed" => OnRedisError::FailClosed,
+            "local" => OnRedisError::Local,
+            other => {
+                return Err(bad(
+                    "rate_limit.on_redis_error",
+                    other,
+                    "expected \"local\", \"fail_open\" or \"fail_closed\"",
+                ))
+            }
+        };
         let rate_limit = RateLimit {
+            on_redis_error,
             profile: Policy {
                 limit: count("rate_limit.profile.limit", rl.limit, 1, 1_000_000_000)? as u32,
                 window: seconds("rate_limit.profile.window", rl.window, 0.001)?,
