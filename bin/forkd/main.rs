@@ -269,6 +269,10 @@ fn supervisor_settings(c: &Config) -> Settings {
         shutdown_timeout: c.shutdown_timeout,
         worker_timeout: c.worker_timeout,
         startup_timeout: c.startup_timeout,
+        user: c.user.clone(),
+        group: c.group.clone(),
+        heartbeat_interval: heartbeat_interval(c),
+        watchdog_quorum: c.watchdog_quorum,
         redis: c
             .redis
             .url
@@ -281,14 +285,18 @@ fn supervisor_settings(c: &Config) -> Settings {
     }
 }
 
+/// A quarter of worker_timeout, between 50 ms and 1 s.
+fn heartbeat_interval(c: &Config) -> Duration {
+    (c.worker_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
 fn app_settings(c: &Config) -> forkd_app::Settings {
     forkd_app::Settings {
         header_read_timeout: c.http.header_read_timeout,
         max_connections: c.http.max_connections,
         keepalive: c.http.keepalive,
         shutdown_timeout: c.shutdown_timeout,
-        heartbeat_interval: (c.worker_timeout / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        heartbeat_interval: heartbeat_interval(c),
         trusted_proxy: {
             let nets = c.http.trusted_proxies.clone();
             Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
@@ -329,8 +337,8 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
 
 /// `forkd start` in the foreground.
 fn start(source: ConfigSource, config: Config) -> anyhow::Result<()> {
-    if nix::unistd::geteuid().is_root() {
-        log::warn!("running as root; workers keep root privileges");
+    if nix::unistd::geteuid().is_root() && config.user.is_none() {
+        log::warn!("running as root with no `user` configured; workers keep root privileges");
     }
     if config.redis.url.is_empty() && !program_exists(&config.redis.server) {
         anyhow::bail!(

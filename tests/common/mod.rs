@@ -175,6 +175,12 @@ impl Forkd {
         self.child.as_ref().expect("started").id() as i32
     }
 
+    /// Takes over a supervisor process started another way (e.g. through
+    /// systemd-socket-activate, which execs into forkd).
+    pub fn adopt(&mut self, child: Child) {
+        self.child = Some(child);
+    }
+
     /// Runs `forkd --config CONFIG ARGS...`.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_input(args, None)

@@ -34,6 +34,9 @@ pub const KEYS: &[&str] = &[
     "shutdown_timeout",
     "worker_timeout",
     "startup_timeout",
+    "user",
+    "group",
+    "watchdog_quorum",
     "http.header_read_timeout",
     "http.max_connections",
     "http.keepalive",
@@ -293,6 +296,11 @@ pub struct RawConfig {
     pub shutdown_timeout: f64,
     pub worker_timeout: f64,
     pub startup_timeout: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub watchdog_quorum: f64,
     pub http: RawHttp,
     pub redis: RawRedis,
     pub auth: RawAuth,
@@ -314,6 +322,9 @@ impl Default for RawConfig {
             shutdown_timeout: 30.0,
             worker_timeout: 30.0,
             startup_timeout: 30.0,
+            user: None,
+            group: None,
+            watchdog_quorum: 0.5,
             http: RawHttp::default(),
             redis: RawRedis::default(),
             auth: RawAuth::default(),
@@ -497,6 +508,11 @@ pub struct Config {
     pub worker_timeout: Duration,
     #[serde(serialize_with = "secs")]
     pub startup_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    pub watchdog_quorum: f64,
     pub http: Http,
     pub redis: Redis,
     pub auth: Auth,
@@ -620,6 +636,14 @@ impl RawConfig {
             "shutdown_timeout" => self.shutdown_timeout = float()?,
             "worker_timeout" => self.worker_timeout = float()?,
             "startup_timeout" => self.startup_timeout = float()?,
+            "user" => self.user = Some(value.to_owned()),
+            "group" => self.group = Some(value.to_owned()),
+            "watchdog_quorum" => {
+                self.watchdog_quorum = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad("expected a fraction from 0 to 1"))?
+            }
             "http.header_read_timeout" => self.http.header_read_timeout = float()?,
             "http.max_connections" => self.http.max_connections = int()?,
             "http.keepalive" => {
@@ -887,6 +911,31 @@ impl RawConfig {
             server: r.server.clone(),
             data_dir: r.data_dir.clone(),
         };
+        if !(self.watchdog_quorum.is_finite() && (0.0..=1.0).contains(&self.watchdog_quorum)) {
+            return Err(bad(
+                "watchdog_quorum",
+                self.watchdog_quorum,
+                "expected a fraction from 0 to 1",
+            ));
+        }
+        for (key, v) in [("user", &self.user), ("group", &self.group)] {
+            if v.as_ref()
+                .is_some_and(|n| n.is_empty() || n.contains(['/', ':', '\n']))
+            {
+                return Err(bad(
+                    key,
+                    v.as_deref().unwrap_or(""),
+                    "expected an account name",
+                ));
+            }
+        }
+        if self.group.is_some() && self.user.is_none() {
+            return Err(bad(
+                "group",
+                self.group.as_deref().unwrap_or(""),
+                "set together with user",
+            ));
+        }
         Ok(Config {
             instance: self.instance,
             listen,
@@ -899,6 +948,9 @@ impl RawConfig {
             shutdown_timeout: seconds("shutdown_timeout", self.shutdown_timeout, 0.0)?,
             worker_timeout: seconds("worker_timeout", self.worker_timeout, 0.5)?,
             startup_timeout: seconds("startup_timeout", self.startup_timeout, 0.5)?,
+            user: self.user,
+            group: self.group,
+            watchdog_quorum: self.watchdog_quorum,
             http: Http {
                 header_read_timeout: seconds(
                     "http.header_read_timeout",

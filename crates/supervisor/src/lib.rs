@@ -12,7 +12,9 @@
 
 mod control_files;
 mod listen;
+mod notify;
 pub mod plan;
+mod privs;
 mod redis;
 mod runner;
 mod scoreboard;
@@ -68,6 +70,15 @@ pub struct Settings {
     /// A redis-server for the workers to share, run and respawned by the
     /// supervisor; None when Redis is run elsewhere.
     pub redis: Option<ManagedRedis>,
+    /// Run as this user (and group) once the sockets are bound.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// How often workers beat their heartbeat; a heartbeat is fresh (for
+    /// the systemd watchdog) while younger than twice this.
+    pub heartbeat_interval: Duration,
+    /// Fraction of the workers that must have a fresh heartbeat for the
+    /// systemd watchdog to be fed.
+    pub watchdog_quorum: f64,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.
@@ -132,6 +143,10 @@ pub enum Error {
         "the supervisor must be single-threaded when it starts, but this process runs {0} threads"
     )]
     Threads(usize),
+    #[error("socket activation: {0}")]
+    Activation(String),
+    #[error("cannot drop privileges: {0}")]
+    Privileges(String),
 }
 
 impl Error {

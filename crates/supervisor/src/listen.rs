@@ -46,3 +46,24 @@ fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
     }
     Ok(s)
 }
+
+/// Adopts a listening socket passed by systemd: it must be a listening
+/// TCP stream socket.
+pub(crate) fn adopt(fd: std::os::fd::OwnedFd) -> Result<TcpListener, Error> {
+    let s = Socket::from(fd);
+    let bad = |why: &str| Error::Activation(why.to_owned());
+    let kind = s.r#type().map_err(|e| bad(&e.to_string()))?;
+    if kind != Type::STREAM {
+        return Err(bad("the passed socket is not a stream socket"));
+    }
+    if !s.is_listener().map_err(|e| bad(&e.to_string()))? {
+        return Err(bad("the passed socket is not listening"));
+    }
+    let addr = s.local_addr().map_err(|e| bad(&e.to_string()))?;
+    if addr.as_socket().is_none() {
+        return Err(bad("the passed socket is not a TCP socket"));
+    }
+    s.set_nonblocking(true).map_err(|e| bad(&e.to_string()))?;
+    s.set_cloexec(true).map_err(|e| bad(&e.to_string()))?;
+    Ok(s.into())
+}

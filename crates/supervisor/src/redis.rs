@@ -76,6 +76,9 @@ impl RedisChild {
                 "warning",
             ])
             .stdin(Stdio::null());
+        for var in crate::notify::SYSTEMD_VARS {
+            cmd.env_remove(var);
+        }
         match sys::spawn_service(&mut cmd) {
             Ok(child) => {
                 let pid = child.id() as i32;

@@ -19,11 +19,14 @@ use nix::unistd::Pid;
 
 use crate::control::{Conn, ReadResult, Reply, Request, Status, WorkerStatus};
 use crate::control_files::{control_socket_path, pidfile_path, Pidfile};
+use crate::notify::{self, Notifier};
 use crate::plan::{Action, Limits, Observed, Phase, Plan, ReloadOutcome, Sig};
 use crate::redis::RedisChild;
 use crate::scoreboard::{now_ms, Scoreboard, WorkerState};
 use crate::signals::{SignalEvent, Signals};
-use crate::{listen, redirect_output, sys, Error, ListenerMode, Program, Settings, WorkerContext};
+use crate::{
+    listen, privs, redirect_output, sys, Error, ListenerMode, Program, Settings, WorkerContext,
+};
 
 /// Heartbeat and readiness checks run at least this often.
 const TICK_MS: u64 = 100;
@@ -55,6 +58,11 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
     if threads != 1 {
         return Err(Error::Threads(threads));
     }
+    let mut settings = settings;
+    let account = match &settings.user {
+        Some(u) => Some(privs::resolve(u, settings.group.as_deref())?),
+        None => None,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -67,8 +75,21 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
     if let Some(path) = &settings.log_file {
         redirect_output(path)?;
     }
-    listen::ensure_free(settings.listen)?;
-    let first = listen::bind(settings.listen, settings.backlog)?;
+    let first = match sys::listen_fds().into_iter().next() {
+        Some(fd) => {
+            let l = listen::adopt(fd)?;
+            if settings.listener == ListenerMode::Reuseport {
+                log::warn!("socket activation: serving on the passed socket in shared mode");
+                settings.listener = ListenerMode::Shared;
+            }
+            log::info!("socket activation: adopted the socket passed by systemd");
+            l
+        }
+        None => {
+            listen::ensure_free(settings.listen)?;
+            listen::bind(settings.listen, settings.backlog)?
+        }
+    };
     let listen_addr = first
         .local_addr()
         .map_err(|e| Error::Bind(settings.listen, e))?;
@@ -81,6 +102,28 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
     control
         .set_nonblocking(true)
         .map_err(|e| Error::file(&control_path, e))?;
+    if let Some(acct) = &account {
+        // Everything the supervisor (and its redis-server) writes later
+        // must belong to the account first.
+        privs::give(&settings.runtime_dir, acct)?;
+        privs::give(&control_path, acct)?;
+        privs::give(
+            &pidfile_path(&settings.runtime_dir, &settings.instance),
+            acct,
+        )?;
+        if let Some(log) = &settings.log_file {
+            privs::give(log, acct)?;
+        }
+        if let Some(r) = &settings.redis {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&r.dir)
+                .map_err(|e| Error::file(&r.dir, e))?;
+            privs::give(&r.dir, acct)?;
+        }
+        privs::drop_to(acct)?;
+    }
     let signals = Signals::new().map_err(|source| Error::Sys {
         what: "signalfd",
         source,
@@ -103,6 +146,9 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
         settings.listener.name()
     );
     let mut sup = Supervisor {
+        notifier: Notifier::from_env(),
+        watchdog: notify::watchdog_interval().map(|iv| (iv / 2, now_ms())),
+        sent_ready: false,
         redis: settings.redis.clone().map(RedisChild::new),
         plan: Plan::new(
             settings.workers,
@@ -143,6 +189,10 @@ fn forkd_max_workers() -> usize {
 
 struct Supervisor<P: Program> {
     settings: Settings,
+    notifier: Option<Notifier>,
+    /// Half the systemd watchdog interval, and when WATCHDOG=1 is next due.
+    watchdog: Option<(std::time::Duration, u64)>,
+    sent_ready: bool,
     redis: Option<RedisChild>,
     program: P,
     plan: Plan,
@@ -163,7 +213,8 @@ impl<P: Program> Supervisor<P> {
         loop {
             let now = now_ms();
             let redis_due = self.redis.as_ref().and_then(|r| r.restart_at_ms);
-            let wait = [self.plan.next_timer(), redis_due]
+            let watchdog_due = self.watchdog.map(|(_, due)| due);
+            let wait = [self.plan.next_timer(), redis_due, watchdog_due]
                 .into_iter()
                 .flatten()
                 .min()
@@ -190,6 +241,58 @@ impl<P: Program> Supervisor<P> {
             if self.execute(actions) {
                 return;
             }
+            self.tell_systemd();
+        }
+    }
+
+    /// READY=1 once the first generation is up, STATUS= on changes, and
+    /// WATCHDOG=1 while a quorum of workers has a fresh heartbeat.
+    fn tell_systemd(&mut self) {
+        let Some(n) = &mut self.notifier else { return };
+        let ready = {
+            let board = &self.board;
+            let plan = &self.plan;
+            ready_slots(plan, board)
+        };
+        let target = self.plan.target();
+        let restarts: u64 = self.plan.slots().iter().map(|s| s.restarts).sum();
+        if !self.sent_ready && ready >= target && self.plan.phase() == Phase::Running {
+            self.sent_ready = true;
+            n.send("READY=1");
+        }
+        n.status(format!(
+            "{ready}/{target} workers ready, {restarts} restarts, generation {}",
+            self.plan.generation()
+        ));
+        let now = now_ms();
+        if let Some((every, due)) = &mut self.watchdog {
+            if now >= *due {
+                *due = now + every.as_millis() as u64;
+                let fresh_ms = 2 * self.settings.heartbeat_interval.as_millis() as u64 + 250;
+                let fresh = self
+                    .plan
+                    .workers()
+                    .iter()
+                    .filter(|w| w.leaving.is_none())
+                    .filter(|w| {
+                        now.saturating_sub(self.board.view(w.cell).heartbeat_ms) <= fresh_ms
+                    })
+                    .count();
+                let quorum = ((target as f64) * self.settings.watchdog_quorum)
+                    .ceil()
+                    .max(1.0) as usize;
+                if fresh >= quorum {
+                    n.send("WATCHDOG=1");
+                } else {
+                    log::warn!("watchdog not fed: {fresh} of {target} workers have a fresh heartbeat (quorum {quorum})");
+                }
+            }
+        }
+    }
+
+    fn notify(&self, msg: &str) {
+        if let Some(n) = &self.notifier {
+            n.send(msg);
         }
     }
 
@@ -337,11 +440,13 @@ impl<P: Program> Supervisor<P> {
         let actions = match ev {
             SignalEvent::Stop => {
                 log::info!("graceful stop requested");
+                self.notify("STOPPING=1");
                 self.plan
                     .stop(now, self.settings.shutdown_timeout.as_millis() as u64)
             }
             SignalEvent::FastStop => {
                 log::info!("fast stop requested");
+                self.notify("STOPPING=1");
                 self.plan.fast_stop(now)
             }
             SignalEvent::Reload => self.reload(now),
@@ -445,6 +550,10 @@ impl<P: Program> Supervisor<P> {
                 }
             }
         }
+        let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+            .unwrap_or(0);
+        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
         let mut actions = self.plan.begin_reload(now);
         if workers != self.plan.target() {
             actions.extend(self.scale(workers, now));
@@ -456,6 +565,7 @@ impl<P: Program> Supervisor<P> {
         if !outcome.ok {
             self.program.abandon_reload();
         }
+        self.notify("READY=1");
         self.reply_reload(outcome);
     }
 
@@ -524,6 +634,7 @@ impl<P: Program> Supervisor<P> {
                 self.conns[i].waiting = Some(Request::Stop { timeout });
                 if self.plan.phase() == Phase::Running {
                     log::info!("graceful stop requested (drain up to {ms} ms)");
+                    self.notify("STOPPING=1");
                     let actions = self.plan.stop(now, ms);
                     self.execute(actions);
                 }
@@ -588,15 +699,7 @@ impl<P: Program> Supervisor<P> {
             })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.generation, w.pid));
-        let ready = self
-            .plan
-            .workers()
-            .iter()
-            .filter(|w| w.leaving.is_none() && w.slot < self.plan.target())
-            .filter(|w| self.board.view(w.cell).state == WorkerState::Ready)
-            .map(|w| w.slot)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
+        let ready = ready_slots(&self.plan, &self.board);
         Status {
             instance: self.settings.instance.clone(),
             pid: self.pid,
@@ -626,6 +729,17 @@ impl<P: Program> Supervisor<P> {
                 .collect(),
         }
     }
+}
+
+/// Slots with a ready worker that is not on its way out.
+fn ready_slots(plan: &Plan, board: &Scoreboard) -> usize {
+    plan.workers()
+        .iter()
+        .filter(|w| w.leaving.is_none() && w.slot < plan.target())
+        .filter(|w| board.view(w.cell).state == WorkerState::Ready)
+        .map(|w| w.slot)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 /// Resident set size of `pid`, from /proc (0 when it cannot be read).

@@ -143,3 +143,28 @@ pub(crate) fn spawn_service(cmd: &mut Command) -> io::Result<Child> {
     }
     cmd.spawn()
 }
+
+/// The sockets systemd passed to this process (`LISTEN_FDS` descriptors
+/// from 3 on, when `LISTEN_PID` is this process). Call once.
+pub(crate) fn listen_fds() -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let n = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !ours || !(1..=64).contains(&n) {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|i| {
+            // SAFETY: by the sd_listen_fds protocol, descriptors 3 to
+            // 3 + LISTEN_FDS - 1 are open and handed to this process, and
+            // this function is called once, so each gets one owner.
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(3 + i) }
+        })
+        .collect()
+}

@@ -1,0 +1,246 @@
+//! What systemd sees: sd_notify messages, the watchdog, socket activation,
+//! privilege drop; the unit files are checked by bin/test.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// A datagram socket standing in for systemd's notify socket; every
+/// message arrives on the channel with the time it came.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    rx: mpsc::Receiver<(Instant, String)>,
+}
+
+impl NotifySocket {
+    fn new(dir: &std::path::Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            // Bounded: ends when the test drops the receiver.
+            for _ in 0..1_000_000 {
+                let Ok(n) = sock.recv(&mut buf) else { return };
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if tx.send((Instant::now(), msg)).is_err() {
+                    return;
+                }
+            }
+        });
+        NotifySocket { path, rx }
+    }
+
+    /// The next message that satisfies `want`, skipping others.
+    fn next(&self, want: impl Fn(&str) -> bool) -> (Instant, String) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (t, m) = self
+                .rx
+                .recv_timeout(left)
+                .expect("a notify message in time");
+            if want(&m) {
+                return (t, m);
+            }
+        }
+    }
+}
+
+#[test]
+fn sd_notify_ready_status_reloading_and_stopping() {
+    let mut f = Forkd::configure("workers = 2\nshutdown_timeout = 5\n");
+    let notify = NotifySocket::new(f.dir.path());
+    f.spawn(&[("NOTIFY_SOCKET", notify.path.to_str().unwrap())]);
+
+    let (_, first_status) = notify.next(|m| m.starts_with("STATUS="));
+    assert!(first_status.contains("workers ready"), "{first_status}");
+    notify.next(|m| m == "READY=1");
+    // READY=1 came once every worker was ready: both answer right now.
+    let s = f.status().unwrap();
+    assert_eq!(s["workers_ready"], 2);
+    let mut pids = std::collections::HashSet::new();
+    poll(PATIENCE, || {
+        pids.insert(get(f.port, "/healthz").ok()?.pid());
+        (pids.len() == 2).then_some(())
+    })
+    .expect("both workers answer");
+    let (_, status) = notify.next(|m| m.starts_with("STATUS=2/2"));
+    assert!(status.contains("2/2 workers ready"), "{status}");
+
+    // A reload: RELOADING=1 with MONOTONIC_USEC, then READY=1.
+    let out = f.cli(&["reload"]);
+    assert!(out.status.success());
+    let (_, reloading) = notify.next(|m| m.starts_with("RELOADING=1"));
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .expect("MONOTONIC_USEC")
+        .parse()
+        .unwrap();
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let now_usec = now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1000;
+    assert!(
+        usec <= now_usec && now_usec - usec < 60_000_000,
+        "{usec} vs {now_usec}"
+    );
+    notify.next(|m| m == "READY=1");
+
+    signal(f.pid(), Signal::SIGTERM);
+    notify.next(|m| m == "STOPPING=1");
+    assert_eq!(f.wait_exit(PATIENCE), Some(0));
+}
+
+#[test]
+fn nothing_is_sent_without_notify_socket_and_children_do_not_inherit_it() {
+    // The managed redis-server must not see NOTIFY_SOCKET (it would try to
+    // notify systemd itself).
+    let mut f = Forkd::configure("workers = 1\n");
+    let notify = NotifySocket::new(f.dir.path());
+    f.spawn(&[("NOTIFY_SOCKET", notify.path.to_str().unwrap())]);
+    f.wait_ready();
+    let redis = f.status().unwrap()["redis"]["pid"].as_i64().unwrap();
+    let env = std::fs::read(format!("/proc/{redis}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&env).contains("NOTIFY_SOCKET"));
+}
+
+#[test]
+fn watchdog_is_fed_at_half_the_interval_only_while_workers_beat() {
+    let mut f = Forkd::configure("workers = 2\nworker_timeout = 600\n");
+    let notify = NotifySocket::new(f.dir.path());
+    f.spawn(&[
+        ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+    ]);
+    let workers = f.wait_ready();
+    let mut times = Vec::new();
+    for _ in 0..6 {
+        times.push(notify.next(|m| m == "WATCHDOG=1").0);
+    }
+    let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        median >= Duration::from_millis(350) && median <= Duration::from_millis(800),
+        "WATCHDOG=1 every {median:?}, expected about 500 ms"
+    );
+
+    // Every worker stuck: the watchdog starves.
+    for &pid in &workers {
+        signal(pid, Signal::SIGSTOP);
+    }
+    let stopped = Instant::now();
+    // Heartbeats go stale within 2 x 1 s + 0.25 s; allow a margin, then
+    // listen for two more seconds.
+    std::thread::sleep(Duration::from_millis(3_500));
+    while notify.rx.try_recv().is_ok() {}
+    let quiet_from = Instant::now();
+    let mut fed = 0;
+    while quiet_from.elapsed() < Duration::from_secs(2) {
+        if let Ok((_, m)) = notify.rx.recv_timeout(Duration::from_millis(100)) {
+            if m == "WATCHDOG=1" {
+                fed += 1;
+            }
+        }
+    }
+    for &pid in &workers {
+        signal(pid, Signal::SIGCONT);
+    }
+    assert_eq!(
+        fed,
+        0,
+        "watchdog fed while every worker was stopped ({:?} after stop)",
+        stopped.elapsed()
+    );
+    assert!(f.log_text().contains("watchdog not fed"));
+    // And it comes back with the workers.
+    notify.next(|m| m == "WATCHDOG=1");
+}
+
+#[test]
+fn socket_activation_serves_on_the_passed_socket_and_binds_nothing() {
+    let mut f = Forkd::configure("workers = 2\n");
+    let passed = free_port();
+    let log = std::fs::File::create(&f.log).unwrap();
+    let data = f.dir.path().join("data");
+    let child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(format!("127.0.0.1:{passed}"))
+        .arg("-E")
+        .arg("PATH")
+        .arg("-E")
+        .arg(format!("FORKD_REDIS_DATA_DIR={}", data.display()))
+        .arg(BIN)
+        .arg("--config")
+        .arg(&f.config)
+        .arg("start")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate runs (bin/test installs systemd)");
+    f.adopt(child);
+    // systemd-socket-activate starts forkd on the first connection.
+    let r = poll(PATIENCE, || get(passed, "/healthz").ok()).expect("served on the passed socket");
+    assert_eq!(r.status, 200);
+    f.wait_ready();
+    assert!(
+        f.log_text()
+            .contains("adopted the socket passed by systemd"),
+        "{}",
+        f.log_text()
+    );
+    // The configured listen address was never bound.
+    assert!(port_free(f.port));
+    let status = f.status().unwrap();
+    assert_eq!(status["listen"], format!("127.0.0.1:{passed}"));
+    signal(f.pid(), Signal::SIGTERM);
+    assert_eq!(f.wait_exit(PATIENCE), Some(0));
+}
+
+#[test]
+fn root_drops_to_the_configured_user_before_forking() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root; skipped");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("no user 'nobody'; skipped");
+        return;
+    };
+    let mut f = Forkd::configure("workers = 2\nuser = \"nobody\"\n");
+    // The account must be able to reach its runtime and data directories.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(f.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    f.spawn(&[]);
+    let workers = f.wait_ready();
+    let uid_of = |pid: i32| -> u32 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    for pid in &workers {
+        assert_eq!(uid_of(*pid), nobody.uid.as_raw(), "worker {pid}");
+    }
+    assert_eq!(uid_of(f.pid()), nobody.uid.as_raw(), "supervisor");
+    let redis = f.status().unwrap()["redis"]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(uid_of(redis), nobody.uid.as_raw(), "redis-server");
+    assert_eq!(get(f.port, "/healthz").unwrap().status, 200);
+    poll(PATIENCE, || {
+        (get(f.port, "/readyz").ok()?.status == 200).then_some(())
+    })
+    .expect("the managed redis-server works as nobody");
+    assert!(f.log_text().contains("dropped privileges to user 'nobody'"));
+    signal(f.pid(), Signal::SIGTERM);
+    assert_eq!(f.wait_exit(PATIENCE), Some(0));
+    assert!(
+        !f.dir.path().join("run/forkd.pid").exists(),
+        "cleaned up as nobody"
+    );
+}
