@@ -64,6 +64,9 @@ pub(crate) enum Command {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Replace the running binary with the one on disk, without dropping a
+    /// request; waits for the outcome.
+    Upgrade,
     /// Manage users (stored in Redis).
     User {
         #[command(subcommand)]
@@ -171,8 +174,9 @@ pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "forkd {} instance '{}': pid {}, {}, generation {}, up {}",
+        "forkd {} (build {}) instance '{}': pid {}, {}, generation {}, up {}",
         s.version,
+        s.build,
         s.instance,
         s.pid,
         s.phase,
@@ -264,6 +268,32 @@ pub(crate) fn reload(target: &Target) -> anyhow::Result<()> {
             Ok(())
         }
         Some(e) => bail!("reload failed, the previous workers keep serving: {e}"),
+    }
+}
+
+pub(crate) fn upgrade(target: &Target) -> anyhow::Result<()> {
+    let mut c = connect(target)?;
+    let outcome = match expect_ok(c.request(&Request::Upgrade, Duration::from_secs(3600))?)? {
+        Reply::Upgrade(o) => o,
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    for (slot, old, new) in &outcome.replaced {
+        println!("slot {slot}: pid {old} -> {new}");
+    }
+    match outcome.error {
+        None => {
+            println!(
+                "upgraded from build {} to build {}: {} worker(s) replaced",
+                outcome.from_build,
+                outcome.to_build,
+                outcome.replaced.len()
+            );
+            Ok(())
+        }
+        Some(e) => bail!(
+            "upgrade failed, build {} keeps serving: {e}",
+            outcome.from_build
+        ),
     }
 }
 

@@ -43,6 +43,13 @@ fn main() -> ExitCode {
             let config = match source.load() {
                 Ok(c) => c,
                 Err(e) => {
+                    if forkd_supervisor::upgrade_pending() {
+                        // An upgraded image that cannot start goes back to
+                        // the previous binary, whose workers still serve.
+                        let why = forkd_supervisor::abort_upgrade(&e.to_string());
+                        eprintln!("forkd: upgrade: {e}; cannot go back: {why}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
                     eprintln!("forkd: {e}");
                     return ExitCode::from(EXIT_USAGE);
                 }
@@ -71,6 +78,7 @@ fn main() -> ExitCode {
                 Command::Reload => cli::reload(&target),
                 Command::Status { json } => cli::status(&target, json),
                 Command::Scale { workers } => cli::scale(&target, workers),
+                Command::Upgrade => cli::upgrade(&target),
                 Command::User { .. } => unreachable!(),
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
             }
@@ -269,6 +277,7 @@ fn supervisor_settings(c: &Config) -> Settings {
         shutdown_timeout: c.shutdown_timeout,
         worker_timeout: c.worker_timeout,
         startup_timeout: c.startup_timeout,
+        build: build_id().to_owned(),
         user: c.user.clone(),
         group: c.group.clone(),
         heartbeat_interval: heartbeat_interval(c),
@@ -283,6 +292,35 @@ fn supervisor_settings(c: &Config) -> Settings {
                 dir: c.redis.data_dir.clone().unwrap_or_else(default_data_dir),
             }),
     }
+}
+
+/// Identifies the binary file: SHA-256 over its length and its first and
+/// last MiB (a rebuilt or otherwise replaced binary differs there),
+/// computed once per process.
+pub(crate) fn build_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        use std::io::{Read, Seek, SeekFrom};
+        let fingerprint = || -> std::io::Result<String> {
+            let mut f = std::fs::File::open("/proc/self/exe")?;
+            let len = f.metadata()?.len();
+            let mut h = Sha256::new();
+            h.update(len.to_le_bytes());
+            let mut buf = vec![0u8; 1 << 20];
+            let n = f.read(&mut buf)?;
+            h.update(&buf[..n]);
+            f.seek(SeekFrom::Start(len.saturating_sub(1 << 20)))?;
+            let n = f.read(&mut buf)?;
+            h.update(&buf[..n]);
+            Ok(h.finalize()
+                .iter()
+                .take(6)
+                .map(|b| format!("{b:02x}"))
+                .collect())
+        };
+        fingerprint().unwrap_or_else(|_| "unknown".into())
+    })
 }
 
 /// A quarter of worker_timeout, between 50 ms and 1 s.
@@ -301,6 +339,7 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
             let nets = c.http.trusted_proxies.clone();
             Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
         },
+        build: build_id().to_owned(),
         workers: c.workers,
         on_redis_error: match c.rate_limit.on_redis_error {
             forkd_config::OnRedisError::FailOpen => forkd_app::OnRedisError::FailOpen,

@@ -85,6 +85,8 @@ pub struct Forkd {
     seen_pids: Mutex<HashSet<i32>>,
     /// Set for every forkd process this test runs.
     pub env: Vec<(String, String)>,
+    /// The binary `spawn` starts (default: the one cargo built).
+    pub exe: Option<PathBuf>,
 }
 
 impl Forkd {
@@ -108,6 +110,7 @@ impl Forkd {
             child: None,
             seen_pids: Mutex::new(HashSet::new()),
             env: Vec::new(),
+            exe: None,
         }
     }
 
@@ -153,7 +156,7 @@ impl Forkd {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(self.exe.as_deref().unwrap_or(Path::new(BIN)));
         cmd.arg("--config")
             .arg(&self.config)
             .arg("start")

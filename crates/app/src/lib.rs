@@ -49,6 +49,8 @@ pub struct Settings {
     /// How often to beat the heartbeat.
     pub heartbeat_interval: Duration,
     pub trusted_proxy: TrustedProxy,
+    /// Identifies the binary (shown by /healthz).
+    pub build: String,
     /// Workers of this instance: the local fallback limiter's share.
     pub workers: usize,
     pub on_redis_error: OnRedisError,

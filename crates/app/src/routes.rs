@@ -94,6 +94,7 @@ async fn route(req: Request<Incoming>, st: &Arc<State>, peer: SocketAddr) -> Res
                     "slot": st.slot,
                     "pid": st.pid,
                     "generation": st.generation,
+                    "build": st.settings.build,
                 });
                 no_store(json(StatusCode::OK, &body))
             }

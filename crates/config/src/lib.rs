@@ -70,7 +70,7 @@ pub const KEYS: &[&str] = &[
 ];
 
 /// Environment variables that start with `FORKD_` but are not config keys.
-const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS"];
+const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS", "FORKD_UPGRADE"];
 
 /// A configuration error. Every message names the offending key or variable.
 #[derive(Debug, thiserror::Error)]

@@ -25,6 +25,19 @@ pub enum Request {
     Scale {
         workers: usize,
     },
+    /// Execute the binary on disk in place and replace the workers.
+    Upgrade,
+}
+
+/// How an upgrade ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeOutcome {
+    pub ok: bool,
+    pub from_build: String,
+    pub to_build: String,
+    /// (slot, old pid, new pid) for every replaced worker.
+    pub replaced: Vec<(usize, i32, i32)>,
+    pub error: Option<String>,
 }
 
 /// One worker in a status report.
@@ -47,6 +60,8 @@ pub struct Status {
     pub instance: String,
     pub pid: i32,
     pub version: String,
+    /// Identifies the binary file the supervisor runs.
+    pub build: String,
     pub listen: String,
     pub listener: String,
     pub generation: u64,
@@ -82,6 +97,7 @@ pub enum Reply {
         drain_ms: u64,
     },
     Reload(ReloadOutcome),
+    Upgrade(UpgradeOutcome),
     Scaled {
         workers: usize,
     },

@@ -71,6 +71,27 @@ impl Pidfile {
         })
     }
 
+    /// Takes over the pidfile whose locked descriptor an upgrade handed
+    /// over (the lock belongs to the open file, so it was never released).
+    pub(crate) fn adopt(path: &Path, fd: std::os::fd::OwnedFd) -> Result<Self, Error> {
+        let lock =
+            Flock::lock(File::from(fd), FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+                Error::Sys {
+                    what: "flock on the inherited pidfile",
+                    source: e,
+                }
+            })?;
+        Ok(Pidfile {
+            path: path.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._lock.as_fd()
+    }
+
     /// Removes the file; the lock goes with `self`.
     pub(crate) fn remove(self) {
         let _ = std::fs::remove_file(&self.path);

@@ -20,6 +20,7 @@ mod runner;
 mod scoreboard;
 mod signals;
 mod sys;
+mod upgrade;
 
 pub mod control;
 
@@ -32,6 +33,7 @@ pub use runner::run;
 pub use scoreboard::{now_ms, WorkerCell, WorkerState};
 pub use signals::SignalEvent;
 pub use sys::spawn_detached;
+pub use upgrade::{abort as abort_upgrade, pending as upgrade_pending};
 
 /// The largest number of workers (the config crate checks the same bound).
 pub const MAX_WORKERS: usize = 512;
@@ -79,6 +81,8 @@ pub struct Settings {
     /// Fraction of the workers that must have a fresh heartbeat for the
     /// systemd watchdog to be fed.
     pub watchdog_quorum: f64,
+    /// Identifies the binary (reported by status and upgrades).
+    pub build: String,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.
@@ -147,6 +151,8 @@ pub enum Error {
     Activation(String),
     #[error("cannot drop privileges: {0}")]
     Privileges(String),
+    #[error("upgrade: {0}")]
+    Upgrade(String),
 }
 
 impl Error {

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 /// Timing rules, from the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// A heartbeat older than this gets the worker killed.
     pub worker_timeout_ms: u64,
@@ -66,7 +66,7 @@ pub enum Action {
 }
 
 /// Why the supervisor asked a worker to go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Leaving {
     /// Replaced by a newer generation, or scaled away: not respawned.
@@ -78,7 +78,7 @@ pub enum Leaving {
 }
 
 /// One worker process as the supervisor knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Worker {
     pub pid: i32,
     pub slot: usize,
@@ -94,7 +94,7 @@ pub struct Worker {
 }
 
 /// Per-slot bookkeeping that outlives the slot's processes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SlotState {
     /// Deaths in a row of workers that had not proven stable.
     pub failures: u32,
@@ -111,7 +111,7 @@ pub struct Observed {
     pub heartbeat_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Reload {
     generation: u64,
     pending: VecDeque<usize>,
@@ -123,14 +123,15 @@ struct Reload {
 }
 
 /// The supervisor's phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     Running,
     Stopping,
 }
 
-/// The supervisor's state.
-#[derive(Debug, Clone)]
+/// The supervisor's state. Serializable, so that an upgrade can hand it to
+/// the next image of the supervisor across `exec`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     limits: Limits,
     target: usize,

@@ -34,6 +34,14 @@ impl RedisChild {
         }
     }
 
+    /// Takes over a running server (still this process's child) after an
+    /// upgrade.
+    pub(crate) fn adopt(&mut self, pid: i32) {
+        self.pid = Some(pid);
+        self.started_ms = now_ms();
+        self.restart_at_ms = None;
+    }
+
     pub(crate) fn socket(&self) -> &std::path::Path {
         &self.cfg.socket
     }
@@ -79,6 +87,7 @@ impl RedisChild {
         for var in crate::notify::SYSTEMD_VARS {
             cmd.env_remove(var);
         }
+        cmd.env_remove(crate::upgrade::VAR);
         match sys::spawn_service(&mut cmd) {
             Ok(child) => {
                 let pid = child.id() as i32;

@@ -17,7 +17,7 @@ use nix::sys::stat::{umask, Mode};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::control::{Conn, ReadResult, Reply, Request, Status, WorkerStatus};
+use crate::control::{Conn, ReadResult, Reply, Request, Status, UpgradeOutcome, WorkerStatus};
 use crate::control_files::{control_socket_path, pidfile_path, Pidfile};
 use crate::notify::{self, Notifier};
 use crate::plan::{Action, Limits, Observed, Phase, Plan, ReloadOutcome, Sig};
@@ -25,7 +25,8 @@ use crate::redis::RedisChild;
 use crate::scoreboard::{now_ms, Scoreboard, WorkerState};
 use crate::signals::{SignalEvent, Signals};
 use crate::{
-    listen, privs, redirect_output, sys, Error, ListenerMode, Program, Settings, WorkerContext,
+    listen, privs, redirect_output, sys, upgrade, Error, ListenerMode, Program, Settings,
+    WorkerContext,
 };
 
 /// Heartbeat and readiness checks run at least this often.
@@ -57,6 +58,19 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
     let threads = sys::thread_count();
     if threads != 1 {
         return Err(Error::Threads(threads));
+    }
+    match upgrade::take() {
+        Some(Ok(h)) => {
+            return resume(settings, program, h).inspect_err(|e| {
+                let why = upgrade::abort(&e.to_string());
+                log::error!("cannot resume after the upgrade ({e}) nor go back: {why}");
+            })
+        }
+        Some(Err(e)) => {
+            // Nothing to resume from and nothing to go back to.
+            return Err(Error::Upgrade(e));
+        }
+        None => {}
     }
     let mut settings = settings;
     let account = match &settings.user {
@@ -149,6 +163,11 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
         notifier: Notifier::from_env(),
         watchdog: notify::watchdog_interval().map(|iv| (iv / 2, now_ms())),
         sent_ready: false,
+        pidfile: Some(pidfile),
+        exe: upgrade::exe_path(),
+        args: std::env::args().collect(),
+        env: std::env::vars().collect(),
+        upgrading: None,
         redis: settings.redis.clone().map(RedisChild::new),
         plan: Plan::new(
             settings.workers,
@@ -173,22 +192,135 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
     }
     let actions = sup.plan.start();
     sup.execute(actions);
-    sup.run_loop();
-    if let Some(r) = &mut sup.redis {
-        r.stop(std::time::Duration::from_secs(10));
+    sup.finish()
+}
+
+/// Continues where the previous image of this process left off: an upgrade
+/// (replace every worker with one of this binary) or a rollback (keep the
+/// workers, report the failure).
+fn resume<P: Program>(
+    mut settings: Settings,
+    program: P,
+    h: upgrade::Handover,
+) -> Result<(), Error> {
+    let sys_err = |what: &'static str| move |source| Error::Sys { what, source };
+    let adopt = |fd| sys::inherited_fd(fd).map_err(sys_err("an inherited descriptor"));
+    let pidfile = Pidfile::adopt(
+        &pidfile_path(&settings.runtime_dir, &settings.instance),
+        adopt(h.pidfile)?,
+    )?;
+    let mut listeners = Vec::new();
+    for fd in &h.listeners {
+        listeners.push(TcpListener::from(adopt(*fd)?));
     }
-    let _ = std::fs::remove_file(&sup.control_path);
-    pidfile.remove();
-    log::info!("forkd stopped");
-    Ok(())
+    if listeners.len() > 1 {
+        settings.listener = ListenerMode::Reuseport;
+    }
+    let listen_addr = listeners[0]
+        .local_addr()
+        .map_err(|e| Error::Bind(settings.listen, e))?;
+    let control = UnixListener::from(adopt(h.control)?);
+    control
+        .set_nonblocking(true)
+        .map_err(|e| Error::file(&settings.runtime_dir, e))?;
+    let cells = h.scoreboard_cells;
+    let board = Scoreboard::adopt(adopt(h.scoreboard)?, cells)
+        .map_err(sys_err("mmap for the scoreboard"))?;
+    let signals = Signals::new().map_err(sys_err("signalfd"))?;
+    let mut conns = Vec::new();
+    for fd in &h.waiting {
+        let stream = std::os::unix::net::UnixStream::from(adopt(*fd)?);
+        if let Ok(mut c) = Conn::new(stream) {
+            c.waiting = Some(Request::Upgrade);
+            conns.push(c);
+        }
+    }
+    let mut redis = settings.redis.clone().map(RedisChild::new);
+    if let (Some(r), Some(pid)) = (&mut redis, h.redis_pid) {
+        r.adopt(pid);
+    }
+    let mut plan = h.plan;
+    plan.set_limits(limits(&settings));
+    let control_path = control_socket_path(&settings.runtime_dir, &settings.instance);
+    let mut sup = Supervisor {
+        notifier: Notifier::from_env(),
+        watchdog: notify::watchdog_interval().map(|iv| (iv / 2, now_ms())),
+        sent_ready: h.sent_ready,
+        pidfile: Some(pidfile),
+        exe: upgrade::exe_path(),
+        args: std::env::args().collect(),
+        env: h.env.clone(),
+        upgrading: None,
+        redis,
+        plan,
+        settings,
+        program,
+        board,
+        listeners,
+        listen_addr,
+        signals,
+        control,
+        conns,
+        pid: std::process::id() as i32,
+        started_ms: h.started_ms,
+        control_path,
+    };
+    match h.rollback {
+        Some(reason) => {
+            log::error!(
+                "upgrade failed and was rolled back; the previous workers keep serving: {reason}"
+            );
+            sup.reply_upgrade(UpgradeOutcome {
+                ok: false,
+                from_build: sup.settings.build.clone(),
+                to_build: h.previous_build.clone(),
+                replaced: Vec::new(),
+                error: Some(format!(
+                    "{reason}; rolled back from build {}",
+                    h.previous_build
+                )),
+            });
+            sup.notify("READY=1");
+        }
+        None => {
+            log::info!(
+                "upgraded from build {} to build {}: replacing the workers",
+                h.previous_build,
+                sup.settings.build
+            );
+            let previous_exe = h.previous_exe.map(adopt).transpose()?;
+            sup.upgrading = Some(Upgrading {
+                previous_exe,
+                previous_build: h.previous_build,
+                args: h.args,
+            });
+            let actions = sup.plan.begin_reload(now_ms());
+            sup.execute(actions);
+        }
+    }
+    sup.finish()
 }
 
 fn forkd_max_workers() -> usize {
     crate::MAX_WORKERS
 }
 
+/// An upgrade under way in this (new) image.
+struct Upgrading {
+    /// The previous binary, to execute again if the new workers fail.
+    previous_exe: Option<std::os::fd::OwnedFd>,
+    previous_build: String,
+    args: Vec<String>,
+}
+
 struct Supervisor<P: Program> {
     settings: Settings,
+    pidfile: Option<Pidfile>,
+    /// This binary's path, its arguments and environment, as started.
+    exe: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    upgrading: Option<Upgrading>,
     notifier: Option<Notifier>,
     /// Half the systemd watchdog interval, and when WATCHDOG=1 is next due.
     watchdog: Option<(std::time::Duration, u64)>,
@@ -209,6 +341,131 @@ struct Supervisor<P: Program> {
 }
 
 impl<P: Program> Supervisor<P> {
+    /// Runs until stopped, then cleans up.
+    fn finish(mut self) -> Result<(), Error> {
+        self.run_loop();
+        if let Some(r) = &mut self.redis {
+            r.stop(std::time::Duration::from_secs(10));
+        }
+        let _ = std::fs::remove_file(&self.control_path);
+        if let Some(p) = self.pidfile.take() {
+            p.remove();
+        }
+        log::info!("forkd stopped");
+        Ok(())
+    }
+
+    /// `forkd upgrade` / SIGUSR2: execute the binary on disk in place.
+    fn start_upgrade(&mut self, conn: Option<usize>) {
+        let refuse = |sup: &mut Self, message: String| {
+            log::error!("upgrade refused: {message}");
+            if let Some(i) = conn {
+                let _ = sup.conns[i].send(&Reply::Error { message });
+            }
+        };
+        if self.plan.phase() != Phase::Running {
+            return refuse(self, "forkd is stopping".into());
+        }
+        if self.plan.reloading() || self.upgrading.is_some() {
+            return refuse(self, "a reload or upgrade is in progress".into());
+        }
+        let Some(exe) = self.exe.clone() else {
+            return refuse(self, "cannot tell which binary this process runs".into());
+        };
+        let previous = match upgrade::open_current_exe() {
+            Ok(f) => std::os::fd::OwnedFd::from(f),
+            Err(e) => return refuse(self, format!("cannot open the running binary: {e}")),
+        };
+        if let Some(i) = conn {
+            self.conns[i].waiting = Some(Request::Upgrade);
+        }
+        log::info!("upgrading: executing {}", exe.display());
+        let usec = monotonic_usec();
+        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+        let reason = self.exec_image(
+            &exe.to_string_lossy(),
+            None,
+            Some(&previous),
+            &self.args.clone(),
+            &self.env.clone(),
+        );
+        // Still here: the exec failed.
+        drop(previous);
+        self.notify("READY=1");
+        log::error!("upgrade failed: {reason}");
+        let outcome = UpgradeOutcome {
+            ok: false,
+            from_build: self.settings.build.clone(),
+            to_build: String::new(),
+            replaced: Vec::new(),
+            error: Some(reason),
+        };
+        self.reply_upgrade(outcome);
+    }
+
+    /// Hands everything to a new image of this process. Returns why not,
+    /// having restored close-on-exec, when the exec fails.
+    fn exec_image(
+        &mut self,
+        path: &str,
+        rollback: Option<String>,
+        previous_exe: Option<&std::os::fd::OwnedFd>,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> String {
+        let waiting: Vec<&Conn> = self
+            .conns
+            .iter()
+            .filter(|c| c.waiting == Some(Request::Upgrade))
+            .collect();
+        let mut passed: Vec<std::os::fd::BorrowedFd<'_>> = Vec::new();
+        passed.extend(self.listeners.iter().map(|l| l.as_fd()));
+        passed.push(self.control.as_fd());
+        passed.push(self.board.fd());
+        let pidfile_fd = match &self.pidfile {
+            Some(p) => p.fd(),
+            None => return "no pidfile".into(),
+        };
+        passed.push(pidfile_fd);
+        passed.extend(waiting.iter().map(|c| c.stream.as_fd()));
+        passed.extend(previous_exe.map(|f| f.as_fd()));
+        let h = upgrade::Handover {
+            version: 1,
+            rollback,
+            listeners: self.listeners.iter().map(upgrade::raw).collect(),
+            pidfile: pidfile_fd.as_raw_fd(),
+            control: self.control.as_raw_fd(),
+            scoreboard: self.board.fd().as_raw_fd(),
+            scoreboard_cells: self.board.cells(),
+            redis_pid: self.redis.as_ref().and_then(|r| r.pid),
+            plan: self.plan.clone(),
+            started_ms: self.started_ms,
+            sent_ready: self.sent_ready,
+            waiting: waiting.iter().map(|c| c.stream.as_raw_fd()).collect(),
+            previous_exe: previous_exe.map(|f| f.as_raw_fd()),
+            previous_build: self.settings.build.clone(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+        };
+        for fd in &passed {
+            let _ = sys::set_cloexec(fd, false);
+        }
+        let reason = upgrade::exec(path, &h, args, env);
+        for fd in &passed {
+            let _ = sys::set_cloexec(fd, true);
+        }
+        reason
+    }
+
+    fn reply_upgrade(&mut self, outcome: UpgradeOutcome) {
+        for c in &mut self.conns {
+            if c.waiting == Some(Request::Upgrade) {
+                c.waiting = None;
+                let _ = c.send(&Reply::Upgrade(outcome.clone()));
+            }
+        }
+    }
+
     fn run_loop(&mut self) {
         loop {
             let now = now_ms();
@@ -455,7 +712,7 @@ impl<P: Program> Supervisor<P> {
                 Vec::new()
             }
             SignalEvent::Upgrade => {
-                log::warn!("SIGUSR2 (binary upgrade) is not supported by this version; ignored");
+                self.start_upgrade(None);
                 Vec::new()
             }
             SignalEvent::More => self.scale(self.plan.target() + 1, now),
@@ -494,7 +751,7 @@ impl<P: Program> Supervisor<P> {
     }
 
     fn reload(&mut self, now: u64) -> Vec<Action> {
-        if self.plan.phase() != Phase::Running {
+        if self.plan.phase() != Phase::Running || self.upgrading.is_some() {
             return Vec::new();
         }
         log::info!("reloading the configuration");
@@ -550,9 +807,7 @@ impl<P: Program> Supervisor<P> {
                 }
             }
         }
-        let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-            .unwrap_or(0);
+        let usec = monotonic_usec();
         self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
         let mut actions = self.plan.begin_reload(now);
         if workers != self.plan.target() {
@@ -562,11 +817,59 @@ impl<P: Program> Supervisor<P> {
     }
 
     fn reload_done(&mut self, outcome: ReloadOutcome) {
+        if let Some(up) = self.upgrading.take() {
+            return self.upgrade_done(up, outcome);
+        }
         if !outcome.ok {
             self.program.abandon_reload();
         }
         self.notify("READY=1");
         self.reply_reload(outcome);
+    }
+
+    /// The new image's workers are all ready (done), or not (roll back to
+    /// the previous binary, whose workers are still serving).
+    fn upgrade_done(&mut self, up: Upgrading, outcome: ReloadOutcome) {
+        if outcome.ok {
+            log::info!(
+                "upgrade from build {} to build {} done: {} worker(s) replaced",
+                up.previous_build,
+                self.settings.build,
+                outcome.replaced.len()
+            );
+            self.notify("READY=1");
+            self.reply_upgrade(UpgradeOutcome {
+                ok: true,
+                from_build: up.previous_build,
+                to_build: self.settings.build.clone(),
+                replaced: outcome.replaced,
+                error: None,
+            });
+            return;
+        }
+        let reason = outcome
+            .error
+            .unwrap_or_else(|| "the new workers did not become ready".into());
+        let Some(previous) = up.previous_exe else {
+            log::error!("upgrade failed and there is no previous binary to go back to: {reason}");
+            return;
+        };
+        log::error!(
+            "upgrade to build {} failed: {reason}; going back to build {}",
+            self.settings.build,
+            up.previous_build
+        );
+        let path = upgrade::fd_path(previous.as_raw_fd());
+        let env = self.env.clone();
+        let why = self.exec_image(&path, Some(reason.clone()), None, &up.args, &env);
+        log::error!("cannot go back to the previous binary ({why}); this build keeps running");
+        self.reply_upgrade(UpgradeOutcome {
+            ok: false,
+            from_build: up.previous_build,
+            to_build: self.settings.build.clone(),
+            replaced: Vec::new(),
+            error: Some(reason),
+        });
     }
 
     fn reply_reload(&mut self, outcome: ReloadOutcome) {
@@ -652,6 +955,10 @@ impl<P: Program> Supervisor<P> {
                 self.execute(actions);
                 true
             }
+            Request::Upgrade => {
+                self.start_upgrade(Some(i));
+                true
+            }
             Request::Scale { workers } => {
                 let max = forkd_max_workers();
                 let reply = if !(1..=max).contains(&workers) {
@@ -704,6 +1011,7 @@ impl<P: Program> Supervisor<P> {
             instance: self.settings.instance.clone(),
             pid: self.pid,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            build: self.settings.build.clone(),
             listen: self.listen_addr.to_string(),
             listener: self.settings.listener.name().to_owned(),
             generation: self.plan.generation(),
@@ -729,6 +1037,12 @@ impl<P: Program> Supervisor<P> {
                 .collect(),
         }
     }
+}
+
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
 }
 
 /// Slots with a ready worker that is not on its way out.

@@ -65,6 +65,23 @@ impl Scoreboard {
         Ok(Scoreboard { map, cells })
     }
 
+    /// Maps the scoreboard an upgrade handed over.
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, cells: usize) -> nix::Result<Self> {
+        let len = NonZeroUsize::new(cells.max(1) * std::mem::size_of::<Cell>())
+            .expect("at least one cell");
+        let map = SharedMapping::from_fd(fd, len)?;
+        Ok(Scoreboard { map, cells })
+    }
+
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.map.fd().as_fd()
+    }
+
+    pub(crate) fn cells(&self) -> usize {
+        self.cells
+    }
+
     fn cell(&self, i: usize) -> &Cell {
         assert!(i < self.cells && (i + 1) * std::mem::size_of::<Cell>() <= self.map.len());
         // SAFETY: the mapping is page-aligned and zero-filled, so every cell

@@ -2,13 +2,13 @@
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::ptr::NonNull;
 
 use nix::libc;
-use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use nix::sys::mman::{munmap, MapFlags, ProtFlags};
 use nix::unistd::ForkResult;
 
 /// Forks the process.
@@ -57,30 +57,49 @@ pub(crate) fn close_fds_except(keep: &[RawFd]) {
     }
 }
 
-/// A shared, anonymous, zero-filled memory mapping that survives `fork`:
-/// parent and children see the same pages.
+/// A shared, zero-filled memory mapping that survives `fork` (parent and
+/// children see the same pages) and, through its memfd, `exec` (an
+/// upgraded supervisor maps the same pages again).
 pub(crate) struct SharedMapping {
     ptr: NonNull<u8>,
     len: NonZeroUsize,
+    fd: OwnedFd,
 }
 
 impl SharedMapping {
     /// # Errors
-    /// The `mmap(2)` error.
+    /// The `memfd_create(2)`, `ftruncate(2)` or `mmap(2)` error.
     pub(crate) fn new(len: NonZeroUsize) -> nix::Result<Self> {
-        // SAFETY: an anonymous mapping at an address of the kernel's choosing
-        // aliases no existing Rust object.
+        let fd = nix::sys::memfd::memfd_create(
+            c"forkd-scoreboard",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )?;
+        nix::unistd::ftruncate(&fd, len.get() as nix::libc::off_t)?;
+        Self::map(fd, len)
+    }
+
+    /// Maps a scoreboard memfd handed over by the previous image.
+    pub(crate) fn from_fd(fd: OwnedFd, len: NonZeroUsize) -> nix::Result<Self> {
+        Self::map(fd, len)
+    }
+
+    fn map(fd: OwnedFd, len: NonZeroUsize) -> nix::Result<Self> {
+        // SAFETY: a fresh mapping at an address of the kernel's choosing
+        // aliases no existing Rust object; the memfd is at least `len` long.
         let ptr = unsafe {
-            mmap_anonymous(
+            nix::sys::mman::mmap(
                 None,
                 len,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
                 MapFlags::MAP_SHARED,
+                &fd,
+                0,
             )?
         };
         Ok(SharedMapping {
             ptr: ptr.cast(),
             len,
+            fd,
         })
     }
 
@@ -90,6 +109,10 @@ impl SharedMapping {
 
     pub(crate) fn len(&self) -> usize {
         self.len.get()
+    }
+
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        &self.fd
     }
 }
 
@@ -167,4 +190,35 @@ pub(crate) fn listen_fds() -> Vec<std::os::fd::OwnedFd> {
             unsafe { std::os::fd::OwnedFd::from_raw_fd(3 + i) }
         })
         .collect()
+}
+
+/// Takes ownership of a descriptor inherited across an upgrade's exec.
+///
+/// # Errors
+/// EBADF when `fd` is not open.
+pub(crate) fn inherited_fd(fd: RawFd) -> nix::Result<OwnedFd> {
+    nix::fcntl::fcntl(
+        // SAFETY: only used to query the descriptor, which is not closed.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )?;
+    // SAFETY: the previous image passed this descriptor (open, as just
+    // checked) and its number once in the upgrade state; nothing else in
+    // this image owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(&owned, true)?;
+    Ok(owned)
+}
+
+/// Sets or clears close-on-exec.
+///
+/// # Errors
+/// The `fcntl(2)` error.
+pub(crate) fn set_cloexec(fd: &impl AsFd, on: bool) -> nix::Result<()> {
+    let flags = if on {
+        nix::fcntl::FdFlag::FD_CLOEXEC
+    } else {
+        nix::fcntl::FdFlag::empty()
+    };
+    nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFD(flags)).map(|_| ())
 }
