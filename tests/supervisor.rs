@@ -449,3 +449,36 @@ fn usr1_reopens_the_log_file() {
         .unwrap()
         .contains("forkd stopped"));
 }
+
+#[test]
+fn signals_for_the_supervisor_sent_to_the_whole_group_spare_the_workers() {
+    // `kill -HUP -PGID` or `systemctl kill` reach every process of the
+    // group; the workers must shrug off what is meant for the supervisor.
+    let f = Forkd::start(TWO);
+    let workers = f.wait_ready();
+    for sig in [
+        Signal::SIGHUP,
+        Signal::SIGUSR2,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
+    ] {
+        for &pid in &workers {
+            signal(pid, sig);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(f.wait_ready(), workers);
+    for &pid in &workers {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = state
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .chars()
+            .next()
+            .unwrap();
+        assert_ne!(state, 'T', "worker {pid} was stopped");
+    }
+    assert_eq!(f.get("/healthz").unwrap().status, 200);
+}

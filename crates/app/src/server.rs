@@ -196,6 +196,12 @@ fn watch_signals(
     let mut int = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    // The supervisor's own signals, when sent to the whole process group
+    // (kill -HUP -PGID, systemctl kill), must not end or stop a worker.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
+    let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -203,6 +209,10 @@ fn watch_signals(
                 _ = int.recv() => { stop.send_replace(Some(Stop::Graceful)); }
                 _ = quit.recv() => { stop.send_replace(Some(Stop::Fast)); }
                 _ = usr1.recv() => host.reopen_log(),
+                _ = hup.recv() => log::debug!("SIGHUP is for the supervisor; ignored"),
+                _ = usr2.recv() => log::debug!("SIGUSR2 is for the supervisor; ignored"),
+                _ = ttin.recv() => log::debug!("SIGTTIN is for the supervisor; ignored"),
+                _ = ttou.recv() => log::debug!("SIGTTOU is for the supervisor; ignored"),
             }
         }
     });
