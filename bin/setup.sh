@@ -31,3 +31,31 @@ need_rust() {
     fi
     need cc gcc
 }
+
+# need_python_module MODULE PIP_PACKAGE DEBIAN_PACKAGE
+need_python_module() {
+    local module=$1 pip_pkg=$2 deb_pkg=$3
+    need python3 python3
+    python3 -c "import $module" >/dev/null 2>&1 && return 0
+    if python3 -m pip --version >/dev/null 2>&1; then
+        echo "+ python3 -m pip install $pip_pkg" >&2
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$pip_pkg" >&2 ||
+            python3 -m pip install --quiet "$pip_pkg" >&2
+    else
+        need_apt_package "$deb_pkg"
+    fi
+    python3 -c "import $module" >/dev/null 2>&1 || {
+        echo "forkd: python3 module '$module' is missing; install it with: python3 -m pip install $pip_pkg" >&2
+        exit 1
+    }
+}
+
+need_apt_package() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        [ -n "$apt_updated" ] || { apt-get update -qq >&2; apt_updated=1; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >&2
+    else
+        echo "forkd: install it with: sudo apt-get install -y $1" >&2
+        exit 1
+    fi
+}

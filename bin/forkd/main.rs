@@ -340,6 +340,10 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
             Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
         },
         build: build_id().to_owned(),
+        metrics_allow: {
+            let nets = c.metrics.allow.clone();
+            Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
+        },
         workers: c.workers,
         on_redis_error: match c.rate_limit.on_redis_error {
             forkd_config::OnRedisError::FailOpen => forkd_app::OnRedisError::FailOpen,
@@ -432,6 +436,9 @@ impl Program for Forkd {
     }
 }
 
+// The worker's counters must fit the scoreboard's cells.
+const _: () = assert!(forkd_app::COUNTERS_USED <= forkd_supervisor::COUNTERS);
+
 /// A worker's view of its scoreboard cell.
 struct CellHost {
     cell: WorkerCell,
@@ -450,6 +457,15 @@ impl forkd_app::Host for CellHost {
     }
     fn request_served(&self) {
         self.cell.count_request();
+    }
+    fn count(&self, k: usize, n: u64) {
+        self.cell.add(k, n);
+    }
+    fn totals(&self) -> Vec<u64> {
+        self.cell.totals().to_vec()
+    }
+    fn supervisor_figures(&self) -> (u64, u64) {
+        self.cell.supervisor_figures()
     }
     fn reopen_log(&self) {
         if let Some(path) = &self.log_file {

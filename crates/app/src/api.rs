@@ -18,7 +18,7 @@ use crate::origin::{self, OriginError};
 use crate::routes::{
     ceil_secs, json, json_text, no_store, problem, unavailable, with_header, Body, State,
 };
-use crate::{secrets, OnRedisError};
+use crate::{metrics, secrets, OnRedisError};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -27,7 +27,8 @@ const MAX_FIELD: usize = 1024;
 /// Retry-After for Redis trouble: reconnects are retried much faster.
 const REDIS_RETRY: Duration = Duration::from_secs(1);
 
-fn redis_down(e: &StoreError) -> Response<Body> {
+fn redis_down(st: &State, e: &StoreError) -> Response<Body> {
+    st.host.count(metrics::REDIS_ERRORS, 1);
     log::warn!("{e}");
     unavailable(
         "The session store is unavailable; try again shortly.",
@@ -47,7 +48,7 @@ pub(crate) async fn readyz(st: &State) -> Response<Body> {
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "redis": "ok"}),
         )),
-        Err(e) => no_store(redis_down(&e)),
+        Err(e) => no_store(redis_down(st, &e)),
     }
 }
 
@@ -169,7 +170,7 @@ pub(crate) async fn login(
         let decision = match st.store.limit(name, &key, policy).await {
             Ok(d) => d,
             Err(e) => match st.settings.on_redis_error {
-                OnRedisError::FailClosed => return redis_down(&e),
+                OnRedisError::FailClosed => return redis_down(st, &e),
                 OnRedisError::FailOpen => continue,
                 OnRedisError::Local => {
                     st.local_limits
@@ -178,6 +179,7 @@ pub(crate) async fn login(
             },
         };
         if !decision.allowed {
+            st.host.count(metrics::RATE_LIMITED, 1);
             return too_many("Too many login attempts; try again later.", decision);
         }
     }
@@ -199,7 +201,7 @@ pub(crate) async fn login(
     };
     let user = match st.store.user(&username).await {
         Ok(u) => u,
-        Err(e) => return redis_down(&e),
+        Err(e) => return redis_down(st, &e),
     };
     let phc = user.as_ref().map(|u| u.phc.clone());
     let cost = auth.cost;
@@ -255,7 +257,7 @@ pub(crate) async fn login(
         .create_session(&user, &hash, auth.session_idle, auth.session_absolute)
         .await
     {
-        return redis_down(&e);
+        return redis_down(st, &e);
     }
     if let Err(e) = st.store.touch_login(&user.name, now_unix()).await {
         log::warn!("cannot record the login of '{}': {e}", user.name);
@@ -327,7 +329,7 @@ pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Response<Body>
             r
         }
         Ok(false) => invalid_token(),
-        Err(e) => redis_down(&e),
+        Err(e) => redis_down(st, &e),
     }
 }
 
@@ -368,35 +370,42 @@ pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body
         .await
     {
         Ok(c) => c,
-        Err(e) => return redis_down(&e),
+        Err(e) => return redis_down(st, &e),
     };
     match check {
         ProfileCheck::Unauthenticated => invalid_token(),
-        ProfileCheck::Limited { decision, .. } => rate_headers(
-            problem(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-requests",
-                "Too many requests; see Retry-After.",
-            ),
-            "profile",
-            policy,
-            decision,
-        ),
+        ProfileCheck::Limited { decision, .. } => {
+            st.host.count(metrics::RATE_LIMITED, 1);
+            rate_headers(
+                problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-requests",
+                    "Too many requests; see Retry-After.",
+                ),
+                "profile",
+                policy,
+                decision,
+            )
+        }
         ProfileCheck::Allowed {
             decision,
             cached: Some(p),
             ..
-        } => rate_headers(
-            cache_header(json_text(StatusCode::OK, p), true),
-            "profile",
-            policy,
-            decision,
-        ),
+        } => {
+            st.host.count(metrics::CACHE_HITS, 1);
+            rate_headers(
+                cache_header(json_text(StatusCode::OK, p), true),
+                "profile",
+                policy,
+                decision,
+            )
+        }
         ProfileCheck::Allowed {
             user,
             decision,
             cached: None,
         } => {
+            st.host.count(metrics::CACHE_MISSES, 1);
             let r = match fill(st, &uid, &user).await {
                 Ok(p) => cache_header(json_text(StatusCode::OK, p), false),
                 Err(r) => r,
@@ -439,7 +448,7 @@ async fn fill(st: &State, uid: &str, user: &str) -> Result<String, Response<Body
                 ))
             }
             Ok(false) => {}
-            Err(e) => return Err(redis_down(&e)),
+            Err(e) => return Err(redis_down(st, &e)),
         }
         // Someone else is filling it: wait (bounded) for the result, then
         // try the lock once more in case its holder died.
@@ -448,7 +457,7 @@ async fn fill(st: &State, uid: &str, user: &str) -> Result<String, Response<Body
             match st.store.cached_profile(uid).await {
                 Ok(Some(p)) => return Ok(p),
                 Ok(None) => {}
-                Err(e) => return Err(redis_down(&e)),
+                Err(e) => return Err(redis_down(st, &e)),
             }
         }
         last_try = true;
@@ -493,11 +502,11 @@ async fn load(st: &State, uid: &str, user: &str) -> Result<String, Response<Body
                 "There is no profile for this user.",
             ))
         }
-        Err(e) => return Err(redis_down(&e)),
+        Err(e) => return Err(redis_down(st, &e)),
     };
     let sessions = match st.store.session_count(uid).await {
         Ok(n) => n,
-        Err(e) => return Err(redis_down(&e)),
+        Err(e) => return Err(redis_down(st, &e)),
     };
     Ok(serde_json::json!({
         "username": record.name,

@@ -20,6 +20,7 @@
 mod api;
 mod client;
 mod local_limit;
+mod metrics;
 mod origin;
 mod routes;
 pub mod secrets;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use forkd_store::{Policy, StoreConfig};
+pub use metrics::USED as COUNTERS_USED;
 pub use server::run;
 
 /// Decides whether an address is a trusted proxy.
@@ -51,6 +53,8 @@ pub struct Settings {
     pub trusted_proxy: TrustedProxy,
     /// Identifies the binary (shown by /healthz).
     pub build: String,
+    /// Who may read /metrics.
+    pub metrics_allow: TrustedProxy,
     /// Workers of this instance: the local fallback limiter's share.
     pub workers: usize,
     pub on_redis_error: OnRedisError,
@@ -104,6 +108,12 @@ pub trait Host: Send + Sync {
     fn request_served(&self);
     /// Reopen the log file (SIGUSR1).
     fn reopen_log(&self);
+    /// Adds `n` to this worker's counter `k` (see `COUNTERS_USED`).
+    fn count(&self, k: usize, n: u64);
+    /// Every counter summed over all workers.
+    fn totals(&self) -> Vec<u64>;
+    /// (workers ready, worker restarts), from the supervisor.
+    fn supervisor_figures(&self) -> (u64, u64);
 }
 
 /// Everything a worker needs.

@@ -73,7 +73,15 @@ pub(crate) async fn handle(
     st: Arc<State>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
+    let started = std::time::Instant::now();
+    let route_index = crate::metrics::route_index(req.uri().path());
     let mut resp = route(req, &st, peer).await;
+    crate::metrics::record(
+        st.host.as_ref(),
+        route_index,
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
     let headers = resp.headers_mut();
     headers.insert("x-forkd-pid", st.pid_header.clone());
     if st.draining.load(Relaxed) {
@@ -102,6 +110,27 @@ async fn route(req: Request<Incoming>, st: &Arc<State>, peer: SocketAddr) -> Res
         },
         "/readyz" => match method {
             Method::GET | Method::HEAD => api::readyz(st).await,
+            _ => method_not_allowed("GET, HEAD"),
+        },
+        "/metrics" => match method {
+            Method::GET | Method::HEAD => {
+                if (st.settings.metrics_allow)(peer.ip()) {
+                    let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
+                        st.host.as_ref(),
+                    ))));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    no_store(r)
+                } else {
+                    problem(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "Metrics are not available from this address.",
+                    )
+                }
+            }
             _ => method_not_allowed("GET, HEAD"),
         },
         "/login" => match method {

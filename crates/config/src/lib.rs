@@ -64,6 +64,7 @@ pub const KEYS: &[&str] = &[
     "profile.cache_ttl",
     "profile.lock_timeout",
     "profile.lock_wait",
+    "metrics.allow",
     "rate_limit.on_redis_error",
     "rate_limit.profile.limit",
     "rate_limit.profile.window",
@@ -250,6 +251,21 @@ impl Default for RawProfile {
     }
 }
 
+/// The `[metrics]` table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub allow: Vec<String>,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            allow: vec!["127.0.0.0/8".into(), "::1".into()],
+        }
+    }
+}
+
 /// One rate-limit policy as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,6 +321,7 @@ pub struct RawConfig {
     pub redis: RawRedis,
     pub auth: RawAuth,
     pub profile: RawProfile,
+    pub metrics: RawMetrics,
     pub rate_limit: RawRateLimit,
 }
 
@@ -329,6 +346,7 @@ impl Default for RawConfig {
             redis: RawRedis::default(),
             auth: RawAuth::default(),
             profile: RawProfile::default(),
+            metrics: RawMetrics::default(),
             rate_limit: RawRateLimit::default(),
         }
     }
@@ -517,7 +535,15 @@ pub struct Config {
     pub redis: Redis,
     pub auth: Auth,
     pub profile: Profile,
+    pub metrics: Metrics,
     pub rate_limit: RateLimit,
+}
+
+/// Metrics settings of a validated config.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metrics {
+    /// Who may read /metrics.
+    pub allow: Vec<Cidr>,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -683,6 +709,13 @@ impl RawConfig {
             "profile.cache_ttl" => self.profile.cache_ttl = float()?,
             "profile.lock_timeout" => self.profile.lock_timeout = float()?,
             "profile.lock_wait" => self.profile.lock_wait = float()?,
+            "metrics.allow" => {
+                self.metrics.allow = value
+                    .split(',')
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .collect()
+            }
             "rate_limit.on_redis_error" => self.rate_limit.on_redis_error = value.to_owned(),
             "rate_limit.profile.limit" => self.rate_limit.profile.limit = int()?,
             "rate_limit.profile.window" => self.rate_limit.profile.window = float()?,
@@ -781,6 +814,16 @@ impl RawConfig {
                     "http.trusted_proxies",
                     p,
                     "expected IP or IP/LEN, e.g. 10.0.0.0/8 or ::1",
+                )
+            })?);
+        }
+        let mut metrics_allow = Vec::new();
+        for p in &self.metrics.allow {
+            metrics_allow.push(p.parse::<Cidr>().map_err(|_| {
+                bad(
+                    "metrics.allow",
+                    p,
+                    "expected IP or IP/LEN, e.g. 127.0.0.0/8 or ::1",
                 )
             })?);
         }
@@ -964,6 +1007,9 @@ impl RawConfig {
             redis,
             auth,
             profile,
+            metrics: Metrics {
+                allow: metrics_allow,
+            },
             rate_limit,
         })
     }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 pub use control_files::{control_socket_path, pidfile_path, read_pid};
 pub use runner::run;
-pub use scoreboard::{now_ms, WorkerCell, WorkerState};
+pub use scoreboard::{now_ms, WorkerCell, WorkerState, COUNTERS};
 pub use signals::SignalEvent;
 pub use sys::spawn_detached;
 pub use upgrade::{abort as abort_upgrade, pending as upgrade_pending};

@@ -498,6 +498,9 @@ impl<P: Program> Supervisor<P> {
             if self.execute(actions) {
                 return;
             }
+            let restarts: u64 = self.plan.slots().iter().map(|s| s.restarts).sum();
+            self.board
+                .set_supervisor_figures(ready_slots(&self.plan, &self.board) as u64, restarts);
             self.tell_systemd();
         }
     }

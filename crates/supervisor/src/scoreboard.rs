@@ -4,6 +4,12 @@
 //!
 //! Cells are not slots: during a rolling replacement a slot has two
 //! processes, so there are twice as many cells as the largest worker count.
+//! Cell 0 belongs to no worker: it holds the counters of exited workers
+//! (folded in when their cell is released, so totals never go backwards)
+//! and the supervisor's own figures (workers up, restarts).
+//!
+//! Each cell has [`COUNTERS`] generic counters; the worker decides what they
+//! count, and any worker can sum them over every cell.
 
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
@@ -42,7 +48,14 @@ pub(crate) struct Cell {
     heartbeat_ms: AtomicU64,
     started_ms: AtomicU64,
     requests: AtomicU64,
+    /// Cell 0 only: ready workers and restarts so far, from the supervisor.
+    workers_up: AtomicU64,
+    restarts: AtomicU64,
+    counters: [AtomicU64; COUNTERS],
 }
+
+/// Generic counters per cell.
+pub const COUNTERS: usize = 64;
 
 /// A copy of one cell.
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +71,9 @@ pub(crate) struct Scoreboard {
 }
 
 impl Scoreboard {
-    pub(crate) fn new(cells: usize) -> nix::Result<Self> {
+    /// A scoreboard for `workers` worker processes at once (plus cell 0).
+    pub(crate) fn new(workers: usize) -> nix::Result<Self> {
+        let cells = workers + 1;
         let len = NonZeroUsize::new(cells.max(1) * std::mem::size_of::<Cell>())
             .expect("at least one cell");
         let map = SharedMapping::new(len)?;
@@ -92,7 +107,7 @@ impl Scoreboard {
 
     /// A free cell index, prepared for a new worker of `slot`.
     pub(crate) fn claim(&self, slot: usize, generation: u64, now_ms: u64) -> Option<usize> {
-        let i = (0..self.cells).find(|&i| self.cell(i).state.load(Relaxed) == 0)?;
+        let i = (1..self.cells).find(|&i| self.cell(i).state.load(Relaxed) == 0)?;
         let c = self.cell(i);
         c.pid.store(0, Relaxed);
         c.slot.store(slot as u32, Relaxed);
@@ -110,8 +125,19 @@ impl Scoreboard {
 
     pub(crate) fn release(&self, i: usize) {
         let c = self.cell(i);
+        let retired = self.cell(0);
+        for (k, counter) in c.counters.iter().enumerate() {
+            retired.counters[k].fetch_add(counter.swap(0, Relaxed), Relaxed);
+        }
         c.pid.store(0, Relaxed);
         c.state.store(WorkerState::Free as u32, Relaxed);
+    }
+
+    /// The supervisor's figures, for workers to report.
+    pub(crate) fn set_supervisor_figures(&self, workers_up: u64, restarts: u64) {
+        let c = self.cell(0);
+        c.workers_up.store(workers_up, Relaxed);
+        c.restarts.store(restarts, Relaxed);
     }
 
     pub(crate) fn view(&self, i: usize) -> CellView {
@@ -127,7 +153,9 @@ impl Scoreboard {
     /// the child process, which never unmaps the scoreboard.
     pub(crate) fn handle(&self, i: usize) -> WorkerCell {
         WorkerCell {
-            cell: NonNull::from(self.cell(i)),
+            base: NonNull::from(self.cell(0)),
+            cells: self.cells,
+            index: i,
         }
     }
 }
@@ -135,7 +163,9 @@ impl Scoreboard {
 /// A worker's own scoreboard cell.
 #[derive(Clone)]
 pub struct WorkerCell {
-    cell: NonNull<Cell>,
+    base: NonNull<Cell>,
+    cells: usize,
+    index: usize,
 }
 
 // SAFETY: a `Cell` is made of atomics only, and the mapping outlives every
@@ -147,8 +177,40 @@ unsafe impl Sync for WorkerCell {}
 
 impl WorkerCell {
     fn cell(&self) -> &Cell {
-        // SAFETY: see the `Send` impl: the pointee lives as long as the process.
-        unsafe { self.cell.as_ref() }
+        self.at(self.index)
+    }
+
+    fn at(&self, i: usize) -> &Cell {
+        assert!(i < self.cells);
+        // SAFETY: see the `Send` impl: the mapping lives as long as the
+        // process, and `i` is within it (asserted).
+        unsafe { &*self.base.as_ptr().add(i) }
+    }
+
+    /// Adds `n` to this worker's counter `k`.
+    pub fn add(&self, k: usize, n: u64) {
+        self.cell().counters[k].fetch_add(n, Relaxed);
+    }
+
+    /// Every counter summed over all workers, past and present.
+    pub fn totals(&self) -> [u64; COUNTERS] {
+        let mut sum = [0u64; COUNTERS];
+        for i in 0..self.cells {
+            let c = self.at(i);
+            if i != 0 && c.state.load(Relaxed) == 0 {
+                continue;
+            }
+            for (k, v) in c.counters.iter().enumerate() {
+                sum[k] += v.load(Relaxed);
+            }
+        }
+        sum
+    }
+
+    /// (workers ready, restarts so far), as the supervisor last wrote them.
+    pub fn supervisor_figures(&self) -> (u64, u64) {
+        let c = self.at(0);
+        (c.workers_up.load(Relaxed), c.restarts.load(Relaxed))
     }
 
     /// Records that the worker's event loop is alive.

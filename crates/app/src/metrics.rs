@@ -1,0 +1,137 @@
+//! Prometheus metrics. Each worker counts into its own scoreboard cell
+//! (through [`Host::count`]); `GET /metrics` on any worker sums every cell,
+//! so one scrape covers all workers, including those that have exited.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::Host;
+
+/// Routes, in counter order.
+pub(crate) const ROUTES: [&str; 7] = [
+    "healthz", "readyz", "login", "logout", "profile", "metrics", "other",
+];
+/// Upper bounds of the latency histogram, seconds (+Inf follows).
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+// Counter layout in a cell.
+const REQUESTS: usize = 0; // ROUTES.len() x 5 status classes
+const HISTOGRAM: usize = REQUESTS + ROUTES.len() * 5; // BUCKETS.len() + 1
+const LATENCY_SUM_US: usize = HISTOGRAM + BUCKETS.len() + 1;
+pub(crate) const CACHE_HITS: usize = LATENCY_SUM_US + 1;
+pub(crate) const CACHE_MISSES: usize = CACHE_HITS + 1;
+pub(crate) const RATE_LIMITED: usize = CACHE_MISSES + 1;
+pub(crate) const REDIS_ERRORS: usize = RATE_LIMITED + 1;
+/// Counters used; the scoreboard must have at least this many.
+pub const USED: usize = REDIS_ERRORS + 1;
+
+/// The route index of a path.
+pub(crate) fn route_index(path: &str) -> usize {
+    ROUTES
+        .iter()
+        .position(|r| path.strip_prefix('/') == Some(r))
+        .unwrap_or(ROUTES.len() - 1)
+}
+
+/// Counts one answered request.
+pub(crate) fn record(host: &dyn Host, route: usize, status: u16, took: Duration) {
+    let class = usize::from((status / 100).clamp(1, 5)) - 1;
+    host.count(REQUESTS + route * 5 + class, 1);
+    let secs = took.as_secs_f64();
+    let bucket = BUCKETS
+        .iter()
+        .position(|&b| secs <= b)
+        .unwrap_or(BUCKETS.len());
+    host.count(HISTOGRAM + bucket, 1);
+    host.count(LATENCY_SUM_US, took.as_micros() as u64);
+}
+
+/// The text exposition format (version 0.0.4).
+pub(crate) fn render(host: &dyn Host) -> String {
+    let c = host.totals();
+    let get = |k: usize| c.get(k).copied().unwrap_or(0);
+    let mut out = String::with_capacity(4096);
+    let _ = writeln!(
+        out,
+        "# HELP forkd_http_requests_total HTTP requests answered, by route and status class."
+    );
+    let _ = writeln!(out, "# TYPE forkd_http_requests_total counter");
+    for (r, route) in ROUTES.iter().enumerate() {
+        for class in 0..5 {
+            let _ = writeln!(
+                out,
+                "forkd_http_requests_total{{route=\"{route}\",status=\"{}xx\"}} {}",
+                class + 1,
+                get(REQUESTS + r * 5 + class)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP forkd_http_request_duration_seconds Time to answer a request, from its head to the response.");
+    let _ = writeln!(out, "# TYPE forkd_http_request_duration_seconds histogram");
+    let mut cumulative = 0;
+    for (b, bound) in BUCKETS.iter().enumerate() {
+        cumulative += get(HISTOGRAM + b);
+        let _ = writeln!(
+            out,
+            "forkd_http_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+        );
+    }
+    cumulative += get(HISTOGRAM + BUCKETS.len());
+    let _ = writeln!(
+        out,
+        "forkd_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "forkd_http_request_duration_seconds_sum {}",
+        get(LATENCY_SUM_US) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "forkd_http_request_duration_seconds_count {cumulative}"
+    );
+    let simple = [
+        (
+            "forkd_profile_cache_hits_total",
+            "counter",
+            "Profiles served from the Redis cache.",
+            get(CACHE_HITS),
+        ),
+        (
+            "forkd_profile_cache_misses_total",
+            "counter",
+            "Profiles that had to be loaded.",
+            get(CACHE_MISSES),
+        ),
+        (
+            "forkd_rate_limited_requests_total",
+            "counter",
+            "Requests refused with 429 by a rate limit.",
+            get(RATE_LIMITED),
+        ),
+        (
+            "forkd_redis_errors_total",
+            "counter",
+            "Requests that failed because Redis could not answer.",
+            get(REDIS_ERRORS),
+        ),
+    ];
+    let (up, restarts) = host.supervisor_figures();
+    let figures = [
+        (
+            "forkd_worker_restarts_total",
+            "counter",
+            "Workers that died or hung and were replaced.",
+            restarts,
+        ),
+        ("forkd_workers_up", "gauge", "Workers ready to serve.", up),
+    ];
+    for (name, kind, help, value) in simple.into_iter().chain(figures) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
+    }
+    out
+}

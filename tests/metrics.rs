@@ -1,0 +1,219 @@
+//! GET /metrics (checked with a real Prometheus text parser) and the Redis
+//! round-trip budget of an authenticated cache hit.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const PW: &str = "metrics-secret";
+
+/// Parses an exposition with the `prometheus_client` Python package and
+/// returns every sample as "name{label=value,...}" -> value.
+fn parse(text: &str) -> HashMap<String, f64> {
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the exposition does not parse (bin/test installs prometheus-client): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn scrape(port: u16) -> HashMap<String, f64> {
+    let r = get(port, "/metrics").unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    parse(&r.body)
+}
+
+fn value(m: &HashMap<String, f64>, key: &str) -> f64 {
+    *m.get(key).unwrap_or_else(|| panic!("no sample {key}"))
+}
+
+#[test]
+fn counters_move_by_exactly_the_requests_sent_across_workers() {
+    let f = Forkd::start("workers = 2\n");
+    let workers = f.wait_ready();
+    let before = scrape(f.port);
+    let key = "forkd_http_requests_total{route=healthz,status=2xx}";
+    let served_before: Vec<u64> = workers_requests(&f);
+    for _ in 0..60 {
+        assert_eq!(get(f.port, "/healthz").unwrap().status, 200);
+    }
+    for _ in 0..7 {
+        assert_eq!(get(f.port, "/nope").unwrap().status, 404);
+    }
+    let after = scrape(f.port);
+    assert_eq!(value(&after, key) - value(&before, key), 60.0);
+    let other = "forkd_http_requests_total{route=other,status=4xx}";
+    assert_eq!(value(&after, other) - value(&before, other), 7.0);
+    // Both workers answered some of them, and /metrics on either counts all.
+    let served_after = workers_requests(&f);
+    assert!(
+        served_after.iter().zip(&served_before).all(|(a, b)| a > b),
+        "{served_before:?} -> {served_after:?}"
+    );
+    let count = "forkd_http_request_duration_seconds_count{}";
+    assert!(value(&after, count) - value(&before, count) >= 67.0);
+    assert_eq!(
+        value(
+            &after,
+            "forkd_http_request_duration_seconds_bucket{le=+Inf}"
+        ),
+        value(&after, count)
+    );
+    assert_eq!(value(&after, "forkd_workers_up{}"), 2.0);
+    assert_eq!(workers.len(), 2);
+}
+
+fn workers_requests(f: &Forkd) -> Vec<u64> {
+    let s = f.status().unwrap();
+    let mut v: Vec<(u64, u64)> = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["slot"].as_u64().unwrap(), w["requests"].as_u64().unwrap()))
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, r)| r).collect()
+}
+
+#[test]
+fn counts_survive_a_dead_worker_and_restarts_are_counted() {
+    let f = Forkd::start("workers = 2\n");
+    let workers = f.wait_ready();
+    for _ in 0..40 {
+        get(f.port, "/healthz").unwrap();
+    }
+    let before = scrape(f.port);
+    let key = "forkd_http_requests_total{route=healthz,status=2xx}";
+    signal(workers[0], Signal::SIGKILL);
+    poll(PATIENCE, || {
+        (!f.wait_ready().contains(&workers[0])).then_some(())
+    })
+    .expect("replaced");
+    poll(PATIENCE, || {
+        (value(&scrape(f.port), "forkd_workers_up{}") == 2.0).then_some(())
+    })
+    .expect("workers_up back to 2");
+    let after = scrape(f.port);
+    assert!(
+        value(&after, key) >= value(&before, key),
+        "a counter went backwards"
+    );
+    assert_eq!(value(&after, "forkd_worker_restarts_total{}"), 1.0);
+}
+
+#[test]
+fn cache_rate_limit_and_redis_errors_are_counted() {
+    let mut redis = RedisServer::start();
+    let f = Forkd::start_with_redis(
+        &redis,
+        "workers = 2\n[auth]\nlogin_ip_limit = 1000\nlogin_user_limit = 1000\n[rate_limit.profile]\nlimit = 3\nwindow = 60\n",
+    );
+    f.add_user("quinn", PW);
+    let t = token(f.port, "quinn", PW);
+    let before = scrape(f.port);
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| profile(f.port, &t).unwrap().status)
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429]);
+    let after = scrape(f.port);
+    let delta = |k: &str| value(&after, k) - value(&before, k);
+    assert_eq!(delta("forkd_profile_cache_misses_total{}"), 1.0);
+    assert_eq!(delta("forkd_profile_cache_hits_total{}"), 2.0);
+    assert_eq!(delta("forkd_rate_limited_requests_total{}"), 2.0);
+
+    redis.kill();
+    poll(PATIENCE, || {
+        (profile(f.port, &t).ok()?.status == 503).then_some(())
+    })
+    .expect("503 without Redis");
+    assert!(value(&scrape(f.port), "forkd_redis_errors_total{}") >= 1.0);
+}
+
+#[test]
+fn metrics_are_refused_outside_the_allow_list() {
+    let f = Forkd::start("workers = 1\n[metrics]\nallow = [\"10.0.0.0/8\"]\n");
+    let r = get(f.port, "/metrics").unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+}
+
+#[test]
+fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(
+        &redis,
+        "workers = 1\n[rate_limit.profile]\nlimit = 1000\nwindow = 60\n",
+    );
+    f.add_user("rita", PW);
+    let t = token(f.port, "rita", PW);
+    // Fill the cache and load the script.
+    assert_eq!(profile(f.port, &t).unwrap().header("x-cache"), Some("miss"));
+    assert_eq!(profile(f.port, &t).unwrap().header("x-cache"), Some("hit"));
+    // MONITOR shows every command a client sends, and the commands a
+    // script runs marked "lua"; count what the worker itself sent.
+    let mut monitor = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "monitor"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(monitor.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "OK");
+    let r = profile(f.port, &t).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cache"), Some("hit"));
+    redis.cli(&["ECHO", "end-of-request"]);
+    let mut sent = Vec::new();
+    for line in lines.by_ref().take(1000) {
+        let line = line.unwrap();
+        if line.contains("end-of-request") {
+            break;
+        }
+        if !line.contains(" lua]") {
+            sent.push(line);
+        }
+    }
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    assert_eq!(
+        sent.len(),
+        1,
+        "Redis round trips for one cache hit: {sent:?}"
+    );
+    assert!(sent[0].to_lowercase().contains("evalsha"), "{sent:?}");
+}
