@@ -136,6 +136,7 @@ pub struct Store {
     client: Client,
     prefix: String,
     url_kind: &'static str,
+    max_delay: Duration,
 }
 
 impl Store {
@@ -146,8 +147,10 @@ impl Store {
     pub fn new(cfg: &StoreConfig) -> Result<Store> {
         let mut config =
             Config::from_url(&cfg.url).map_err(|e| StoreError::Config(e.details().to_string()))?;
-        // Start without Redis and connect when it appears.
-        config.fail_fast = false;
+        // The first connection is made by `start`'s own retry loop (with
+        // fail_fast off, fred would wait out a reconnect delay before even
+        // its first try); the reconnect policy covers later disconnections.
+        config.fail_fast = true;
         let max = cfg.reconnect_max_delay.as_millis().clamp(50, 60_000) as u32;
         let mut policy = ReconnectPolicy::new_exponential(0, 50, max, 2);
         policy.set_jitter(max / 10 + 10);
@@ -176,13 +179,33 @@ impl Store {
             client,
             prefix: cfg.prefix.clone(),
             url_kind,
+            max_delay: Duration::from_millis(u64::from(max)),
         })
     }
 
-    /// Starts the connection task (reconnecting forever). Must run inside a
-    /// tokio runtime; returns at once.
+    /// Connects in the background: at once, then, while Redis is not
+    /// there, again with exponential backoff (50 ms up to
+    /// `reconnect_max_delay`) and jitter; fred's reconnect policy takes over
+    /// once connected. Must run inside a tokio runtime; returns at once.
     pub fn start(&self) {
-        let _task = self.client.connect();
+        let client = self.client.clone();
+        let max = self.max_delay;
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match client.init().await {
+                    Ok(_connection_task) => return,
+                    Err(e) => log::debug!("redis: {e}; retrying in {delay:?}"),
+                }
+                // Jitter from the clock's low bits: up to a fifth more.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::from(d.subsec_nanos()));
+                let jitter = Duration::from_millis(nanos % (delay.as_millis() as u64 / 5 + 1));
+                tokio::time::sleep(delay + jitter).await;
+                delay = (delay * 2).min(max);
+            }
+        });
     }
 
     /// Starts the connection and waits up to `timeout` for it.

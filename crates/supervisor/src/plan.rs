@@ -23,8 +23,9 @@ pub const BACKOFF_BASE_MS: u64 = 100;
 /// Longest respawn delay.
 pub const BACKOFF_MAX_MS: u64 = 30_000;
 /// A worker ready this long has proven its slot healthy: the crash count
-/// resets, and its next death is respawned at once.
-pub const STABLE_MS: u64 = 5_000;
+/// resets, and its next death is respawned at once. A worker that dies
+/// sooner (or before it was ever ready) counts as a crash at start.
+pub const STABLE_MS: u64 = 1_000;
 /// How long past a drain deadline a worker gets before SIGKILL.
 const KILL_GRACE_MS: u64 = 1_000;
 

@@ -651,6 +651,7 @@ impl<P: Program> Supervisor<P> {
             sys::exit_now(1);
         };
         sys::close_fds_except(&[0, 1, 2, listener.as_raw_fd()]);
+        sys::return_large_allocations();
         self.board.set_pid(cell, std::process::id() as i32);
         let ctx = WorkerContext {
             slot,

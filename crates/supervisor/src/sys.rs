@@ -222,3 +222,16 @@ pub(crate) fn set_cloexec(fd: &impl AsFd, on: bool) -> nix::Result<()> {
     };
     nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFD(flags)).map(|_| ())
 }
+
+/// In a new worker: large allocations (argon2 takes 19 MiB per hash) are
+/// always mmapped and so returned to the system when freed. glibc would
+/// otherwise raise its mmap threshold after the first such free and keep
+/// later ones in its heaps, leaving workers tens of MiB larger after a few
+/// logins.
+pub(crate) fn return_large_allocations() {
+    // SAFETY: mallopt only changes a malloc tunable; called before the
+    // worker starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
+}

@@ -1,0 +1,437 @@
+"""forkd's benchmark, run by bin/bench: starts its own redis-server and
+forkd instances on loopback, drives them with wrk for a bounded time per
+scenario, and prints one table (and, with --json FILE, writes it).
+
+Every figure comes from one run on one machine; compare scenarios within a
+run. Nothing here asserts speed: the targets are reported as met or missed.
+"""
+
+import argparse
+import http.server as httpserver
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORKD = os.path.join(ROOT, "target", "release", "forkd")
+PASSWORD = "bench-password"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, limit=30.0, step=0.02):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(step)
+    raise RuntimeError("timed out waiting for a condition")
+
+
+class Redis:
+    def __init__(self, tmp):
+        self.port = free_port()
+        self.dir = os.path.join(tmp, "redis")
+        os.makedirs(self.dir)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.dir,
+             "--logfile", "", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.cli("PING").strip() == "PONG")
+
+    def cli(self, *args):
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args],
+                              capture_output=True, text=True).stdout
+
+    def commandstats(self):
+        calls = {}
+        for line in self.cli("INFO", "commandstats").splitlines():
+            m = re.match(r"cmdstat_(\w+):calls=(\d+)", line)
+            if m:
+                calls[m.group(1)] = int(m.group(2))
+        return calls
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Forkd:
+    def __init__(self, tmp, name, redis, extra=""):
+        self.dir = os.path.join(tmp, name)
+        os.makedirs(self.dir)
+        self.port = free_port()
+        self.config = os.path.join(self.dir, "forkd.toml")
+        with open(self.config, "w") as f:
+            f.write(f'instance = "{name}"\nlisten = "127.0.0.1:{self.port}"\n'
+                    f'runtime_dir = "{self.dir}/run"\nlog_level = "warn"\n'
+                    f'workers = 2\n{extra}\n')
+        env = dict(os.environ, FORKD_REDIS_URL=f"redis://127.0.0.1:{redis.port}")
+        env.pop("RUST_LOG", None)
+        self.env = env
+        self.log = open(os.path.join(self.dir, "forkd.log"), "w")
+        self.proc = subprocess.Popen([FORKD, "--config", self.config, "start"],
+                                     stdout=self.log, stderr=self.log, env=env)
+        self.control = os.path.join(self.dir, "run", f"{name}.sock")
+        try:
+            wait_for(self.ready)
+        except RuntimeError:
+            time.sleep(0.2)
+            with open(os.path.join(self.dir, "forkd.log")) as log:
+                sys.stderr.write(log.read())
+            raise RuntimeError(f"forkd '{name}' did not become ready (exit {self.proc.poll()})")
+
+    def status(self):
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(self.control)
+                s.sendall(b'{"cmd":"status"}\n')
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            reply = json.loads(data)
+            return reply if reply.get("reply") == "status" else None
+        except (OSError, ValueError):
+            return None
+
+    def ready(self):
+        s = self.status()
+        return s if s and s["workers_ready"] == s["workers_wanted"] and \
+            len(s["workers"]) == s["workers_wanted"] else None
+
+    def cli(self, *args, stdin=None):
+        return subprocess.run([FORKD, "--config", self.config, *args],
+                              input=stdin, capture_output=True, text=True, env=self.env)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def rss(self):
+        s = self.status()
+        return s["rss_bytes"], [w["rss_bytes"] for w in s["workers"]]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def http(method, port, path, body=None, headers=None):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        data = body.encode() if body else b""
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        for k, v in (headers or {}).items():
+            head += f"{k}: {v}\r\n"
+        head += f"Content-Length: {len(data)}\r\n\r\n"
+        s.sendall(head.encode() + data)
+        out = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    status = int(out.split(b" ", 2)[1])
+    return status, out.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def login_token(f, user):
+    body = json.dumps({"username": user, "password": PASSWORD})
+    status, text = http("POST", f.port, "/login", body, {"Content-Type": "application/json"})
+    assert status == 200, text
+    return json.loads(text)["token"]
+
+
+def wrk(url, seconds, connections=64, threads=2, headers=(), script=None):
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True).stdout
+
+    def unit(value):
+        m = re.match(r"([\d.]+)(us|ms|s)", value)
+        if not m:
+            return None
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"\s50%\s+(\S+)", out)
+    p99 = re.search(r"\s99%\s+(\S+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50_ms": unit(p50.group(1)) if p50 else None,
+        "p99_ms": unit(p99.group(1)) if p99 else None,
+        "requests": int(total.group(1)) if total else 0,
+        "errors": errors,
+    }
+
+
+class SlowOrigin(httpserver.BaseHTTPRequestHandler):
+    delay = 0.02
+    calls = 0
+
+    def do_GET(self):
+        SlowOrigin.calls += 1
+        time.sleep(self.delay)
+        body = json.dumps({"name": self.path.rsplit("/", 1)[-1], "source": "origin"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, httpserver.HTTPServer):
+    daemon_threads = True
+
+
+def measure(name, f, redis, run):
+    before = redis.commandstats()
+    result = run()
+    after = redis.commandstats()
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta.pop("info", None)
+    n = max(result.get("requests", 0), 1)
+    sup, workers = f.rss()
+    row = {"scenario": name, **result,
+           "redis_cmds_per_req": sum(delta.values()) / n,
+           "evalsha_per_req": delta.get("evalsha", 0) / n,
+           "rss_supervisor": sup, "rss_workers": workers}
+    print(f"  {name}: {result.get('rps', 0):.0f} req/s", file=sys.stderr)
+    return row
+
+
+def spread(f):
+    counts = [w["requests"] for w in f.status()["workers"]]
+    return min(counts) / max(max(counts), 1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="a second or two per scenario")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args()
+    secs = 2 if args.quick else 10
+    kills = 5 if args.quick else 20
+    cores = os.cpu_count() or 1
+    tmp = tempfile.mkdtemp(prefix="forkd-bench-")
+    rows, notes = [], {}
+    redis = Redis(tmp)
+    origin = ThreadedServer(("127.0.0.1", 0), SlowOrigin)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    started = []
+    try:
+        high = ("[auth]\nlogin_ip_limit = 1000000\nlogin_user_limit = 1000000\n"
+                "hash_queue_timeout = 10\n"
+                "[rate_limit.profile]\nlimit = 1000000000\nwindow = 60\n")
+        f = Forkd(tmp, "bench", redis, high)
+        started.append(f)
+        f.cli("user", "add", "bench", "--password-stdin", stdin=PASSWORD + "\n")
+        rows.append(measure("healthz", f, redis, lambda: wrk(f.url("/healthz"), secs)))
+        token = login_token(f, "bench")
+        http("GET", f.port, "/profile", headers={"Authorization": f"Bearer {token}"})
+        rows.append(measure("profile cache hit", f, redis, lambda: wrk(
+            f.url("/profile"), secs, headers=[f"Authorization: Bearer {token}"])))
+
+        login_lua = os.path.join(tmp, "login.lua")
+        with open(login_lua, "w") as lua:
+            body = json.dumps({"username": "bench", "password": PASSWORD})
+            lua.write('wrk.method = "POST"\n'
+                      f"wrk.body = '{body}'\n"
+                      'wrk.headers["Content-Type"] = "application/json"\n')
+        one = wrk(f.url("/login"), secs, connections=1, threads=1, script=login_lua)
+        verify_ms = one["p50_ms"] or 0
+        ceiling = cores / (verify_ms / 1000.0) if verify_ms else 0
+        row = measure("login (argon2id)", f, redis, lambda: wrk(
+            f.url("/login"), secs, connections=16, threads=2, script=login_lua))
+        row["ceiling_rps"] = ceiling
+        row["verify_ms"] = verify_ms
+        rows.append(row)
+        notes["login_ceiling_rps"] = ceiling
+        notes["login_single_p50_ms"] = verify_ms
+
+        # Reload and kill -9 under load.
+        bg = {}
+        t = threading.Thread(target=lambda: bg.update(wrk(f.url("/healthz"), secs + 2)))
+        t.start()
+        time.sleep(1)
+        t0 = time.monotonic()
+        out = f.cli("reload")
+        reload_s = time.monotonic() - t0
+        t.join()
+        rows.append({"scenario": "healthz during reload", **bg,
+                     "reload_ok": out.returncode == 0, "reload_seconds": reload_s,
+                     "rss_supervisor": f.rss()[0], "rss_workers": f.rss()[1]})
+
+        times = []
+        bg = {}
+        t = threading.Thread(target=lambda: bg.update(wrk(f.url("/healthz"), secs + 2 * kills)))
+        t.start()
+        time.sleep(0.5)
+        for i in range(kills):
+            s = f.ready()
+            victim = s["workers"][i % len(s["workers"])]
+            # Kill a worker that has been up a while, as in production (one
+            # that dies within a second of starting counts as a crash loop
+            # and is restarted with backoff).
+            wait_for(lambda: all(w["uptime_ms"] > 1500 for w in f.status()["workers"]))
+            s = f.ready()
+            victim = s["workers"][i % len(s["workers"])]
+            start = time.monotonic()
+            os.kill(victim["pid"], signal.SIGKILL)
+            wait_for(lambda: any(w["slot"] == victim["slot"] and w["pid"] != victim["pid"]
+                                 and w["state"] == "ready" for w in f.status()["workers"]),
+                     step=0.001)
+            times.append((time.monotonic() - start) * 1000)
+        t.join()
+        times.sort()
+        rows.append({"scenario": f"healthz during {kills} kill -9", **bg,
+                     "replacement_ms_p50": times[len(times) // 2],
+                     "replacement_ms_max": times[-1],
+                     "rss_supervisor": f.rss()[0], "rss_workers": f.rss()[1]})
+        f.stop()
+        started.remove(f)
+
+        # A cache that expires after 1 ms in front of a 20 ms origin: every
+        # refill is a miss, and single flight makes concurrent misses share
+        # one origin call.
+        SlowOrigin.delay = 0.02
+        SlowOrigin.calls = 0
+        miss = Forkd(tmp, "miss", redis, high.replace(
+            "[rate_limit.profile]",
+            f'[profile]\norigin = "http://127.0.0.1:{origin.server_address[1]}"\n'
+            'cache_ttl = 0.001\n[rate_limit.profile]'))
+        started.append(miss)
+        token = login_token(miss, "bench")
+        row = measure("profile, 1 ms TTL, 20 ms origin", miss, redis, lambda: wrk(
+            miss.url("/profile"), secs, headers=[f"Authorization: Bearer {token}"]))
+        row["origin_calls"] = SlowOrigin.calls
+        rows.append(row)
+        miss.stop()
+        started.remove(miss)
+
+        # Listener modes.
+        for mode in ("shared", "reuseport"):
+            m = Forkd(tmp, f"mode-{mode}", redis, f'listener = "{mode}"\n')
+            started.append(m)
+            row = measure(f"healthz, {mode} listener", m, redis,
+                          lambda: wrk(m.url("/healthz"), secs))
+            row["spread_min_over_max"] = spread(m)
+            rows.append(row)
+            m.stop()
+            started.remove(m)
+    finally:
+        for f in started:
+            f.stop()
+        origin.shutdown()
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report(rows, notes, cores, args)
+
+
+def mib(b):
+    return f"{b / 1048576:.1f}"
+
+
+def report(rows, notes, cores, args):
+    print(f"forkd bench: {cores} cores, wrk 2 threads x 64 connections unless noted, "
+          f"{'quick' if args.quick else '10 s'} per scenario")
+    header = f"{'scenario':<36} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} " \
+             f"{'sup MiB':>7} {'workers MiB':>13} {'redis cmds/req':>14}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        p50 = f"{r['p50_ms']:.2f}" if r.get("p50_ms") is not None else "-"
+        p99 = f"{r['p99_ms']:.2f}" if r.get("p99_ms") is not None else "-"
+        cmds = f"{r['redis_cmds_per_req']:.2f}" if "redis_cmds_per_req" in r else "-"
+        workers = "+".join(mib(w) for w in r.get("rss_workers", []))
+        print(f"{r['scenario']:<36} {r.get('rps', 0):>9.0f} {p50:>7} {p99:>7} "
+              f"{r.get('errors', 0):>6} {mib(r.get('rss_supervisor', 0)):>7} {workers:>13} {cmds:>14}")
+    by = {r["scenario"]: r for r in rows}
+    h, hit, login = by["healthz"], by["profile cache hit"], by["login (argon2id)"]
+    kill = next(r for r in rows if "kill -9" in r["scenario"])
+    reload = by["healthz during reload"]
+    total_rss = hit["rss_supervisor"] + sum(hit["rss_workers"])
+    print()
+    print("details:")
+    print(f"  profile cache hit: {hit['evalsha_per_req']:.2f} EVALSHA (round trips) per request; "
+          f"{hit['redis_cmds_per_req']:.2f} Redis commands per request counting those inside the script")
+    print(f"  login: one at a time p50 {notes['login_single_p50_ms']:.1f} ms -> ceiling "
+          f"{cores} cores / that = {notes['login_ceiling_rps']:.0f}/s; measured {login['rps']:.0f}/s")
+    print(f"  reload under load: {reload['errors']} failed requests, took {reload['reload_seconds']:.2f} s")
+    print(f"  kill -9 under load: replacement ready after p50 {kill['replacement_ms_p50']:.1f} ms, "
+          f"max {kill['replacement_ms_max']:.1f} ms; {kill['errors']} failed requests")
+    m = by["profile, 1 ms TTL, 20 ms origin"]
+    print(f"  1 ms TTL in front of a 20 ms origin: {m['requests']} requests made "
+          f"{m['origin_calls']} origin calls (single flight)")
+    for mode in ("shared", "reuseport"):
+        r = by[f"healthz, {mode} listener"]
+        print(f"  {mode} listener: {r['rps']:.0f} req/s, spread (least/most busy worker) "
+              f"{r['spread_min_over_max']:.2f}")
+    targets = [
+        ("cache hit >= 0.5 x healthz req/s", hit["rps"] >= 0.5 * h["rps"],
+         f"{hit['rps'] / max(h['rps'], 1):.2f} x"),
+        ("cache hit p99 <= 2 ms at 64 connections", (hit["p99_ms"] or 1e9) <= 2.0,
+         f"{hit['p99_ms']} ms"),
+        # wrk does not count requests still in flight when it stops: allow 1 %.
+        ("<= 1 Redis round trip per cache hit", hit["evalsha_per_req"] <= 1.01,
+         f"{hit['evalsha_per_req']:.2f}"),
+        ("login >= 90 % of the argon2 ceiling", login["rps"] >= 0.9 * notes["login_ceiling_rps"],
+         f"{login['rps'] / max(notes['login_ceiling_rps'], 1) * 100:.0f} %"),
+        ("supervisor + 2 workers <= 24 MiB RSS after load", total_rss <= 24 * 1048576,
+         f"{mib(total_rss)} MiB (after the cache-hit run)"),
+        ("kill -9: replacement within 50 ms (p50)", kill["replacement_ms_p50"] <= 50,
+         f"{kill['replacement_ms_p50']:.1f} ms"),
+        ("zero failed requests across a reload", reload["errors"] == 0 and reload["reload_ok"],
+         f"{reload['errors']}"),
+    ]
+    print()
+    print("targets:")
+    for name, met, value in targets:
+        print(f"  {'met   ' if met else 'MISSED'} {name}: {value}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"cores": cores, "quick": args.quick, "rows": rows, "notes": notes,
+                       "targets": [{"target": n, "met": m, "value": v} for n, m, v in targets]},
+                      out, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
