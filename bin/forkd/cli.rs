@@ -209,6 +209,12 @@ pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
             duration(w.heartbeat_age_ms)
         );
     }
+    let mut redis: Vec<&str> = s.workers.iter().map(|w| w.redis.as_str()).collect();
+    redis.sort();
+    redis.dedup();
+    for r in redis.iter().filter(|r| !r.is_empty()) {
+        println!("redis: {r}");
+    }
     for (slot, ms) in &s.backoff {
         println!(
             "slot {slot}: crashed at start; next worker in {}",

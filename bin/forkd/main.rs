@@ -142,6 +142,16 @@ impl ConfigSource {
                 expected: e.to_string(),
             })?;
         }
+        if let Some(path) = &config.redis.password_file {
+            // Checked here so that a start or reload fails early; the
+            // password itself is read where the store is configured.
+            read_password_file(path).map_err(|e| ConfigError::Value {
+                key: "redis.password_file".into(),
+                origin: String::new(),
+                value: path.display().to_string(),
+                expected: e,
+            })?;
+        }
         if config.redis.url.is_empty() && config.redis.data_dir.is_none() {
             config.redis.data_dir = Some(default_data_dir());
         }
@@ -216,8 +226,28 @@ pub(crate) fn store_url(c: &Config) -> String {
     }
 }
 
+/// The first line of a password file.
+fn read_password_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('\r')
+        .to_owned();
+    if line.is_empty() {
+        return Err("it is empty".into());
+    }
+    Ok(line)
+}
+
 pub(crate) fn store_config(c: &Config) -> forkd_store::StoreConfig {
     forkd_store::StoreConfig {
+        password: c
+            .redis
+            .password_file
+            .as_deref()
+            .and_then(|p| read_password_file(p).ok()),
         url: store_url(c),
         prefix: c.redis.prefix.clone(),
         command_timeout: c.redis.command_timeout,
@@ -466,6 +496,9 @@ impl forkd_app::Host for CellHost {
     }
     fn supervisor_figures(&self) -> (u64, u64) {
         self.cell.supervisor_figures()
+    }
+    fn set_redis_info(&self, text: &str) {
+        self.cell.set_info(text);
     }
     fn reopen_log(&self) {
         if let Some(path) = &self.log_file {

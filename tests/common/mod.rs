@@ -115,7 +115,7 @@ impl Forkd {
     }
 
     /// Starts forkd against `redis` with `extra` config.
-    pub fn start_with_redis(redis: &RedisServer, extra: &str) -> Forkd {
+    pub fn start_with_redis(redis: &impl Backend, extra: &str) -> Forkd {
         let mut f = Forkd::configure(extra);
         f.env.push(("FORKD_REDIS_URL".into(), redis.url()));
         f.spawn(&[]);
@@ -708,5 +708,273 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of 3 primaries and 3 replicas on free loopback ports,
+/// with a 1 s node timeout so that failovers take seconds; every node is
+/// killed when dropped.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+    nodes: Vec<Child>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let d = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&d)
+                .args([
+                    "--daemonize",
+                    "no",
+                    "--logfile",
+                    "",
+                    "--loglevel",
+                    "warning",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs");
+            nodes.push(child);
+        }
+        let c = RedisCluster {
+            ports,
+            _dir: dir,
+            nodes,
+        };
+        for &p in &c.ports {
+            poll(PATIENCE, || {
+                (c.cli_at(p, &["PING"]).trim() == "PONG").then_some(())
+            })
+            .expect("node answers");
+        }
+        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        c.wait_ok();
+        c
+    }
+
+    /// Waits until every live node says the cluster is ok.
+    pub fn wait_ok(&self) {
+        poll(Duration::from_secs(60), || {
+            self.live_ports()
+                .iter()
+                .all(|&p| {
+                    self.cli_at(p, &["CLUSTER", "INFO"])
+                        .contains("cluster_state:ok")
+                })
+                .then_some(())
+        })
+        .expect("cluster_state:ok");
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .zip(&self.nodes)
+            .filter(|(_, c)| alive(c.id() as i32))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// `redis-cluster://` with every node.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.ports[0]);
+        for (i, p) in self.ports[1..].iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{p}"));
+        }
+        url
+    }
+
+    pub fn cli_at(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "--raw"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A command routed to the node that owns its key (redis-cli -c).
+    pub fn raw(&self, args: &[&str]) -> Vec<String> {
+        let port = self.live_ports()[0];
+        let out = Command::new("redis-cli")
+            .args(["-c", "-p", &port.to_string(), "--raw"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every key on every primary.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for p in self.live_ports() {
+            if !self.cli_at(p, &["ROLE"]).starts_with("master") {
+                continue;
+            }
+            let out = Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "--scan"])
+                .output()
+                .unwrap();
+            keys.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_owned),
+            );
+        }
+        keys.sort();
+        keys
+    }
+
+    /// The port of the primary that owns `key`'s slot.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let slot: u16 = self.raw(&["CLUSTER", "KEYSLOT", key])[0]
+            .trim()
+            .parse()
+            .unwrap();
+        let nodes = self.cli_at(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            for range in &f[8..] {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) {
+                    if (a..=b).contains(&slot) {
+                        let port = f[1].split('@').next().unwrap().rsplit(':').next().unwrap();
+                        return port.parse().unwrap();
+                    }
+                }
+            }
+        }
+        panic!("no primary for slot {slot}:\n{nodes}");
+    }
+
+    /// Waits until the primary on `port` has been copied by its replica.
+    pub fn wait_replicated(&self, port: u16) {
+        poll(PATIENCE, || {
+            let info = self.cli_at(port, &["INFO", "replication"]);
+            let master: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("master_repl_offset:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            let replica: u64 = info
+                .lines()
+                .find(|l| l.starts_with("slave0:"))?
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("offset="))?
+                .parse()
+                .ok()?;
+            (replica >= master).then_some(())
+        })
+        .expect("the replica caught up");
+    }
+
+    /// SIGKILLs the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).unwrap();
+        let _ = self.nodes[i].kill();
+        let _ = self.nodes[i].wait();
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What the API tests need of a Redis deployment, single server or cluster.
+pub trait Backend {
+    fn url(&self) -> String;
+    /// Every key.
+    fn keys(&self) -> Vec<String>;
+    /// One command (routed to the key's node), raw output lines.
+    fn raw(&self, args: &[&str]) -> Vec<String>;
+    /// Commands processed so far, over all nodes.
+    fn commands_processed(&self) -> u64;
+    /// How much one `commands_processed` call adds itself.
+    fn info_cost(&self) -> u64;
+}
+
+impl Backend for RedisServer {
+    fn url(&self) -> String {
+        RedisServer::url(self)
+    }
+    fn keys(&self) -> Vec<String> {
+        RedisServer::keys(self)
+    }
+    fn raw(&self, args: &[&str]) -> Vec<String> {
+        RedisServer::raw(self, args)
+    }
+    fn commands_processed(&self) -> u64 {
+        RedisServer::commands_processed(self)
+    }
+    fn info_cost(&self) -> u64 {
+        1
+    }
+}
+
+impl Backend for RedisCluster {
+    fn url(&self) -> String {
+        RedisCluster::url(self)
+    }
+    fn keys(&self) -> Vec<String> {
+        RedisCluster::keys(self)
+    }
+    fn raw(&self, args: &[&str]) -> Vec<String> {
+        RedisCluster::raw(self, args)
+    }
+    fn commands_processed(&self) -> u64 {
+        self.live_ports()
+            .iter()
+            .map(|&p| {
+                self.cli_at(p, &["INFO", "stats"])
+                    .lines()
+                    .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+    fn info_cost(&self) -> u64 {
+        self.live_ports().len() as u64
     }
 }

@@ -114,6 +114,8 @@ pub trait Host: Send + Sync {
     fn totals(&self) -> Vec<u64>;
     /// (workers ready, worker restarts), from the supervisor.
     fn supervisor_figures(&self) -> (u64, u64);
+    /// Which Redis this worker uses, for `forkd status`.
+    fn set_redis_info(&self, text: &str);
 }
 
 /// Everything a worker needs.

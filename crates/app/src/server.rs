@@ -99,13 +99,21 @@ async fn serve(w: Worker) -> i32 {
     });
 
     // The heartbeat runs on this runtime: if the event loop stalls, it stops.
+    // It also publishes which Redis nodes the worker is connected to.
     let beat = host.clone();
     let every = settings.heartbeat_interval;
+    let described = state.store.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(every);
+        let mut last = String::new();
         loop {
             t.tick().await;
             beat.heartbeat();
+            let now = described.describe();
+            if now != last {
+                beat.set_redis_info(&now);
+                last = now;
+            }
         }
     });
 

@@ -42,6 +42,7 @@ pub const KEYS: &[&str] = &[
     "http.keepalive",
     "http.trusted_proxies",
     "redis.url",
+    "redis.password_file",
     "redis.prefix",
     "redis.command_timeout",
     "redis.connect_timeout",
@@ -170,6 +171,8 @@ impl Default for RawHttp {
 #[serde(deny_unknown_fields, default)]
 pub struct RawRedis {
     pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     pub prefix: String,
     pub command_timeout: f64,
     pub connect_timeout: f64,
@@ -183,6 +186,7 @@ impl Default for RawRedis {
     fn default() -> Self {
         RawRedis {
             url: String::new(),
+            password_file: None,
             prefix: "forkd:".into(),
             command_timeout: 1.0,
             connect_timeout: 1.0,
@@ -430,6 +434,10 @@ impl Serialize for Cidr {
 pub struct Redis {
     /// Empty: forkd runs its own redis-server (see `server`, `data_dir`).
     pub url: String,
+    /// A file whose first line is the Redis password (read at start and at
+    /// every reload; never printed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     pub prefix: String,
     #[serde(serialize_with = "secs")]
     pub command_timeout: Duration,
@@ -688,6 +696,7 @@ impl RawConfig {
             }
             "redis.url" => self.redis.url = value.to_owned(),
             "redis.prefix" => self.redis.prefix = value.to_owned(),
+            "redis.password_file" => self.redis.password_file = Some(value.into()),
             "redis.command_timeout" => self.redis.command_timeout = float()?,
             "redis.connect_timeout" => self.redis.connect_timeout = float()?,
             "redis.reconnect_max_delay" => self.redis.reconnect_max_delay = float()?,
@@ -945,8 +954,18 @@ impl RawConfig {
             lock_wait: seconds("profile.lock_wait", p.lock_wait, 0.0)?,
         };
         let r = &self.redis;
+        if let Some(p) = &r.password_file {
+            if !p.is_absolute() {
+                return Err(bad(
+                    "redis.password_file",
+                    p.display(),
+                    "expected an absolute path",
+                ));
+            }
+        }
         let redis = Redis {
             url,
+            password_file: r.password_file.clone(),
             prefix: r.prefix.clone(),
             command_timeout: seconds("redis.command_timeout", r.command_timeout, 0.001)?,
             connect_timeout: seconds("redis.connect_timeout", r.connect_timeout, 0.001)?,
@@ -1198,6 +1217,7 @@ mod tests {
                 | "profile.origin"
                 | "http.trusted_proxies" => continue,
                 "redis.data_dir" => "/tmp/y",
+                "redis.password_file" => "/tmp/pw",
                 _ => "7",
             };
             RawConfig::default().set(key, value).unwrap();

@@ -31,9 +31,10 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use futures::TryStreamExt;
 
 /// How to reach Redis.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreConfig {
     /// `redis://`, `rediss://` or `redis+unix:///path`.
     pub url: String,
@@ -44,6 +45,18 @@ pub struct StoreConfig {
     pub connect_timeout: Duration,
     /// Reconnect delays grow from 50 ms up to this, plus jitter.
     pub reconnect_max_delay: Duration,
+    /// A password to use instead of (or as well as none in) the URL, e.g.
+    /// read from `redis.password_file`. Never logged.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A store failure. Messages never contain secrets.
@@ -151,6 +164,9 @@ impl Store {
         // fail_fast off, fred would wait out a reconnect delay before even
         // its first try); the reconnect policy covers later disconnections.
         config.fail_fast = true;
+        if let Some(p) = &cfg.password {
+            config.password = Some(p.clone());
+        }
         let max = cfg.reconnect_max_delay.as_millis().clamp(50, 60_000) as u32;
         let mut policy = ReconnectPolicy::new_exponential(0, 50, max, 2);
         policy.set_jitter(max / 10 + 10);
@@ -237,6 +253,30 @@ impl Store {
     /// How the client connects: "tcp", "tls" or "unix".
     pub fn transport(&self) -> &'static str {
         self.url_kind
+    }
+
+    /// One line for `forkd status`: the mode and the nodes connected now.
+    pub fn describe(&self) -> String {
+        let server = &self.client.client_config().server;
+        let mode = if server.is_clustered() {
+            "cluster"
+        } else if server.is_sentinel() {
+            "sentinel"
+        } else {
+            "standalone"
+        };
+        let mut nodes: Vec<String> = self
+            .client
+            .active_connections()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        nodes.sort();
+        if nodes.is_empty() {
+            format!("{mode} ({}), not connected", self.url_kind)
+        } else {
+            format!("{mode} ({}): {}", self.url_kind, nodes.join(","))
+        }
     }
 
     /// Fails at once, without queueing a command, while disconnected.
@@ -411,32 +451,22 @@ impl Store {
         self.ready()?;
         let pattern = format!("{}user:*", escape_glob(&self.prefix));
         let strip = self.user_key("");
-        let mut names = Vec::new();
-        let mut cursor = "0".to_owned();
-        // SCAN, bounded: a cursor walk visits each key at most a few times.
-        for _ in 0..1_000_000 {
-            let (next, keys): (String, Vec<String>) = self
-                .client
-                .custom(
-                    fred::types::CustomCommand::new_static("SCAN", None, false),
-                    vec![
-                        cursor.clone(),
-                        "MATCH".into(),
-                        pattern.clone(),
-                        "COUNT".into(),
-                        "500".into(),
-                    ],
-                )
-                .await?;
-            names.extend(
-                keys.into_iter()
-                    .filter_map(|k| k.strip_prefix(&strip).map(str::to_owned)),
-            );
-            if next == "0" {
-                break;
-            }
-            cursor = next;
-        }
+        // Every primary of a cluster holds some of the users.
+        let keys: Vec<fred::types::Key> = if self.client.is_clustered() {
+            self.client
+                .scan_cluster_buffered(pattern, Some(500), None)
+                .try_collect()
+                .await?
+        } else {
+            self.client
+                .scan_buffered(pattern, Some(500), None)
+                .try_collect()
+                .await?
+        };
+        let mut names: Vec<String> = keys
+            .iter()
+            .filter_map(|k| k.as_str()?.strip_prefix(&strip).map(str::to_owned))
+            .collect();
         names.sort();
         names.dedup();
         Ok(names)

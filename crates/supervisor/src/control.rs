@@ -52,6 +52,8 @@ pub struct WorkerStatus {
     pub rss_bytes: u64,
     pub restarts: u64,
     pub heartbeat_age_ms: u64,
+    /// Which Redis the worker uses (mode and nodes), as it reports it.
+    pub redis: String,
 }
 
 /// A status report.

@@ -1006,6 +1006,7 @@ impl<P: Program> Supervisor<P> {
                     rss_bytes: rss_bytes(w.pid),
                     restarts: slots.get(w.slot).map_or(0, |s| s.restarts),
                     heartbeat_age_ms: now.saturating_sub(v.heartbeat_ms),
+                    redis: crate::scoreboard::info_text(&v.info),
                 }
             })
             .collect();

@@ -27,6 +27,13 @@ pub enum WorkerState {
     Draining,
 }
 
+/// The text a worker published with [`WorkerCell::set_info`].
+pub(crate) fn info_text(words: &[u64; INFO_WORDS]) -> String {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
 impl WorkerState {
     fn from_u32(v: u32) -> Self {
         match v {
@@ -52,7 +59,11 @@ pub(crate) struct Cell {
     workers_up: AtomicU64,
     restarts: AtomicU64,
     counters: [AtomicU64; COUNTERS],
+    /// A short text the worker publishes (which Redis it uses), as bytes.
+    info: [AtomicU64; INFO_WORDS],
 }
+
+const INFO_WORDS: usize = 16;
 
 /// Generic counters per cell.
 pub const COUNTERS: usize = 64;
@@ -60,6 +71,7 @@ pub const COUNTERS: usize = 64;
 /// A copy of one cell.
 #[derive(Debug, Clone, Copy)]
 pub struct CellView {
+    pub info: [u64; INFO_WORDS],
     pub state: WorkerState,
     pub heartbeat_ms: u64,
     pub requests: u64,
@@ -115,6 +127,9 @@ impl Scoreboard {
         c.heartbeat_ms.store(now_ms, Relaxed);
         c.started_ms.store(now_ms, Relaxed);
         c.requests.store(0, Relaxed);
+        for w in &c.info {
+            w.store(0, Relaxed);
+        }
         c.state.store(WorkerState::Starting as u32, Relaxed);
         Some(i)
     }
@@ -143,6 +158,7 @@ impl Scoreboard {
     pub(crate) fn view(&self, i: usize) -> CellView {
         let c = self.cell(i);
         CellView {
+            info: std::array::from_fn(|i| c.info[i].load(Relaxed)),
             state: WorkerState::from_u32(c.state.load(Relaxed)),
             heartbeat_ms: c.heartbeat_ms.load(Relaxed),
             requests: c.requests.load(Relaxed),
@@ -185,6 +201,17 @@ impl WorkerCell {
         // SAFETY: see the `Send` impl: the mapping lives as long as the
         // process, and `i` is within it (asserted).
         unsafe { &*self.base.as_ptr().add(i) }
+    }
+
+    /// Publishes a short text (at most 128 bytes are kept) for status.
+    pub fn set_info(&self, text: &str) {
+        let mut bytes = [0u8; INFO_WORDS * 8];
+        let n = text.len().min(bytes.len());
+        bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
+        for (i, w) in self.cell().info.iter().enumerate() {
+            let word: [u8; 8] = bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes");
+            w.store(u64::from_le_bytes(word), Relaxed);
+        }
     }
 
     /// Adds `n` to this worker's counter `k`.
