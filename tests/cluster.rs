@@ -1,0 +1,256 @@
+//! Beyond one host: two forkd instances ("hosts") on one Redis Cluster,
+//! a primary failover under load, and a Sentinel-managed primary failing
+//! over. Every Redis process runs on loopback, started and stopped here.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PW: &str = "cluster-secret";
+
+fn concurrently<F>(n: usize, make: F) -> Vec<std::io::Result<Response>>
+where
+    F: Fn(usize) -> std::io::Result<Response> + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (make, barrier) = (make.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                make(i)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn two_instances_on_one_cluster_share_sessions_and_one_rate_limit() {
+    let cluster = RedisCluster::start();
+    // 10 an hour: no refill while the test runs.
+    let config = "workers = 2\n[rate_limit.profile]\nlimit = 10\nwindow = 3600\n";
+    let a = Forkd::start_with_redis(&cluster, config);
+    let b = Forkd::start_with_redis(&cluster, config);
+    a.add_user("sam", PW);
+    a.add_user("sid", PW);
+
+    let t = token(a.port, "sam", PW);
+    assert_eq!(profile(b.port, &t).unwrap().status, 200, "B accepts A's login");
+    let out = request(a.port, "POST", "/logout", &[("Authorization", &format!("Bearer {t}"))], b"").unwrap();
+    assert_eq!(out.status, 204);
+    assert_eq!(profile(b.port, &t).unwrap().status, 401, "B refuses what A logged out");
+
+    // One limit of 10 across both instances and their 4 workers.
+    let t = token(b.port, "sid", PW);
+    let (pa, pb) = (a.port, b.port);
+    let results = concurrently(40, move |i| profile(if i % 2 == 0 { pa } else { pb }, &t));
+    let mut counts: HashMap<u16, usize> = HashMap::new();
+    for r in results {
+        *counts.entry(r.expect("answered").status).or_default() += 1;
+    }
+    assert_eq!(counts.get(&200), Some(&10), "{counts:?}");
+    assert_eq!(counts.get(&429), Some(&30), "{counts:?}");
+
+    // `forkd status` names the mode and the nodes.
+    let out = a.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("redis: cluster"), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{}", cluster.ports[0])) || text.contains("127.0.0.1:"), "{text}");
+}
+
+#[test]
+fn a_primary_failover_keeps_the_session_and_the_limit() {
+    let mut cluster = RedisCluster::start();
+    // 10 an hour: no refill while the failover runs.
+    let f = Forkd::start_with_redis(
+        &cluster,
+        "workers = 2\nshutdown_timeout = 5\n[rate_limit.profile]\nlimit = 10\nwindow = 3600\n",
+    );
+    let workers = f.wait_ready();
+    f.add_user("tara", PW);
+    let t = token(f.port, "tara", PW);
+    for _ in 0..5 {
+        assert_eq!(profile(f.port, &t).unwrap().status, 200);
+    }
+    let uid = &t[..12];
+    let primary = cluster.primary_of(&format!("{{{uid}}}"));
+    cluster.wait_replicated(primary);
+
+    cluster.kill(primary);
+    let killed = Instant::now();
+    let mut counts: HashMap<u16, usize> = HashMap::new();
+    let mut recovered = None;
+    // Until the limit bites again (or a generous deadline).
+    while killed.elapsed() < Duration::from_secs(60) {
+        let r = profile(f.port, &t).expect("answered");
+        *counts.entry(r.status).or_default() += 1;
+        match r.status {
+            200 => {
+                recovered.get_or_insert(killed.elapsed());
+            }
+            429 => break,
+            503 => assert!(r.header("retry-after").is_some()),
+            s => panic!("unexpected status {s} during the failover: {r:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "failover: statuses {counts:?}; service back after {:?}",
+        recovered.unwrap_or_default()
+    );
+    // The session survived (200s after the failover), the limit held
+    // (exactly the 5 requests left of 10), and errors were 503s only.
+    assert_eq!(counts.get(&200), Some(&5), "{counts:?}");
+    assert_eq!(counts.get(&429), Some(&1), "{counts:?}");
+    assert!(counts.keys().all(|s| [200, 429, 503].contains(s)), "{counts:?}");
+    assert_eq!(f.wait_ready(), workers, "no worker restarted");
+}
+
+struct Sentinel {
+    _dir: tempfile::TempDir,
+    procs: Vec<Child>,
+    primary: u16,
+    sentinels: Vec<u16>,
+}
+
+impl Sentinel {
+    fn start() -> Sentinel {
+        let dir = tempfile::tempdir().unwrap();
+        let primary = free_port();
+        let replica = free_port();
+        let spawn = |args: Vec<String>| {
+            Command::new("redis-server")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs")
+        };
+        let server = |port: u16, extra: &[&str]| {
+            let mut a: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            a.push("--dir".into());
+            a.push(dir.path().display().to_string());
+            a.push("--dbfilename".into());
+            a.push(format!("dump-{port}.rdb"));
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let mut procs = vec![spawn(server(primary, &[]))];
+        let p = primary.to_string();
+        procs.push(spawn(server(replica, &["--replicaof", "127.0.0.1", &p])));
+        let sentinels: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        for port in &sentinels {
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nsentinel monitor main 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds main 1000\nsentinel failover-timeout main 5000\n\
+                     sentinel parallel-syncs main 1\n"
+                ),
+            )
+            .unwrap();
+            procs.push(spawn(vec![conf.display().to_string(), "--sentinel".into()]));
+        }
+        let s = Sentinel {
+            _dir: dir,
+            procs,
+            primary,
+            sentinels,
+        };
+        poll(PATIENCE, || {
+            let info = cli(s.primary, &["INFO", "replication"]);
+            info.contains("connected_slaves:1").then_some(())
+        })
+        .expect("the replica is attached");
+        for &sp in &s.sentinels {
+            poll(PATIENCE, || {
+                cli(sp, &["SENTINEL", "get-master-addr-by-name", "main"])
+                    .contains(&s.primary.to_string())
+                    .then_some(())
+            })
+            .expect("sentinels know the primary");
+        }
+        s
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}?sentinelServiceName=main&node=127.0.0.1:{}&node=127.0.0.1:{}",
+            self.sentinels[0], self.sentinels[1], self.sentinels[2]
+        )
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "--raw"])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_sentinel_failover_keeps_the_login() {
+    let mut s = Sentinel::start();
+    let mut f = Forkd::configure("workers = 2\n");
+    f.env.push(("FORKD_REDIS_URL".into(), s.url()));
+    f.spawn(&[]);
+    f.wait_ready();
+    f.add_user("uma", PW);
+    let t = token(f.port, "uma", PW);
+    assert_eq!(profile(f.port, &t).unwrap().status, 200);
+    let out = f.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("redis: sentinel"));
+    // Everything written so far is on the replica.
+    poll(PATIENCE, || {
+        let info = cli(s.primary, &["INFO", "replication"]);
+        let master: u64 = info.lines().find_map(|l| l.strip_prefix("master_repl_offset:"))?.trim().parse().ok()?;
+        let replica: u64 = info
+            .lines()
+            .find(|l| l.starts_with("slave0:"))?
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("offset="))?
+            .parse()
+            .ok()?;
+        (replica >= master).then_some(())
+    })
+    .expect("replicated");
+
+    let _ = s.procs[0].kill();
+    let _ = s.procs[0].wait();
+    let killed = Instant::now();
+    let back = poll(Duration::from_secs(60), || {
+        let r = profile(f.port, &t).ok()?;
+        match r.status {
+            200 => Some(killed.elapsed()),
+            503 => None,
+            other => panic!("unexpected status {other} during the failover: {r:?}"),
+        }
+    })
+    .expect("the same login works after the failover");
+    eprintln!("sentinel failover: the login worked again after {back:?}");
+    let new_primary = cli(s.sentinels[0], &["SENTINEL", "get-master-addr-by-name", "main"]);
+    assert!(!new_primary.contains(&s.primary.to_string()), "{new_primary}");
+}
