@@ -42,10 +42,25 @@ fn two_instances_on_one_cluster_share_sessions_and_one_rate_limit() {
     a.add_user("sid", PW);
 
     let t = token(a.port, "sam", PW);
-    assert_eq!(profile(b.port, &t).unwrap().status, 200, "B accepts A's login");
-    let out = request(a.port, "POST", "/logout", &[("Authorization", &format!("Bearer {t}"))], b"").unwrap();
+    assert_eq!(
+        profile(b.port, &t).unwrap().status,
+        200,
+        "B accepts A's login"
+    );
+    let out = request(
+        a.port,
+        "POST",
+        "/logout",
+        &[("Authorization", &format!("Bearer {t}"))],
+        b"",
+    )
+    .unwrap();
     assert_eq!(out.status, 204);
-    assert_eq!(profile(b.port, &t).unwrap().status, 401, "B refuses what A logged out");
+    assert_eq!(
+        profile(b.port, &t).unwrap().status,
+        401,
+        "B refuses what A logged out"
+    );
 
     // One limit of 10 across both instances and their 4 workers.
     let t = token(b.port, "sid", PW);
@@ -62,7 +77,10 @@ fn two_instances_on_one_cluster_share_sessions_and_one_rate_limit() {
     let out = a.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("redis: cluster"), "{text}");
-    assert!(text.contains(&format!("127.0.0.1:{}", cluster.ports[0])) || text.contains("127.0.0.1:"), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", cluster.ports[0])) || text.contains("127.0.0.1:"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -109,7 +127,10 @@ fn a_primary_failover_keeps_the_session_and_the_limit() {
     // (exactly the 5 requests left of 10), and errors were 503s only.
     assert_eq!(counts.get(&200), Some(&5), "{counts:?}");
     assert_eq!(counts.get(&429), Some(&1), "{counts:?}");
-    assert!(counts.keys().all(|s| [200, 429, 503].contains(s)), "{counts:?}");
+    assert!(
+        counts.keys().all(|s| [200, 429, 503].contains(s)),
+        "{counts:?}"
+    );
     assert_eq!(f.wait_ready(), workers, "no worker restarted");
 }
 
@@ -135,10 +156,19 @@ impl Sentinel {
                 .expect("redis-server runs")
         };
         let server = |port: u16, extra: &[&str]| {
-            let mut a: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            let mut a: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             a.push("--dir".into());
             a.push(dir.path().display().to_string());
             a.push("--dbfilename".into());
@@ -226,7 +256,12 @@ fn a_sentinel_failover_keeps_the_login() {
     // Everything written so far is on the replica.
     poll(PATIENCE, || {
         let info = cli(s.primary, &["INFO", "replication"]);
-        let master: u64 = info.lines().find_map(|l| l.strip_prefix("master_repl_offset:"))?.trim().parse().ok()?;
+        let master: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))?
+            .trim()
+            .parse()
+            .ok()?;
         let replica: u64 = info
             .lines()
             .find(|l| l.starts_with("slave0:"))?
@@ -251,6 +286,148 @@ fn a_sentinel_failover_keeps_the_login() {
     })
     .expect("the same login works after the failover");
     eprintln!("sentinel failover: the login worked again after {back:?}");
-    let new_primary = cli(s.sentinels[0], &["SENTINEL", "get-master-addr-by-name", "main"]);
-    assert!(!new_primary.contains(&s.primary.to_string()), "{new_primary}");
+    let new_primary = cli(
+        s.sentinels[0],
+        &["SENTINEL", "get-master-addr-by-name", "main"],
+    );
+    assert!(
+        !new_primary.contains(&s.primary.to_string()),
+        "{new_primary}"
+    );
+}
+
+#[test]
+fn tls_and_a_password_from_a_file_work_and_the_password_is_never_shown() {
+    // A private CA and a server certificate for 127.0.0.1, made here.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=forkd test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let port = free_port();
+    let _redis = KillOnDrop(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+                "--tls-ca-cert-file",
+                "ca.crt",
+            ])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--requirepass",
+                "tls-pass-42",
+                "--logfile",
+                "",
+            ])
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs"),
+    );
+    std::fs::write(d.join("password"), "tls-pass-42\n").unwrap();
+
+    let mut f = Forkd::configure(&format!(
+        "workers = 1\n[redis]\nurl = \"rediss://127.0.0.1:{port}\"\npassword_file = \"{}\"\n",
+        d.join("password").display()
+    ));
+    // The private CA is trusted through SSL_CERT_FILE.
+    f.env.push((
+        "SSL_CERT_FILE".into(),
+        d.join("ca.crt").display().to_string(),
+    ));
+    f.spawn(&[]);
+    f.wait_ready();
+    poll(PATIENCE, || {
+        (get(f.port, "/readyz").ok()?.status == 200).then_some(())
+    })
+    .expect("connected over TLS with the password");
+    f.add_user("val", PW);
+    let t = token(f.port, "val", PW);
+    assert_eq!(profile(f.port, &t).unwrap().status, 200);
+    let status = String::from_utf8_lossy(&f.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("redis: standalone (tls)"), "{status}");
+    let config = String::from_utf8_lossy(&f.cli(&["check-config"]).stdout).into_owned();
+    for text in [&config, &status, &f.log_text()] {
+        assert!(!text.contains("tls-pass-42"), "the password leaked: {text}");
+    }
+}
+
+/// Ends a child process however the test ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
