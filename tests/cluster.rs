@@ -255,21 +255,7 @@ fn a_sentinel_failover_keeps_the_login() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("redis: sentinel"));
     // Everything written so far is on the replica.
     poll(PATIENCE, || {
-        let info = cli(s.primary, &["INFO", "replication"]);
-        let master: u64 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("master_repl_offset:"))?
-            .trim()
-            .parse()
-            .ok()?;
-        let replica: u64 = info
-            .lines()
-            .find(|l| l.starts_with("slave0:"))?
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("offset="))?
-            .parse()
-            .ok()?;
-        (replica >= master).then_some(())
+        replica_caught_up(&cli(s.primary, &["INFO", "replication"])).then_some(())
     })
     .expect("replicated");
 

@@ -252,6 +252,13 @@ pub(crate) fn stop(target: &Target, timeout: Option<f64>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// One line per replaced worker: (slot, old pid, new pid).
+fn print_replaced(replaced: &[(usize, i32, i32)]) {
+    for (slot, old, new) in replaced {
+        println!("slot {slot}: pid {old} -> {new}");
+    }
+}
+
 pub(crate) fn reload(target: &Target) -> anyhow::Result<()> {
     let mut c = connect(target)?;
     // A rolling reload waits for each new worker in turn, each bounded by
@@ -261,9 +268,7 @@ pub(crate) fn reload(target: &Target) -> anyhow::Result<()> {
         Reply::Reload(o) => o,
         other => bail!("unexpected reply: {other:?}"),
     };
-    for (slot, old, new) in &outcome.replaced {
-        println!("slot {slot}: pid {old} -> {new}");
-    }
+    print_replaced(&outcome.replaced);
     match outcome.error {
         None => {
             println!(
@@ -283,9 +288,7 @@ pub(crate) fn upgrade(target: &Target) -> anyhow::Result<()> {
         Reply::Upgrade(o) => o,
         other => bail!("unexpected reply: {other:?}"),
     };
-    for (slot, old, new) in &outcome.replaced {
-        println!("slot {slot}: pid {old} -> {new}");
-    }
+    print_replaced(&outcome.replaced);
     match outcome.error {
         None => {
             println!(

@@ -610,8 +610,7 @@ impl RedisServer {
     /// (Re)starts the server on the same port and data directory. Every
     /// write is synced, so a SIGKILLed server comes back with its data.
     pub fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let child = redis_server(self.port, self.dir.path())
             .args([
                 "--save",
                 "",
@@ -620,19 +619,6 @@ impl RedisServer {
                 "--appendfsync",
                 "always",
             ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args([
-                "--daemonize",
-                "no",
-                "--logfile",
-                "",
-                "--loglevel",
-                "warning",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("redis-server runs (bin/test installs it)");
         self.child = Some(child);
@@ -728,24 +714,10 @@ impl RedisCluster {
         for port in &ports {
             let d = dir.path().join(port.to_string());
             std::fs::create_dir_all(&d).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let child = redis_server(*port, &d)
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
                 .args(["--cluster-config-file", "nodes.conf"])
                 .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&d)
-                .args([
-                    "--daemonize",
-                    "no",
-                    "--logfile",
-                    "",
-                    "--loglevel",
-                    "warning",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server runs");
             nodes.push(child);
@@ -885,21 +857,7 @@ impl RedisCluster {
     /// Waits until the primary on `port` has been copied by its replica.
     pub fn wait_replicated(&self, port: u16) {
         poll(PATIENCE, || {
-            let info = self.cli_at(port, &["INFO", "replication"]);
-            let master: u64 = info
-                .lines()
-                .find_map(|l| l.strip_prefix("master_repl_offset:"))?
-                .trim()
-                .parse()
-                .ok()?;
-            let replica: u64 = info
-                .lines()
-                .find(|l| l.starts_with("slave0:"))?
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("offset="))?
-                .parse()
-                .ok()?;
-            (replica >= master).then_some(())
+            replica_caught_up(&self.cli_at(port, &["INFO", "replication"])).then_some(())
         })
         .expect("the replica caught up");
     }
@@ -977,4 +935,40 @@ impl Backend for RedisCluster {
     fn info_cost(&self) -> u64 {
         self.live_ports().len() as u64
     }
+}
+
+/// `redis-server` on loopback `port` with its data in `dir`, quiet; callers
+/// add persistence and mode options.
+pub fn redis_server(port: u16, dir: &Path) -> Command {
+    let mut c = Command::new("redis-server");
+    c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .arg("--dir")
+        .arg(dir)
+        .args([
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+            "--loglevel",
+            "warning",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// Whether a primary's `INFO replication` shows its first replica at the
+/// primary's own offset.
+pub fn replica_caught_up(info: &str) -> bool {
+    let master: Option<u64> = info
+        .lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse().ok());
+    let replica: Option<u64> = info
+        .lines()
+        .find(|l| l.starts_with("slave0:"))
+        .and_then(|l| l.split(',').find_map(|kv| kv.strip_prefix("offset=")))
+        .and_then(|v| v.parse().ok());
+    matches!((master, replica), (Some(m), Some(r)) if r >= m)
 }
