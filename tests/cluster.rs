@@ -287,63 +287,7 @@ fn tls_and_a_password_from_a_file_work_and_the_password_is_never_shown() {
     // A private CA and a server certificate for 127.0.0.1, made here.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=forkd test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    make_certs(d);
     let port = free_port();
     let _redis = KillOnDrop(
         Command::new("redis-server")
@@ -416,4 +360,188 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A private CA and a certificate for 127.0.0.1 in `d`: ca.crt,
+/// server.crt, server.key.
+fn make_certs(d: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=forkd test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[test]
+fn a_tls_cluster_with_a_password_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
+    let password = "cluster-pass-7";
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < 6 {
+        let p = free_cluster_port();
+        if !ports.iter().any(|&q| q == p || q.abs_diff(p) == 10_000) {
+            ports.push(p);
+        }
+    }
+    let mut nodes = Vec::new();
+    for &p in &ports {
+        let nd = d.join(p.to_string());
+        std::fs::create_dir_all(&nd).unwrap();
+        let child = redis_server(p, &nd)
+            .args(["--port", "0", "--tls-port", &p.to_string()])
+            .arg("--tls-cert-file")
+            .arg(d.join("server.crt"))
+            .arg("--tls-key-file")
+            .arg(d.join("server.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(d.join("ca.crt"))
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+            ])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args([
+                "--cluster-config-file",
+                "nodes.conf",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--requirepass", password, "--masterauth", password])
+            .spawn()
+            .expect("redis-server runs");
+        nodes.push(KillOnDrop(child));
+    }
+    let ca = d.join("ca.crt").display().to_string();
+    let tls_cli = |port: u16, args: &[&str]| -> String {
+        let out = Command::new("redis-cli")
+            .args([
+                "--tls",
+                "--cacert",
+                &ca,
+                "-a",
+                password,
+                "--no-auth-warning",
+            ])
+            .args(["-p", &port.to_string(), "--raw"])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for &p in &ports {
+        poll(PATIENCE, || {
+            (tls_cli(p, &["PING"]).trim() == "PONG").then_some(())
+        })
+        .expect("node up");
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = Command::new("redis-cli")
+        .args([
+            "--tls",
+            "--cacert",
+            &ca,
+            "-a",
+            password,
+            "--no-auth-warning",
+            "--cluster",
+            "create",
+        ])
+        .args(&addrs)
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    poll(Duration::from_secs(60), || {
+        ports
+            .iter()
+            .all(|&p| tls_cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            .then_some(())
+    })
+    .expect("cluster ok");
+    std::fs::write(d.join("password"), format!("{password}\n")).unwrap();
+
+    let mut url = format!("rediss-cluster://127.0.0.1:{}", ports[0]);
+    for (i, p) in ports[1..].iter().enumerate() {
+        url.push_str(&format!(
+            "{}node=127.0.0.1:{p}",
+            if i == 0 { '?' } else { '&' }
+        ));
+    }
+    let mut f = Forkd::configure(&format!(
+        "workers = 2\n[redis]\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+        d.join("password").display()
+    ));
+    f.env.push(("SSL_CERT_FILE".into(), ca.clone()));
+    f.spawn(&[]);
+    f.wait_ready();
+    f.add_user("wes", PW);
+    let t = token(f.port, "wes", PW);
+    assert_eq!(profile(f.port, &t).unwrap().status, 200);
+    let status = String::from_utf8_lossy(&f.cli(&["status"]).stdout).into_owned();
+    assert!(status.contains("redis: cluster (tls)"), "{status}");
+    assert!(!f.log_text().contains(password));
 }

@@ -32,6 +32,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port whose cluster bus port (port + 10000) is valid and free too.
+pub fn free_cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let p = free_port();
+        if p < 55_000 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
 /// Polls `f` every 20 ms until it returns Some or `limit` passes.
 pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
@@ -709,7 +720,13 @@ pub struct RedisCluster {
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < 6 {
+            let p = free_cluster_port();
+            if !ports.iter().any(|&q| q == p || q.abs_diff(p) == 10_000) {
+                ports.push(p);
+            }
+        }
         let mut nodes = Vec::new();
         for port in &ports {
             let d = dir.path().join(port.to_string());
