@@ -250,11 +250,6 @@ impl Store {
         }
     }
 
-    /// How the client connects: "tcp", "tls" or "unix".
-    pub fn transport(&self) -> &'static str {
-        self.url_kind
-    }
-
     /// One line for `forkd status`: the mode and the nodes connected now.
     pub fn describe(&self) -> String {
         let server = &self.client.client_config().server;

@@ -144,7 +144,7 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
     })?;
     // Twice the largest worker count: a rolling replacement briefly runs
     // two processes per slot.
-    let board = Scoreboard::new(2 * forkd_max_workers()).map_err(|source| Error::Sys {
+    let board = Scoreboard::new(2 * crate::MAX_WORKERS).map_err(|source| Error::Sys {
         what: "mmap for the scoreboard",
         source,
     })?;
@@ -299,10 +299,6 @@ fn resume<P: Program>(
         }
     }
     sup.finish()
-}
-
-fn forkd_max_workers() -> usize {
-    crate::MAX_WORKERS
 }
 
 /// An upgrade under way in this (new) image.
@@ -727,7 +723,7 @@ impl<P: Program> Supervisor<P> {
     }
 
     fn scale(&mut self, n: usize, now: u64) -> Vec<Action> {
-        let n = n.clamp(1, forkd_max_workers());
+        let n = n.clamp(1, crate::MAX_WORKERS);
         if n != self.plan.target() {
             log::info!("scaling from {} to {n} worker(s)", self.plan.target());
         }
@@ -964,7 +960,7 @@ impl<P: Program> Supervisor<P> {
                 true
             }
             Request::Scale { workers } => {
-                let max = forkd_max_workers();
+                let max = crate::MAX_WORKERS;
                 let reply = if !(1..=max).contains(&workers) {
                     Reply::Error {
                         message: format!("cannot scale to {workers}: expected 1 to {max} workers"),
