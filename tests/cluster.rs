@@ -204,13 +204,21 @@ impl Sentinel {
             info.contains("connected_slaves:1").then_some(())
         })
         .expect("the replica is attached");
+        // Each sentinel must know the primary, its replica and the two
+        // other sentinels (found through the primary's hello channel every
+        // 2 s): without them no quorum, and no failover, is ever reached.
+        let field = |text: &str, name: &str| -> Option<u32> {
+            let lines: Vec<&str> = text.lines().collect();
+            let i = lines.iter().position(|l| *l == name)?;
+            lines.get(i + 1)?.trim().parse().ok()
+        };
         for &sp in &s.sentinels {
-            poll(PATIENCE, || {
-                cli(sp, &["SENTINEL", "get-master-addr-by-name", "main"])
-                    .contains(&s.primary.to_string())
+            poll(Duration::from_secs(60), || {
+                let m = cli(sp, &["SENTINEL", "master", "main"]);
+                (field(&m, "num-other-sentinels")? >= 2 && field(&m, "num-slaves")? >= 1)
                     .then_some(())
             })
-            .expect("sentinels know the primary");
+            .expect("the sentinels know the primary, the replica and each other");
         }
         s
     }
