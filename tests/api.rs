@@ -24,26 +24,6 @@ fn with(base: &str, section_values: &str) -> String {
     format!("{base}{section_values}")
 }
 
-/// Sends `n` requests built by `make` from `n` threads at once.
-fn concurrently<F>(n: usize, make: F) -> Vec<std::io::Result<Response>>
-where
-    F: Fn(usize) -> std::io::Result<Response> + Send + Sync + 'static,
-{
-    let make = Arc::new(make);
-    let barrier = Arc::new(std::sync::Barrier::new(n));
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let make = make.clone();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                make(i)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
-
 fn login_on_one_worker_profile_on_the_other_and_logout_everywhere(redis: &impl Backend) {
     let f = Forkd::start_with_redis(redis, BASE);
     let pids: HashSet<i32> = f.wait_ready().into_iter().collect();
@@ -69,14 +49,7 @@ fn login_on_one_worker_profile_on_the_other_and_logout_everywhere(redis: &impl B
     .expect("both workers answer /profile");
     assert!(answered.iter().any(|&p| p != login_pid));
 
-    let out = request(
-        f.port,
-        "POST",
-        "/logout",
-        &[("Authorization", &format!("Bearer {token}"))],
-        b"",
-    )
-    .unwrap();
+    let out = logout(f.port, &token).unwrap();
     assert_eq!(out.status, 204);
     // Refused by every worker from now on.
     let mut refused = HashSet::new();
@@ -92,14 +65,7 @@ fn login_on_one_worker_profile_on_the_other_and_logout_everywhere(redis: &impl B
     })
     .expect("both workers refuse the token");
     // A second logout of the same token is a 401 too.
-    let again = request(
-        f.port,
-        "POST",
-        "/logout",
-        &[("Authorization", &format!("Bearer {token}"))],
-        b"",
-    )
-    .unwrap();
+    let again = logout(f.port, &token).unwrap();
     assert_eq!(again.status, 401);
 }
 
@@ -854,40 +820,36 @@ fn missing_redis_server_is_a_clear_error() {
     assert!(port_free(f.port));
 }
 
-#[test]
-fn login_limits_hold_per_worker_while_redis_is_down() {
+/// Login statuses of 4 attempts (distinct users, one client) against a
+/// forkd with `config` whose Redis has just died.
+fn logins_without_redis(config: &str) -> Vec<u16> {
     let mut redis = RedisServer::start();
-    // Default on_redis_error = "local": limit / workers in each worker.
-    let f = Forkd::start_with_redis(
-        &redis,
-        "workers = 1\n[auth]\nlogin_ip_limit = 2\nlogin_user_limit = 100\n",
-    );
+    let f = Forkd::start_with_redis(&redis, config);
     redis.kill();
     poll(PATIENCE, || {
         (get(f.port, "/readyz").ok()?.status == 503).then_some(())
     })
     .expect("the worker notices");
-    let statuses: Vec<u16> = (0..4)
+    (0..4)
         .map(|i| login(f.port, &format!("u{i}"), "x").status)
-        .collect();
-    // Within the limit the login itself needs Redis (503); past it, 429.
-    assert_eq!(statuses, vec![503, 503, 429, 429]);
+        .collect()
+}
 
-    // "fail_closed": 503 from the limiter itself, every time.
-    let mut redis2 = RedisServer::start();
-    let g = Forkd::start_with_redis(
-        &redis2,
-        "workers = 1\n[auth]\nlogin_ip_limit = 2\n[rate_limit]\non_redis_error = \"fail_closed\"\n",
+#[test]
+fn login_limits_hold_per_worker_while_redis_is_down() {
+    // Default on_redis_error = "local": limit / workers in each worker.
+    // Within the limit the login itself needs Redis (503); past it, 429.
+    assert_eq!(
+        logins_without_redis("workers = 1\n[auth]\nlogin_ip_limit = 2\nlogin_user_limit = 100\n"),
+        vec![503, 503, 429, 429]
     );
-    redis2.kill();
-    poll(PATIENCE, || {
-        (get(g.port, "/readyz").ok()?.status == 503).then_some(())
-    })
-    .expect("the worker notices");
-    let statuses: Vec<u16> = (0..4)
-        .map(|i| login(g.port, &format!("u{i}"), "x").status)
-        .collect();
-    assert_eq!(statuses, vec![503, 503, 503, 503]);
+    // "fail_closed": 503 from the limiter itself, every time.
+    assert_eq!(
+        logins_without_redis(
+            "workers = 1\n[auth]\nlogin_ip_limit = 2\n[rate_limit]\non_redis_error = \"fail_closed\"\n"
+        ),
+        vec![503, 503, 503, 503]
+    );
 }
 
 /// Every API test above, against one redis-server and against a Redis

@@ -6,30 +6,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const PW: &str = "cluster-secret";
-
-fn concurrently<F>(n: usize, make: F) -> Vec<std::io::Result<Response>>
-where
-    F: Fn(usize) -> std::io::Result<Response> + Send + Sync + 'static,
-{
-    let make = Arc::new(make);
-    let barrier = Arc::new(std::sync::Barrier::new(n));
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let (make, barrier) = (make.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                make(i)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
 
 #[test]
 fn two_instances_on_one_cluster_share_sessions_and_one_rate_limit() {
@@ -47,14 +28,7 @@ fn two_instances_on_one_cluster_share_sessions_and_one_rate_limit() {
         200,
         "B accepts A's login"
     );
-    let out = request(
-        a.port,
-        "POST",
-        "/logout",
-        &[("Authorization", &format!("Bearer {t}"))],
-        b"",
-    )
-    .unwrap();
+    let out = logout(a.port, &t).unwrap();
     assert_eq!(out.status, 204);
     assert_eq!(
         profile(b.port, &t).unwrap().status,
@@ -438,13 +412,7 @@ fn a_tls_cluster_with_a_password_works() {
     let d = dir.path();
     make_certs(d);
     let password = "cluster-pass-7";
-    let mut ports: Vec<u16> = Vec::new();
-    while ports.len() < 6 {
-        let p = free_cluster_port();
-        if !ports.iter().any(|&q| q == p || q.abs_diff(p) == 10_000) {
-            ports.push(p);
-        }
-    }
+    let ports = cluster_ports(6);
     let mut nodes = Vec::new();
     for &p in &ports {
         let nd = d.join(p.to_string());

@@ -160,16 +160,7 @@ fn reload_under_load(mode: &str, how: &str) {
     }
     let after: HashSet<i32> = f.wait_ready().into_iter().collect();
     // Keep the load on the new workers for a moment.
-    poll(PATIENCE, || {
-        let s = f.status()?;
-        let served: u64 = s["workers"]
-            .as_array()?
-            .iter()
-            .map(|w| w["requests"].as_u64().unwrap())
-            .sum();
-        (served > 50).then_some(())
-    })
-    .expect("the new workers serve");
+    wait_served(&f, 50);
     let result = load.finish();
 
     assert!(

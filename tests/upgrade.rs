@@ -70,16 +70,7 @@ fn upgrade_under_load_replaces_every_worker_with_zero_failures() {
     assert!(text.contains("2 worker(s) replaced"), "{text}");
 
     let after: HashSet<i32> = f.wait_ready().into_iter().collect();
-    poll(PATIENCE, || {
-        let s = f.status()?;
-        let served: u64 = s["workers"]
-            .as_array()?
-            .iter()
-            .map(|w| w["requests"].as_u64().unwrap())
-            .sum();
-        (served > 50).then_some(())
-    })
-    .expect("the new workers serve");
+    wait_served(&f, 50);
     let result = load.finish();
 
     assert!(

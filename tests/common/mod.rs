@@ -43,6 +43,18 @@ pub fn free_cluster_port() -> u16 {
     panic!("no free port pair for a cluster node");
 }
 
+/// `n` distinct cluster node ports (none another's bus port).
+pub fn cluster_ports(n: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::new();
+    while ports.len() < n {
+        let p = free_cluster_port();
+        if !ports.iter().any(|&q| q == p || q.abs_diff(p) == 10_000) {
+            ports.push(p);
+        }
+    }
+    ports
+}
+
 /// Polls `f` every 20 ms until it returns Some or `limit` passes.
 pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
@@ -588,6 +600,17 @@ pub fn token(port: u16, user: &str, password: &str) -> String {
     r.json()["token"].as_str().unwrap().to_owned()
 }
 
+/// `POST /logout` with a bearer token.
+pub fn logout(port: u16, token: &str) -> std::io::Result<Response> {
+    request(
+        port,
+        "POST",
+        "/logout",
+        &[("Authorization", &format!("Bearer {token}"))],
+        b"",
+    )
+}
+
 /// `GET /profile` with a bearer token.
 pub fn profile(port: u16, token: &str) -> std::io::Result<Response> {
     request(
@@ -668,16 +691,7 @@ impl RedisServer {
 
     /// Like `cli`, with raw output (one value a line).
     pub fn raw(&self, args: &[&str]) -> Vec<String> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "--raw"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        redis_cli_lines(&["-p", &self.port.to_string(), "--raw"], args)
     }
 
     /// Every key (SCAN).
@@ -720,13 +734,7 @@ pub struct RedisCluster {
 impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut ports: Vec<u16> = Vec::new();
-        while ports.len() < 6 {
-            let p = free_cluster_port();
-            if !ports.iter().any(|&q| q == p || q.abs_diff(p) == 10_000) {
-                ports.push(p);
-            }
-        }
+        let ports = cluster_ports(6);
         let mut nodes = Vec::new();
         for port in &ports {
             let d = dir.path().join(port.to_string());
@@ -813,16 +821,7 @@ impl RedisCluster {
     /// A command routed to the node that owns its key (redis-cli -c).
     pub fn raw(&self, args: &[&str]) -> Vec<String> {
         let port = self.live_ports()[0];
-        let out = Command::new("redis-cli")
-            .args(["-c", "-p", &port.to_string(), "--raw"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        redis_cli_lines(&["-c", "-p", &port.to_string(), "--raw"], args)
     }
 
     /// Every key on every primary.
@@ -988,4 +987,52 @@ pub fn replica_caught_up(info: &str) -> bool {
         .and_then(|l| l.split(',').find_map(|kv| kv.strip_prefix("offset=")))
         .and_then(|v| v.parse().ok());
     matches!((master, replica), (Some(m), Some(r)) if r >= m)
+}
+
+/// Sends `n` requests built by `make` from `n` threads at once.
+pub fn concurrently<F>(n: usize, make: F) -> Vec<std::io::Result<Response>>
+where
+    F: Fn(usize) -> std::io::Result<Response> + Send + Sync + 'static,
+{
+    let make = Arc::new(make);
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let make = make.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                make(i)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Waits until the current workers have served more than `n` requests.
+pub fn wait_served(f: &Forkd, n: u64) {
+    poll(PATIENCE, || {
+        let s = f.status()?;
+        let served: u64 = s["workers"]
+            .as_array()?
+            .iter()
+            .map(|w| w["requests"].as_u64().unwrap_or(0))
+            .sum();
+        (served > n).then_some(())
+    })
+    .expect("the workers serve");
+}
+
+/// Runs `redis-cli OPTIONS ARGS...` and returns its output lines.
+pub fn redis_cli_lines(options: &[&str], args: &[&str]) -> Vec<String> {
+    let out = Command::new("redis-cli")
+        .args(options)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
