@@ -448,21 +448,18 @@ fn a_tls_cluster_with_a_password_works() {
         nodes.push(KillOnDrop(child));
     }
     let ca = d.join("ca.crt").display().to_string();
+    let tls = [
+        "--tls",
+        "--cacert",
+        ca.as_str(),
+        "-a",
+        password,
+        "--no-auth-warning",
+    ];
     let tls_cli = |port: u16, args: &[&str]| -> String {
-        let out = Command::new("redis-cli")
-            .args([
-                "--tls",
-                "--cacert",
-                &ca,
-                "-a",
-                password,
-                "--no-auth-warning",
-            ])
-            .args(["-p", &port.to_string(), "--raw"])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let p = port.to_string();
+        let options: Vec<&str> = tls.iter().copied().chain(["-p", &p, "--raw"]).collect();
+        redis_cli_lines(&options, args).join("\n")
     };
     for &p in &ports {
         poll(PATIENCE, || {
@@ -472,16 +469,8 @@ fn a_tls_cluster_with_a_password_works() {
     }
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let out = Command::new("redis-cli")
-        .args([
-            "--tls",
-            "--cacert",
-            &ca,
-            "-a",
-            password,
-            "--no-auth-warning",
-            "--cluster",
-            "create",
-        ])
+        .args(tls)
+        .args(["--cluster", "create"])
         .args(&addrs)
         .args(["--cluster-replicas", "1", "--cluster-yes"])
         .output()

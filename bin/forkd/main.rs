@@ -358,6 +358,11 @@ fn heartbeat_interval(c: &Config) -> Duration {
     (c.worker_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
+/// Whether an address is in any of `nets`.
+fn matcher(nets: Vec<forkd_config::Cidr>) -> forkd_app::TrustedProxy {
+    Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
+}
+
 fn app_settings(c: &Config) -> forkd_app::Settings {
     forkd_app::Settings {
         header_read_timeout: c.http.header_read_timeout,
@@ -365,15 +370,9 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
         keepalive: c.http.keepalive,
         shutdown_timeout: c.shutdown_timeout,
         heartbeat_interval: heartbeat_interval(c),
-        trusted_proxy: {
-            let nets = c.http.trusted_proxies.clone();
-            Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
-        },
+        trusted_proxy: matcher(c.http.trusted_proxies.clone()),
         build: build_id().to_owned(),
-        metrics_allow: {
-            let nets = c.metrics.allow.clone();
-            Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
-        },
+        metrics_allow: matcher(c.metrics.allow.clone()),
         workers: c.workers,
         on_redis_error: match c.rate_limit.on_redis_error {
             forkd_config::OnRedisError::FailOpen => forkd_app::OnRedisError::FailOpen,

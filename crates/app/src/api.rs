@@ -9,7 +9,8 @@ use forkd_store::{Decision, Policy, ProfileCheck, StoreError};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
 };
 use hyper::{Request, Response, StatusCode};
 
@@ -19,6 +20,9 @@ use crate::routes::{
     ceil_secs, json, json_text, no_store, problem, unavailable, with_header, Body, State,
 };
 use crate::{metrics, secrets, OnRedisError};
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -333,15 +337,19 @@ pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Response<Body>
     }
 }
 
-fn rate_headers(mut r: Response<Body>, name: &str, policy: Policy, d: Decision) -> Response<Body> {
+/// `RateLimit-Policy` of a policy: fixed, so made once per worker.
+pub(crate) fn policy_header(name: &str, policy: Policy) -> HeaderValue {
     let window = ceil_secs(policy.window);
+    HeaderValue::from_str(&format!("\"{name}\";q={};w={window}", policy.limit))
+        .expect("a policy name is a plain token")
+}
+
+fn rate_headers(mut r: Response<Body>, st: &State, d: Decision) -> Response<Body> {
     let h = r.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";q={};w={window}", policy.limit)) {
-        h.insert("ratelimit-policy", v);
-    }
+    h.insert(RATELIMIT_POLICY, st.profile_policy.clone());
     let reset = d.reset.as_millis().div_ceil(1000);
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", d.remaining)) {
-        h.insert("ratelimit", v);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"profile\";r={};t={reset}", d.remaining)) {
+        h.insert(RATELIMIT, v);
     }
     if !d.allowed {
         h.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(d.retry_after)));
@@ -352,7 +360,7 @@ fn rate_headers(mut r: Response<Body>, name: &str, policy: Policy, d: Decision) 
 fn cache_header(r: Response<Body>, hit: bool) -> Response<Body> {
     with_header(
         r,
-        "x-cache".parse().expect("a valid name"),
+        HeaderName::from_static("x-cache"),
         HeaderValue::from_static(if hit { "hit" } else { "miss" }),
     )
 }
@@ -382,8 +390,7 @@ pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body
                     "too-many-requests",
                     "Too many requests; see Retry-After.",
                 ),
-                "profile",
-                policy,
+                st,
                 decision,
             )
         }
@@ -395,8 +402,7 @@ pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body
             st.host.count(metrics::CACHE_HITS, 1);
             rate_headers(
                 cache_header(json_text(StatusCode::OK, p), true),
-                "profile",
-                policy,
+                st,
                 decision,
             )
         }
@@ -410,7 +416,7 @@ pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body
                 Ok(p) => cache_header(json_text(StatusCode::OK, p), false),
                 Err(r) => r,
             };
-            rate_headers(r, "profile", policy, decision)
+            rate_headers(r, st, decision)
         }
     }
 }

@@ -41,6 +41,8 @@ pub(crate) struct State {
     pub(crate) dummy_phc: Arc<OnceLock<String>>,
     /// Used for rate limits while Redis cannot answer them.
     pub(crate) local_limits: crate::local_limit::LocalLimiter,
+    /// The `RateLimit-Policy` header of /profile.
+    pub(crate) profile_policy: HeaderValue,
 }
 
 impl State {
@@ -60,6 +62,7 @@ impl State {
             draining: AtomicBool::new(false),
             host,
             hashes: Arc::new(Semaphore::new(settings.auth.max_concurrent_hashes)),
+            profile_policy: api::policy_header("profile", settings.profile.limit),
             settings,
             store,
             dummy_phc: Arc::new(OnceLock::new()),

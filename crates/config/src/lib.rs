@@ -816,26 +816,16 @@ impl RawConfig {
                 Err(bad(key, v, &format!("expected {min} to {max}")))
             }
         }
-        let mut trusted_proxies = Vec::new();
-        for p in &self.http.trusted_proxies {
-            trusted_proxies.push(p.parse::<Cidr>().map_err(|_| {
-                bad(
-                    "http.trusted_proxies",
-                    p,
-                    "expected IP or IP/LEN, e.g. 10.0.0.0/8 or ::1",
-                )
-            })?);
-        }
-        let mut metrics_allow = Vec::new();
-        for p in &self.metrics.allow {
-            metrics_allow.push(p.parse::<Cidr>().map_err(|_| {
-                bad(
-                    "metrics.allow",
-                    p,
-                    "expected IP or IP/LEN, e.g. 127.0.0.0/8 or ::1",
-                )
-            })?);
-        }
+        let cidrs = |key: &str, list: &[String]| -> Result<Vec<Cidr>, ConfigError> {
+            list.iter()
+                .map(|p| {
+                    p.parse::<Cidr>()
+                        .map_err(|_| bad(key, p, "expected IP or IP/LEN, e.g. 10.0.0.0/8 or ::1"))
+                })
+                .collect()
+        };
+        let trusted_proxies = cidrs("http.trusted_proxies", &self.http.trusted_proxies)?;
+        let metrics_allow = cidrs("metrics.allow", &self.metrics.allow)?;
         let url = self.redis.url.trim().to_owned();
         let schemes = [
             "redis://",

@@ -494,24 +494,18 @@ impl<P: Program> Supervisor<P> {
             if self.execute(actions) {
                 return;
             }
+            let ready = ready_slots(&self.plan, &self.board);
             let restarts: u64 = self.plan.slots().iter().map(|s| s.restarts).sum();
-            self.board
-                .set_supervisor_figures(ready_slots(&self.plan, &self.board) as u64, restarts);
-            self.tell_systemd();
+            self.board.set_supervisor_figures(ready as u64, restarts);
+            self.tell_systemd(ready, restarts);
         }
     }
 
     /// READY=1 once the first generation is up, STATUS= on changes, and
     /// WATCHDOG=1 while a quorum of workers has a fresh heartbeat.
-    fn tell_systemd(&mut self) {
+    fn tell_systemd(&mut self, ready: usize, restarts: u64) {
         let Some(n) = &mut self.notifier else { return };
-        let ready = {
-            let board = &self.board;
-            let plan = &self.plan;
-            ready_slots(plan, board)
-        };
         let target = self.plan.target();
-        let restarts: u64 = self.plan.slots().iter().map(|s| s.restarts).sum();
         if !self.sent_ready && ready >= target && self.plan.phase() == Phase::Running {
             self.sent_ready = true;
             n.send("READY=1");
