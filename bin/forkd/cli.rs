@@ -67,6 +67,10 @@ pub(crate) enum Command {
     /// Replace the running binary with the one on disk, without dropping a
     /// request; waits for the outcome.
     Upgrade,
+    /// Run by a supervisor on the binary it is about to upgrade to: reads
+    /// the handover on stdin and answers whether this build can take over.
+    #[command(hide = true)]
+    UpgradeProbe,
     /// Manage users (stored in Redis).
     User {
         #[command(subcommand)]

@@ -22,9 +22,21 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // First, while the process is single-threaded: the state an upgrade
+    // handed over, if any (it also leaves the environment here).
+    let inherited = match forkd_supervisor::take_handover() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("forkd: upgrade: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            if let Some(h) = inherited {
+                return give_back(h, &format!("this build does not accept the arguments: {e}"));
+            }
             let usage = e.use_stderr();
             let _ = e.print();
             return if usage {
@@ -43,12 +55,10 @@ fn main() -> ExitCode {
             let config = match source.load() {
                 Ok(c) => c,
                 Err(e) => {
-                    if forkd_supervisor::upgrade_pending() {
+                    if let Some(h) = inherited {
                         // An upgraded image that cannot start goes back to
                         // the previous binary, whose workers still serve.
-                        let why = forkd_supervisor::abort_upgrade(&e.to_string());
-                        eprintln!("forkd: upgrade: {e}; cannot go back: {why}");
-                        return ExitCode::from(EXIT_FAILURE);
+                        return give_back(h, &e.to_string());
                     }
                     eprintln!("forkd: {e}");
                     return ExitCode::from(EXIT_USAGE);
@@ -56,8 +66,12 @@ fn main() -> ExitCode {
             };
             logging::init(&config.log_level);
             match cli.command {
-                Command::Start { daemon: true, .. } => cli::start_daemon(&source, &config),
-                Command::Start { .. } => start(source, config),
+                Command::Start { daemon: false, .. } => start(source, config, inherited),
+                _ if inherited.is_some() => {
+                    let h = inherited.expect("checked");
+                    return give_back(h, "an upgrade must execute `forkd start`");
+                }
+                Command::Start { .. } => cli::start_daemon(&source, &config),
                 Command::User { command } => users::run(&config, command),
                 _ => {
                     check_config(&source, config);
@@ -65,6 +79,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        _ if inherited.is_some() => {
+            let h = inherited.expect("checked");
+            return give_back(h, "an upgrade must execute `forkd start`");
+        }
+        Command::UpgradeProbe => return upgrade_probe(),
         command => {
             let target = match source.target() {
                 Ok(t) => t,
@@ -79,7 +98,7 @@ fn main() -> ExitCode {
                 Command::Status { json } => cli::status(&target, json),
                 Command::Scale { workers } => cli::scale(&target, workers),
                 Command::Upgrade => cli::upgrade(&target),
-                Command::User { .. } => unreachable!(),
+                Command::User { .. } | Command::UpgradeProbe => unreachable!(),
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
             }
         }
@@ -88,6 +107,46 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("forkd: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// An upgraded image that cannot run: executes the previous binary again
+/// with the state it handed over. Returns only if that fails.
+fn give_back(h: forkd_supervisor::InheritedState, reason: &str) -> ExitCode {
+    let why = h.roll_back(reason, build_id());
+    eprintln!("forkd: upgrade: {reason}; cannot go back: {why}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+/// `forkd upgrade-probe`, run by a supervisor on the binary it is about to
+/// execute in place: reads the handover on stdin, checks that this build
+/// understands it and accepts the configuration the supervisor was started
+/// with, and answers with this build. Anything else exits 1 with the reason.
+fn upgrade_probe() -> ExitCode {
+    let checked = || -> anyhow::Result<()> {
+        let args =
+            forkd_supervisor::probe_request(std::io::stdin().lock()).map_err(anyhow::Error::msg)?;
+        let cli = Cli::try_parse_from(&args)
+            .map_err(|e| anyhow::anyhow!("this build does not accept the arguments: {e}"))?;
+        if !matches!(cli.command, Command::Start { .. }) {
+            anyhow::bail!("the running supervisor was not started with `forkd start`");
+        }
+        let source = ConfigSource {
+            path: cli.config.clone(),
+            overrides: cli.command.overrides(),
+        };
+        let config = source.load()?;
+        preflight(&config)
+    };
+    match checked() {
+        Ok(()) => {
+            println!("{}", forkd_supervisor::probe_answer(build_id()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("forkd: upgrade probe: {e:#}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -407,11 +466,8 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
     }
 }
 
-/// `forkd start` in the foreground.
-fn start(source: ConfigSource, config: Config) -> anyhow::Result<()> {
-    if nix::unistd::geteuid().is_root() && config.user.is_none() {
-        log::warn!("running as root with no `user` configured; workers keep root privileges");
-    }
+/// What a start needs beyond a valid configuration.
+fn preflight(config: &Config) -> anyhow::Result<()> {
     if config.redis.url.is_empty() && !program_exists(&config.redis.server) {
         anyhow::bail!(
             "{} is not installed, and redis.url is empty so forkd would run it; \
@@ -419,13 +475,34 @@ fn start(source: ConfigSource, config: Config) -> anyhow::Result<()> {
             config.redis.server
         );
     }
+    Ok(())
+}
+
+/// `forkd start` in the foreground, or the resume of an upgraded
+/// supervisor.
+fn start(
+    source: ConfigSource,
+    config: Config,
+    inherited: Option<forkd_supervisor::InheritedState>,
+) -> anyhow::Result<()> {
+    if nix::unistd::geteuid().is_root() && config.user.is_none() && inherited.is_none() {
+        log::warn!("running as root with no `user` configured; workers keep root privileges");
+    }
+    if let Err(e) = preflight(&config) {
+        if let Some(h) = inherited {
+            let reason = format!("{e:#}");
+            let why = h.roll_back(&reason, build_id());
+            anyhow::bail!("upgrade: {reason}; cannot go back: {why}");
+        }
+        return Err(e);
+    }
     let settings = supervisor_settings(&config);
     let program = Forkd {
         source,
         config,
         previous: None,
     };
-    forkd_supervisor::run(settings, program).context("cannot start")
+    forkd_supervisor::run(settings, program, inherited).context("cannot start")
 }
 
 /// The program the supervisor forks: the HTTP worker, with reloadable

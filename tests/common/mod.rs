@@ -554,6 +554,38 @@ impl Load {
     }
 }
 
+/// Puts `content` at `path` with `mode`, replacing it atomically (rename
+/// over it), as a package manager does. The bytes are written by a `cp`
+/// child, never by this process: a file this process holds open for
+/// writing can be inherited for an instant by any child another test thread
+/// forks, and executing it then fails with ETXTBSY ("Text file busy").
+pub fn install_executable(path: &Path, content: &[u8], mode: u32) {
+    let scratch = path.with_extension("src");
+    std::fs::write(&scratch, content).unwrap();
+    install_copy(&scratch, path, mode);
+    std::fs::remove_file(&scratch).unwrap();
+}
+
+/// Copies `from` to `path` with `mode` (atomically, by a `cp` child; see
+/// `install_executable`).
+pub fn install_copy(from: &Path, path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    let out = Command::new("cp")
+        .arg(from)
+        .arg(&tmp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Whether `port` on loopback can be bound (nothing holds it).
 pub fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()

@@ -72,7 +72,7 @@ pub const KEYS: &[&str] = &[
 ];
 
 /// Environment variables that start with `FORKD_` but are not config keys.
-const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS", "FORKD_UPGRADE"];
+const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS"];
 
 /// A configuration error. Every message names the offending key or variable.
 #[derive(Debug, thiserror::Error)]
@@ -604,7 +604,12 @@ impl RawConfig {
     {
         let mut vars: Vec<_> = vars
             .into_iter()
-            .filter(|(k, _)| k.starts_with("FORKD_") && !NON_KEY_VARS.contains(&k.as_str()))
+            .filter(|(k, _)| {
+                // FORKD_UPGRADE*: the supervisor's own upgrade state.
+                k.starts_with("FORKD_")
+                    && !k.starts_with("FORKD_UPGRADE")
+                    && !NON_KEY_VARS.contains(&k.as_str())
+            })
             .collect();
         vars.sort();
         for (name, value) in vars {

@@ -8,6 +8,8 @@
 //! - `signals`: the one place where signals become [`SignalEvent`]s.
 //! - `listen`: socket binding and the "already served" probe.
 //! - [`control`]: the control-socket protocol, both ends.
+//! - `upgrade`: in-place binary upgrades: the probe, the versioned
+//!   handover across `exec`, resume and rollback.
 //! - `sys`: every `unsafe` block of the project.
 
 mod control_files;
@@ -33,7 +35,9 @@ pub use runner::run;
 pub use scoreboard::{now_ms, WorkerCell, WorkerState, COUNTERS};
 pub use signals::SignalEvent;
 pub use sys::spawn_detached;
-pub use upgrade::{abort as abort_upgrade, pending as upgrade_pending};
+pub use upgrade::{
+    probe_answer, probe_request, take as take_handover, Inherited as InheritedState,
+};
 
 /// The largest number of workers (the config crate checks the same bound).
 pub const MAX_WORKERS: usize = 512;

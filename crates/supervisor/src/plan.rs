@@ -132,7 +132,7 @@ pub enum Phase {
 
 /// The supervisor's state. Serializable, so that an upgrade can hand it to
 /// the next image of the supervisor across `exec`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     limits: Limits,
     target: usize,

@@ -87,7 +87,9 @@ impl RedisChild {
         for var in crate::notify::SYSTEMD_VARS {
             cmd.env_remove(var);
         }
-        cmd.env_remove(crate::upgrade::VAR);
+        for var in crate::upgrade::VARS {
+            cmd.env_remove(var);
+        }
         match sys::spawn_service(&mut cmd) {
             Ok(child) => {
                 let pid = child.id() as i32;

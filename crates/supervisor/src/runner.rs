@@ -17,13 +17,14 @@ use nix::sys::stat::{umask, Mode};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::control::{Conn, ReadResult, Reply, Request, Status, UpgradeOutcome, WorkerStatus};
+use crate::control::{Conn, ReadResult, Reply, Request, Status, WorkerStatus};
 use crate::control_files::{control_socket_path, pidfile_path, Pidfile};
 use crate::notify::{self, Notifier};
 use crate::plan::{Action, Limits, Observed, Phase, Plan, ReloadOutcome, Sig};
 use crate::redis::RedisChild;
 use crate::scoreboard::{now_ms, Scoreboard, WorkerState};
 use crate::signals::{SignalEvent, Signals};
+use crate::upgrade::Upgrade;
 use crate::{
     listen, privs, redirect_output, sys, upgrade, Error, ListenerMode, Program, Settings,
     WorkerContext,
@@ -35,7 +36,7 @@ const TICK_MS: u64 = 100;
 /// owner can reach this, but a stuck script should not grow the poll set.
 const MAX_CONTROL_CONNS: usize = 64;
 
-fn limits(s: &Settings) -> Limits {
+pub(crate) fn limits(s: &Settings) -> Limits {
     Limits {
         worker_timeout_ms: s.worker_timeout.as_millis() as u64,
         startup_timeout_ms: s.startup_timeout.as_millis() as u64,
@@ -54,23 +55,19 @@ fn limits(s: &Settings) -> Limits {
 /// Anything that prevents start-up: the instance already runs, the port is
 /// served, a file or directory cannot be made. Once workers run, failures
 /// are logged and handled, not returned.
-pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
+/// `inherited` is the handover this process was started with
+/// ([`crate::take_handover`]): it resumes instead of starting afresh.
+pub fn run<P: Program>(
+    settings: Settings,
+    program: P,
+    inherited: Option<upgrade::Inherited>,
+) -> Result<(), Error> {
     let threads = sys::thread_count();
     if threads != 1 {
         return Err(Error::Threads(threads));
     }
-    match upgrade::take() {
-        Some(Ok(h)) => {
-            return resume(settings, program, h).inspect_err(|e| {
-                let why = upgrade::abort(&e.to_string());
-                log::error!("cannot resume after the upgrade ({e}) nor go back: {why}");
-            })
-        }
-        Some(Err(e)) => {
-            // Nothing to resume from and nothing to go back to.
-            return Err(Error::Upgrade(e));
-        }
-        None => {}
+    if let Some(inherited) = inherited {
+        return upgrade::resume(settings, program, inherited);
     }
     let mut settings = settings;
     let account = match &settings.user {
@@ -159,33 +156,27 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
         listen_addr,
         settings.listener.name()
     );
-    let mut sup = Supervisor {
-        notifier: Notifier::from_env(),
-        watchdog: notify::watchdog_interval().map(|iv| (iv / 2, now_ms())),
-        sent_ready: false,
-        pidfile: Some(pidfile),
-        exe: upgrade::exe_path(),
-        args: std::env::args().collect(),
-        env: std::env::vars().collect(),
-        upgrading: None,
-        redis: settings.redis.clone().map(RedisChild::new),
-        plan: Plan::new(
-            settings.workers,
-            limits(&settings),
-            u64::from_le_bytes(seed),
-        ),
+    let plan = Plan::new(
+        settings.workers,
+        limits(&settings),
+        u64::from_le_bytes(seed),
+    );
+    let redis = settings.redis.clone().map(RedisChild::new);
+    let mut sup = Supervisor::new(
         settings,
         program,
-        board,
-        listeners: vec![first],
-        listen_addr,
-        signals,
-        control,
-        conns: Vec::new(),
-        pid: std::process::id() as i32,
-        started_ms: now_ms(),
-        control_path,
-    };
+        Parts {
+            pidfile,
+            listeners: vec![first],
+            listen_addr,
+            control,
+            board,
+            signals,
+            plan,
+            redis,
+            started_ms: now_ms(),
+        },
+    );
     // The store first, so that it is up by the time the workers look.
     if let Some(r) = &mut sup.redis {
         r.tick(now_ms());
@@ -195,150 +186,76 @@ pub fn run<P: Program>(settings: Settings, program: P) -> Result<(), Error> {
     sup.finish()
 }
 
-/// Continues where the previous image of this process left off: an upgrade
-/// (replace every worker with one of this binary) or a rollback (keep the
-/// workers, report the failure).
-fn resume<P: Program>(
-    mut settings: Settings,
-    program: P,
-    h: upgrade::Handover,
-) -> Result<(), Error> {
-    let sys_err = |what: &'static str| move |source| Error::Sys { what, source };
-    let adopt = |fd| sys::inherited_fd(fd).map_err(sys_err("an inherited descriptor"));
-    let pidfile = Pidfile::adopt(
-        &pidfile_path(&settings.runtime_dir, &settings.instance),
-        adopt(h.pidfile)?,
-    )?;
-    let mut listeners = Vec::new();
-    for fd in &h.listeners {
-        listeners.push(TcpListener::from(adopt(*fd)?));
-    }
-    if listeners.len() > 1 {
-        settings.listener = ListenerMode::Reuseport;
-    }
-    let listen_addr = listeners[0]
-        .local_addr()
-        .map_err(|e| Error::Bind(settings.listen, e))?;
-    let control = UnixListener::from(adopt(h.control)?);
-    control
-        .set_nonblocking(true)
-        .map_err(|e| Error::file(&settings.runtime_dir, e))?;
-    let cells = h.scoreboard_cells;
-    let board = Scoreboard::adopt(adopt(h.scoreboard)?, cells)
-        .map_err(sys_err("mmap for the scoreboard"))?;
-    let signals = Signals::new().map_err(sys_err("signalfd"))?;
-    let mut conns = Vec::new();
-    for fd in &h.waiting {
-        let stream = std::os::unix::net::UnixStream::from(adopt(*fd)?);
-        if let Ok(mut c) = Conn::new(stream) {
-            c.waiting = Some(Request::Upgrade);
-            conns.push(c);
-        }
-    }
-    let mut redis = settings.redis.clone().map(RedisChild::new);
-    if let (Some(r), Some(pid)) = (&mut redis, h.redis_pid) {
-        r.adopt(pid);
-    }
-    let mut plan = h.plan;
-    plan.set_limits(limits(&settings));
-    let control_path = control_socket_path(&settings.runtime_dir, &settings.instance);
-    let mut sup = Supervisor {
-        notifier: Notifier::from_env(),
-        watchdog: notify::watchdog_interval().map(|iv| (iv / 2, now_ms())),
-        sent_ready: h.sent_ready,
-        pidfile: Some(pidfile),
-        exe: upgrade::exe_path(),
-        args: std::env::args().collect(),
-        env: h.env.clone(),
-        upgrading: None,
-        redis,
-        plan,
-        settings,
-        program,
-        board,
-        listeners,
-        listen_addr,
-        signals,
-        control,
-        conns,
-        pid: std::process::id() as i32,
-        started_ms: h.started_ms,
-        control_path,
-    };
-    match h.rollback {
-        Some(reason) => {
-            log::error!(
-                "upgrade failed and was rolled back; the previous workers keep serving: {reason}"
-            );
-            sup.reply_upgrade(UpgradeOutcome {
-                ok: false,
-                from_build: sup.settings.build.clone(),
-                to_build: h.previous_build.clone(),
-                replaced: Vec::new(),
-                error: Some(format!(
-                    "{reason}; rolled back from build {}",
-                    h.previous_build
-                )),
-            });
-            sup.notify("READY=1");
-        }
-        None => {
-            log::info!(
-                "upgraded from build {} to build {}: replacing the workers",
-                h.previous_build,
-                sup.settings.build
-            );
-            let previous_exe = h.previous_exe.map(adopt).transpose()?;
-            sup.upgrading = Some(Upgrading {
-                previous_exe,
-                previous_build: h.previous_build,
-                args: h.args,
-            });
-            let actions = sup.plan.begin_reload(now_ms());
-            sup.execute(actions);
-        }
-    }
-    sup.finish()
+/// What a fresh start and a resume both bring to the supervisor.
+pub(crate) struct Parts {
+    pub(crate) pidfile: Pidfile,
+    pub(crate) listeners: Vec<TcpListener>,
+    pub(crate) listen_addr: SocketAddr,
+    pub(crate) control: UnixListener,
+    pub(crate) board: Scoreboard,
+    pub(crate) signals: Signals,
+    pub(crate) plan: Plan,
+    pub(crate) redis: Option<RedisChild>,
+    pub(crate) started_ms: u64,
 }
 
-/// An upgrade under way in this (new) image.
-struct Upgrading {
-    /// The previous binary, to execute again if the new workers fail.
-    previous_exe: Option<std::os::fd::OwnedFd>,
-    previous_build: String,
-    args: Vec<String>,
-}
-
-struct Supervisor<P: Program> {
-    settings: Settings,
-    pidfile: Option<Pidfile>,
-    /// This binary's path, its arguments and environment, as started.
-    exe: Option<PathBuf>,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    upgrading: Option<Upgrading>,
+pub(crate) struct Supervisor<P: Program> {
+    pub(crate) settings: Settings,
+    pub(crate) pidfile: Option<Pidfile>,
+    /// The binary `forkd upgrade` executes, and the arguments and
+    /// environment (without upgrade state) this supervisor was started with.
+    pub(crate) exe: Option<PathBuf>,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) upgrade: Option<Upgrade>,
     notifier: Option<Notifier>,
     /// Half the systemd watchdog interval, and when WATCHDOG=1 is next due.
     watchdog: Option<(std::time::Duration, u64)>,
-    sent_ready: bool,
-    redis: Option<RedisChild>,
+    pub(crate) sent_ready: bool,
+    pub(crate) redis: Option<RedisChild>,
     program: P,
-    plan: Plan,
-    board: Scoreboard,
+    pub(crate) plan: Plan,
+    pub(crate) board: Scoreboard,
     /// Shared mode: one socket. Reuseport mode: one per slot.
-    listeners: Vec<TcpListener>,
+    pub(crate) listeners: Vec<TcpListener>,
     listen_addr: SocketAddr,
     signals: Signals,
-    control: UnixListener,
-    conns: Vec<Conn>,
+    pub(crate) control: UnixListener,
+    pub(crate) conns: Vec<Conn>,
     pid: i32,
-    started_ms: u64,
+    pub(crate) started_ms: u64,
     control_path: PathBuf,
 }
 
 impl<P: Program> Supervisor<P> {
+    pub(crate) fn new(settings: Settings, program: P, parts: Parts) -> Self {
+        Supervisor {
+            notifier: Notifier::from_env(),
+            watchdog: notify::watchdog_interval().map(|iv| (iv / 2, now_ms())),
+            sent_ready: false,
+            pidfile: Some(parts.pidfile),
+            exe: upgrade::exe_path(),
+            args: std::env::args().collect(),
+            env: std::env::vars().collect(),
+            upgrade: None,
+            redis: parts.redis,
+            plan: parts.plan,
+            control_path: control_socket_path(&settings.runtime_dir, &settings.instance),
+            settings,
+            program,
+            board: parts.board,
+            listeners: parts.listeners,
+            listen_addr: parts.listen_addr,
+            signals: parts.signals,
+            control: parts.control,
+            conns: Vec::new(),
+            pid: std::process::id() as i32,
+            started_ms: parts.started_ms,
+        }
+    }
+
     /// Runs until stopped, then cleans up.
-    fn finish(mut self) -> Result<(), Error> {
+    pub(crate) fn finish(mut self) -> Result<(), Error> {
         self.run_loop();
         if let Some(r) = &mut self.redis {
             r.stop(std::time::Duration::from_secs(10));
@@ -351,123 +268,13 @@ impl<P: Program> Supervisor<P> {
         Ok(())
     }
 
-    /// `forkd upgrade` / SIGUSR2: execute the binary on disk in place.
-    fn start_upgrade(&mut self, conn: Option<usize>) {
-        let refuse = |sup: &mut Self, message: String| {
-            log::error!("upgrade refused: {message}");
-            if let Some(i) = conn {
-                let _ = sup.conns[i].send(&Reply::Error { message });
-            }
-        };
-        if self.plan.phase() != Phase::Running {
-            return refuse(self, "forkd is stopping".into());
-        }
-        if self.plan.reloading() || self.upgrading.is_some() {
-            return refuse(self, "a reload or upgrade is in progress".into());
-        }
-        let Some(exe) = self.exe.clone() else {
-            return refuse(self, "cannot tell which binary this process runs".into());
-        };
-        let previous = match upgrade::open_current_exe() {
-            Ok(f) => std::os::fd::OwnedFd::from(f),
-            Err(e) => return refuse(self, format!("cannot open the running binary: {e}")),
-        };
-        if let Some(i) = conn {
-            self.conns[i].waiting = Some(Request::Upgrade);
-        }
-        log::info!("upgrading: executing {}", exe.display());
-        let usec = monotonic_usec();
-        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
-        let reason = self.exec_image(
-            &exe.to_string_lossy(),
-            None,
-            Some(&previous),
-            &self.args.clone(),
-            &self.env.clone(),
-        );
-        // Still here: the exec failed.
-        drop(previous);
-        self.notify("READY=1");
-        log::error!("upgrade failed: {reason}");
-        let outcome = UpgradeOutcome {
-            ok: false,
-            from_build: self.settings.build.clone(),
-            to_build: String::new(),
-            replaced: Vec::new(),
-            error: Some(reason),
-        };
-        self.reply_upgrade(outcome);
-    }
-
-    /// Hands everything to a new image of this process. Returns why not,
-    /// having restored close-on-exec, when the exec fails.
-    fn exec_image(
-        &mut self,
-        path: &str,
-        rollback: Option<String>,
-        previous_exe: Option<&std::os::fd::OwnedFd>,
-        args: &[String],
-        env: &[(String, String)],
-    ) -> String {
-        let waiting: Vec<&Conn> = self
-            .conns
-            .iter()
-            .filter(|c| c.waiting == Some(Request::Upgrade))
-            .collect();
-        let mut passed: Vec<std::os::fd::BorrowedFd<'_>> = Vec::new();
-        passed.extend(self.listeners.iter().map(|l| l.as_fd()));
-        passed.push(self.control.as_fd());
-        passed.push(self.board.fd());
-        let pidfile_fd = match &self.pidfile {
-            Some(p) => p.fd(),
-            None => return "no pidfile".into(),
-        };
-        passed.push(pidfile_fd);
-        passed.extend(waiting.iter().map(|c| c.stream.as_fd()));
-        passed.extend(previous_exe.map(|f| f.as_fd()));
-        let h = upgrade::Handover {
-            version: 1,
-            rollback,
-            listeners: self.listeners.iter().map(upgrade::raw).collect(),
-            pidfile: pidfile_fd.as_raw_fd(),
-            control: self.control.as_raw_fd(),
-            scoreboard: self.board.fd().as_raw_fd(),
-            scoreboard_cells: self.board.cells(),
-            redis_pid: self.redis.as_ref().and_then(|r| r.pid),
-            plan: self.plan.clone(),
-            started_ms: self.started_ms,
-            sent_ready: self.sent_ready,
-            waiting: waiting.iter().map(|c| c.stream.as_raw_fd()).collect(),
-            previous_exe: previous_exe.map(|f| f.as_raw_fd()),
-            previous_build: self.settings.build.clone(),
-            args: args.to_vec(),
-            env: env.to_vec(),
-        };
-        for fd in &passed {
-            let _ = sys::set_cloexec(fd, false);
-        }
-        let reason = upgrade::exec(path, &h, args, env);
-        for fd in &passed {
-            let _ = sys::set_cloexec(fd, true);
-        }
-        reason
-    }
-
-    fn reply_upgrade(&mut self, outcome: UpgradeOutcome) {
-        for c in &mut self.conns {
-            if c.waiting == Some(Request::Upgrade) {
-                c.waiting = None;
-                let _ = c.send(&Reply::Upgrade(outcome.clone()));
-            }
-        }
-    }
-
     fn run_loop(&mut self) {
         loop {
             let now = now_ms();
             let redis_due = self.redis.as_ref().and_then(|r| r.restart_at_ms);
             let watchdog_due = self.watchdog.map(|(_, due)| due);
-            let wait = [self.plan.next_timer(), redis_due, watchdog_due]
+            let probe_due = self.probe_wait().map(|(_, due)| due);
+            let wait = [self.plan.next_timer(), redis_due, watchdog_due, probe_due]
                 .into_iter()
                 .flatten()
                 .min()
@@ -483,6 +290,7 @@ impl<P: Program> Supervisor<P> {
                 }
             }
             self.serve_control();
+            self.check_probe();
             let board = &self.board;
             let actions = self.plan.tick(now_ms(), |w| {
                 let v = board.view(w.cell);
@@ -540,7 +348,7 @@ impl<P: Program> Supervisor<P> {
         }
     }
 
-    fn notify(&self, msg: &str) {
+    pub(crate) fn notify(&self, msg: &str) {
         if let Some(n) = &self.notifier {
             n.send(msg);
         }
@@ -557,12 +365,15 @@ impl<P: Program> Supervisor<P> {
                 .iter()
                 .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
         );
+        if let Some((Some(fd), _)) = self.probe_wait() {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        }
         let timeout = PollTimeout::try_from(ms.min(10_000) as i32).unwrap_or(PollTimeout::MAX);
         let _ = poll(&mut fds, timeout);
     }
 
     /// Carries out actions. Returns true when the supervisor should exit.
-    fn execute(&mut self, actions: Vec<Action>) -> bool {
+    pub(crate) fn execute(&mut self, actions: Vec<Action>) -> bool {
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         let mut exit = false;
         while let Some(action) = queue.pop_front() {
@@ -661,11 +472,14 @@ impl<P: Program> Supervisor<P> {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(s) => s,
             };
-            let (pid, how) = match status {
-                WaitStatus::Exited(pid, code) => (pid, format!("exited with status {code}")),
-                WaitStatus::Signaled(pid, sig, _) => (pid, format!("was killed by {sig}")),
+            let (pid, code, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, code, format!("exited with status {code}")),
+                WaitStatus::Signaled(pid, sig, _) => (pid, -1, format!("was killed by {sig}")),
                 _ => continue,
             };
+            if self.probe_exited(pid.as_raw(), code, &how) {
+                continue;
+            }
             if let Some(r) = &mut self.redis {
                 if r.exited(pid.as_raw(), &how, now_ms()) {
                     continue;
@@ -745,7 +559,7 @@ impl<P: Program> Supervisor<P> {
     }
 
     fn reload(&mut self, now: u64) -> Vec<Action> {
-        if self.plan.phase() != Phase::Running || self.upgrading.is_some() {
+        if self.plan.phase() != Phase::Running || self.upgrade.is_some() {
             return Vec::new();
         }
         log::info!("reloading the configuration");
@@ -801,7 +615,7 @@ impl<P: Program> Supervisor<P> {
                 }
             }
         }
-        let usec = monotonic_usec();
+        let usec = upgrade::monotonic_usec();
         self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
         let mut actions = self.plan.begin_reload(now);
         if workers != self.plan.target() {
@@ -811,59 +625,14 @@ impl<P: Program> Supervisor<P> {
     }
 
     fn reload_done(&mut self, outcome: ReloadOutcome) {
-        if let Some(up) = self.upgrading.take() {
-            return self.upgrade_done(up, outcome);
+        if self.upgrade_done(&outcome) {
+            return;
         }
         if !outcome.ok {
             self.program.abandon_reload();
         }
         self.notify("READY=1");
         self.reply_reload(outcome);
-    }
-
-    /// The new image's workers are all ready (done), or not (roll back to
-    /// the previous binary, whose workers are still serving).
-    fn upgrade_done(&mut self, up: Upgrading, outcome: ReloadOutcome) {
-        if outcome.ok {
-            log::info!(
-                "upgrade from build {} to build {} done: {} worker(s) replaced",
-                up.previous_build,
-                self.settings.build,
-                outcome.replaced.len()
-            );
-            self.notify("READY=1");
-            self.reply_upgrade(UpgradeOutcome {
-                ok: true,
-                from_build: up.previous_build,
-                to_build: self.settings.build.clone(),
-                replaced: outcome.replaced,
-                error: None,
-            });
-            return;
-        }
-        let reason = outcome
-            .error
-            .unwrap_or_else(|| "the new workers did not become ready".into());
-        let Some(previous) = up.previous_exe else {
-            log::error!("upgrade failed and there is no previous binary to go back to: {reason}");
-            return;
-        };
-        log::error!(
-            "upgrade to build {} failed: {reason}; going back to build {}",
-            self.settings.build,
-            up.previous_build
-        );
-        let path = upgrade::fd_path(previous.as_raw_fd());
-        let env = self.env.clone();
-        let why = self.exec_image(&path, Some(reason.clone()), None, &up.args, &env);
-        log::error!("cannot go back to the previous binary ({why}); this build keeps running");
-        self.reply_upgrade(UpgradeOutcome {
-            ok: false,
-            from_build: up.previous_build,
-            to_build: self.settings.build.clone(),
-            replaced: Vec::new(),
-            error: Some(reason),
-        });
     }
 
     fn reply_reload(&mut self, outcome: ReloadOutcome) {
@@ -1032,12 +801,6 @@ impl<P: Program> Supervisor<P> {
                 .collect(),
         }
     }
-}
-
-fn monotonic_usec() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-        .unwrap_or(0)
 }
 
 /// Slots with a ready worker that is not on its way out.

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::ptr::NonNull;
@@ -192,22 +192,102 @@ pub(crate) fn listen_fds() -> Vec<std::os::fd::OwnedFd> {
         .collect()
 }
 
-/// Takes ownership of a descriptor inherited across an upgrade's exec.
+/// A close-on-exec copy of a descriptor inherited across an upgrade's
+/// exec; the inherited number itself stays open (see [`close_inherited`]).
 ///
 /// # Errors
 /// EBADF when `fd` is not open.
-pub(crate) fn inherited_fd(fd: RawFd) -> nix::Result<OwnedFd> {
-    nix::fcntl::fcntl(
-        // SAFETY: only used to query the descriptor, which is not closed.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-        nix::fcntl::FcntlArg::F_GETFD,
-    )?;
-    // SAFETY: the previous image passed this descriptor (open, as just
-    // checked) and its number once in the upgrade state; nothing else in
-    // this image owns it.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_cloexec(&owned, true)?;
-    Ok(owned)
+pub(crate) fn dup_inherited(fd: RawFd) -> nix::Result<OwnedFd> {
+    // SAFETY: only used for the duration of the fcntl call; a descriptor
+    // that is not open makes fcntl fail with EBADF, nothing worse.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let copy = nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else
+    // owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
+/// Closes a descriptor number inherited across an upgrade's exec, once its
+/// copy is owned (or when it is not needed at all).
+pub(crate) fn close_inherited(fd: RawFd) {
+    if fd > 2 {
+        // SAFETY: the previous image passed this number for this image to
+        // use once; nothing in this image owns it (owners hold copies made
+        // by `dup_inherited`), so closing it cannot pull a descriptor from
+        // under an owner. EBADF for a number already closed is harmless.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Makes an inherited descriptor number, if open, survive the next exec.
+pub(crate) fn set_inheritable(fd: RawFd) {
+    // SAFETY: only used for the duration of the fcntl call; EBADF for a
+    // closed number is harmless.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = set_cloexec(&borrowed, false);
+}
+
+/// Makes reads from `fd` return at once.
+///
+/// # Errors
+/// The `fcntl(2)` error.
+pub(crate) fn set_nonblocking(fd: &impl AsFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
+}
+
+/// Starts an upgrade probe: the default signal mask (the supervisor's
+/// blocked signals would survive exec), SIGKILL when the supervisor dies,
+/// and `image`, the binary it is executed through as /proc/self/fd/N, kept
+/// open across the exec so that an interpreter can open a script by it.
+///
+/// # Errors
+/// As `Command::spawn`: the binary cannot be executed.
+pub(crate) fn spawn_probe(cmd: &mut Command, image: BorrowedFd<'_>) -> io::Result<Child> {
+    let image = image.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only calls
+    // sigprocmask, prctl and fcntl, which are async-signal-safe; `image`
+    // is open in the child (inherited) until the exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let empty = nix::sys::signal::SigSet::empty();
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            )
+            .map_err(io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(io::Error::from)?;
+            if libc::fcntl(image, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Replaces this process's image. Returns only on failure, why.
+pub(crate) fn execve(path: &str, args: &[String], env: &[(String, String)]) -> String {
+    use std::ffi::CString;
+    let cstr = |s: &str| CString::new(s).map_err(|e| e.to_string());
+    let built = || -> Result<(CString, Vec<CString>, Vec<CString>), String> {
+        let argv = args.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+        let envp = env
+            .iter()
+            .map(|(k, v)| cstr(&format!("{k}={v}")))
+            .collect::<Result<_, _>>()?;
+        Ok((cstr(path)?, argv, envp))
+    };
+    match built() {
+        Ok((path, argv, envp)) => match nix::unistd::execve(&path, &argv, &envp) {
+            Err(e) => format!("cannot execute {}: {e}", path.to_string_lossy()),
+            Ok(never) => match never {},
+        },
+        Err(e) => e,
+    }
 }
 
 /// Sets or clears close-on-exec.
