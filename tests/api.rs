@@ -778,6 +778,13 @@ fn managed_redis_keeps_sessions_across_restarts_and_is_respawned() {
         (get(f.port, "/readyz").ok()?.status == 200).then_some(())
     })
     .expect("ready once the managed redis-server answers");
+    // The workers were started once it answered, not before.
+    let log = f.log_text();
+    assert!(!log.contains("starting without Redis"), "{log}");
+    assert!(
+        log.find("redis-server started").unwrap() < log.find("worker slot 0 started").unwrap(),
+        "{log}"
+    );
     f.add_user("pia", PW);
     let t = token(f.port, "pia", PW);
     assert_eq!(profile(f.port, &t).unwrap().status, 200);

@@ -238,13 +238,25 @@ impl Store {
     /// # Errors
     /// [`StoreError::Unavailable`] when Redis did not answer in time.
     pub async fn wait_connected(&self, timeout: Duration) -> Result<()> {
-        if self.client.is_connected() {
-            return Ok(());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        // A failed attempt (a socket not there yet) is followed by the next
+        // reconnection; keep waiting for one until the deadline.
+        while !self.client.is_connected() {
+            match tokio::time::timeout_at(deadline, self.client.wait_for_connect()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => break,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        match tokio::time::timeout(timeout, self.client.wait_for_connect()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(StoreError::Unavailable(format!(
+        match last {
+            _ if self.client.is_connected() => Ok(()),
+            Some(e) => Err(e.into()),
+            None => Err(StoreError::Unavailable(format!(
                 "no connection within {timeout:?}"
             ))),
         }

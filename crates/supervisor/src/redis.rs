@@ -46,6 +46,32 @@ impl RedisChild {
         &self.cfg.socket
     }
 
+    /// Waits, up to `limit`, until the server answers PING on its socket,
+    /// so that workers started next find it up instead of each starting
+    /// without Redis. Used once at start, before the first workers.
+    pub(crate) fn wait_ready(&self, limit: Duration) -> bool {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + limit;
+        let answers = || -> std::io::Result<bool> {
+            let mut s = std::os::unix::net::UnixStream::connect(&self.cfg.socket)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.write_all(b"PING\r\n")?;
+            let mut reply = [0u8; 64];
+            let n = s.read(&mut reply)?;
+            Ok(reply[..n].starts_with(b"+PONG"))
+        };
+        while self.pid.is_some() {
+            if answers().unwrap_or(false) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     /// Starts the server if it is due.
     pub(crate) fn tick(&mut self, now: u64) {
         if self.pid.is_some() || self.restart_at_ms.is_none_or(|t| t > now) {

@@ -35,6 +35,9 @@ const TICK_MS: u64 = 100;
 /// Open control connections at most; the socket is 0600, so only the
 /// owner can reach this, but a stuck script should not grow the poll set.
 const MAX_CONTROL_CONNS: usize = 64;
+/// How long a start waits for the managed redis-server before it forks the
+/// workers (a server that loads a large append-only file takes a while).
+const REDIS_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) fn limits(s: &Settings) -> Limits {
     Limits {
@@ -177,9 +180,16 @@ pub fn run<P: Program>(
             started_ms: now_ms(),
         },
     );
-    // The store first, so that it is up by the time the workers look.
+    // The store first, and up (bounded) before the workers look for it.
     if let Some(r) = &mut sup.redis {
         r.tick(now_ms());
+        if !r.wait_ready(REDIS_START_WAIT) {
+            log::warn!(
+                "redis-server does not answer on {} after {} s; starting the workers anyway",
+                r.socket().display(),
+                REDIS_START_WAIT.as_secs()
+            );
+        }
     }
     let actions = sup.plan.start();
     sup.execute(actions);
