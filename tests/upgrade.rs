@@ -331,3 +331,48 @@ fn upgrade_refuses_a_configuration_the_new_binary_rejects() {
     let result = load.finish();
     assert_eq!(result.failed, 0, "{:?}", result.errors);
 }
+
+/// While a probe runs, a reload or a second upgrade is refused with a
+/// plain answer, not left waiting; a stop cuts the probe short.
+#[test]
+fn requests_during_a_probe_get_a_plain_answer() {
+    let mut f = Forkd::configure("workers = 1\nstartup_timeout = 60\n");
+    let exe = install(f.dir.path());
+    f.exe = Some(exe.clone());
+    f.spawn(&[]);
+    let workers = f.wait_ready();
+    install_executable(&exe, b"#!/bin/sh\nsleep 120\n", 0o755);
+    let (config, dir) = (f.config.clone(), f.dir.path().join("data"));
+    let first = std::thread::spawn(move || {
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("upgrade")
+            .env("FORKD_REDIS_DATA_DIR", dir)
+            .output()
+            .unwrap()
+    });
+    poll(PATIENCE, || {
+        f.log_text().contains("upgrade: probing").then_some(())
+    })
+    .expect("the probe runs");
+    let out = f.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("an upgrade is in progress"), "{err}");
+    let (code, _, err) = upgrade(&f);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("in progress"), "{err}");
+    assert_eq!(f.wait_ready(), workers);
+    // A stop ends the probe (and what it started) and the upgrade's wait.
+    let out = f.cli(&["stop"]);
+    assert!(out.status.success());
+    let first = first.join().unwrap();
+    assert_eq!(first.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&first.stderr).contains("forkd is stopping"),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(f.wait_exit(PATIENCE), Some(0));
+}

@@ -569,7 +569,18 @@ impl<P: Program> Supervisor<P> {
     }
 
     fn reload(&mut self, now: u64) -> Vec<Action> {
-        if self.plan.phase() != Phase::Running || self.upgrade.is_some() {
+        if self.plan.phase() != Phase::Running {
+            return Vec::new();
+        }
+        if self.upgrade.is_some() {
+            let error = "an upgrade is in progress; reload when it is done".to_owned();
+            log::warn!("reload refused: {error}");
+            self.reply_reload(ReloadOutcome {
+                ok: false,
+                generation: self.plan.generation(),
+                replaced: Vec::new(),
+                error: Some(error),
+            });
             return Vec::new();
         }
         log::info!("reloading the configuration");
