@@ -289,9 +289,10 @@ fn a_slow_client_is_cut_off_and_cannot_pin_the_worker() {
         .unwrap();
     let t = Instant::now();
     let mut buf = Vec::new();
-    let _ = slow.read_to_end(&mut buf);
-    let waited = t.elapsed();
-    assert!(waited < Duration::from_secs(10), "cut off after {waited:?}");
+    // Cut off by the server (EOF), not by our 15 s read timeout.
+    let cut = slow.read_to_end(&mut buf);
+    eprintln!("slow client cut off after {:?}", t.elapsed());
+    assert!(cut.is_ok(), "not cut off: {cut:?}");
     // Two idle connections fill max_connections; a third is served once the
     // header timeout has freed a place, not never.
     let _a = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
@@ -303,8 +304,7 @@ fn a_slow_client_is_cut_off_and_cannot_pin_the_worker() {
 #[test]
 fn listens_on_ipv6_loopback() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("no IPv6 loopback on this machine; skipped");
-        return;
+        return skip("no IPv6 loopback on this machine");
     }
     let mut f = Forkd::configure("workers = 1\n");
     let port = f.port;

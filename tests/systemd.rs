@@ -136,8 +136,11 @@ fn watchdog_is_fed_at_half_the_interval_only_while_workers_beat() {
     let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
     gaps.sort();
     let median = gaps[gaps.len() / 2];
+    // Sent every half interval; the bound that matters to systemd is the
+    // whole interval (1 s).
+    eprintln!("WATCHDOG=1 every {median:?} (median), WATCHDOG_USEC 1 s");
     assert!(
-        median >= Duration::from_millis(350) && median <= Duration::from_millis(800),
+        median >= Duration::from_millis(350) && median < Duration::from_secs(1),
         "WATCHDOG=1 every {median:?}, expected about 500 ms"
     );
 
@@ -146,9 +149,13 @@ fn watchdog_is_fed_at_half_the_interval_only_while_workers_beat() {
         signal(pid, Signal::SIGSTOP);
     }
     let stopped = Instant::now();
-    // Heartbeats go stale within 2 x 1 s + 0.25 s; allow a margin, then
-    // listen for two more seconds.
-    std::thread::sleep(Duration::from_millis(3_500));
+    // Once the supervisor says it starves the watchdog (heartbeats are
+    // stale within 2 x 1 s + 0.25 s), nothing feeds it: listen for two
+    // more seconds.
+    poll(PATIENCE, || {
+        f.log_text().contains("watchdog not fed").then_some(())
+    })
+    .expect("the supervisor stops feeding the watchdog");
     while notify.rx.try_recv().is_ok() {}
     let quiet_from = Instant::now();
     let mut fed = 0;
@@ -168,7 +175,6 @@ fn watchdog_is_fed_at_half_the_interval_only_while_workers_beat() {
         "watchdog fed while every worker was stopped ({:?} after stop)",
         stopped.elapsed()
     );
-    assert!(f.log_text().contains("watchdog not fed"));
     // And it comes back with the workers.
     notify.next(|m| m == "WATCHDOG=1");
 }
@@ -217,12 +223,10 @@ fn socket_activation_serves_on_the_passed_socket_and_binds_nothing() {
 #[test]
 fn root_drops_to_the_configured_user_before_forking() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root; skipped");
-        return;
+        return skip("not root");
     }
     let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
-        eprintln!("no user 'nobody'; skipped");
-        return;
+        return skip("no user 'nobody'");
     };
     let mut f = Forkd::configure("workers = 2\nuser = \"nobody\"\n");
     // The account must be able to reach its runtime and data directories.

@@ -32,6 +32,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct ports that were free a moment ago.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 /// A free port whose cluster bus port (port + 10000) is valid and free too.
 pub fn free_cluster_port() -> u16 {
     for _ in 0..1000 {
@@ -53,6 +63,15 @@ pub fn cluster_ports(n: usize) -> Vec<u16> {
         }
     }
     ports
+}
+
+/// A test that cannot run here says why; under `CI=true` that is a
+/// failure, never a silent pass.
+pub fn skip(why: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("cannot run under CI=true: {why}");
+    }
+    eprintln!("skipped: {why}");
 }
 
 /// Polls `f` every 20 ms until it returns Some or `limit` passes.
@@ -220,6 +239,10 @@ impl Forkd {
             .args(args)
             .env_remove("RUST_LOG")
             .env("FORKD_REDIS_DATA_DIR", self.dir.path().join("data"))
+            // `forkd user` talks to Redis itself: on a loaded machine a
+            // reply can take longer than the default 1 s. The servers keep
+            // their configured timeout, which the outage tests rely on.
+            .env("FORKD_REDIS_COMMAND_TIMEOUT", "10")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -540,10 +563,10 @@ impl Load {
         Load { stop, threads }
     }
 
-    pub fn finish(self) -> LoadResult {
+    pub fn finish(mut self) -> LoadResult {
         self.stop.store(true, Ordering::Relaxed);
         let mut total = LoadResult::default();
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let r = t.join().unwrap();
             total.ok += r.ok;
             total.failed += r.failed;
@@ -551,6 +574,17 @@ impl Load {
             total.pids.extend(r.pids);
         }
         total
+    }
+}
+
+impl Drop for Load {
+    /// A test that panics mid-load stops its load threads rather than let
+    /// them hammer a dead port for two minutes.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -1044,6 +1078,19 @@ where
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Waits until every current worker has served more than `n` requests.
+pub fn wait_each_served(f: &Forkd, n: u64) {
+    poll(PATIENCE, || {
+        let s = f.status()?;
+        let workers = s["workers"].as_array()?;
+        workers
+            .iter()
+            .all(|w| w["requests"].as_u64().unwrap_or(0) > n)
+            .then_some(())
+    })
+    .expect("every worker serves");
 }
 
 /// Waits until the current workers have served more than `n` requests.
