@@ -149,22 +149,26 @@ pub fn spawn_detached(cmd: &mut Command) -> io::Result<Child> {
 /// As `Command::spawn`.
 pub(crate) fn spawn_service(cmd: &mut Command) -> io::Result<Child> {
     // SAFETY: the closure runs between fork and exec and only calls
-    // sigprocmask and prctl, which are async-signal-safe.
+    // `reset_child`, which is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
-            let empty = nix::sys::signal::SigSet::empty();
-            nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&empty),
-                None,
-            )
-            .map_err(io::Error::from)?;
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(io::Error::from)?;
-            Ok(())
-        });
+        cmd.pre_exec(|| reset_child(nix::sys::signal::Signal::SIGTERM));
     }
     cmd.spawn()
+}
+
+/// In a child between fork and exec: the default signal mask back (the
+/// supervisor blocks the signals it reads from a signalfd, and a mask
+/// survives exec) and `deathsig` when the supervisor dies. Calls only
+/// sigprocmask and prctl, which are async-signal-safe.
+fn reset_child(deathsig: nix::sys::signal::Signal) -> io::Result<()> {
+    let empty = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&empty),
+        None,
+    )?;
+    nix::sys::prctl::set_pdeathsig(deathsig)?;
+    Ok(())
 }
 
 /// The sockets systemd passed to this process (`LISTEN_FDS` descriptors
@@ -247,19 +251,11 @@ pub(crate) fn set_nonblocking(fd: &impl AsFd) -> nix::Result<()> {
 pub(crate) fn spawn_probe(cmd: &mut Command, image: BorrowedFd<'_>) -> io::Result<Child> {
     let image = image.as_raw_fd();
     // SAFETY: the closure runs between fork and exec and only calls
-    // sigprocmask, prctl and fcntl, which are async-signal-safe; `image`
-    // is open in the child (inherited) until the exec.
+    // `reset_child` and fcntl, which are async-signal-safe; `image` is
+    // open in the child (inherited) until the exec.
     unsafe {
         cmd.pre_exec(move || {
-            let empty = nix::sys::signal::SigSet::empty();
-            nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&empty),
-                None,
-            )
-            .map_err(io::Error::from)?;
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(io::Error::from)?;
+            reset_child(nix::sys::signal::Signal::SIGKILL)?;
             if libc::fcntl(image, libc::F_SETFD, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
