@@ -74,6 +74,40 @@ pub const KEYS: &[&str] = &[
 /// Environment variables that start with `FORKD_` but are not config keys.
 const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS"];
 
+/// A TOML error as line, column and what is wrong, without the offending
+/// line itself: it may hold a secret (a password in `redis.url`).
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map(|span| {
+        let start = span.start.min(text.len());
+        let before = &text[..start];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        // The key of that line (never its value), under its table.
+        let this = text[start..].split('\n').next().unwrap_or("");
+        let this = format!("{}{this}", before.rsplit('\n').next().unwrap_or(""));
+        let key = this.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.\"".contains(c))
+        });
+        let table = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('[') && l.ends_with(']'))
+            .map(|l| l.trim_matches(['[', ']']).trim());
+        match (key, table) {
+            (Some(k), Some(t)) => format!("line {line}, column {column}, key `{t}.{k}`: "),
+            (Some(k), None) => format!("line {line}, column {column}, key `{k}`: "),
+            _ => format!("line {line}, column {column}: "),
+        }
+    });
+    ConfigError::Parse {
+        path: path.to_owned(),
+        message: format!("{}{}", at.unwrap_or_default(), e.message().trim_end()),
+    }
+}
+
 /// A configuration error. Every message names the offending key or variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -575,10 +609,7 @@ impl RawConfig {
     /// [`ConfigError::Parse`] naming the line and key for syntax errors,
     /// unknown keys and wrongly typed values.
     pub fn from_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })
+        toml::from_str(text).map_err(|e| parse_error(path, text, &e))
     }
 
     /// Reads and parses a config file.
@@ -986,6 +1017,19 @@ impl RawConfig {
                 ));
             }
         }
+        if self.listener == ListenerMode::Reuseport && self.user.is_some() {
+            // SO_REUSEPORT only lets sockets of one user share a port, and
+            // slot sockets are bound when their worker starts, after the
+            // supervisor has given up root.
+            return Err(bad(
+                "listener",
+                "reuseport",
+                "cannot be combined with `user`: every SO_REUSEPORT socket must be \
+                 bound by one user, and forkd binds a slot's socket after dropping \
+                 privileges; use listener = \"shared\", or start forkd as that user \
+                 (systemd's User=)",
+            ));
+        }
         if self.group.is_some() && self.user.is_none() {
             return Err(bad(
                 "group",
@@ -1057,10 +1101,8 @@ impl Location {
                 path: path.to_owned(),
                 source,
             })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_owned(),
-                message: e.to_string().trim_end().to_owned(),
-            })?;
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))?;
             if let Some(i) = table.get("instance").and_then(|v| v.as_str()) {
                 loc.instance = i.to_owned();
             }
@@ -1112,6 +1154,39 @@ mod tests {
 
     fn parse(text: &str) -> Result<RawConfig, ConfigError> {
         RawConfig::from_str(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_place_but_never_echoes_the_line() {
+        let text = "workers = 2\n[redis]\nurl = \"redis://app:s3cret-PASSWORD@db:6379\" oops\n";
+        let e = parse(text).unwrap_err().to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("test.toml") && e.contains("line 3"), "{e}");
+        assert!(e.contains("`redis.url`"), "{e}");
+        // The client commands' lenient read of the file says the same.
+        let file = std::env::temp_dir().join(format!("forkd-config-{}.toml", std::process::id()));
+        std::fs::write(&file, text).unwrap();
+        let e = Location::load(Some(&file), Vec::new())
+            .err()
+            .unwrap()
+            .to_string();
+        std::fs::remove_file(&file).unwrap();
+        assert!(!e.contains("s3cret") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn reuseport_with_a_user_to_drop_to_is_refused() {
+        let e = parse("listener = \"reuseport\"\nuser = \"nobody\"\n")
+            .unwrap()
+            .validate(2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listener") && e.contains("user"), "{e}");
+        assert!(parse("listener = \"reuseport\"\n")
+            .unwrap()
+            .validate(2)
+            .is_ok());
+        assert!(parse("user = \"nobody\"\n").unwrap().validate(2).is_ok());
     }
 
     #[test]
