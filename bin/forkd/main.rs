@@ -192,7 +192,14 @@ impl ConfigSource {
         }
         let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut config = raw.validate(parallelism)?;
-        config.runtime_dir = Some(resolve_runtime_dir(config.runtime_dir.as_deref()));
+        config.runtime_dir = Some(resolve_runtime_dir(config.runtime_dir.as_deref()).map_err(
+            |expected| ConfigError::Value {
+                key: "runtime_dir".into(),
+                origin: String::new(),
+                value: String::new(),
+                expected,
+            },
+        )?);
         if !config.redis.url.is_empty() {
             forkd_store::check_url(&config.redis.url).map_err(|e| ConfigError::Value {
                 key: "redis.url".into(),
@@ -222,31 +229,45 @@ impl ConfigSource {
     /// holds a value that a start would reject.
     fn target(&self) -> Result<Target, ConfigError> {
         let loc = forkd_config::Location::load(self.file().as_deref(), std::env::vars())?;
+        let runtime_dir = resolve_runtime_dir(loc.runtime_dir.as_deref()).map_err(|expected| {
+            ConfigError::Value {
+                key: "runtime_dir".into(),
+                origin: String::new(),
+                value: String::new(),
+                expected,
+            }
+        })?;
         Ok(Target {
-            runtime_dir: resolve_runtime_dir(loc.runtime_dir.as_deref()),
+            runtime_dir,
             instance: loc.instance,
         })
     }
 }
 
-/// The runtime directory: configured, or systemd's RuntimeDirectory, or a
-/// per-user default.
-fn resolve_runtime_dir(configured: Option<&Path>) -> PathBuf {
+/// The runtime directory: configured, or systemd's RuntimeDirectory, or
+/// /run/forkd for root, or forkd in the login session's XDG_RUNTIME_DIR.
+/// Nothing in a shared directory such as /tmp, where another user could
+/// have made it first.
+fn resolve_runtime_dir(configured: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(d) = configured {
-        return d.to_owned();
+        return Ok(d.to_owned());
     }
     if let Ok(d) = std::env::var("RUNTIME_DIRECTORY") {
         if let Some(first) = d.split(':').find(|s| !s.is_empty()) {
-            return first.into();
+            return Ok(first.into());
         }
     }
-    let uid = nix::unistd::geteuid();
-    if uid.is_root() {
-        return "/run/forkd".into();
+    if nix::unistd::geteuid().is_root() {
+        return Ok("/run/forkd".into());
     }
     match std::env::var("XDG_RUNTIME_DIR") {
-        Ok(x) if !x.is_empty() => Path::new(&x).join("forkd"),
-        _ => format!("/tmp/forkd-{uid}").into(),
+        Ok(x) if !x.is_empty() => Ok(Path::new(&x).join("forkd")),
+        _ => Err(format!(
+            "no runtime directory: set runtime_dir in the config (a directory of \
+             your own, e.g. runtime_dir = \"$HOME/.forkd/run\"), or XDG_RUNTIME_DIR \
+             (a login session sets it: export XDG_RUNTIME_DIR=/run/user/{})",
+            nix::unistd::geteuid()
+        )),
     }
 }
 
@@ -339,8 +360,9 @@ fn program_exists(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
+/// The runtime directory of a loaded configuration (which resolved it).
 pub(crate) fn runtime_dir_of(c: &Config) -> PathBuf {
-    resolve_runtime_dir(c.runtime_dir.as_deref())
+    c.runtime_dir.clone().unwrap_or_else(|| "/run/forkd".into())
 }
 
 fn check_config(source: &ConfigSource, config: Config) {

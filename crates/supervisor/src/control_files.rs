@@ -3,11 +3,12 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::private_dir::{give_file, PrivateDir};
+use crate::privs::Account;
 use crate::Error;
 
 /// `RUNTIME_DIR/INSTANCE.pid`
@@ -32,15 +33,12 @@ pub(crate) struct Pidfile {
 }
 
 impl Pidfile {
-    pub(crate) fn acquire(path: &Path, instance: &str) -> Result<Self, Error> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(path)
-            .map_err(|e| Error::file(path, e))?;
+    /// Takes `INSTANCE.pid` in `dir` (opened relative to the directory,
+    /// never through a link).
+    pub(crate) fn acquire(dir: &PrivateDir, instance: &str) -> Result<Self, Error> {
+        let path = pidfile_path(dir.path(), instance);
+        let name = format!("{instance}.pid");
+        let file = dir.open_file(&name, 0o644)?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -64,11 +62,8 @@ impl Pidfile {
             writeln!(f, "{}", std::process::id())?;
             f.sync_data()
         };
-        write(&mut lock).map_err(|e| Error::file(path, e))?;
-        Ok(Pidfile {
-            path: path.to_owned(),
-            _lock: lock,
-        })
+        write(&mut lock).map_err(|e| Error::file(&path, e))?;
+        Ok(Pidfile { path, _lock: lock })
     }
 
     /// Takes over the pidfile whose locked descriptor an upgrade handed
@@ -85,6 +80,11 @@ impl Pidfile {
             path: path.to_owned(),
             _lock: lock,
         })
+    }
+
+    /// Hands the open pidfile to the account root drops to.
+    pub(crate) fn give(&self, owner: &Account) -> Result<(), Error> {
+        give_file(&self._lock, &self.path, owner)
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {

@@ -16,6 +16,7 @@ mod control_files;
 mod listen;
 mod notify;
 pub mod plan;
+mod private_dir;
 mod privs;
 mod redis;
 mod runner;
@@ -157,6 +158,12 @@ pub enum Error {
     Privileges(String),
     #[error("upgrade: {0}")]
     Upgrade(String),
+    #[error("refusing {what} {path}: {why}")]
+    UnsafeDir {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
 }
 
 impl Error {
@@ -168,25 +175,34 @@ impl Error {
     }
 }
 
-/// Points this process's stdout and stderr at `path` (opened for append),
-/// so that the log, and anything a library prints, goes there. Used at
-/// start, on SIGUSR1 by the supervisor, and by workers when told to reopen.
+/// Points this process's stdout and stderr at `path` (opened for append,
+/// never through a symbolic link), so that the log, and anything a library
+/// prints, goes there. Used at start, on SIGUSR1 by the supervisor, and by
+/// workers when told to reopen.
 ///
 /// # Errors
 /// The file cannot be opened.
 pub fn redirect_output(path: &Path) -> Result<(), Error> {
+    point_output_at(&open_log(path)?)
+}
+
+fn open_log(path: &Path) -> Result<std::fs::File, Error> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|e| Error::file(path, e))?;
+        .map_err(|e| Error::file(path, e))
+}
+
+fn point_output_at(file: &std::fs::File) -> Result<(), Error> {
     let sys = |source| Error::Sys {
         what: "dup2",
         source,
     };
-    nix::unistd::dup2_stdout(&file).map_err(sys)?;
-    nix::unistd::dup2_stderr(&file).map_err(sys)?;
+    nix::unistd::dup2_stdout(file).map_err(sys)?;
+    nix::unistd::dup2_stderr(file).map_err(sys)?;
     Ok(())
 }

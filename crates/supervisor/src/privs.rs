@@ -2,9 +2,7 @@
 //! directories prepared, before any worker (or the managed redis-server)
 //! is started.
 
-use std::path::Path;
-
-use nix::unistd::{chown, setgid, setgroups, setuid, Gid, Group, Uid, User};
+use nix::unistd::{setgid, setgroups, setuid, Gid, Group, Uid, User};
 
 use crate::Error;
 
@@ -35,12 +33,6 @@ pub(crate) fn resolve(user: &str, group: Option<&str>) -> Result<Account, Error>
         uid: u.uid,
         gid,
     })
-}
-
-/// Gives `path` to the account (so it can still write there later).
-pub(crate) fn give(path: &Path, account: &Account) -> Result<(), Error> {
-    chown(path, Some(account.uid), Some(account.gid))
-        .map_err(|e| Error::Privileges(format!("cannot chown {}: {e}", path.display())))
 }
 
 /// Switches this process to the account for good.

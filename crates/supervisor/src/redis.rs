@@ -2,6 +2,7 @@
 //! before the workers, respawned with backoff when it dies, stopped after
 //! the last worker has exited. The supervisor never talks to it.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -78,7 +79,11 @@ impl RedisChild {
             return;
         }
         self.restart_at_ms = None;
-        if let Err(e) = std::fs::create_dir_all(&self.cfg.dir) {
+        let made = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.cfg.dir);
+        if let Err(e) = made {
             log::error!(
                 "cannot create redis data dir {}: {e}",
                 self.cfg.dir.display()

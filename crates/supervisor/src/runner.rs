@@ -6,7 +6,6 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -18,9 +17,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::control::{Conn, ReadResult, Reply, Request, Status, WorkerStatus};
-use crate::control_files::{control_socket_path, pidfile_path, Pidfile};
+use crate::control_files::{control_socket_path, Pidfile};
 use crate::notify::{self, Notifier};
 use crate::plan::{Action, Limits, Observed, Phase, Plan, ReloadOutcome, Sig};
+use crate::private_dir::{give_file, PrivateDir};
 use crate::redis::RedisChild;
 use crate::scoreboard::{now_ms, Scoreboard, WorkerState};
 use crate::signals::{SignalEvent, Signals};
@@ -77,17 +77,23 @@ pub fn run<P: Program>(
         Some(u) => Some(privs::resolve(u, settings.group.as_deref())?),
         None => None,
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&settings.runtime_dir)
-        .map_err(|e| Error::file(&settings.runtime_dir, e))?;
-    let pidfile = Pidfile::acquire(
-        &pidfile_path(&settings.runtime_dir, &settings.instance),
-        &settings.instance,
+    let runtime = PrivateDir::prepare(
+        &settings.runtime_dir,
+        "runtime directory",
+        account.as_ref(),
+        false,
     )?;
+    let pidfile = Pidfile::acquire(&runtime, &settings.instance)?;
     if let Some(path) = &settings.log_file {
-        redirect_output(path)?;
+        let log = crate::open_log(path)?;
+        crate::point_output_at(&log)?;
+        if let Some(acct) = &account {
+            give_file(&log, path, acct)?;
+        }
+    }
+    if let Some(r) = &settings.redis {
+        // Its append-only file holds password hashes and sessions.
+        PrivateDir::prepare(&r.dir, "redis data directory", account.as_ref(), true)?;
     }
     let first = match sys::listen_fds().into_iter().next() {
         Some(fd) => {
@@ -118,24 +124,13 @@ pub fn run<P: Program>(
         .map_err(|e| Error::file(&control_path, e))?;
     if let Some(acct) = &account {
         // Everything the supervisor (and its redis-server) writes later
-        // must belong to the account first.
-        privs::give(&settings.runtime_dir, acct)?;
-        privs::give(&control_path, acct)?;
-        privs::give(
-            &pidfile_path(&settings.runtime_dir, &settings.instance),
-            acct,
-        )?;
-        if let Some(log) = &settings.log_file {
-            privs::give(log, acct)?;
-        }
-        if let Some(r) = &settings.redis {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&r.dir)
-                .map_err(|e| Error::file(&r.dir, e))?;
-            privs::give(&r.dir, acct)?;
-        }
+        // must belong to the account first (the directories already do).
+        let name = control_path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        runtime.give_entry(&name, acct)?;
+        pidfile.give(acct)?;
         privs::drop_to(acct)?;
     }
     let signals = Signals::new().map_err(|source| Error::Sys {

@@ -143,15 +143,22 @@ pub fn spawn_detached(cmd: &mut Command) -> io::Result<Child> {
 
 /// Starts a helper service (the managed redis-server): it gets the default
 /// signal mask back (the supervisor blocks the signals it reads from a
-/// signalfd, and a mask survives exec) and SIGTERM when the supervisor dies.
+/// signalfd, and a mask survives exec), SIGTERM when the supervisor dies,
+/// and umask 077.
 ///
 /// # Errors
 /// As `Command::spawn`.
 pub(crate) fn spawn_service(cmd: &mut Command) -> io::Result<Child> {
     // SAFETY: the closure runs between fork and exec and only calls
-    // `reset_child`, which is async-signal-safe.
+    // `reset_child` and umask, which are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| reset_child(nix::sys::signal::Signal::SIGTERM));
+        cmd.pre_exec(|| {
+            reset_child(nix::sys::signal::Signal::SIGTERM)?;
+            // What it writes (an append-only file of password hashes and
+            // sessions) is for the service user alone.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            Ok(())
+        });
     }
     cmd.spawn()
 }
