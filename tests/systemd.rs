@@ -109,15 +109,30 @@ fn sd_notify_ready_status_reloading_and_stopping() {
 
 #[test]
 fn nothing_is_sent_without_notify_socket_and_children_do_not_inherit_it() {
-    // The managed redis-server must not see NOTIFY_SOCKET (it would try to
-    // notify systemd itself).
-    let mut f = Forkd::configure("workers = 1\n");
+    // Neither the managed redis-server nor a worker may see NOTIFY_SOCKET
+    // or WATCHDOG_* (they could speak for the service to systemd), as
+    // /proc/PID/environ shows their environment to the same user.
+    let mut f = Forkd::configure("workers = 2\n");
     let notify = NotifySocket::new(f.dir.path());
-    f.spawn(&[("NOTIFY_SOCKET", notify.path.to_str().unwrap())]);
-    f.wait_ready();
-    let redis = f.status().unwrap()["redis"]["pid"].as_i64().unwrap();
-    let env = std::fs::read(format!("/proc/{redis}/environ")).unwrap();
-    assert!(!String::from_utf8_lossy(&env).contains("NOTIFY_SOCKET"));
+    f.spawn(&[
+        ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "60000000"),
+    ]);
+    let workers = f.wait_ready();
+    let redis = f.status().unwrap()["redis"]["pid"].as_i64().unwrap() as i32;
+    for pid in workers.iter().copied().chain([redis]) {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let env = String::from_utf8_lossy(&env);
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_"] {
+            assert!(!env.contains(var), "pid {pid} sees {var}: {env:?}");
+        }
+        if pid != redis {
+            // The rest of the environment is still there.
+            assert!(env.contains("PATH="), "pid {pid}: {env:?}");
+        }
+    }
+    // The supervisor itself still speaks to systemd.
+    notify.next(|m| m == "READY=1");
 }
 
 #[test]

@@ -109,8 +109,17 @@ fn upgrade_under_load_replaces_every_worker_with_zero_failures() {
 
     // The managed redis-server was handed over, not restarted.
     assert!(status["redis"]["pid"].as_i64().is_some());
-    // No upgrade state reaches what the new image starts (its environment
-    // was scrubbed): redis-server is restarted here to show it.
+    // No upgrade state reaches the new workers, nor what the new image
+    // starts (its environment was scrubbed): redis-server is restarted
+    // here to show it.
+    for w in status["workers"].as_array().unwrap() {
+        let env = std::fs::read(format!("/proc/{}/environ", w["pid"])).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&env).contains("FORKD_UPGRADE"),
+            "worker {} sees upgrade state",
+            w["pid"]
+        );
+    }
     let redis = status["redis"]["pid"].as_i64().unwrap() as i32;
     signal(redis, nix::sys::signal::Signal::SIGKILL);
     let restarted = poll(PATIENCE, || {

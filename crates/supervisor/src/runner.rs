@@ -457,6 +457,11 @@ impl<P: Program> Supervisor<P> {
             sys::exit_now(1);
         };
         sys::close_fds_except(&[0, 1, 2, listener.as_raw_fd()]);
+        // The worker faces the network: nothing that speaks for the service
+        // to systemd, and no upgrade state.
+        sys::scrub_environment(|k| {
+            crate::notify::SYSTEMD_VARS.contains(&k) || k.starts_with("FORKD_UPGRADE")
+        });
         sys::return_large_allocations();
         self.board.set_pid(cell, std::process::id() as i32);
         let ctx = WorkerContext {

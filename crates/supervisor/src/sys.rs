@@ -306,6 +306,60 @@ pub(crate) fn set_cloexec(fd: &impl AsFd, on: bool) -> nix::Result<()> {
     nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFD(flags)).map(|_| ())
 }
 
+/// In a new worker, before it runs anything: removes the variables for
+/// which `hidden` is true from the environment, and blanks their text in
+/// the environment block the process image was started with. A forked
+/// child shares that block with the supervisor, and /proc/PID/environ shows
+/// it whatever the environment is now; a compromised worker must find no
+/// NOTIFY_SOCKET to speak for the service with.
+pub(crate) fn scrub_environment(hidden: impl Fn(&str) -> bool) {
+    let names: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| hidden(&k.to_string_lossy()))
+        .collect();
+    for k in names {
+        // The child is single-threaded right after the fork.
+        std::env::remove_var(k);
+    }
+    // env_start and env_end: fields 50 and 51 of /proc/self/stat, counted
+    // from the state (field 3) after the command's closing parenthesis.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<usize>().ok());
+    let (Some(start), Some(end)) = (field(50), field(51)) else {
+        return;
+    };
+    if start == 0 || end <= start || end - start > 1 << 30 {
+        return;
+    }
+    // SAFETY: [env_start, env_end) is the environment block the kernel laid
+    // out for this image, mapped read-write on the initial stack for the
+    // process's whole life. Nothing holds a Rust reference into it: std
+    // copies whatever it reads from the environment, and the entries blanked
+    // here were just removed from libc's `environ`, so no pointer to them is
+    // left there. The child is single-threaded, so nothing reads it meanwhile.
+    let block = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, end - start) };
+    let mut i = 0;
+    while i < block.len() {
+        let len = block[i..]
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(block.len() - i);
+        let entry = &block[i..i + len];
+        let name = entry.split(|&b| b == b'=').next().unwrap_or(entry);
+        if hidden(&String::from_utf8_lossy(name)) {
+            block[i..i + len].fill(0);
+        }
+        i += len + 1;
+    }
+}
+
 /// In a new worker: large allocations (argon2 takes 19 MiB per hash) are
 /// always mmapped and so returned to the system when freed. glibc would
 /// otherwise raise its mmap threshold after the first such free and keep
