@@ -181,6 +181,37 @@ fn metrics_are_refused_outside_the_allow_list() {
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
 }
 
+/// Behind a trusted local proxy, the allow-list is checked against the
+/// client the proxy names, not the proxy's own (loopback) address.
+#[test]
+fn metrics_behind_a_trusted_proxy_check_the_forwarded_client() {
+    let f = Forkd::start("workers = 1\n[http]\ntrusted_proxies = [\"127.0.0.0/8\"]\n");
+    let via = |xff: &str| {
+        request(f.port, "GET", "/metrics", &[("X-Forwarded-For", xff)], b"")
+            .unwrap()
+            .status
+    };
+    assert_eq!(get(f.port, "/metrics").unwrap().status, 200);
+    assert_eq!(via("203.0.113.9"), 403);
+    assert_eq!(via("127.0.0.7"), 200);
+    // A client's own spoofed entry left of what the proxy appends is not
+    // believed: the proxy says 203.0.113.9.
+    assert_eq!(via("127.0.0.1, 203.0.113.9"), 403);
+    // Bytes that are not text in what the client sent do not make the
+    // request the proxy's own.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Forwarded-For: caf\xc3\xa9\xff, 203.0.113.9\r\n\r\n")
+        .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    assert!(
+        resp.starts_with(b"HTTP/1.1 403"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+}
+
 #[test]
 fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
     let redis = RedisServer::start();

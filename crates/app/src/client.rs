@@ -17,23 +17,28 @@ pub(crate) fn client_ip(
     if !trusted(peer) {
         return peer;
     }
-    let mut hops = Vec::new();
-    for value in headers.get_all("x-forwarded-for") {
-        let Ok(text) = value.to_str() else {
-            return peer;
-        };
-        for hop in text.split(',') {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => hops.push(canonical(ip)),
-                // An unparsable hop: trust nothing left of it.
-                Err(_) => hops.clear(),
-            }
-        }
-    }
+    // Every hop, left to right, over all X-Forwarded-For lines: parsed from
+    // the bytes (a value that is not valid text spoils only its own hops),
+    // None for one that is not an address.
+    let hops: Vec<Option<IpAddr>> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(|hop| {
+            std::str::from_utf8(hop)
+                .ok()
+                .and_then(|h| h.trim().parse::<IpAddr>().ok())
+                .map(canonical)
+        })
+        .collect();
+    // From the right: each trusted proxy vouches for the hop left of it. An
+    // unreadable hop ends the walk: the client is the last hop a trusted
+    // proxy named.
     let mut client = peer;
     for hop in hops.into_iter().rev() {
-        client = hop;
-        if !trusted(hop) {
+        let Some(ip) = hop else { break };
+        client = ip;
+        if !trusted(ip) {
             break;
         }
     }
@@ -95,13 +100,47 @@ mod tests {
             client_ip(peer, &h, &trusted),
             "5.5.5.5".parse::<IpAddr>().unwrap()
         );
-        // Garbage resets what is left of it.
+        // Garbage ends the walk at the last hop a trusted proxy named.
         let h = headers(&["9.9.9.9, junk, 10.0.0.3"]);
         assert_eq!(
             client_ip(peer, &h, &trusted),
             "10.0.0.3".parse::<IpAddr>().unwrap()
         );
         assert_eq!(client_ip(peer, &headers(&[]), &trusted), peer);
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_spoil_only_their_hop() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"6.6.6.6, caf\xc3\xa9\xff, 1.2.3.4").unwrap(),
+        );
+        // Not the proxy's own address: the client it names.
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        // What a client sends stands left of what its proxy appends, so a
+        // client cannot end the walk at the proxy: only a proxy that itself
+        // writes garbage leaves its own address as the client.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xfe\xff").unwrap(),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"1.2.3.4, \xfe").unwrap(),
+        );
+        assert_eq!(client_ip(peer, &h, &trusted), peer);
     }
 
     #[test]

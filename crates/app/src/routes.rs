@@ -117,7 +117,15 @@ async fn route(req: Request<Incoming>, st: &Arc<State>, peer: SocketAddr) -> Res
         },
         "/metrics" => match method {
             Method::GET | Method::HEAD => {
-                if (st.settings.metrics_allow)(peer.ip()) {
+                // Checked against the client as the rate limits see it: a
+                // request relayed by a trusted (local) proxy is the
+                // forwarded client's, not the proxy's.
+                let client = crate::client::client_ip(
+                    peer.ip(),
+                    req.headers(),
+                    st.settings.trusted_proxy.as_ref(),
+                );
+                if (st.settings.metrics_allow)(client) {
                     let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
                         st.host.as_ref(),
                     ))));
