@@ -641,6 +641,36 @@ fn bad_input_gets_problems_and_never_reaches_argon2_or_redis(redis: &impl Backen
             json.to_vec(),
             b"{\"username\":\"mi\xff\",\"password\":\"x\"}".to_vec(),
         ),
+        // Names no user can have (the rule of `forkd user add`): a `{`
+        // would steer Redis Cluster's hash slot.
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":\"a{b}c\",\"password\":\"x\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":\"mia smith\",\"password\":\"x\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            b"{\"username\":\"mi\\u0001a\",\"password\":\"x\"}".to_vec(),
+        ),
+        (
+            400,
+            "POST",
+            "/login",
+            json.to_vec(),
+            format!("{{\"username\":\"{}\",\"password\":\"x\"}}", "m".repeat(65)).into_bytes(),
+        ),
         (405, "GET", "/login", vec![], vec![]),
         (405, "PUT", "/profile", vec![], vec![]),
         (405, "GET", "/logout", vec![], vec![]),
@@ -685,6 +715,13 @@ fn bad_input_gets_problems_and_never_reaches_argon2_or_redis(redis: &impl Backen
             401 => assert!(r.header("www-authenticate").unwrap().starts_with("Bearer")),
             _ => {}
         }
+        if *path == "/profile" && *method == "GET" {
+            assert_eq!(
+                r.header("cache-control"),
+                Some("private, no-store"),
+                "{r:?}"
+            );
+        }
     }
     // A body announced as huge is refused before it is read.
     let r = raw(
@@ -696,6 +733,16 @@ fn bad_input_gets_problems_and_never_reaches_argon2_or_redis(redis: &impl Backen
     // Only the INFO that measures it reached Redis.
     let after = redis.commands_processed();
     assert_eq!(after - before, redis.info_cost(), "bad input reached Redis");
+    // A well-formed token that is no session gets no log line, however
+    // often it comes (its one round trip: tests/metrics.rs).
+    let lines = f.log_text().lines().count();
+    let bogus = format!("Bearer {}.{}", "A".repeat(12), "A".repeat(43));
+    for _ in 0..20 {
+        let r = request(f.port, "GET", "/profile", &[("Authorization", &bogus)], b"").unwrap();
+        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(r.header("cache-control"), Some("private, no-store"));
+    }
+    assert_eq!(f.log_text().lines().count(), lines, "{}", f.log_text());
     // The workers are still the same and fine.
     assert_eq!(login(f.port, "mia", PW).status, 200);
     assert!(f.status().unwrap()["workers"]

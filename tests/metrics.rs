@@ -239,6 +239,10 @@ fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-cache"), Some("hit"));
     redis.cli(&["ECHO", "end-of-request"]);
+    // And a well-formed token that is no session: one round trip too.
+    let bogus = format!("{}.{}", "A".repeat(12), "A".repeat(43));
+    assert_eq!(profile(f.port, &bogus).unwrap().status, 401);
+    redis.cli(&["ECHO", "end-of-bogus"]);
     let mut sent = Vec::new();
     for line in lines.by_ref().take(1000) {
         let line = line.unwrap();
@@ -249,6 +253,21 @@ fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
             sent.push(line);
         }
     }
+    let mut bogus_sent = Vec::new();
+    for line in lines.by_ref().take(1000) {
+        let line = line.unwrap();
+        if line.contains("end-of-bogus") {
+            break;
+        }
+        if !line.contains(" lua]") {
+            bogus_sent.push(line);
+        }
+    }
+    assert_eq!(
+        bogus_sent.len(),
+        1,
+        "round trips for a bogus token: {bogus_sent:?}"
+    );
     let _ = monitor.kill();
     let _ = monitor.wait();
     assert_eq!(

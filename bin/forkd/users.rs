@@ -163,11 +163,7 @@ fn now_unix() -> u64 {
 
 /// User names: 1 to 64 of letters, digits, '.', '_', '-', '@'.
 fn check_name(name: &str) -> anyhow::Result<()> {
-    let ok = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
-    if !ok {
+    if !forkd_store::valid_username(name) {
         bail!("invalid user name {name:?}: use 1 to 64 letters, digits, '.', '_', '-' or '@'");
     }
     Ok(())

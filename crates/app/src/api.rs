@@ -9,8 +9,8 @@ use forkd_store::{Decision, Policy, ProfileCheck, StoreError};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
-    WWW_AUTHENTICATE,
+    HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE,
+    RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::{Request, Response, StatusCode};
 
@@ -163,6 +163,11 @@ pub(crate) async fn login(
         (Ok(u), Ok(p)) => (u.to_owned(), p.to_owned()),
         (Err(r), _) | (_, Err(r)) => return r,
     };
+    // The rule of `forkd user add`: a name no user can have gets no Redis
+    // command and no hash.
+    if !forkd_store::valid_username(&username) {
+        return bad_request("The username must be 1 to 64 letters, digits, '.', '_', '-' or '@'.");
+    }
     let auth = &st.settings.auth;
 
     // Brute-force limits, before any hashing.
@@ -365,7 +370,16 @@ fn cache_header(r: Response<Body>, hit: bool) -> Response<Body> {
     )
 }
 
+/// `GET /profile`: every answer is the user's alone, never for a cache.
 pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body> {
+    with_header(
+        profile_answer(req, st).await,
+        CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    )
+}
+
+async fn profile_answer(req: Request<Incoming>, st: &State) -> Response<Body> {
     let (uid, hash) = match bearer(&req) {
         Ok(t) => t,
         Err(r) => return r,

@@ -133,6 +133,16 @@ pub enum ProfileCheck {
     },
 }
 
+/// Whether `name` is a valid user name: 1 to 64 of ASCII letters, digits,
+/// '.', '_', '-' and '@'. Checked before a name reaches a key (a `{` would
+/// steer Redis Cluster's hash slot) or a password hash is computed.
+pub fn valid_username(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
+}
+
 /// Checks that fred accepts `url`, without connecting.
 ///
 /// # Errors
