@@ -321,3 +321,43 @@ fn listens_on_ipv6_loopback() {
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+/// The control socket never lets one client stall the supervisor: several
+/// requests in one write are all answered, a request followed by a
+/// half-close is answered, and a client that sends without ever reading is
+/// dropped while everyone else is served.
+#[test]
+fn the_control_socket_serves_every_line_and_survives_a_client_that_never_reads() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let f = Forkd::start("workers = 1\n");
+    let sock = f.dir.path().join("run/forkd.sock");
+
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"{\"cmd\":\"status\"}\n{\"cmd\":\"status\"}\n{\"cmd\":\"status\"}\n")
+        .unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let replies: Vec<String> = BufReader::new(c).lines().map(|l| l.unwrap()).collect();
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert!(replies.iter().all(|r| r.contains("\"reply\":\"status\"")));
+
+    // A client that asks and asks and never reads: its replies pile up
+    // until the supervisor gives up on it, and meanwhile others are served.
+    let mut greedy = UnixStream::connect(&sock).unwrap();
+    greedy
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let request = b"{\"cmd\":\"status\"}\n".repeat(64);
+    let mut dropped = false;
+    for _ in 0..20_000 {
+        if greedy.write_all(&request).is_err() {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "a client that never reads is dropped");
+    let out = f.cli(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(f.get("/healthz").unwrap().status, 200);
+}

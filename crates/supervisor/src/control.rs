@@ -237,10 +237,16 @@ impl Client {
     }
 }
 
-/// The server side of one connection.
+/// The server side of one connection. Never blocks the supervisor: reads
+/// and writes are non-blocking, replies wait in `out` until the socket
+/// takes them, and a peer that stops reading is dropped once too much is
+/// queued.
 pub(crate) struct Conn {
     pub(crate) stream: UnixStream,
     buf: Vec<u8>,
+    out: Vec<u8>,
+    /// The peer has shut down its side (requests already read still count).
+    eof: bool,
     /// The request has been read and is waiting for an outcome.
     pub(crate) waiting: Option<Request>,
 }
@@ -253,37 +259,53 @@ pub(crate) enum ReadResult {
     Closed,
 }
 
+/// A request line longer than this is refused.
+const MAX_REQUEST: usize = 64 * 1024;
+/// Replies queued for a peer that does not read; past this it is dropped.
+const MAX_QUEUED: usize = 4 << 20;
+
 impl Conn {
     pub(crate) fn new(stream: UnixStream) -> io::Result<Self> {
         stream.set_nonblocking(true)?;
         Ok(Conn {
             stream,
             buf: Vec::new(),
+            out: Vec::new(),
+            eof: false,
             waiting: None,
         })
     }
 
+    /// The next request: reads what has arrived, then hands out complete
+    /// lines one at a time (call again until it is not a request).
     pub(crate) fn read(&mut self) -> ReadResult {
-        let mut chunk = [0u8; 1024];
-        loop {
+        let mut chunk = [0u8; 4096];
+        while !self.eof && self.buf.len() <= MAX_REQUEST {
             match io::Read::read(&mut self.stream, &mut chunk) {
-                Ok(0) => return ReadResult::Closed,
-                Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    if self.buf.len() > 64 * 1024 {
-                        return ReadResult::Invalid("request too long".into());
-                    }
-                }
+                Ok(0) => self.eof = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return ReadResult::Closed,
             }
         }
         if self.waiting.is_some() {
-            return ReadResult::Pending;
+            return if self.eof {
+                ReadResult::Closed
+            } else {
+                ReadResult::Pending
+            };
         }
         let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
-            return ReadResult::Pending;
+            if self.buf.len() > MAX_REQUEST {
+                return ReadResult::Invalid("request too long".into());
+            }
+            // Nothing more will come: close once the replies are out.
+            return if self.eof && self.out.is_empty() {
+                ReadResult::Closed
+            } else {
+                ReadResult::Pending
+            };
         };
         let line: Vec<u8> = self.buf.drain(..=end).collect();
         match serde_json::from_slice::<Request>(&line) {
@@ -292,16 +314,47 @@ impl Conn {
         }
     }
 
-    /// Sends one reply line. The stream is switched to blocking with a
-    /// short timeout: replies are small and the peer is a local CLI.
+    /// Queues one reply line and sends what the socket takes now.
+    ///
+    /// # Errors
+    /// The peer is gone, or has let too much pile up unread.
     pub(crate) fn send(&mut self, reply: &Reply) -> io::Result<()> {
         let mut line = serde_json::to_vec(reply).expect("replies serialize");
         line.push(b'\n');
-        self.stream.set_nonblocking(false)?;
-        self.stream
-            .set_write_timeout(Some(Duration::from_millis(500)))?;
-        let r = self.stream.write_all(&line);
-        self.stream.set_nonblocking(true)?;
-        r
+        self.out.extend_from_slice(&line);
+        self.flush()?;
+        if self.out.len() > MAX_QUEUED {
+            return Err(io::Error::other("the peer does not read its replies"));
+        }
+        Ok(())
+    }
+
+    /// Sends what is queued, as far as the socket takes it.
+    ///
+    /// # Errors
+    /// The peer is gone.
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether replies wait for the socket to take them.
+    pub(crate) fn wants_write(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Whether the connection is beyond use: gone, or not reading.
+    pub(crate) fn broken(&self) -> bool {
+        self.out.len() > MAX_QUEUED
     }
 }

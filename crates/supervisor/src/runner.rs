@@ -365,11 +365,13 @@ impl<P: Program> Supervisor<P> {
             PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.control.as_fd(), PollFlags::POLLIN),
         ];
-        fds.extend(
-            self.conns
-                .iter()
-                .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
-        );
+        fds.extend(self.conns.iter().map(|c| {
+            let mut events = PollFlags::POLLIN;
+            if c.wants_write() {
+                events |= PollFlags::POLLOUT;
+            }
+            PollFd::new(c.stream.as_fd(), events)
+        }));
         if let Some((Some(fd), _)) = self.probe_wait() {
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
@@ -678,21 +680,31 @@ impl<P: Program> Supervisor<P> {
         }
         let mut i = 0;
         while i < self.conns.len() {
+            if self.serve_conn(i) {
+                i += 1;
+            } else {
+                self.conns.swap_remove(i);
+            }
+        }
+    }
+
+    /// Sends what waits for connection `i` and answers every complete
+    /// request it has sent. Returns whether it stays open.
+    fn serve_conn(&mut self, i: usize) -> bool {
+        if self.conns[i].flush().is_err() || self.conns[i].broken() {
+            return false;
+        }
+        loop {
             match self.conns[i].read() {
-                ReadResult::Pending => i += 1,
-                ReadResult::Closed => {
-                    self.conns.swap_remove(i);
-                }
+                ReadResult::Pending => return true,
+                ReadResult::Closed => return false,
                 ReadResult::Invalid(message) => {
                     let _ = self.conns[i].send(&Reply::Error { message });
-                    self.conns.swap_remove(i);
+                    return false;
                 }
                 ReadResult::Request(req) => {
-                    let keep = self.handle_request(i, req);
-                    if keep {
-                        i += 1;
-                    } else {
-                        self.conns.swap_remove(i);
+                    if !self.handle_request(i, req) || self.conns[i].broken() {
+                        return false;
                     }
                 }
             }
