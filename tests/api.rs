@@ -521,6 +521,17 @@ fn redis_going_away_gives_503s_without_restarts_and_service_resumes() {
         assert_eq!(profile(f.port, &t).unwrap().status, 503);
         std::thread::sleep(Duration::from_millis(25));
     }
+    // Many failed requests, few warnings: at most one a second per worker
+    // (the bound follows the time the burst took, however long).
+    let warnings = || f.log_text().matches("WARN").count();
+    let (before, started) = (warnings(), Instant::now());
+    for _ in 0..300 {
+        assert_eq!(profile(f.port, &t).unwrap().status, 503);
+    }
+    let allowed = workers.len() * (started.elapsed().as_secs() as usize + 2);
+    let logged = warnings() - before;
+    eprintln!("300 requests without Redis: {logged} warning lines (at most {allowed})");
+    assert!(logged <= allowed, "{logged} warnings:\n{}", f.log_text());
 
     redis.spawn();
     let back = Instant::now();

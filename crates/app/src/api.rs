@@ -33,7 +33,11 @@ const REDIS_RETRY: Duration = Duration::from_secs(1);
 
 fn redis_down(st: &State, e: &StoreError) -> Response<Body> {
     st.host.count(metrics::REDIS_ERRORS, 1);
-    log::warn!("{e}");
+    match st.redis_warnings.pass() {
+        Some(0) => log::warn!("{e}"),
+        Some(held) => log::warn!("{e} ({held} more Redis errors since the last line)"),
+        None => {}
+    }
     unavailable(
         "The session store is unavailable; try again shortly.",
         REDIS_RETRY,

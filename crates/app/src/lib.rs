@@ -20,6 +20,7 @@
 mod api;
 mod client;
 mod local_limit;
+mod log_gate;
 mod metrics;
 mod origin;
 mod routes;

@@ -43,6 +43,8 @@ pub(crate) struct State {
     pub(crate) local_limits: crate::local_limit::LocalLimiter,
     /// The `RateLimit-Policy` header of /profile.
     pub(crate) profile_policy: HeaderValue,
+    /// Redis errors are logged at most once a second.
+    pub(crate) redis_warnings: crate::log_gate::LogGate,
 }
 
 impl State {
@@ -67,6 +69,7 @@ impl State {
             store,
             dummy_phc: Arc::new(OnceLock::new()),
             local_limits: crate::local_limit::LocalLimiter::new(),
+            redis_warnings: crate::log_gate::LogGate::default(),
         }
     }
 }
