@@ -297,8 +297,17 @@ fn a_slow_client_is_cut_off_and_cannot_pin_the_worker() {
     // header timeout has freed a place, not never.
     let _a = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
     let _b = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    let t = Instant::now();
     let r = f.get("/healthz").unwrap();
     assert_eq!(r.status, 200);
+    // It really waited for a place (a lower bound: a slow machine only
+    // makes the wait longer), about header_read_timeout.
+    let waited = t.elapsed();
+    eprintln!("the third client waited {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "served at once: {waited:?}"
+    );
 }
 
 #[test]
