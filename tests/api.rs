@@ -14,8 +14,11 @@ use common::*;
 
 const PW: &str = "correct horse battery staple";
 /// Two workers, limits high enough not to interfere.
+// Login limits out of the way (and their state short-lived) unless a test
+// is about them.
 const BASE: &str = "workers = 2\nshutdown_timeout = 5\n\
 [auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\n\
+login_user_all_limit = 100000\nlogin_host_limit = 100000\n\
 [rate_limit.profile]\nlimit = 100000\nwindow = 60\n";
 
 fn with(base: &str, section_values: &str) -> String {
@@ -401,7 +404,7 @@ fn redis_never_holds_a_token(redis: &impl Backend) {
 fn wrong_password_and_unknown_user_look_and_take_the_same(redis: &impl Backend) {
     let f = Forkd::start_with_redis(
         redis,
-        "workers = 1\n[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\n",
+        "workers = 1\n[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\nlogin_user_all_limit = 100000\nlogin_host_limit = 100000\n",
     );
     f.add_user("judy", PW);
     // Warm up both paths (connections, the dummy hash).
@@ -435,7 +438,7 @@ fn wrong_password_and_unknown_user_look_and_take_the_same(redis: &impl Backend) 
 fn two_hundred_parallel_logins_do_not_stall_the_event_loop(redis: &impl Backend) {
     let f = Forkd::start_with_redis(
         redis,
-        "workers = 2\n[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\nmax_concurrent_hashes = 2\nhash_queue_timeout = 0.2\n",
+        "workers = 2\n[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\nlogin_user_all_limit = 100000\nlogin_host_limit = 100000\nmax_concurrent_hashes = 2\nhash_queue_timeout = 0.2\n",
     );
     f.add_user("kim", PW);
     let port = f.port;
@@ -771,7 +774,7 @@ fn bad_input_gets_problems_and_never_reaches_argon2_or_redis(redis: &impl Backen
 
 fn login_limits_apply_per_client_address_and_per_username(redis: &impl Backend) {
     let trusted = "workers = 1\n[http]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-        [auth]\nlogin_ip_limit = 2\nlogin_user_limit = 3\n";
+        [auth]\nlogin_ip_limit = 2\nlogin_user_limit = 3\nlogin_user_all_limit = 3\n";
     let f = Forkd::start_with_redis(redis, trusted);
     f.add_user("ned", PW);
     let attempt = |xff: &str, user: &str| {
@@ -799,7 +802,8 @@ fn login_limits_apply_per_client_address_and_per_username(redis: &impl Backend) 
     assert_eq!(attempt("2001:db8:1:2::1", "u5").status, 401);
     assert_eq!(attempt("2001:db8:1:2::2", "u6").status, 401);
     assert_eq!(attempt("2001:db8:1:2::3", "u7").status, 429);
-    // Per username, whatever the address: 3 attempts, then 429.
+    // Per username over all addresses (the loose ceiling, small here): 3
+    // failures, then 429.
     assert_eq!(attempt("203.0.113.1", "ned").status, 401);
     assert_eq!(attempt("203.0.113.2", "ned").status, 401);
     assert_eq!(attempt("203.0.113.3", "ned").status, 401);
@@ -939,6 +943,72 @@ fn login_limits_hold_per_worker_while_redis_is_down() {
     );
 }
 
+/// Failures from one address cannot lock a user out at another, and
+/// successes use up no budget; a guesser spread over many addresses still
+/// meets the per-username ceiling. 127.0.0.x are distinct clients.
+fn a_user_cannot_be_locked_out_from_another_address(redis: &impl Backend) {
+    let f = Forkd::start_with_redis(
+        redis,
+        "workers = 2\n[auth]\nlogin_ip_limit = 1000\nlogin_user_limit = 5\nlogin_user_all_limit = 12\n",
+    );
+    f.add_user("ned", PW);
+    let attempt = |from: &str, password: &str| {
+        let body = serde_json::json!({"username": "ned", "password": password}).to_string();
+        let json = [("Content-Type", "application/json")];
+        request_from(from, f.port, "POST", "/login", &json, body.as_bytes())
+            .unwrap()
+            .status
+    };
+    // An attacker at 127.0.0.2 uses up its own budget for ned...
+    for _ in 0..5 {
+        assert_eq!(attempt("127.0.0.2", "wrong"), 401);
+    }
+    assert_eq!(attempt("127.0.0.2", "wrong"), 429);
+    assert_eq!(attempt("127.0.0.2", PW), 429, "even with the password");
+    // ...and ned, at 127.0.0.1, logs in, eight times in a row.
+    for i in 0..8 {
+        assert_eq!(attempt("127.0.0.1", PW), 200, "good login {i}");
+    }
+    // A guesser spread over addresses meets the ceiling of 12 failures (5
+    // were spent above): 127.0.0.3 five, 127.0.0.4 two, then 429 anywhere.
+    for _ in 0..5 {
+        assert_eq!(attempt("127.0.0.3", "wrong"), 401);
+    }
+    for _ in 0..2 {
+        assert_eq!(attempt("127.0.0.4", "wrong"), 401);
+    }
+    assert_eq!(attempt("127.0.0.5", "wrong"), 429);
+}
+
+/// All logins of the host together meet `auth.login_host_limit` (shared
+/// out among the workers), whatever their addresses and names.
+#[test]
+fn the_host_wide_login_rate_holds_behind_the_per_client_limits() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(
+        &redis,
+        "workers = 1\n[auth]\nlogin_ip_limit = 1000\nlogin_host_limit = 3\nlogin_host_window = 3600\n",
+    );
+    let statuses: Vec<u16> = (2..7)
+        .map(|i| {
+            let body = serde_json::json!({"username": format!("u{i}"), "password": "x"});
+            let json = [("Content-Type", "application/json")];
+            let from = format!("127.0.0.{i}");
+            request_from(
+                &from,
+                f.port,
+                "POST",
+                "/login",
+                &json,
+                body.to_string().as_bytes(),
+            )
+            .unwrap()
+            .status
+        })
+        .collect();
+    assert_eq!(statuses, vec![401, 401, 401, 429, 429]);
+}
+
 /// Every API test above, against one redis-server and against a Redis
 /// Cluster of 3 primaries and 3 replicas.
 macro_rules! on_both {
@@ -971,5 +1041,6 @@ on_both!(
     two_hundred_parallel_logins_do_not_stall_the_event_loop,
     bad_input_gets_problems_and_never_reaches_argon2_or_redis,
     login_limits_apply_per_client_address_and_per_username,
+    a_user_cannot_be_locked_out_from_another_address,
     stored_hashes_with_old_parameters_are_upgraded_at_login,
 );

@@ -475,6 +475,14 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
                 limit: c.auth.login_user_limit,
                 window: c.auth.login_user_window,
             },
+            login_user_all: forkd_app::Policy {
+                limit: c.auth.login_user_all_limit,
+                window: c.auth.login_user_all_window,
+            },
+            login_host: forkd_app::Policy {
+                limit: c.auth.login_host_limit,
+                window: c.auth.login_host_window,
+            },
         },
         profile: forkd_app::ProfileSettings {
             origin: (!c.profile.origin.is_empty())

@@ -400,6 +400,21 @@ impl Response {
     }
 }
 
+fn connect_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
+    if source == "127.0.0.1" {
+        return connect(port);
+    }
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let from: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    sock.bind(&from.into())?;
+    let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    sock.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
 fn connect(port: u16) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(
         &format!("127.0.0.1:{port}").parse().unwrap(),
@@ -637,6 +652,19 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<Response> {
+    request_from("127.0.0.1", port, method, path, headers, body)
+}
+
+/// As `request`, from the loopback address `source` (any 127.0.0.x is a
+/// distinct client).
+pub fn request_from(
+    source: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -645,7 +673,7 @@ pub fn request(
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     head.push_str("\r\n");
-    let mut s = connect(port)?;
+    let mut s = connect_from(source, port)?;
     s.write_all(head.as_bytes())?;
     s.write_all(body)?;
     read_response(&mut BufReader::new(s), method == "HEAD")

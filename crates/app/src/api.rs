@@ -174,20 +174,34 @@ pub(crate) async fn login(
     }
     let auth = &st.settings.auth;
 
-    // Brute-force limits, before any hashing.
-    let checks = [
-        ("login-ip", client_key(ip), auth.login_ip),
-        ("login-user", username.clone(), auth.login_user),
+    // Brute-force limits, before any hashing. Each takes a place now and
+    // gives it back if the password is right, so only failures use them
+    // up, and failures from one address cannot lock the user out at
+    // another: per client, per (username, client), and a loose ceiling per
+    // username over all addresses.
+    let client = client_key(ip);
+    let limits = [
+        ("login-ip", client.clone(), auth.login_ip),
+        (
+            "login-user",
+            format!("{username}|{client}"),
+            auth.login_user,
+        ),
+        ("login-user-all", username.clone(), auth.login_user_all),
     ];
-    for (name, key, policy) in checks {
-        let decision = match st.store.limit(name, &key, policy).await {
-            Ok(d) => d,
+    let mut taken = Vec::new();
+    for (name, key, policy) in limits {
+        let (decision, local) = match st.store.limit(name, &key, policy).await {
+            Ok(d) => (d, false),
             Err(e) => match st.settings.on_redis_error {
                 OnRedisError::FailClosed => return redis_down(st, &e),
                 OnRedisError::FailOpen => continue,
                 OnRedisError::Local => {
-                    st.local_limits
-                        .check(&format!("{name}:{key}"), policy, st.settings.workers)
+                    let key = format!("{name}:{key}");
+                    (
+                        st.local_limits.check(&key, policy, st.settings.workers),
+                        true,
+                    )
                 }
             },
         };
@@ -195,6 +209,21 @@ pub(crate) async fn login(
             st.host.count(metrics::RATE_LIMITED, 1);
             return too_many("Too many login attempts; try again later.", decision);
         }
+        taken.push(Taken {
+            name,
+            key,
+            policy,
+            local,
+        });
+    }
+    // Behind them, all logins of this host (in memory, shared out among its
+    // workers): a flood from many addresses gets 429s, not the hash queue.
+    let host = st
+        .local_limits
+        .check("login-host", auth.login_host, st.settings.workers);
+    if !host.allowed {
+        st.host.count(metrics::RATE_LIMITED, 1);
+        return too_many("Too many logins on this server; try again shortly.", host);
     }
 
     // A place in the bounded password-check queue.
@@ -252,6 +281,7 @@ pub(crate) async fn login(
     let Some(user) = user.filter(|_| ok) else {
         return unauthorized_login();
     };
+    give_back(st, &taken).await;
     if let Some(phc) = rehash {
         match st.store.set_password(&user.name, &phc).await {
             Ok(()) => log::info!(
@@ -280,6 +310,30 @@ pub(crate) async fn login(
         StatusCode::OK,
         &serde_json::json!({"token": token, "token_type": "Bearer", "expires_in": expires}),
     ))
+}
+
+/// A place a login took in a failure limit.
+struct Taken {
+    name: &'static str,
+    key: String,
+    policy: Policy,
+    /// In this worker's memory (Redis did not answer), not in Redis.
+    local: bool,
+}
+
+/// A successful login gives back the places it took in the failure
+/// limits, where it took them.
+async fn give_back(st: &State, taken: &[Taken]) {
+    for t in taken {
+        if t.local {
+            let key = format!("{}:{}", t.name, t.key);
+            st.local_limits.refund(&key, t.policy, st.settings.workers);
+        } else if let Err(e) = st.store.refund(t.name, &t.key, t.policy).await {
+            if let Some(held) = st.redis_warnings.pass() {
+                log::warn!("cannot give back a login limit place: {e} ({held} more held back)");
+            }
+        }
+    }
 }
 
 /// The PHC string verified for unknown users: a real hash with the

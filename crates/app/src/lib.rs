@@ -81,8 +81,14 @@ pub struct AuthSettings {
     pub hash_queue_timeout: Duration,
     pub session_idle: Duration,
     pub session_absolute: Duration,
+    /// Failed logins per client address (IPv6: /64).
     pub login_ip: Policy,
+    /// Failed logins per username from one client address.
     pub login_user: Policy,
+    /// Failed logins per username from all addresses together.
+    pub login_user_all: Policy,
+    /// Every login of this host, shared out among its workers.
+    pub login_host: Policy,
 }
 
 /// `GET /profile` settings.

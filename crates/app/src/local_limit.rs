@@ -61,6 +61,16 @@ impl LocalLimiter {
             retry_after: Duration::ZERO,
         }
     }
+
+    /// Gives back what one `check` of `key` took.
+    pub(crate) fn refund(&self, key: &str, policy: Policy, share: usize) {
+        let limit = (policy.limit as usize).div_ceil(share.max(1)).max(1) as u32;
+        let emission = policy.window / limit;
+        let mut map = self.tat.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = map.get_mut(key) {
+            *t = t.checked_sub(emission).unwrap_or(*t);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -83,5 +93,21 @@ mod tests {
             l.check("k", p, 100).retry_after > Duration::ZERO,
             "at least 1"
         );
+    }
+
+    #[test]
+    fn a_refund_gives_a_place_back() {
+        let l = LocalLimiter::new();
+        let p = Policy {
+            limit: 2,
+            window: Duration::from_secs(60),
+        };
+        for _ in 0..10 {
+            assert!(l.check("k", p, 1).allowed);
+            l.refund("k", p, 1);
+        }
+        assert!(l.check("k", p, 1).allowed);
+        assert!(l.check("k", p, 1).allowed);
+        assert!(!l.check("k", p, 1).allowed);
     }
 }

@@ -60,6 +60,10 @@ pub const KEYS: &[&str] = &[
     "auth.login_ip_window",
     "auth.login_user_limit",
     "auth.login_user_window",
+    "auth.login_user_all_limit",
+    "auth.login_user_all_window",
+    "auth.login_host_limit",
+    "auth.login_host_window",
     "profile.origin",
     "profile.origin_timeout",
     "profile.cache_ttl",
@@ -246,6 +250,10 @@ pub struct RawAuth {
     pub login_ip_window: f64,
     pub login_user_limit: i64,
     pub login_user_window: f64,
+    pub login_user_all_limit: i64,
+    pub login_user_all_window: f64,
+    pub login_host_limit: i64,
+    pub login_host_window: f64,
 }
 
 impl Default for RawAuth {
@@ -262,6 +270,10 @@ impl Default for RawAuth {
             login_ip_window: 60.0,
             login_user_limit: 5,
             login_user_window: 60.0,
+            login_user_all_limit: 100,
+            login_user_all_window: 60.0,
+            login_host_limit: 100,
+            login_host_window: 1.0,
         }
     }
 }
@@ -503,6 +515,12 @@ pub struct Auth {
     pub login_user_limit: u32,
     #[serde(serialize_with = "secs")]
     pub login_user_window: Duration,
+    pub login_user_all_limit: u32,
+    #[serde(serialize_with = "secs")]
+    pub login_user_all_window: Duration,
+    pub login_host_limit: u32,
+    #[serde(serialize_with = "secs")]
+    pub login_host_window: Duration,
 }
 
 /// Profile settings of a validated config.
@@ -749,6 +767,10 @@ impl RawConfig {
             "auth.login_ip_window" => self.auth.login_ip_window = float()?,
             "auth.login_user_limit" => self.auth.login_user_limit = int()?,
             "auth.login_user_window" => self.auth.login_user_window = float()?,
+            "auth.login_user_all_limit" => self.auth.login_user_all_limit = int()?,
+            "auth.login_user_all_window" => self.auth.login_user_all_window = float()?,
+            "auth.login_host_limit" => self.auth.login_host_limit = int()?,
+            "auth.login_host_window" => self.auth.login_host_window = float()?,
             "profile.origin" => self.profile.origin = value.to_owned(),
             "profile.origin_timeout" => self.profile.origin_timeout = float()?,
             "profile.cache_ttl" => self.profile.cache_ttl = float()?,
@@ -943,6 +965,20 @@ impl RawConfig {
             login_user_limit: count("auth.login_user_limit", a.login_user_limit, 1, 1_000_000)?
                 as u32,
             login_user_window: seconds("auth.login_user_window", a.login_user_window, 0.001)?,
+            login_user_all_limit: count(
+                "auth.login_user_all_limit",
+                a.login_user_all_limit,
+                1,
+                1_000_000,
+            )? as u32,
+            login_user_all_window: seconds(
+                "auth.login_user_all_window",
+                a.login_user_all_window,
+                0.001,
+            )?,
+            login_host_limit: count("auth.login_host_limit", a.login_host_limit, 1, 1_000_000)?
+                as u32,
+            login_host_window: seconds("auth.login_host_window", a.login_host_window, 0.001)?,
         };
         if auth.argon2_memory_kib < 8 * auth.argon2_parallelism {
             return Err(bad(

@@ -743,6 +743,24 @@ impl Store {
         let get = |i: usize| reply.get(i).copied().unwrap_or(0);
         Ok(decision(get(0) == 1, get(1), get(2), get(3)))
     }
+
+    /// Gives back what one [`Store::limit`] step of `key` took.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn refund(&self, policy_name: &str, key: &str, policy: Policy) -> Result<()> {
+        let _: i64 = self
+            .run(
+                scripts::refund(),
+                vec![format!("{}rl:{policy_name}:{key}", self.prefix)],
+                vec![
+                    (policy.limit as i64).into(),
+                    (policy.window.as_millis() as i64).into(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 fn decision(allowed: bool, remaining: i64, reset_ms: i64, retry_ms: i64) -> Decision {

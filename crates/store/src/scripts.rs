@@ -158,6 +158,27 @@ return {a, r, t, w}
     )
 );
 
+// KEYS: limit state. ARGV: limit, window ms. Gives back what one request
+// took (a successful login does not use up a failure budget).
+script!(
+    refund,
+    concat!(
+        prelude!(),
+        r#"
+local now = now_ms()
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then return 0 end
+local back = tat - tonumber(ARGV[2]) / tonumber(ARGV[1])
+if back <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.3f', back), 'PX', math.max(1, math.ceil(back - now)))
+end
+return 1
+"#
+    )
+);
+
 // KEYS: session, index, limit state, profile. ARGV: idle ms, token hash,
 // limit, window ms. Returns {0} unauthenticated; {2, user, 0, reset ms,
 // retry ms} limited; {1, user, remaining, reset ms, profile or nil}.
