@@ -181,6 +181,49 @@ fn metrics_are_refused_outside_the_allow_list() {
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
 }
 
+/// A request head over http.max_header_bytes is refused with 431
+/// problem+json before any handler runs, counted, and the worker goes on.
+#[test]
+fn an_oversized_request_head_is_431_problem_json_and_counted() {
+    use std::io::{Read, Write};
+    let f = Forkd::start("workers = 1\n");
+    let worker = f.wait_ready()[0];
+    let key = "forkd_http_request_heads_too_large_total{}";
+    let before = scrape(f.port);
+    // 64 KiB of headers, over the 32 KiB default.
+    let mut head = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..64 {
+        head.push_str(&format!("X-Filler-{i}: {}\r\n", "a".repeat(1000)));
+    }
+    head.push_str("\r\n");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    // The server may close before it has read everything we send.
+    let _ = s.write_all(head.as_bytes());
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    assert!(
+        text.contains("content-type: application/problem+json"),
+        "{text}"
+    );
+    let body = text.split("\r\n\r\n").nth(1).unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["status"], 431);
+    assert_eq!(json["type"], "urn:forkd:problem:request-header-too-large");
+    let after = scrape(f.port);
+    assert_eq!(value(&after, key) - value(&before, key), 1.0);
+    // A head under the cap is served, by the same worker.
+    let mut ok = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    ok.push_str(&format!("X-Filler: {}\r\n\r\n", "a".repeat(20_000)));
+    let r = raw(f.port, &ok).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.pid(), worker);
+    assert_eq!(f.wait_ready(), vec![worker]);
+}
+
 /// Behind a trusted local proxy, the allow-list is checked against the
 /// client the proxy names, not the proxy's own (loopback) address.
 #[test]

@@ -19,6 +19,7 @@
 
 mod api;
 mod client;
+mod head_limit;
 mod local_limit;
 mod log_gate;
 mod metrics;
@@ -44,6 +45,8 @@ pub struct Settings {
     /// Time to receive a request head; also the idle keep-alive timeout and
     /// the time allowed for a request body.
     pub header_read_timeout: Duration,
+    /// The largest request head accepted (hyper's read buffer).
+    pub max_header_bytes: usize,
     /// Open connections per worker; more wait in the accept queue.
     pub max_connections: usize,
     pub keepalive: bool,

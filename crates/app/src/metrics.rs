@@ -24,8 +24,9 @@ pub(crate) const CACHE_HITS: usize = LATENCY_SUM_US + 1;
 pub(crate) const CACHE_MISSES: usize = CACHE_HITS + 1;
 pub(crate) const RATE_LIMITED: usize = CACHE_MISSES + 1;
 pub(crate) const REDIS_ERRORS: usize = RATE_LIMITED + 1;
+pub(crate) const HEADS_TOO_LARGE: usize = REDIS_ERRORS + 1;
 /// Counters used; the scoreboard must have at least this many.
-pub const USED: usize = REDIS_ERRORS + 1;
+pub const USED: usize = HEADS_TOO_LARGE + 1;
 
 /// The route index of a path.
 pub(crate) fn route_index(path: &str) -> usize {
@@ -116,6 +117,12 @@ pub(crate) fn render(host: &dyn Host) -> String {
             "counter",
             "Requests that failed because Redis could not answer.",
             get(REDIS_ERRORS),
+        ),
+        (
+            "forkd_http_request_heads_too_large_total",
+            "counter",
+            "Requests refused with 431: a head over http.max_header_bytes.",
+            get(HEADS_TOO_LARGE),
         ),
     ];
     let (up, restarts) = host.supervisor_figures();

@@ -126,6 +126,7 @@ async fn serve(w: Worker) -> i32 {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes)
         .keep_alive(settings.keepalive);
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
@@ -158,7 +159,7 @@ async fn serve(w: Worker) -> i32 {
         let _ = stream.set_nodelay(true);
         let st = state.clone();
         let conn = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(crate::head_limit::HeadLimit::new(stream, host.clone())),
             service_fn(move |req| routes::handle(req, st.clone(), peer)),
         );
         let conn = graceful.watch(conn);

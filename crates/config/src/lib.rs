@@ -39,6 +39,7 @@ pub const KEYS: &[&str] = &[
     "watchdog_quorum",
     "http.header_read_timeout",
     "http.max_connections",
+    "http.max_header_bytes",
     "http.keepalive",
     "http.trusted_proxies",
     "redis.url",
@@ -189,6 +190,7 @@ impl<'de> Deserialize<'de> for Workers {
 pub struct RawHttp {
     pub header_read_timeout: f64,
     pub max_connections: i64,
+    pub max_header_bytes: i64,
     pub keepalive: bool,
     pub trusted_proxies: Vec<String>,
 }
@@ -198,6 +200,7 @@ impl Default for RawHttp {
         RawHttp {
             header_read_timeout: 15.0,
             max_connections: 4096,
+            max_header_bytes: 32 * 1024,
             keepalive: true,
             trusted_proxies: Vec::new(),
         }
@@ -408,6 +411,7 @@ pub struct Http {
     #[serde(serialize_with = "secs")]
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    pub max_header_bytes: usize,
     pub keepalive: bool,
     pub trusted_proxies: Vec<Cidr>,
 }
@@ -734,6 +738,7 @@ impl RawConfig {
             }
             "http.header_read_timeout" => self.http.header_read_timeout = float()?,
             "http.max_connections" => self.http.max_connections = int()?,
+            "http.max_header_bytes" => self.http.max_header_bytes = int()?,
             "http.keepalive" => {
                 self.http.keepalive = match value.trim() {
                     "true" | "1" | "yes" | "on" => true,
@@ -859,6 +864,14 @@ impl RawConfig {
                     return Err(bad(key, p.display(), "expected an absolute path"));
                 }
             }
+        }
+        // hyper's read buffer, which caps the head, is at least 8 KiB.
+        if !(8192..=1 << 20).contains(&self.http.max_header_bytes) {
+            return Err(bad(
+                "http.max_header_bytes",
+                self.http.max_header_bytes,
+                "expected 8192 to 1048576 bytes",
+            ));
         }
         if !(1..=1_000_000).contains(&self.http.max_connections) {
             return Err(bad(
@@ -1095,6 +1108,7 @@ impl RawConfig {
                     0.1,
                 )?,
                 max_connections: self.http.max_connections as usize,
+                max_header_bytes: self.http.max_header_bytes as usize,
                 keepalive: self.http.keepalive,
                 trusted_proxies,
             },

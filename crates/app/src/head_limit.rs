@@ -1,0 +1,127 @@
+//! The request-head cap. hyper refuses a head larger than its read buffer
+//! (`http.max_header_bytes`) itself, before any handler runs, with a bare
+//! `431` and no body, then closes the connection. This wrapper of the
+//! connection's socket turns that one response into forkd's problem+json
+//! and counts it; everything else passes through untouched. forkd's own
+//! handlers never answer 431, so a response that starts so is hyper's.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::Host;
+
+const HYPER_431: &[u8] = b"HTTP/1.1 431 ";
+
+/// A connection's socket, watched for hyper's 431.
+pub(crate) struct HeadLimit<S> {
+    inner: S,
+    host: Arc<dyn Host>,
+    /// What is still to be written of forkd's own 431.
+    pending: Vec<u8>,
+    /// hyper's 431 was replaced: nothing more of hyper's goes out.
+    replaced: bool,
+}
+
+impl<S> HeadLimit<S> {
+    pub(crate) fn new(inner: S, host: Arc<dyn Host>) -> Self {
+        HeadLimit {
+            inner,
+            host,
+            pending: Vec::new(),
+            replaced: false,
+        }
+    }
+}
+
+/// forkd's 431: problem+json, and the connection closes.
+fn problem_431() -> Vec<u8> {
+    let body = serde_json::json!({
+        "type": "urn:forkd:problem:request-header-too-large",
+        "title": "Request Header Fields Too Large",
+        "status": 431,
+        "detail": "The request head is larger than this server accepts.",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/problem+json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl<S: AsyncWrite + Unpin> HeadLimit<S> {
+    /// Writes what is pending of forkd's 431; Ready once it is all out.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.pending) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.pending.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for HeadLimit<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.replaced {
+            // After forkd's 431 nothing else goes out.
+            return match this.drain(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.len())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        if buf.starts_with(HYPER_431) {
+            this.host.count(crate::metrics::HEADS_TOO_LARGE, 1);
+            this.pending = problem_431();
+            this.replaced = true;
+            // hyper's bytes are taken as written; forkd's go in their place.
+            return match this.drain(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Ready(Ok(buf.len())),
+            };
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
+            other => other,
+        }
+    }
+}
