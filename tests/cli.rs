@@ -370,3 +370,44 @@ fn the_control_socket_serves_every_line_and_survives_a_client_that_never_reads()
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(f.get("/healthz").unwrap().status, 200);
 }
+
+/// One client cannot hold all of a worker's connections: past
+/// http.max_connections_per_client its further connections are closed at
+/// once (and counted), while other clients are served.
+#[test]
+fn one_client_cannot_hold_every_connection() {
+    let f = Forkd::start("workers = 1\n[http]\nmax_connections_per_client = 2\n");
+    let _a = connect_from("127.0.0.2", f.port).unwrap();
+    let _b = connect_from("127.0.0.2", f.port).unwrap();
+    // The third from the same client: closed without an answer. (The
+    // worker has taken the first two once it refuses one, so poll.)
+    let refused = poll(PATIENCE, || {
+        let mut c = connect_from("127.0.0.2", f.port).ok()?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut buf = Vec::new();
+        let _ = c.read_to_end(&mut buf);
+        buf.is_empty().then_some(())
+    });
+    assert!(
+        refused.is_some(),
+        "a third connection from one client is refused"
+    );
+    let r = request_from("127.0.0.3", f.port, "GET", "/healthz", &[], b"").unwrap();
+    assert_eq!(r.status, 200, "another client is served");
+    let metrics = f.get("/metrics").unwrap().body;
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("forkd_http_connections_refused_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(refused >= 1, "{metrics}");
+    // Once one of the two closes, the client gets a place again.
+    drop(_a);
+    poll(PATIENCE, || {
+        let r = request_from("127.0.0.2", f.port, "GET", "/healthz", &[], b"").ok()?;
+        (r.status == 200).then_some(())
+    })
+    .expect("a place again after a connection closed");
+}

@@ -448,6 +448,7 @@ fn app_settings(c: &Config) -> forkd_app::Settings {
     forkd_app::Settings {
         header_read_timeout: c.http.header_read_timeout,
         max_header_bytes: c.http.max_header_bytes,
+        max_connections_per_client: c.http.max_connections_per_client,
         max_connections: c.http.max_connections,
         keepalive: c.http.keepalive,
         shutdown_timeout: c.shutdown_timeout,

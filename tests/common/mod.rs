@@ -400,7 +400,7 @@ impl Response {
     }
 }
 
-fn connect_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
+pub fn connect_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
     if source == "127.0.0.1" {
         return connect(port);
     }

@@ -63,6 +63,56 @@ pub(crate) fn client_key(ip: IpAddr) -> String {
     }
 }
 
+/// Open connections per client in one worker, capped, so that one client
+/// cannot hold all of `http.max_connections`.
+pub(crate) struct PerClient {
+    cap: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One open connection of a client; counted until dropped.
+pub(crate) struct ClientSlot {
+    owner: std::sync::Arc<PerClient>,
+    key: String,
+}
+
+impl PerClient {
+    pub(crate) fn new(cap: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(PerClient {
+            cap,
+            open: Default::default(),
+        })
+    }
+
+    /// A place for one more connection of `ip`'s client, or None when it
+    /// holds `cap` already.
+    pub(crate) fn enter(self: &std::sync::Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let key = client_key(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            owner: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +191,19 @@ mod tests {
             HeaderValue::from_bytes(b"1.2.3.4, \xfe").unwrap(),
         );
         assert_eq!(client_ip(peer, &h, &trusted), peer);
+    }
+
+    #[test]
+    fn per_client_connections_are_capped_and_given_back() {
+        let p = PerClient::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let (x, y) = (p.enter(a).unwrap(), p.enter(a).unwrap());
+        assert!(p.enter(a).is_none());
+        assert!(p.enter("192.0.2.2".parse().unwrap()).is_some());
+        drop(x);
+        let z = p.enter(a).unwrap();
+        drop((y, z));
+        assert!(p.open.lock().unwrap().is_empty());
     }
 
     #[test]

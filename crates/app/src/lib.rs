@@ -47,6 +47,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// The largest request head accepted (hyper's read buffer).
     pub max_header_bytes: usize,
+    /// Open connections per worker from one client (not a trusted proxy).
+    pub max_connections_per_client: usize,
     /// Open connections per worker; more wait in the accept queue.
     pub max_connections: usize,
     pub keepalive: bool,

@@ -25,8 +25,9 @@ pub(crate) const CACHE_MISSES: usize = CACHE_HITS + 1;
 pub(crate) const RATE_LIMITED: usize = CACHE_MISSES + 1;
 pub(crate) const REDIS_ERRORS: usize = RATE_LIMITED + 1;
 pub(crate) const HEADS_TOO_LARGE: usize = REDIS_ERRORS + 1;
+pub(crate) const CONNECTIONS_REFUSED: usize = HEADS_TOO_LARGE + 1;
 /// Counters used; the scoreboard must have at least this many.
-pub const USED: usize = HEADS_TOO_LARGE + 1;
+pub const USED: usize = CONNECTIONS_REFUSED + 1;
 
 /// The route index of a path.
 pub(crate) fn route_index(path: &str) -> usize {
@@ -123,6 +124,12 @@ pub(crate) fn render(host: &dyn Host) -> String {
             "counter",
             "Requests refused with 431: a head over http.max_header_bytes.",
             get(HEADS_TOO_LARGE),
+        ),
+        (
+            "forkd_http_connections_refused_total",
+            "counter",
+            "Connections closed at once: their client held http.max_connections_per_client.",
+            get(CONNECTIONS_REFUSED),
         ),
     ];
     let (up, restarts) = host.supervisor_figures();

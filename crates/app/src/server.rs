@@ -130,6 +130,7 @@ async fn serve(w: Worker) -> i32 {
         .keep_alive(settings.keepalive);
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let per_client = crate::client::PerClient::new(settings.max_connections_per_client);
     let mut accept_pause = Duration::from_millis(10);
     host.ready();
     log::debug!("accepting connections");
@@ -156,6 +157,19 @@ async fn serve(w: Worker) -> i32 {
             },
         };
         accept_pause = Duration::from_millis(10);
+        // One client may not hold every place; a trusted proxy speaks for
+        // many clients, so it is not capped.
+        let slot = if (settings.trusted_proxy)(peer.ip()) {
+            None
+        } else {
+            match per_client.enter(peer.ip()) {
+                Some(s) => Some(s),
+                None => {
+                    host.count(crate::metrics::CONNECTIONS_REFUSED, 1);
+                    continue;
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let st = state.clone();
         let conn = http.serve_connection(
@@ -167,6 +181,7 @@ async fn serve(w: Worker) -> i32 {
             if let Err(e) = conn.await {
                 log::debug!("connection ended: {e}");
             }
+            drop(slot);
             drop(permit);
         });
     };

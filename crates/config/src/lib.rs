@@ -40,6 +40,7 @@ pub const KEYS: &[&str] = &[
     "http.header_read_timeout",
     "http.max_connections",
     "http.max_header_bytes",
+    "http.max_connections_per_client",
     "http.keepalive",
     "http.trusted_proxies",
     "redis.url",
@@ -191,6 +192,7 @@ pub struct RawHttp {
     pub header_read_timeout: f64,
     pub max_connections: i64,
     pub max_header_bytes: i64,
+    pub max_connections_per_client: i64,
     pub keepalive: bool,
     pub trusted_proxies: Vec<String>,
 }
@@ -201,6 +203,7 @@ impl Default for RawHttp {
             header_read_timeout: 15.0,
             max_connections: 4096,
             max_header_bytes: 32 * 1024,
+            max_connections_per_client: 256,
             keepalive: true,
             trusted_proxies: Vec::new(),
         }
@@ -412,6 +415,7 @@ pub struct Http {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    pub max_connections_per_client: usize,
     pub keepalive: bool,
     pub trusted_proxies: Vec<Cidr>,
 }
@@ -739,6 +743,9 @@ impl RawConfig {
             "http.header_read_timeout" => self.http.header_read_timeout = float()?,
             "http.max_connections" => self.http.max_connections = int()?,
             "http.max_header_bytes" => self.http.max_header_bytes = int()?,
+            "http.max_connections_per_client" => {
+                self.http.max_connections_per_client = int()?;
+            }
             "http.keepalive" => {
                 self.http.keepalive = match value.trim() {
                     "true" | "1" | "yes" | "on" => true,
@@ -871,6 +878,13 @@ impl RawConfig {
                 "http.max_header_bytes",
                 self.http.max_header_bytes,
                 "expected 8192 to 1048576 bytes",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.http.max_connections_per_client) {
+            return Err(bad(
+                "http.max_connections_per_client",
+                self.http.max_connections_per_client,
+                "expected 1 to 1000000",
             ));
         }
         if !(1..=1_000_000).contains(&self.http.max_connections) {
@@ -1109,6 +1123,7 @@ impl RawConfig {
                 )?,
                 max_connections: self.http.max_connections as usize,
                 max_header_bytes: self.http.max_header_bytes as usize,
+                max_connections_per_client: self.http.max_connections_per_client as usize,
                 keepalive: self.http.keepalive,
                 trusted_proxies,
             },
