@@ -6,7 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -339,15 +339,18 @@ fn password_change_revoke_and_delete_end_every_session(redis: &impl Backend) {
     assert!(out.status.success());
     assert_eq!(profile(f.port, &e).unwrap().status, 401);
     assert_eq!(login(f.port, "frank", "new-secret").status, 401);
-    // Nothing of frank is left in Redis: no key names him, and none names
-    // his tag (the hash-slot tag of every per-user key, as in his tokens).
+    // Nothing of frank is left in Redis: no key names him, and of those
+    // his tag names (the hash-slot tag of every per-user key, as in his
+    // tokens) only the revocation tombstone, which expires.
     let tag = a.split('.').next().unwrap();
     let keys = redis.keys();
-    assert!(
-        keys.iter()
-            .all(|k| !k.contains("frank") && !k.contains(tag)),
-        "{keys:?}"
-    );
+    let left: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.contains("frank") || k.contains(tag))
+        .collect();
+    assert_eq!(left, vec![&format!("forkd:{{{tag}}}:epoch")], "{keys:?}");
+    let ttl: i64 = redis.raw(&["PTTL", left[0]])[0].parse().unwrap();
+    assert!(ttl > 0, "the tombstone expires: {ttl}");
 
     // CLI errors are plain and non-zero.
     let out = f.cli(&["user", "del", "frank"]);
@@ -980,6 +983,125 @@ fn a_user_cannot_be_locked_out_from_another_address(redis: &impl Backend) {
     assert_eq!(attempt("127.0.0.5", "wrong"), 429);
 }
 
+/// Logins racing `forkd user passwd` and `forkd user revoke`: no session
+/// made with the old password outlives the change, even one created after
+/// it returned by a login that had read the old hash; no session from
+/// before a revoke outlives it; logins after either work. And a session of
+/// a deleted user never reaches a new user of the same name.
+/// Requests the current workers have served.
+fn served(f: &Forkd) -> u64 {
+    f.status().unwrap()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["requests"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+fn logins_racing_passwd_and_revoke_never_outlive_them(redis: &impl Backend) {
+    let f = Forkd::start_with_redis(redis, BASE);
+    // Logins in a loop on 4 threads until told to stop: (started,
+    // finished, token) of each that got one.
+    let race = |user: &'static str, password: &'static str, stop: Arc<AtomicBool>| {
+        let port = f.port;
+        (0..4)
+            .map(move |_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    for _ in 0..10_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let started = Instant::now();
+                        let r = login(port, user, password);
+                        if r.status == 200 {
+                            let t = r.json()["token"].as_str().unwrap().to_owned();
+                            got.push((started, Instant::now(), t));
+                        }
+                    }
+                    got
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let join = |threads: Vec<std::thread::JoinHandle<Vec<(Instant, Instant, String)>>>| {
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+
+    f.add_user("rex", PW);
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = served(&f);
+    let threads = race("rex", PW, stop.clone());
+    wait_served(&f, base + 8);
+    let out = f.cli_input(
+        &["user", "passwd", "rex", "--password-stdin"],
+        Some("rex-new\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Logins go on for a while after the change returned (some were in
+    // flight with the old hash).
+    wait_served(&f, served(&f) + 8);
+    stop.store(true, Ordering::Relaxed);
+    let tokens = join(threads);
+    assert!(!tokens.is_empty());
+    for (_, _, t) in &tokens {
+        assert_eq!(
+            profile(f.port, t).unwrap().status,
+            401,
+            "an old-password session lives"
+        );
+    }
+    assert_eq!(login(f.port, "rex", PW).status, 401);
+    assert_eq!(login(f.port, "rex", "rex-new").status, 200);
+
+    f.add_user("sam", PW);
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = served(&f);
+    let threads = race("sam", PW, stop.clone());
+    wait_served(&f, base + 8);
+    let revoking = Instant::now();
+    let out = f.cli(&["user", "revoke", "sam"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked = Instant::now();
+    // Logins go on for a while after the revoke returned.
+    wait_served(&f, served(&f) + 8);
+    stop.store(true, Ordering::Relaxed);
+    let tokens = join(threads);
+    let (mut before, mut after) = (0, 0);
+    for (started, finished, t) in &tokens {
+        let status = profile(f.port, t).unwrap().status;
+        if *finished < revoking {
+            assert_eq!(status, 401, "a session from before the revoke lives");
+            before += 1;
+        } else if *started > revoked {
+            assert_eq!(status, 200, "a session from after the revoke is refused");
+            after += 1;
+        }
+    }
+    assert!(before > 0 && after > 0, "{before} before, {after} after");
+
+    // A session of a deleted user does not reach a new one of that name.
+    f.add_user("tom", PW);
+    let old = token(f.port, "tom", PW);
+    assert!(f.cli(&["user", "del", "tom"]).status.success());
+    f.add_user("tom", "tom-again");
+    assert_eq!(profile(f.port, &old).unwrap().status, 401);
+    let new = token(f.port, "tom", "tom-again");
+    assert_eq!(profile(f.port, &new).unwrap().status, 200);
+}
+
 /// All logins of the host together meet `auth.login_host_limit` (shared
 /// out among the workers), whatever their addresses and names.
 #[test]
@@ -1042,5 +1164,6 @@ on_both!(
     bad_input_gets_problems_and_never_reaches_argon2_or_redis,
     login_limits_apply_per_client_address_and_per_username,
     a_user_cannot_be_locked_out_from_another_address,
+    logins_racing_passwd_and_revoke_never_outlive_them,
     stored_hashes_with_old_parameters_are_upgraded_at_login,
 );

@@ -64,25 +64,30 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                     created_at: now_unix(),
                     last_login: 0,
                     uid: secrets::new_uid(),
+                    generation: 0,
                 };
                 store.add_user(&user).await?;
                 println!("user '{}' added (role {})", user.name, user.role);
             }
             UserCommand::Passwd { name, .. } => {
-                let user = existing(&store, &name).await?;
+                existing(&store, &name).await?;
                 let phc = hash(password.expect("read above"), cost).await?;
-                store.set_password(&name, &phc).await?;
-                let n = store.revoke_all(&user.uid).await?;
-                store.forget_profile(&user.uid).await?;
+                // Every session of the old password is invalid from here
+                // on; then they are removed.
+                let uid = store.set_password(&name, &phc).await?;
+                let n = store.remove_sessions(&uid).await?;
+                store.forget_profile(&uid).await?;
                 println!("password of '{name}' changed; {n} session(s) ended");
             }
             UserCommand::Del { name } => {
-                store.delete_user(&name).await?;
+                store
+                    .delete_user(&name, config.auth.session_absolute_timeout)
+                    .await?;
                 println!("user '{name}' deleted");
             }
             UserCommand::Revoke { name } => {
-                let user = existing(&store, &name).await?;
-                let n = store.revoke_all(&user.uid).await?;
+                existing(&store, &name).await?;
+                let n = store.revoke(&name).await?;
                 println!("{n} session(s) of '{name}' ended");
             }
             UserCommand::List => list(&store).await?,

@@ -283,11 +283,13 @@ pub(crate) async fn login(
     };
     give_back(st, &taken).await;
     if let Some(phc) = rehash {
-        match st.store.set_password(&user.name, &phc).await {
-            Ok(()) => log::info!(
+        // Only over the hash it verified: never over a newer password.
+        match st.store.rehash(&user.name, &phc, user.generation).await {
+            Ok(true) => log::info!(
                 "re-hashed the password of '{}' with the current parameters",
                 user.name
             ),
+            Ok(false) => {}
             Err(e) => log::warn!(
                 "cannot store the re-hashed password of '{}': {e}",
                 user.name
@@ -295,12 +297,16 @@ pub(crate) async fn login(
         }
     }
     let (token, hash) = secrets::new_token(&user.uid);
-    if let Err(e) = st
+    match st
         .store
         .create_session(&user, &hash, auth.session_idle, auth.session_absolute)
         .await
     {
-        return redis_down(st, &e);
+        Ok(true) => {}
+        // The password was changed, or the sessions revoked, while this
+        // login checked the old one.
+        Ok(false) => return unauthorized_login(),
+        Err(e) => return redis_down(st, &e),
     }
     if let Err(e) = st.store.touch_login(&user.name, now_unix()).await {
         log::warn!("cannot record the login of '{}': {e}", user.name);
@@ -572,7 +578,16 @@ async fn load(st: &State, uid: &str, user: &str) -> Result<String, Response<Body
             });
     }
     let record = match st.store.user(user).await {
-        Ok(Some(u)) => u,
+        // The session belongs to the user of its tag: a user deleted and
+        // made again under the same name is someone else.
+        Ok(Some(u)) if u.uid == uid => u,
+        Ok(Some(_)) => {
+            return Err(problem(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "There is no profile for this user.",
+            ))
+        }
         Ok(None) => {
             return Err(problem(
                 StatusCode::NOT_FOUND,

@@ -15,8 +15,9 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P` `user:NAME` | hash | phc, role, display_name, created_at, last_login, uid |
-//! | `P{UID}:sess:SHA256(TOKEN)` | hash | user, abs (absolute expiry, ms); TTL = idle timeout |
+//! | `P` `user:NAME` | hash | phc, role, display_name, created_at, last_login, uid, gen |
+//! | `P{UID}:sess:SHA256(TOKEN)` | hash | user, abs (absolute expiry, ms), gen; TTL = idle timeout |
+//! | `P{UID}:epoch` | string | revocation epoch: sessions of a lower gen are invalid |
 //! | `P{UID}:sessions` | sorted set | the user's session hashes, scored by absolute expiry |
 //! | `P{UID}:profile` | string | cached profile JSON, TTL with jitter |
 //! | `P{UID}:profile:lock` | string | single-flight lock (SET NX PX) |
@@ -96,6 +97,10 @@ pub struct User {
     pub last_login: u64,
     /// The per-user tag that every token of this user carries.
     pub uid: String,
+    /// Raised by every password change and revocation; a session carries
+    /// the generation its login read, and is valid only while it is not
+    /// below the user's revocation epoch.
+    pub generation: u64,
 }
 
 /// A rate-limit policy: `limit` requests per `window`, GCRA with a burst of
@@ -333,6 +338,9 @@ impl Store {
     fn lock_key(&self, uid: &str) -> String {
         self.tagged(uid, "profile:lock")
     }
+    fn epoch_key(&self, uid: &str) -> String {
+        self.tagged(uid, "epoch")
+    }
 
     async fn run<T: FromValue>(
         &self,
@@ -364,6 +372,8 @@ impl Store {
             (user.last_login as i64).into(),
             "uid".into(),
             user.uid.clone().into(),
+            "gen".into(),
+            (user.generation as i64).into(),
         ];
         let created: i64 = self
             .run(
@@ -399,6 +409,7 @@ impl Store {
             created_at: num("created_at"),
             last_login: num("last_login"),
             uid: get("uid"),
+            generation: num("gen"),
         };
         if user.phc.is_empty() || user.uid.is_empty() {
             return Err(StoreError::Protocol(format!(
@@ -408,23 +419,77 @@ impl Store {
         Ok(Some(user))
     }
 
-    /// Replaces a user's password hash (only if the user exists).
+    /// Replaces a user's password hash (only if the user exists) and ends
+    /// every session of the old one at once, including one a login that
+    /// read the old hash creates later. Returns the user's tag.
     ///
     /// # Errors
     /// [`StoreError::NoSuchUser`], or Redis is unreachable.
-    pub async fn set_password(&self, name: &str, phc: &str) -> Result<()> {
-        let n: i64 = self
+    pub async fn set_password(&self, name: &str, phc: &str) -> Result<String> {
+        let reply: Option<(i64, String)> = self
             .run(
-                scripts::update_if_exists(),
+                scripts::new_password(),
                 vec![self.user_key(name)],
-                vec!["phc".into(), phc.into()],
+                vec![phc.into()],
             )
             .await?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::NoSuchUser(name.to_owned()))
-        }
+        let (generation, uid) = reply.ok_or_else(|| StoreError::NoSuchUser(name.to_owned()))?;
+        self.raise_epoch(&uid, generation, Duration::ZERO).await?;
+        Ok(uid)
+    }
+
+    /// Stores the re-hash of a password just verified at `generation`,
+    /// unless a password change came in between. Returns whether it did.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn rehash(&self, name: &str, phc: &str, generation: u64) -> Result<bool> {
+        let n: i64 = self
+            .run(
+                scripts::rehash(),
+                vec![self.user_key(name)],
+                vec![phc.into(), (generation as i64).into()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Ends every session of the user now, and any a racing login creates
+    /// later; removes them. Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`StoreError::NoSuchUser`], or Redis is unreachable.
+    pub async fn revoke(&self, name: &str) -> Result<usize> {
+        let uid = self.new_generation(name, Duration::ZERO, false).await?;
+        self.remove_sessions(&uid).await
+    }
+
+    /// A new generation for `name`, and the epoch of its tag raised to it
+    /// (past every generation with `tombstone`), kept for `keep` (zero: for
+    /// good). Returns the tag.
+    async fn new_generation(&self, name: &str, keep: Duration, tombstone: bool) -> Result<String> {
+        let reply: Option<(i64, String)> = self
+            .run(
+                scripts::new_generation(),
+                vec![self.user_key(name)],
+                Vec::new(),
+            )
+            .await?;
+        let (generation, uid) = reply.ok_or_else(|| StoreError::NoSuchUser(name.to_owned()))?;
+        let epoch = if tombstone { i64::MAX } else { generation };
+        self.raise_epoch(&uid, epoch, keep).await?;
+        Ok(uid)
+    }
+
+    async fn raise_epoch(&self, uid: &str, generation: i64, keep: Duration) -> Result<()> {
+        let _: i64 = self
+            .run(
+                scripts::raise_epoch(),
+                vec![self.epoch_key(uid)],
+                vec![generation.into(), (keep.as_millis() as i64).into()],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Records a successful login.
@@ -442,20 +507,21 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a user, its sessions and its cached profile.
+    /// Deletes a user, its sessions and its cached profile. Its tag's
+    /// epoch stays as a tombstone for `keep` (the longest a session lives),
+    /// so that a session a racing login creates is never valid.
     ///
     /// # Errors
     /// [`StoreError::NoSuchUser`], or Redis is unreachable.
-    pub async fn delete_user(&self, name: &str) -> Result<()> {
-        let user = self
-            .user(name)
-            .await?
-            .ok_or_else(|| StoreError::NoSuchUser(name.to_owned()))?;
+    pub async fn delete_user(&self, name: &str, keep: Duration) -> Result<()> {
+        let uid = self
+            .new_generation(name, keep.max(Duration::from_secs(1)), true)
+            .await?;
         let _: i64 = self.client.del(self.user_key(name)).await?;
-        self.revoke_all(&user.uid).await?;
+        self.remove_sessions(&uid).await?;
         let _: i64 = self
             .client
-            .del(vec![self.profile_key(&user.uid), self.index_key(&user.uid)])
+            .del(vec![self.profile_key(&uid), self.index_key(&uid)])
             .await?;
         Ok(())
     }
@@ -491,8 +557,11 @@ impl Store {
 
     // ---- sessions ----
 
-    /// Stores a session under the token's hash. Idle timeout renewed on
-    /// use; absolute timeout fixed now; both enforced by Redis' clock.
+    /// Stores a session under the token's hash, for the generation of
+    /// `user` as its login read it. Idle timeout renewed on use; absolute
+    /// timeout fixed now; both enforced by Redis' clock. Returns false
+    /// when the user's sessions were revoked since that read (the login
+    /// raced a password change, revoke or deletion): no session is made.
     ///
     /// # Errors
     /// Redis is unreachable.
@@ -502,23 +571,25 @@ impl Store {
         token_hash: &str,
         idle: Duration,
         absolute: Duration,
-    ) -> Result<()> {
-        let _: i64 = self
+    ) -> Result<bool> {
+        let n: i64 = self
             .run(
                 scripts::create_session(),
                 vec![
                     self.session_key(&user.uid, token_hash),
                     self.index_key(&user.uid),
+                    self.epoch_key(&user.uid),
                 ],
                 vec![
                     user.name.clone().into(),
                     (idle.as_millis() as i64).into(),
                     (absolute.as_millis() as i64).into(),
                     token_hash.into(),
+                    (user.generation as i64).into(),
                 ],
             )
             .await?;
-        Ok(())
+        Ok(n == 1)
     }
 
     /// The session's user name, renewing its idle timeout; None when it
@@ -535,7 +606,11 @@ impl Store {
         let r: Option<String> = self
             .run(
                 scripts::touch_session(),
-                vec![self.session_key(uid, token_hash), self.index_key(uid)],
+                vec![
+                    self.session_key(uid, token_hash),
+                    self.index_key(uid),
+                    self.epoch_key(uid),
+                ],
                 vec![(idle.as_millis() as i64).into(), token_hash.into()],
             )
             .await?;
@@ -557,30 +632,26 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Ends every session of the user with tag `uid`. Returns how many.
+    /// Removes the sessions the index of tag `uid` lists now, and only
+    /// those index entries (a session created meanwhile keeps its own).
+    /// Revocation itself is the epoch's job; this is the clean-up.
     ///
     /// # Errors
     /// Redis is unreachable.
-    pub async fn revoke_all(&self, uid: &str) -> Result<usize> {
+    pub async fn remove_sessions(&self, uid: &str) -> Result<usize> {
         self.ready()?;
         let index = self.index_key(uid);
-        let mut total = 0;
-        // A login racing with the revocation adds to the index; go again
-        // until it is empty (bounded).
-        for _ in 0..10 {
-            let hashes: Vec<String> = self
-                .client
-                .zrange(&index, 0, -1, None, false, None, false)
-                .await?;
-            if hashes.is_empty() {
-                break;
-            }
-            let mut keys: Vec<String> = hashes.iter().map(|h| self.session_key(uid, h)).collect();
-            total += hashes.len();
-            keys.push(index.clone());
-            let _: i64 = self.run(scripts::delete_keys(), keys, Vec::new()).await?;
+        let hashes: Vec<String> = self
+            .client
+            .zrange(&index, 0, -1, None, false, None, false)
+            .await?;
+        for chunk in hashes.chunks(500) {
+            let mut keys = vec![index.clone()];
+            keys.extend(chunk.iter().map(|h| self.session_key(uid, h)));
+            let args: Vec<Value> = chunk.iter().map(|h| h.as_str().into()).collect();
+            let _: i64 = self.run(scripts::remove_sessions(), keys, args).await?;
         }
-        Ok(total)
+        Ok(hashes.len())
     }
 
     /// Live sessions of the user with tag `uid`.
@@ -624,6 +695,7 @@ impl Store {
             self.index_key(uid),
             self.tagged(uid, &format!("rl:{policy_name}")),
             self.profile_key(uid),
+            self.epoch_key(uid),
         ];
         let args: Vec<Value> = vec![
             (idle.as_millis() as i64).into(),

@@ -29,12 +29,15 @@ local function gcra(key, limit, window, now)
   return 1, math.floor((now - allow_at) / emission), math.ceil(new_tat - now), 0
 end
 -- A session (KEYS[1]) renewed for ARGV[1] ms of idleness, never past its
--- absolute expiry; an expired one is removed with its index entry.
-local function session(idle, sha, now)
-  local s = redis.call('HMGET', KEYS[1], 'user', 'abs')
+-- absolute expiry, nor valid once the user's revocation epoch (at
+-- `epoch`) has passed its generation; an ended one is removed with its
+-- index entry (KEYS[2]).
+local function session(idle, sha, now, epoch)
+  local s = redis.call('HMGET', KEYS[1], 'user', 'abs', 'gen')
   if not s[1] then return false end
   local abs = tonumber(s[2]) or 0
-  if now >= abs then
+  local revoked = (tonumber(s[3]) or 0) < (tonumber(redis.call('GET', epoch)) or 0)
+  if now >= abs or revoked then
     redis.call('DEL', KEYS[1])
     redis.call('ZREM', KEYS[2], sha)
     return false
@@ -65,6 +68,67 @@ return 1
 "#
 );
 
+// KEYS: user. ARGV: new PHC. A new password: a new generation too, so the
+// sessions of the old one end. Returns {generation, uid}, or nil if there
+// is no user.
+script!(
+    new_password,
+    r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+redis.call('HSET', KEYS[1], 'phc', ARGV[1])
+local g = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+return {g, redis.call('HGET', KEYS[1], 'uid')}
+"#
+);
+
+// KEYS: user. Ends every session of the user: a new generation. Returns
+// {generation, uid}, or nil if there is no user.
+script!(
+    new_generation,
+    r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+local g = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+return {g, redis.call('HGET', KEYS[1], 'uid')}
+"#
+);
+
+// KEYS: user. ARGV: PHC, the generation it was verified at. A re-hash at
+// login, only if no password change came in between. Returns 1 or 0.
+script!(
+    rehash,
+    r#"
+if (tonumber(redis.call('HGET', KEYS[1], 'gen')) or 0) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'phc', ARGV[1])
+return 1
+"#
+);
+
+// KEYS: epoch. ARGV: generation, ms to keep it (0: for good). Sessions of
+// a lower generation are no longer valid; it never goes down.
+script!(
+    raise_epoch,
+    r#"
+local g = tonumber(ARGV[1])
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < g then
+  redis.call('SET', KEYS[1], string.format('%d', g))
+end
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"#
+);
+
+// KEYS: index, then session keys. ARGV: the token hashes read from the
+// index. Removes those sessions and only those index members (a session
+// created meanwhile keeps its entry).
+script!(
+    remove_sessions,
+    r#"
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+if #ARGV > 0 then redis.call('ZREM', KEYS[1], unpack(ARGV)) end
+return #ARGV
+"#
+);
+
 // KEYS: user. ARGV: field, value, ... Returns 1, or 0 if there is no user.
 script!(
     update_if_exists,
@@ -75,17 +139,21 @@ return 1
 "#
 );
 
-// KEYS: session, index. ARGV: user, idle ms, absolute ms, token hash.
+// KEYS: session, index, epoch. ARGV: user, idle ms, absolute ms, token
+// hash, the user's generation as the login read it. Returns 1, or 0 when
+// the user's sessions were revoked since (a password change, a revoke or
+// a deletion raced the login).
 script!(
     create_session,
     concat!(
         prelude!(),
         r#"
+if tonumber(ARGV[5]) < (tonumber(redis.call('GET', KEYS[3])) or 0) then return 0 end
 local now = now_ms()
 local idle = tonumber(ARGV[2])
 local absd = tonumber(ARGV[3])
 local abs = now + absd
-redis.call('HSET', KEYS[1], 'user', ARGV[1], 'abs', string.format('%d', abs))
+redis.call('HSET', KEYS[1], 'user', ARGV[1], 'abs', string.format('%d', abs), 'gen', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], math.min(idle, absd))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], abs, ARGV[4])
@@ -95,13 +163,14 @@ return 1
     )
 );
 
-// KEYS: session, index. ARGV: idle ms, token hash. Returns the user or nil.
+// KEYS: session, index, epoch. ARGV: idle ms, token hash. Returns the user
+// or nil.
 script!(
     touch_session,
     concat!(
         prelude!(),
         r#"
-return session(tonumber(ARGV[1]), ARGV[2], now_ms())
+return session(tonumber(ARGV[1]), ARGV[2], now_ms(), KEYS[3])
 "#
     )
 );
@@ -126,14 +195,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#
     )
-);
-
-// KEYS: any keys of one slot. Deletes them all.
-script!(
-    delete_keys,
-    r#"
-return redis.call('DEL', unpack(KEYS))
-"#
 );
 
 // KEYS: lock. ARGV: owner. Deletes the lock only if the owner holds it.
@@ -179,8 +240,8 @@ return 1
     )
 );
 
-// KEYS: session, index, limit state, profile. ARGV: idle ms, token hash,
-// limit, window ms. Returns {0} unauthenticated; {2, user, 0, reset ms,
+// KEYS: session, index, limit state, profile, epoch. ARGV: idle ms, token
+// hash, limit, window ms. Returns {0} unauthenticated; {2, user, 0, reset ms,
 // retry ms} limited; {1, user, remaining, reset ms, profile or nil}.
 script!(
     profile_check,
@@ -188,7 +249,7 @@ script!(
         prelude!(),
         r#"
 local now = now_ms()
-local user = session(tonumber(ARGV[1]), ARGV[2], now)
+local user = session(tonumber(ARGV[1]), ARGV[2], now, KEYS[5])
 if not user then return {0} end
 local a, r, t, w = gcra(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
 if a == 0 then return {2, user, 0, t, w} end
