@@ -286,26 +286,22 @@ fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
     let bogus = format!("{}.{}", "A".repeat(12), "A".repeat(43));
     assert_eq!(profile(f.port, &bogus).unwrap().status, 401);
     redis.cli(&["ECHO", "end-of-bogus"]);
-    let mut sent = Vec::new();
-    for line in lines.by_ref().take(1000) {
-        let line = line.unwrap();
-        if line.contains("end-of-request") {
-            break;
+    // What the worker sent (not its scripts' commands) up to `marker`.
+    let mut sent_until = |marker: &str| {
+        let mut sent = Vec::new();
+        for line in lines.by_ref().take(1000) {
+            let line = line.unwrap();
+            if line.contains(marker) {
+                break;
+            }
+            if !line.contains(" lua]") {
+                sent.push(line);
+            }
         }
-        if !line.contains(" lua]") {
-            sent.push(line);
-        }
-    }
-    let mut bogus_sent = Vec::new();
-    for line in lines.by_ref().take(1000) {
-        let line = line.unwrap();
-        if line.contains("end-of-bogus") {
-            break;
-        }
-        if !line.contains(" lua]") {
-            bogus_sent.push(line);
-        }
-    }
+        sent
+    };
+    let sent = sent_until("end-of-request");
+    let bogus_sent = sent_until("end-of-bogus");
     assert_eq!(
         bogus_sent.len(),
         1,

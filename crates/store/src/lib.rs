@@ -802,16 +802,8 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn limit(&self, policy_name: &str, key: &str, policy: Policy) -> Result<Decision> {
-        let reply: Vec<i64> = self
-            .run(
-                scripts::limit(),
-                vec![format!("{}rl:{policy_name}:{key}", self.prefix)],
-                vec![
-                    (policy.limit as i64).into(),
-                    (policy.window.as_millis() as i64).into(),
-                ],
-            )
-            .await?;
+        let (keys, args) = self.limit_call(policy_name, key, policy);
+        let reply: Vec<i64> = self.run(scripts::limit(), keys, args).await?;
         let get = |i: usize| reply.get(i).copied().unwrap_or(0);
         Ok(decision(get(0) == 1, get(1), get(2), get(3)))
     }
@@ -821,17 +813,25 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn refund(&self, policy_name: &str, key: &str, policy: Policy) -> Result<()> {
-        let _: i64 = self
-            .run(
-                scripts::refund(),
-                vec![format!("{}rl:{policy_name}:{key}", self.prefix)],
-                vec![
-                    (policy.limit as i64).into(),
-                    (policy.window.as_millis() as i64).into(),
-                ],
-            )
-            .await?;
+        let (keys, args) = self.limit_call(policy_name, key, policy);
+        let _: i64 = self.run(scripts::refund(), keys, args).await?;
         Ok(())
+    }
+
+    /// The key and arguments of an anonymous limit's scripts.
+    fn limit_call(
+        &self,
+        policy_name: &str,
+        key: &str,
+        policy: Policy,
+    ) -> (Vec<String>, Vec<Value>) {
+        (
+            vec![format!("{}rl:{policy_name}:{key}", self.prefix)],
+            vec![
+                (policy.limit as i64).into(),
+                (policy.window.as_millis() as i64).into(),
+            ],
+        )
     }
 }
 
