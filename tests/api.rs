@@ -844,7 +844,35 @@ fn stored_hashes_with_old_parameters_are_upgraded_at_login(redis: &impl Backend)
     let phc = redis.raw(&["HGET", "forkd:user:olga", "phc"]).join("");
     assert!(phc.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"), "{phc}");
     drop(f);
-    let g = Forkd::start_with_redis(redis, "workers = 1\n");
+    let g = Forkd::start_with_redis(
+        redis,
+        "workers = 1\n[auth]\nlogin_ip_limit = 100000\nlogin_user_limit = 100000\n\
+         login_user_all_limit = 100000\nlogin_host_limit = 100000\n",
+    );
+    // Until she logs in, a wrong password for her cheap hash takes as long
+    // as for an unknown user (interleaved medians; a 1 MiB, t=1 verify is
+    // ~30 times faster than the current one, so unpadded it is far out).
+    let (mut olga, mut nobody) = (Vec::new(), Vec::new());
+    for _ in 0..9 {
+        for (user, times) in [("olga", &mut olga), ("nobody", &mut nobody)] {
+            let t = Instant::now();
+            assert_eq!(login(g.port, user, "wrong").status, 401);
+            times.push(t.elapsed());
+        }
+    }
+    olga.sort();
+    nobody.sort();
+    let ratio = olga[4].as_secs_f64() / nobody[4].as_secs_f64();
+    eprintln!(
+        "401 medians: old hash {:?}, unknown {:?}, ratio {ratio:.2}",
+        olga[4], nobody[4]
+    );
+    assert!(
+        (0.5..=2.0).contains(&ratio),
+        "old hash {:?} vs unknown {:?}",
+        olga[4],
+        nobody[4]
+    );
     assert_eq!(login(g.port, "olga", PW).status, 200);
     let phc = redis.raw(&["HGET", "forkd:user:olga", "phc"]).join("");
     assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");

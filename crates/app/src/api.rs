@@ -2,8 +2,9 @@
 //! before it reaches argon2 or Redis.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use forkd_store::{Decision, Policy, ProfileCheck, StoreError};
 use http_body_util::{BodyExt, Limited};
@@ -248,27 +249,39 @@ pub(crate) async fn login(
     let phc = user.as_ref().map(|u| u.phc.clone());
     let cost = auth.cost;
     let dummy = st.dummy_phc.clone();
+    let dummy_ns = st.dummy_verify_ns.clone();
     let checked = tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let started = Instant::now();
         match phc {
             Some(phc) => {
                 let ok = secrets::verify_password(&phc, &password);
-                let rehash = (ok && secrets::needs_rehash(&phc, cost))
+                let older = secrets::needs_rehash(&phc, cost);
+                let rehash = (ok && older)
                     .then(|| secrets::hash_password(&password, cost).ok())
                     .flatten();
-                (ok, rehash)
+                // A wrong password for a hash of older, cheaper parameters
+                // takes as long as for an unknown user: padded up to what
+                // the dummy hash takes here.
+                let pad = if !ok && older {
+                    Duration::from_nanos(dummy_ns.load(Relaxed)).saturating_sub(started.elapsed())
+                } else {
+                    Duration::ZERO
+                };
+                (ok, rehash, pad)
             }
             None => {
                 // Same work as a wrong password, so that the answer's
                 // timing does not tell whether the user exists.
                 let phc = dummy.get_or_init(|| dummy_hash(cost));
                 let _ = secrets::verify_password(phc, &password);
-                (false, None)
+                note_dummy_time(&dummy_ns, started.elapsed());
+                (false, None, Duration::ZERO)
             }
         }
     })
     .await;
-    let (ok, rehash) = match checked {
+    let (ok, rehash, pad) = match checked {
         Ok(r) => r,
         Err(e) => {
             log::error!("password check failed: {e}");
@@ -278,6 +291,9 @@ pub(crate) async fn login(
             );
         }
     };
+    if !pad.is_zero() {
+        tokio::time::sleep(pad).await;
+    }
     let Some(user) = user.filter(|_| ok) else {
         return unauthorized_login();
     };
@@ -340,6 +356,19 @@ async fn give_back(st: &State, taken: &[Taken]) {
             }
         }
     }
+}
+
+/// Keeps what verifying the dummy hash takes in this worker (a moving
+/// average, so that it follows the load).
+pub(crate) fn note_dummy_time(avg_ns: &AtomicU64, took: Duration) {
+    let took = took.as_nanos().min(u128::from(u64::MAX)) as u64;
+    let old = avg_ns.load(Relaxed);
+    let new = if old == 0 {
+        took
+    } else {
+        (old / 8) * 7 + took / 8
+    };
+    avg_ns.store(new, Relaxed);
 }
 
 /// The PHC string verified for unknown users: a real hash with the
