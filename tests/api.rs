@@ -351,6 +351,9 @@ fn password_change_revoke_and_delete_end_every_session(redis: &impl Backend) {
     assert_eq!(left, vec![&format!("forkd:{{{tag}}}:epoch")], "{keys:?}");
     let ttl: i64 = redis.raw(&["PTTL", left[0]])[0].parse().unwrap();
     assert!(ttl > 0, "the tombstone expires: {ttl}");
+    // Past every generation (a value Lua keeps exactly).
+    let epoch: i64 = redis.raw(&["GET", left[0]])[0].parse().unwrap();
+    assert!(epoch >= 1 << 53, "tombstone epoch {epoch}");
 
     // CLI errors are plain and non-zero.
     let out = f.cli(&["user", "del", "frank"]);

@@ -196,6 +196,12 @@ fn broken_binaries_on_disk_are_refused_and_good_ones_still_upgrade() {
             "without answering the upgrade probe",
         ),
         (
+            "a script that prints a lot, then exits 1",
+            b"#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\0' x\nexit 1\n".to_vec(),
+            0o755,
+            "exited with status 1",
+        ),
+        (
             "a forkd that rejects the handover",
             rejecting.into_bytes(),
             0o755,
@@ -237,7 +243,7 @@ fn broken_binaries_on_disk_are_refused_and_good_ones_still_upgrade() {
     let result = load.finish();
     assert_eq!(result.failed, 0, "{:?}", result.errors);
     eprintln!(
-        "7 refused and 2 good upgrades under load: {} requests, 0 failed",
+        "8 refused and 2 good upgrades under load: {} requests, 0 failed",
         result.ok
     );
     // The probes left nothing behind (the sleeping script's child too).
@@ -384,4 +390,62 @@ fn requests_during_a_probe_get_a_plain_answer() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert_eq!(f.wait_exit(PATIENCE), Some(0));
+}
+
+/// A stop while the new image replaces the workers: the supervisor stops
+/// (drains and exits), it does not go back to the previous binary, and
+/// the waiting `forkd upgrade` hears why.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_stop_during_the_replacement_stops_and_does_not_roll_back() {
+    let mut f = Forkd::configure("workers = 2\nshutdown_timeout = 5\nstartup_timeout = 60\n");
+    let exe = install(f.dir.path());
+    f.exe = Some(exe.clone());
+    f.spawn(&[]);
+    let old = f.wait_ready();
+    let old_build = build_of(&f);
+    // The new image's workers never become ready.
+    let real = f.dir.path().join("forkd-hangs");
+    install_copy(Path::new(BIN), &real, 0o755);
+    let script = format!(
+        "#!/bin/sh\nFORKD_FAILPOINTS=worker-hang exec {} \"$@\"\n",
+        real.display()
+    );
+    install_executable(&exe, script.as_bytes(), 0o755);
+    let (config, dir) = (f.config.clone(), f.dir.path().join("data"));
+    let waiting = std::thread::spawn(move || {
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("upgrade")
+            .env("FORKD_REDIS_DATA_DIR", dir)
+            .output()
+            .unwrap()
+    });
+    poll(PATIENCE, || {
+        f.log_text().contains("failpoint worker-hang").then_some(())
+    })
+    .expect("the new image starts replacing the workers");
+    signal(f.pid(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(f.wait_exit(PATIENCE), Some(0), "{}", f.log_text());
+    let out = waiting.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forkd is stopping"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = f.log_text();
+    assert!(!log.contains("rolled back"), "{log}");
+    assert!(
+        !log.contains(&format!("going back to build {old_build}")),
+        "{log}"
+    );
+    for pid in old {
+        assert!(
+            log.contains(&format!("pid {pid} exited with status 0")),
+            "old worker {pid} drained: {log}"
+        );
+    }
+    assert!(port_free(f.port));
 }

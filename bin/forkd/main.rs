@@ -528,6 +528,23 @@ fn start(
         }
         return Err(e);
     }
+    // The directories as resolved now, for every later load of this
+    // supervisor (reload, an upgrade's probe and new image): after a drop
+    // from root, or in another environment, the defaults would resolve
+    // elsewhere, while the sockets and the store stay here. Still
+    // single-threaded: nothing reads the environment concurrently.
+    std::env::set_var(
+        forkd_config::env_name("runtime_dir"),
+        runtime_dir_of(&config),
+    );
+    if let Some(dir) = config
+        .redis
+        .data_dir
+        .as_ref()
+        .filter(|_| config.redis.url.is_empty())
+    {
+        std::env::set_var(forkd_config::env_name("redis.data_dir"), dir);
+    }
     let settings = supervisor_settings(&config);
     let program = Forkd {
         source,

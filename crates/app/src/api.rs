@@ -217,12 +217,15 @@ pub(crate) async fn login(
             local,
         });
     }
-    // Behind them, all logins of this host (in memory, shared out among its
-    // workers): a flood from many addresses gets 429s, not the hash queue.
+    // Behind them (so that one client's excess never reaches it), all
+    // logins of this host, in memory, shared out among its workers: a flood
+    // from many addresses gets 429s, not the hash queue. Refused here is no
+    // failure, so the places taken above go back.
     let host = st
         .local_limits
         .check("login-host", auth.login_host, st.settings.workers);
     if !host.allowed {
+        give_back(st, &taken).await;
         st.host.count(metrics::RATE_LIMITED, 1);
         return too_many("Too many logins on this server; try again shortly.", host);
     }
@@ -236,14 +239,18 @@ pub(crate) async fn login(
     {
         Ok(Ok(p)) => p,
         _ => {
+            // Not a wrong password: its places go back.
+            give_back(st, &taken).await;
             return unavailable(
                 "Too many logins are being checked; try again shortly.",
                 Duration::from_secs(1),
-            )
+            );
         }
     };
     let user = match st.store.user(&username).await {
         Ok(u) => u,
+        // Kept: through a flapping Redis the limits (then in memory) must
+        // still count what reaches them.
         Err(e) => return redis_down(st, &e),
     };
     let phc = user.as_ref().map(|u| u.phc.clone());
@@ -285,6 +292,7 @@ pub(crate) async fn login(
         Ok(r) => r,
         Err(e) => {
             log::error!("password check failed: {e}");
+            give_back(st, &taken).await;
             return unavailable(
                 "The password check failed; try again.",
                 Duration::from_secs(1),

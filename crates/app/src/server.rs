@@ -34,6 +34,14 @@ pub fn run(w: Worker) -> i32 {
         log::error!("cannot start: failpoint worker-start is set (FORKD_FAILPOINTS)");
         return 1;
     }
+    #[cfg(feature = "failpoints")]
+    if failpoint("worker-hang") {
+        // Never ready, until a signal ends it (no handler is installed yet).
+        log::error!("failpoint worker-hang is set (FORKD_FAILPOINTS): never ready");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -476,7 +476,9 @@ impl Store {
             )
             .await?;
         let (generation, uid) = reply.ok_or_else(|| StoreError::NoSuchUser(name.to_owned()))?;
-        let epoch = if tombstone { i64::MAX } else { generation };
+        // Past every generation, and exact in Lua's doubles (i64::MAX is
+        // not: it would come back negative).
+        let epoch = if tombstone { 1 << 53 } else { generation };
         self.raise_epoch(&uid, epoch, keep).await?;
         Ok(uid)
     }

@@ -348,6 +348,12 @@ impl Conn {
         Ok(())
     }
 
+    /// Whether there is anything to read for: not after the peer's end, nor
+    /// while a request too long to take is buffered.
+    pub(crate) fn wants_read(&self) -> bool {
+        !self.eof && self.buf.len() <= MAX_REQUEST
+    }
+
     /// Whether replies wait for the socket to take them.
     pub(crate) fn wants_write(&self) -> bool {
         !self.out.is_empty()

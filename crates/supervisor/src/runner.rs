@@ -366,7 +366,10 @@ impl<P: Program> Supervisor<P> {
             PollFd::new(self.control.as_fd(), PollFlags::POLLIN),
         ];
         fds.extend(self.conns.iter().map(|c| {
-            let mut events = PollFlags::POLLIN;
+            let mut events = PollFlags::empty();
+            if c.wants_read() {
+                events |= PollFlags::POLLIN;
+            }
             if c.wants_write() {
                 events |= PollFlags::POLLOUT;
             }

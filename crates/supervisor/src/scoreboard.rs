@@ -96,6 +96,13 @@ impl Scoreboard {
     pub(crate) fn adopt(fd: std::os::fd::OwnedFd, cells: usize) -> nix::Result<Self> {
         let len = NonZeroUsize::new(cells.max(1) * std::mem::size_of::<Cell>())
             .expect("at least one cell");
+        // A build whose cells are larger than the previous one's would map
+        // past the memfd's end and fault on first touch: refuse (EINVAL),
+        // and the upgrade rolls back.
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
+        if usize::try_from(size).unwrap_or(0) < len.get() {
+            return Err(nix::errno::Errno::EINVAL);
+        }
         let map = SharedMapping::from_fd(fd, len)?;
         Ok(Scoreboard { map, cells })
     }

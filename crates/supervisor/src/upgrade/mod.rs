@@ -53,6 +53,8 @@ pub(crate) enum Upgrade {
         previous_build: String,
         /// The previous binary reads only the first handover format.
         legacy: bool,
+        /// The payload version the previous binary wrote, so reads.
+        previous_payload: u32,
     },
 }
 
@@ -291,6 +293,7 @@ impl<P: Program> Supervisor<P> {
             previous_exe,
             previous_build,
             legacy,
+            previous_payload,
         }) = self.upgrade.take()
         else {
             return false;
@@ -316,7 +319,24 @@ impl<P: Program> Supervisor<P> {
             .clone()
             .unwrap_or_else(|| "the new workers did not become ready".into());
         let mut error = reason.clone();
-        if let Some(previous) = previous_exe {
+        // A stop ended the replacement: carry on stopping here (the
+        // workers' signals follow this outcome), never execute anything.
+        let stopping = self.plan.phase() != Phase::Running;
+        // A previous binary that reads another payload version cannot take
+        // this state; this build keeps the workers (old and new) instead.
+        let readable = legacy || previous_payload == handover::PAYLOAD;
+        if stopping || !readable {
+            let why = if stopping {
+                "forkd is stopping".to_owned()
+            } else {
+                format!(
+                    "the previous binary reads upgrade state version {previous_payload}, \
+                     not {}, so this build cannot go back to it",
+                    handover::PAYLOAD
+                )
+            };
+            error = format!("{error}; {why}");
+        } else if let Some(previous) = previous_exe {
             log::error!(
                 "upgrade to build {} failed: {reason}; going back to build {previous_build}",
                 self.settings.build
@@ -324,15 +344,21 @@ impl<P: Program> Supervisor<P> {
             let path = handover::fd_path(previous.as_raw_fd());
             let args = self.args.clone();
             // The previous binary is executed through `previous`, which the
-            // envelope names as its image, so that it closes it.
-            let why = self.exec_image(&path, Some(reason), None, Some(&previous), legacy, &args);
+            // envelope names as its image, so that it closes it. The first
+            // format has no such field: there the descriptor stays
+            // close-on-exec (an ELF binary runs through /proc/self/fd/N even
+            // so), so that it does not leak into the old image.
+            let image = (!legacy).then_some(&previous);
+            let why = self.exec_image(&path, Some(reason), None, image, legacy, &args);
             error = format!("{error}; cannot go back to the previous binary: {why}");
         }
         log::error!(
             "upgrade failed: {error}; build {} keeps running",
             self.settings.build
         );
-        self.notify("READY=1");
+        if !stopping {
+            self.notify("READY=1");
+        }
         self.reply_upgrade(UpgradeOutcome {
             ok: false,
             from_build: previous_build,
@@ -419,10 +445,6 @@ fn adopt<P: Program>(
             .adopt(fd)
             .map_err(sys_err("an inherited descriptor"))
     };
-    let pidfile = Pidfile::adopt(
-        &pidfile_path(&settings.runtime_dir, &settings.instance),
-        take(h.pidfile)?,
-    )?;
     let mut listeners = Vec::new();
     for fd in &h.listeners {
         listeners.push(TcpListener::from(take(*fd)?));
@@ -462,8 +484,16 @@ fn adopt<P: Program>(
             previous_exe: e.previous_exe.map(take).transpose()?,
             previous_build: e.previous_build.clone(),
             legacy: inherited.legacy.is_some(),
+            previous_payload: e.payload,
         }),
     };
+    // Last: nix's Flock unlocks on drop, and the lock belongs to the open
+    // file the original descriptor shares, so an error after this would
+    // hand the pidfile to anyone before the rollback takes it back.
+    let pidfile = Pidfile::adopt(
+        &pidfile_path(&settings.runtime_dir, &settings.instance),
+        take(h.pidfile)?,
+    )?;
     let mut sup = Supervisor::new(
         settings,
         program,

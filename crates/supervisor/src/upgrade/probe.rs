@@ -60,7 +60,16 @@ impl Probe {
         timeout_ms: u64,
     ) -> Result<Probe, String> {
         let shown = path.display();
-        let image = File::open(path).map_err(|e| format!("cannot open {shown}: {e}"))?;
+        // Not blocking on a FIFO planted there: opened without waiting, then
+        // checked to be a regular file.
+        let image = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| format!("cannot open {shown}: {e}"))?
+        };
         let meta = image
             .metadata()
             .map_err(|e| format!("cannot read {shown}: {e}"))?;
@@ -115,16 +124,23 @@ impl Probe {
         (!self.eof).then(|| self.output.as_fd())
     }
 
-    /// Reads what the probe has written so far.
+    /// Reads what the probe has written so far, keeping the first
+    /// MAX_OUTPUT bytes and dropping the rest (a probe that writes more
+    /// must neither block on a full pipe nor keep the poll busy).
     pub(crate) fn read(&mut self) {
         let mut chunk = [0u8; 4096];
-        while self.buf.len() < MAX_OUTPUT {
+        // Bounded per call: a probe that writes without end gets its
+        // deadline, not the supervisor's loop.
+        for _ in 0..64 {
             match self.output.read(&mut chunk) {
                 Ok(0) => {
                     self.eof = true;
                     break;
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    let room = MAX_OUTPUT.saturating_sub(self.buf.len()).min(n);
+                    self.buf.extend_from_slice(&chunk[..room]);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
