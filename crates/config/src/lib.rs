@@ -324,10 +324,21 @@ impl Default for RawMetrics {
 
 /// One rate-limit policy as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawPolicy {
     pub limit: i64,
     pub window: f64,
+}
+
+/// The `/profile` policy's defaults, key by key: a table that sets only
+/// `limit` keeps the default `window`.
+impl Default for RawPolicy {
+    fn default() -> Self {
+        RawPolicy {
+            limit: 10,
+            window: 60.0,
+        }
+    }
 }
 
 /// The `[rate_limit]` table: one policy per limited route.
@@ -342,10 +353,7 @@ impl Default for RawRateLimit {
     fn default() -> Self {
         RawRateLimit {
             on_redis_error: "local".into(),
-            profile: RawPolicy {
-                limit: 10,
-                window: 60.0,
-            },
+            profile: RawPolicy::default(),
         }
     }
 }
@@ -1237,6 +1245,33 @@ mod tests {
             .to_string();
         std::fs::remove_file(&file).unwrap();
         assert!(!e.contains("s3cret") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn every_table_falls_back_to_its_defaults_key_by_key() {
+        let d = RawConfig::default().validate(2).unwrap();
+        // One key of each table: the others keep their defaults.
+        let one = |text: &str| parse(text).unwrap().validate(2).unwrap();
+        let c = one("[rate_limit.profile]\nlimit = 5\n");
+        assert_eq!(c.rate_limit.profile.limit, 5);
+        assert_eq!(c.rate_limit.profile.window, d.rate_limit.profile.window);
+        let c = one("[rate_limit.profile]\nwindow = 30\n");
+        assert_eq!(c.rate_limit.profile.limit, d.rate_limit.profile.limit);
+        let c = one("[rate_limit]\non_redis_error = \"fail_open\"\n");
+        assert_eq!(c.rate_limit.profile, d.rate_limit.profile);
+        let c = one("[http]\nkeepalive = false\n");
+        assert_eq!(c.http.max_connections, d.http.max_connections);
+        assert!(!c.http.keepalive);
+        let c = one("[redis]\nprefix = \"x:\"\n");
+        assert_eq!(c.redis.command_timeout, d.redis.command_timeout);
+        let c = one("[auth]\nlogin_ip_limit = 7\n");
+        assert_eq!(c.auth.login_ip_limit, 7);
+        assert_eq!(c.auth.login_ip_window, d.auth.login_ip_window);
+        assert_eq!(c.auth.argon2_memory_kib, d.auth.argon2_memory_kib);
+        let c = one("[profile]\ncache_ttl = 5\n");
+        assert_eq!(c.profile.origin_timeout, d.profile.origin_timeout);
+        let c = one("[metrics]\nallow = [\"10.0.0.0/8\"]\n");
+        assert_eq!(c.metrics.allow.len(), 1);
     }
 
     #[test]
