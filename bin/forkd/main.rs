@@ -1,6 +1,7 @@
 //! The `forkd` binary: the command line, logging, and the wiring of the
 //! config, supervisor and worker crates. Exit codes: 0 ok, 1 runtime
 //! failure, 64 usage or configuration error.
+#![forbid(unsafe_code)]
 
 mod cli;
 mod logging;

@@ -8,9 +8,18 @@
 //! - `signals`: the one place where signals become [`SignalEvent`]s.
 //! - `listen`: socket binding and the "already served" probe.
 //! - [`control`]: the control-socket protocol, both ends.
+//! - `control_files`: the pidfile (locked for life) and socket paths.
+//! - `private_dir`: the runtime and data directories, checked and opened
+//!   without following links.
+//! - `privs`: dropping root to the configured account.
+//! - `notify`: sd_notify and the watchdog interval.
+//! - `redis`: the managed redis-server child.
 //! - `upgrade`: in-place binary upgrades: the probe, the versioned
 //!   handover across `exec`, resume and rollback.
-//! - `sys`: every `unsafe` block of the project.
+//! - `sys`: every `unsafe` block of the project (the crate denies
+//!   `unsafe_code` everywhere else), including the typed view of the
+//!   shared scoreboard mapping.
+#![deny(unsafe_code)]
 
 mod control_files;
 mod listen;
@@ -22,6 +31,7 @@ mod redis;
 mod runner;
 mod scoreboard;
 mod signals;
+#[allow(unsafe_code)]
 mod sys;
 mod upgrade;
 

@@ -12,10 +12,9 @@
 //! count, and any worker can sum them over every cell.
 
 use std::num::NonZeroUsize;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
 
-use crate::sys::SharedMapping;
+use crate::sys::{SharedMapping, SharedSlice};
 
 /// What a worker process says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -78,7 +77,9 @@ pub struct CellView {
 }
 
 pub(crate) struct Scoreboard {
+    /// Kept for its descriptor and to keep `view` valid.
     map: SharedMapping,
+    view: SharedSlice<Cell>,
     cells: usize,
 }
 
@@ -89,7 +90,11 @@ impl Scoreboard {
         let len = NonZeroUsize::new(cells.max(1) * std::mem::size_of::<Cell>())
             .expect("at least one cell");
         let map = SharedMapping::new(len)?;
-        Ok(Scoreboard { map, cells })
+        Ok(Scoreboard {
+            view: map.view(),
+            map,
+            cells,
+        })
     }
 
     /// Maps the scoreboard an upgrade handed over.
@@ -104,7 +109,11 @@ impl Scoreboard {
             return Err(nix::errno::Errno::EINVAL);
         }
         let map = SharedMapping::from_fd(fd, len)?;
-        Ok(Scoreboard { map, cells })
+        Ok(Scoreboard {
+            view: map.view(),
+            map,
+            cells,
+        })
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -117,11 +126,8 @@ impl Scoreboard {
     }
 
     fn cell(&self, i: usize) -> &Cell {
-        assert!(i < self.cells && (i + 1) * std::mem::size_of::<Cell>() <= self.map.len());
-        // SAFETY: the mapping is page-aligned and zero-filled, so every cell
-        // is aligned and a valid `Cell` (all atomics, all-zero is valid); the
-        // index is in bounds (asserted); atomics make shared access sound.
-        unsafe { &*self.map.as_ptr().cast::<Cell>().as_ptr().add(i) }
+        assert!(i < self.cells);
+        self.view.get(i)
     }
 
     /// A free cell index, prepared for a new worker of `slot`.
@@ -175,28 +181,20 @@ impl Scoreboard {
     /// The handle a worker keeps for its own cell. Valid for the life of
     /// the child process, which never unmaps the scoreboard.
     pub(crate) fn handle(&self, i: usize) -> WorkerCell {
+        assert!(i < self.cells && self.cells <= self.view.len());
         WorkerCell {
-            base: NonNull::from(self.cell(0)),
-            cells: self.cells,
+            cells: self.view.clone(),
             index: i,
         }
     }
 }
 
-/// A worker's own scoreboard cell.
+/// A worker's own scoreboard cell (and a view of every cell, for totals).
 #[derive(Clone)]
 pub struct WorkerCell {
-    base: NonNull<Cell>,
-    cells: usize,
+    cells: SharedSlice<Cell>,
     index: usize,
 }
-
-// SAFETY: a `Cell` is made of atomics only, and the mapping outlives every
-// handle (a child never unmaps it; the supervisor hands handles only to
-// children).
-unsafe impl Send for WorkerCell {}
-// SAFETY: as above; all access is through atomics.
-unsafe impl Sync for WorkerCell {}
 
 impl WorkerCell {
     fn cell(&self) -> &Cell {
@@ -204,10 +202,7 @@ impl WorkerCell {
     }
 
     fn at(&self, i: usize) -> &Cell {
-        assert!(i < self.cells);
-        // SAFETY: see the `Send` impl: the mapping lives as long as the
-        // process, and `i` is within it (asserted).
-        unsafe { &*self.base.as_ptr().add(i) }
+        self.cells.get(i)
     }
 
     /// Publishes a short text (at most 128 bytes are kept) for status.
@@ -229,7 +224,7 @@ impl WorkerCell {
     /// Every counter summed over all workers, past and present.
     pub fn totals(&self) -> [u64; COUNTERS] {
         let mut sum = [0u64; COUNTERS];
-        for i in 0..self.cells {
+        for i in 0..self.cells.len() {
             let c = self.at(i);
             if i != 0 && c.state.load(Relaxed) == 0 {
                 continue;

@@ -103,16 +103,76 @@ impl SharedMapping {
         })
     }
 
-    pub(crate) fn as_ptr(&self) -> NonNull<u8> {
-        self.ptr
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len.get()
+    /// The mapping as a slice of `T`: as many whole `T`s as fit.
+    ///
+    /// The view is not tied to the mapping's lifetime: it is for a forked
+    /// worker, which never unmaps the scoreboard (it leaves through
+    /// `exit_now`), and for the supervisor's own scoreboard, which keeps its
+    /// mapping alive as long as it uses the view.
+    pub(crate) fn view<T: SharedPlain>(&self) -> SharedSlice<T> {
+        assert!(
+            std::mem::align_of::<T>() <= 4096,
+            "the mapping is page-aligned"
+        );
+        SharedSlice {
+            base: self.ptr.cast(),
+            len: self.len.get() / std::mem::size_of::<T>().max(1),
+        }
     }
 
     pub(crate) fn fd(&self) -> &OwnedFd {
         &self.fd
+    }
+}
+
+/// Types that may be viewed in a [`SharedMapping`] by any number of
+/// processes and threads at once.
+///
+/// # Safety
+/// All-zero bytes must be a valid value (the mapping starts zero-filled),
+/// and every field must be an atomic (or an array of them), so that shared
+/// access from several processes is sound without locks.
+pub(crate) unsafe trait SharedPlain: Sync {}
+
+// SAFETY: a scoreboard cell is `repr(C)` and made only of atomic integers
+// and arrays of them: all-zero is a valid cell, and all access is atomic.
+unsafe impl SharedPlain for crate::scoreboard::Cell {}
+
+/// A typed view of a shared mapping (see [`SharedMapping::view`]).
+pub(crate) struct SharedSlice<T: SharedPlain> {
+    base: NonNull<T>,
+    len: usize,
+}
+
+impl<T: SharedPlain> Clone for SharedSlice<T> {
+    fn clone(&self) -> Self {
+        SharedSlice {
+            base: self.base,
+            len: self.len,
+        }
+    }
+}
+
+// SAFETY: `T` is made of atomics only (`SharedPlain`), so handing the view
+// to another thread shares nothing that is not already safe to share; the
+// mapping outlives every view (see `SharedMapping::view`).
+unsafe impl<T: SharedPlain> Send for SharedSlice<T> {}
+// SAFETY: as above: every access to a `T` is atomic.
+unsafe impl<T: SharedPlain> Sync for SharedSlice<T> {}
+
+impl<T: SharedPlain> SharedSlice<T> {
+    /// The `i`th element. Panics when `i` is out of the mapping.
+    pub(crate) fn get(&self, i: usize) -> &T {
+        assert!(i < self.len, "element {i} of {}", self.len);
+        // SAFETY: `i` is within the mapping (asserted), which is
+        // page-aligned (so every element is aligned for `T`), zero-filled or
+        // written only through atomics (so a valid `T`, by `SharedPlain`),
+        // and alive for as long as the view is used.
+        unsafe { &*self.base.as_ptr().add(i) }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 }
 
