@@ -594,6 +594,8 @@ impl Program for Forkd {
 
 // The worker's counters must fit the scoreboard's cells.
 const _: () = assert!(forkd_app::COUNTERS_USED <= forkd_supervisor::COUNTERS);
+// The config accepts no more workers than the supervisor can hold.
+const _: () = assert!(forkd_config::MAX_WORKERS == forkd_supervisor::MAX_WORKERS);
 
 /// A worker's view of its scoreboard cell.
 struct CellHost {

@@ -21,11 +21,6 @@ pub fn control_socket_path(runtime_dir: &Path, instance: &str) -> PathBuf {
     runtime_dir.join(format!("{instance}.sock"))
 }
 
-/// The pid in a pidfile, if the file exists and holds one.
-pub fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 /// A held pidfile: locked with flock while this process lives.
 pub(crate) struct Pidfile {
     path: PathBuf,

@@ -41,7 +41,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use control_files::{control_socket_path, pidfile_path, read_pid};
+pub use control_files::{control_socket_path, pidfile_path};
 pub use runner::run;
 pub use scoreboard::{now_ms, WorkerCell, WorkerState, COUNTERS};
 pub use signals::SignalEvent;
