@@ -62,6 +62,21 @@ fn upgrade(f: &Forkd) -> (Option<i32>, String, String) {
     )
 }
 
+/// `forkd upgrade` on a thread of its own, for a test that acts while it
+/// waits.
+fn upgrade_in_background(f: &Forkd) -> std::thread::JoinHandle<std::process::Output> {
+    let (config, dir) = (f.config.clone(), f.dir.path().join("data"));
+    std::thread::spawn(move || {
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg("upgrade")
+            .env("FORKD_REDIS_DATA_DIR", dir)
+            .output()
+            .unwrap()
+    })
+}
+
 #[test]
 fn upgrade_under_load_replaces_every_worker_with_zero_failures() {
     let (f, exe, load) = start_loaded("workers = 2\nshutdown_timeout = 5\n");
@@ -357,16 +372,7 @@ fn requests_during_a_probe_get_a_plain_answer() {
     f.spawn(&[]);
     let workers = f.wait_ready();
     install_executable(&exe, b"#!/bin/sh\nsleep 120\n", 0o755);
-    let (config, dir) = (f.config.clone(), f.dir.path().join("data"));
-    let first = std::thread::spawn(move || {
-        std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .arg("upgrade")
-            .env("FORKD_REDIS_DATA_DIR", dir)
-            .output()
-            .unwrap()
-    });
+    let first = upgrade_in_background(&f);
     poll(PATIENCE, || {
         f.log_text().contains("upgrade: probing").then_some(())
     })
@@ -412,16 +418,7 @@ fn a_stop_during_the_replacement_stops_and_does_not_roll_back() {
         real.display()
     );
     install_executable(&exe, script.as_bytes(), 0o755);
-    let (config, dir) = (f.config.clone(), f.dir.path().join("data"));
-    let waiting = std::thread::spawn(move || {
-        std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .arg("upgrade")
-            .env("FORKD_REDIS_DATA_DIR", dir)
-            .output()
-            .unwrap()
-    });
+    let waiting = upgrade_in_background(&f);
     poll(PATIENCE, || {
         f.log_text().contains("failpoint worker-hang").then_some(())
     })

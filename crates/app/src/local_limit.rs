@@ -26,8 +26,7 @@ impl LocalLimiter {
 
     /// One GCRA step for `key` with `policy.limit / share` (at least 1).
     pub(crate) fn check(&self, key: &str, policy: Policy, share: usize) -> Decision {
-        let limit = (policy.limit as usize).div_ceil(share.max(1)).max(1) as u32;
-        let emission = policy.window / limit;
+        let emission = emission(policy, share);
         let now = Instant::now();
         let mut map = self.tat.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_KEYS && !map.contains_key(key) {
@@ -64,13 +63,18 @@ impl LocalLimiter {
 
     /// Gives back what one `check` of `key` took.
     pub(crate) fn refund(&self, key: &str, policy: Policy, share: usize) {
-        let limit = (policy.limit as usize).div_ceil(share.max(1)).max(1) as u32;
-        let emission = policy.window / limit;
+        let emission = emission(policy, share);
         let mut map = self.tat.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = map.get_mut(key) {
             *t = t.checked_sub(emission).unwrap_or(*t);
         }
     }
+}
+
+/// The time one request takes of a policy's `limit / share` (at least 1).
+fn emission(policy: Policy, share: usize) -> Duration {
+    let limit = (policy.limit as usize).div_ceil(share.max(1)).max(1) as u32;
+    policy.window / limit
 }
 
 #[cfg(test)]
