@@ -307,15 +307,7 @@ fn password_change_revoke_and_delete_end_every_session(redis: &impl Backend) {
     assert_ne!(a, b, "a new token at every login");
     assert_eq!(profile(f.port, &a).unwrap().status, 200);
 
-    let out = f.cli_input(
-        &["user", "passwd", "frank", "--password-stdin"],
-        Some("new-secret\n"),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = f.passwd("frank", "new-secret");
     assert!(String::from_utf8_lossy(&out.stdout).contains("2 session(s) ended"));
     for t in [&a, &b] {
         assert_eq!(profile(f.port, t).unwrap().status, 401);
@@ -1068,15 +1060,7 @@ fn logins_racing_passwd_and_revoke_never_outlive_them(redis: &impl Backend) {
     let base = served(&f);
     let threads = race("rex", PW, stop.clone());
     wait_served(&f, base + 8);
-    let out = f.cli_input(
-        &["user", "passwd", "rex", "--password-stdin"],
-        Some("rex-new\n"),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    f.passwd("rex", "rex-new");
     // Logins go on for a while after the change returned (some were in
     // flight with the old hash).
     wait_served(&f, served(&f) + 8);

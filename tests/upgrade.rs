@@ -62,6 +62,19 @@ fn upgrade(f: &Forkd) -> (Option<i32>, String, String) {
     )
 }
 
+/// A "new binary": a script that runs a copy of the built forkd (in `dir`)
+/// with the failpoint `name` set.
+#[cfg(feature = "failpoints")]
+fn failpoint_build(dir: &Path, name: &str) -> Vec<u8> {
+    let real = dir.join(format!("forkd-{name}"));
+    install_copy(Path::new(BIN), &real, 0o755);
+    format!(
+        "#!/bin/sh\nFORKD_FAILPOINTS={name} exec {} \"$@\"\n",
+        real.display()
+    )
+    .into_bytes()
+}
+
 /// `forkd upgrade` on a thread of its own, for a test that acts while it
 /// waits.
 fn upgrade_in_background(f: &Forkd) -> std::thread::JoinHandle<std::process::Output> {
@@ -167,12 +180,7 @@ fn broken_binaries_on_disk_are_refused_and_good_ones_still_upgrade() {
     let old_build = build_of(&f);
 
     let forkd = std::fs::read(BIN).unwrap();
-    let real = f.dir.path().join("forkd-real");
-    install_copy(Path::new(BIN), &real, 0o755);
-    let rejecting = format!(
-        "#!/bin/sh\nFORKD_FAILPOINTS=handover exec {} \"$@\"\n",
-        real.display()
-    );
+    let rejecting = failpoint_build(f.dir.path(), "handover");
     let cases: Vec<(&str, Vec<u8>, u32, &str)> = vec![
         (
             "a script that exits 1",
@@ -218,7 +226,7 @@ fn broken_binaries_on_disk_are_refused_and_good_ones_still_upgrade() {
         ),
         (
             "a forkd that rejects the handover",
-            rejecting.into_bytes(),
+            rejecting,
             0o755,
             "failpoint handover",
         ),
@@ -287,13 +295,7 @@ fn upgrade_to_a_binary_whose_workers_fail_is_rolled_back_with_zero_failures() {
     let old_build = build_of(&f);
 
     // The "new binary" starts, but none of its workers can.
-    let real = f.dir.path().join("forkd-broken");
-    install_copy(Path::new(BIN), &real, 0o755);
-    let script = format!(
-        "#!/bin/sh\nFORKD_FAILPOINTS=worker-start exec {} \"$@\"\n",
-        real.display()
-    );
-    install_executable(&exe, script.as_bytes(), 0o755);
+    install_executable(&exe, &failpoint_build(f.dir.path(), "worker-start"), 0o755);
     let (code, _, err) = upgrade(&f);
     assert_eq!(code, Some(1), "{err}");
     assert!(
@@ -411,13 +413,7 @@ fn a_stop_during_the_replacement_stops_and_does_not_roll_back() {
     let old = f.wait_ready();
     let old_build = build_of(&f);
     // The new image's workers never become ready.
-    let real = f.dir.path().join("forkd-hangs");
-    install_copy(Path::new(BIN), &real, 0o755);
-    let script = format!(
-        "#!/bin/sh\nFORKD_FAILPOINTS=worker-hang exec {} \"$@\"\n",
-        real.display()
-    );
-    install_executable(&exe, script.as_bytes(), 0o755);
+    install_executable(&exe, &failpoint_build(f.dir.path(), "worker-hang"), 0o755);
     let waiting = upgrade_in_background(&f);
     poll(PATIENCE, || {
         f.log_text().contains("failpoint worker-hang").then_some(())

@@ -178,6 +178,20 @@ impl Forkd {
         );
     }
 
+    /// Changes a user's password through the CLI; returns its output.
+    pub fn passwd(&self, name: &str, password: &str) -> Output {
+        let out = self.cli_input(
+            &["user", "passwd", name, "--password-stdin"],
+            Some(&format!("{password}\n")),
+        );
+        assert!(
+            out.status.success(),
+            "user passwd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Starts forkd in the foreground with `extra` config and waits until
     /// every worker is ready.
     pub fn start(extra: &str) -> Forkd {
