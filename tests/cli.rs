@@ -56,6 +56,24 @@ fn bad_values_exit_64_naming_key_and_value() {
 }
 
 #[test]
+fn a_bad_redis_url_exits_64_and_never_shows_the_url() {
+    for url in [
+        "http://app:s3cret@127.0.0.1:6379",
+        "redis://app:s3cret@127.0.0.1:notaport",
+    ] {
+        let f = Forkd::configure(&format!("[redis]\nurl = \"{url}\"\n"));
+        for cmd in ["start", "check-config"] {
+            let out = f.cli(&[cmd]);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(64), "{url} {cmd}: {err}");
+            assert!(err.contains("`redis.url`"), "{url} {cmd}: {err}");
+            assert!(!err.contains("s3cret"), "{url} {cmd}: {err}");
+        }
+        assert!(port_free(f.port));
+    }
+}
+
+#[test]
 fn environment_and_flags_override_the_file() {
     let f = Forkd::configure("workers = 2\n");
     let path = f.config.to_str().unwrap();
@@ -193,8 +211,9 @@ fn commands_say_plainly_when_forkd_is_not_running() {
 
 #[test]
 fn daemon_start_returns_when_ready_and_stop_waits() {
-    let f = Forkd::configure("workers = 2\n");
-    let out = f.cli(&["start", "--daemon"]);
+    // The flag reaches the daemon: the file alone would give one worker.
+    let f = Forkd::configure("workers = 1\n");
+    let out = f.cli(&["start", "--daemon", "--workers", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("2 worker(s) ready"), "{text}");

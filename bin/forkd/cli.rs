@@ -145,6 +145,15 @@ impl Overrides {
         }
         v
     }
+
+    /// The same overrides as command-line flags (for the daemon that
+    /// `forkd start --daemon` starts).
+    pub(crate) fn flags(&self) -> Vec<String> {
+        self.pairs()
+            .into_iter()
+            .flat_map(|(key, value)| [format!("--{}", key.replace('_', "-")), value])
+            .collect()
+    }
 }
 
 fn connect(target: &Target) -> anyhow::Result<Client> {
@@ -352,13 +361,11 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
     if let Some(p) = source.file() {
         cmd.arg("--config").arg(p);
     }
-    cmd.arg("start").arg("--log-file").arg(&log);
-    if let Some(l) = &source.overrides.listen {
-        cmd.arg("--listen").arg(l);
-    }
-    if let Some(w) = &source.overrides.workers {
-        cmd.arg("--workers").arg(w);
-    }
+    let overrides = Overrides {
+        log_file: Some(log.display().to_string()),
+        ..source.overrides.clone()
+    };
+    cmd.arg("start").args(overrides.flags());
     cmd.stdin(std::process::Stdio::null())
         .stdout(log_out.try_clone()?)
         .stderr(log_out);

@@ -206,7 +206,10 @@ impl ConfigSource {
                 key: "redis.url".into(),
                 origin: String::new(),
                 value: "(not shown)".into(),
-                expected: e.to_string(),
+                expected: match e {
+                    forkd_store::StoreError::Config(detail) => detail,
+                    other => other.to_string(),
+                },
             })?;
         }
         if let Some(path) = &config.redis.password_file {
@@ -376,33 +379,37 @@ fn check_config(source: &ConfigSource, config: Config) {
 
 fn supervisor_settings(c: &Config) -> Settings {
     Settings {
-        instance: c.instance.clone(),
-        listen: c.listen,
-        backlog: c.backlog,
-        listener: match c.listener {
-            ListenerMode::Shared => forkd_supervisor::ListenerMode::Shared,
-            ListenerMode::Reuseport => forkd_supervisor::ListenerMode::Reuseport,
+        fixed: forkd_supervisor::Fixed {
+            instance: c.instance.clone(),
+            listen: c.listen,
+            backlog: c.backlog,
+            listener: match c.listener {
+                ListenerMode::Shared => forkd_supervisor::ListenerMode::Shared,
+                ListenerMode::Reuseport => forkd_supervisor::ListenerMode::Reuseport,
+            },
+            runtime_dir: runtime_dir_of(c),
+            build: build_id().to_owned(),
+            user: c.user.clone(),
+            group: c.group.clone(),
+            redis: c
+                .redis
+                .url
+                .is_empty()
+                .then(|| forkd_supervisor::ManagedRedis {
+                    program: c.redis.server.clone().into(),
+                    socket: managed_socket(&runtime_dir_of(c), &c.instance),
+                    dir: c.redis.data_dir.clone().unwrap_or_else(default_data_dir),
+                }),
         },
-        workers: c.workers,
-        runtime_dir: runtime_dir_of(c),
-        log_file: c.log_file.clone(),
-        shutdown_timeout: c.shutdown_timeout,
-        worker_timeout: c.worker_timeout,
-        startup_timeout: c.startup_timeout,
-        build: build_id().to_owned(),
-        user: c.user.clone(),
-        group: c.group.clone(),
-        heartbeat_interval: heartbeat_interval(c),
-        watchdog_quorum: c.watchdog_quorum,
-        redis: c
-            .redis
-            .url
-            .is_empty()
-            .then(|| forkd_supervisor::ManagedRedis {
-                program: c.redis.server.clone().into(),
-                socket: managed_socket(&runtime_dir_of(c), &c.instance),
-                dir: c.redis.data_dir.clone().unwrap_or_else(default_data_dir),
-            }),
+        live: forkd_supervisor::Live {
+            workers: c.workers,
+            log_file: c.log_file.clone(),
+            shutdown_timeout: c.shutdown_timeout,
+            worker_timeout: c.worker_timeout,
+            startup_timeout: c.startup_timeout,
+            heartbeat_interval: heartbeat_interval(c),
+            watchdog_quorum: c.watchdog_quorum,
+        },
     }
 }
 

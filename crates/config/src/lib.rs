@@ -919,24 +919,8 @@ impl RawConfig {
         };
         let trusted_proxies = cidrs("http.trusted_proxies", &self.http.trusted_proxies)?;
         let metrics_allow = cidrs("metrics.allow", &self.metrics.allow)?;
+        // redis.url is checked where the client is (forkd_store::check_url).
         let url = self.redis.url.trim().to_owned();
-        let schemes = [
-            "redis://",
-            "rediss://",
-            "redis+unix://",
-            "redis-cluster://",
-            "rediss-cluster://",
-            "redis-sentinel://",
-            "rediss-sentinel://",
-        ];
-        if !url.is_empty() && !schemes.iter().any(|s| url.starts_with(s)) {
-            // Never echo the URL: it may carry a password.
-            return Err(bad(
-                "redis.url",
-                "(not shown)",
-                "expected redis://, rediss:// or redis+unix:// (or empty for a managed redis-server)",
-            ));
-        }
         if self.redis.prefix.contains(['{', '}']) {
             return Err(bad(
                 "redis.prefix",

@@ -148,14 +148,32 @@ pub fn valid_username(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
 }
 
-/// Checks that fred accepts `url`, without connecting.
+/// Checks that fred accepts `url`, without connecting. The one check of
+/// `redis.url`: at start, at reload and by `forkd check-config`.
 ///
 /// # Errors
-/// [`StoreError::Config`] naming the problem (never the password).
+/// [`StoreError::Config`] naming the problem (never the URL: it may carry a
+/// password).
 pub fn check_url(url: &str) -> Result<()> {
+    const SCHEMES: [&str; 7] = [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "redis-cluster://",
+        "rediss-cluster://",
+        "redis-sentinel://",
+        "rediss-sentinel://",
+    ];
+    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+        return Err(StoreError::Config(
+            "expected redis://, rediss:// or redis+unix:// (or redis-cluster://, \
+             redis-sentinel://; empty for a managed redis-server)"
+                .into(),
+        ));
+    }
     Config::from_url(url)
         .map(|_| ())
-        .map_err(|e| StoreError::Config(e.details().to_string()))
+        .map_err(|e| StoreError::Config(format!("not a URL the client takes: {}", e.details())))
 }
 
 /// A handle to Redis. Cheap to clone.

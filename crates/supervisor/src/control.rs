@@ -247,8 +247,19 @@ pub(crate) struct Conn {
     out: Vec<u8>,
     /// The peer has shut down its side (requests already read still count).
     eof: bool,
-    /// The request has been read and is waiting for an outcome.
-    pub(crate) waiting: Option<Request>,
+    /// What the request it sent waits for; it reads nothing more until then.
+    pub(crate) awaiting: Option<Awaiting>,
+}
+
+/// What a control connection waits for after its request was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Awaiting {
+    /// The outcome of a reload (sent by `reload_done`).
+    Reload,
+    /// The outcome of an upgrade; the connection crosses the `exec`.
+    Upgrade,
+    /// The supervisor's exit: the connection closes with it.
+    Exit,
 }
 
 /// What reading a connection gave.
@@ -272,7 +283,7 @@ impl Conn {
             buf: Vec::new(),
             out: Vec::new(),
             eof: false,
-            waiting: None,
+            awaiting: None,
         })
     }
 
@@ -289,7 +300,7 @@ impl Conn {
                 Err(_) => return ReadResult::Closed,
             }
         }
-        if self.waiting.is_some() {
+        if self.awaiting.is_some() {
             return if self.eof {
                 ReadResult::Closed
             } else {

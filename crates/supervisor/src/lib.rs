@@ -2,8 +2,12 @@
 //! running. Single-threaded for its whole life; never links tokio, hyper,
 //! fred or argon2 (bin/test checks this with `cargo tree`).
 //!
-//! - `runner`: the main loop: signals, reaping, ticks, the control socket.
-//! - [`plan`]: the pure decisions (respawn, backoff, scale, rolling reload).
+//! - `runner/`: the running supervisor: the main loop, spawn and reap,
+//!   signals, scale and reload (`mod.rs`); a fresh start and the one
+//!   constructor (`start.rs`); control requests, replies and status
+//!   (`requests.rs`); sd_notify and the watchdog (`systemd.rs`).
+//! - [`plan`]: the pure decisions (respawn, the one crash backoff, scale,
+//!   rolling reload).
 //! - `scoreboard`: per-worker shared-memory cells made before fork.
 //! - `signals`: the one place where signals become [`SignalEvent`]s.
 //! - `listen`: socket binding and the "already served" probe.
@@ -12,7 +16,7 @@
 //! - `private_dir`: the runtime and data directories, checked and opened
 //!   without following links.
 //! - `privs`: dropping root to the configured account.
-//! - `notify`: sd_notify and the watchdog interval.
+//! - `notify`: the sd_notify datagram and the watchdog interval.
 //! - `redis`: the managed redis-server child.
 //! - `upgrade`: in-place binary upgrades: the probe, the versioned
 //!   handover across `exec`, resume and rollback.
@@ -71,33 +75,56 @@ impl ListenerMode {
     }
 }
 
-/// What the supervisor needs to know from the configuration.
+/// What the supervisor needs to know from the configuration, in two parts:
+/// what only a restart (or an upgrade) changes, and what a reload applies.
+/// A reload compares `fixed` once (and warns when it differs) and takes
+/// `live` whole.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    pub fixed: Fixed,
+    pub live: Live,
+}
+
+/// Settings bound to what the supervisor made at start: its sockets, its
+/// files, its account, its binary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fixed {
     pub instance: String,
     pub listen: SocketAddr,
     pub backlog: u32,
     pub listener: ListenerMode,
-    pub workers: usize,
     pub runtime_dir: PathBuf,
-    pub log_file: Option<PathBuf>,
-    pub shutdown_timeout: Duration,
-    pub worker_timeout: Duration,
-    pub startup_timeout: Duration,
     /// A redis-server for the workers to share, run and respawned by the
     /// supervisor; None when Redis is run elsewhere.
     pub redis: Option<ManagedRedis>,
     /// Run as this user (and group) once the sockets are bound.
     pub user: Option<String>,
     pub group: Option<String>,
+    /// Identifies the binary (reported by status and upgrades).
+    pub build: String,
+}
+
+impl Fixed {
+    /// The names of the configuration keys behind these settings, for the
+    /// warning a reload gives when one of them changed.
+    pub const KEYS: &'static str =
+        "listen, backlog, listener, instance, runtime_dir, user, group and managed redis";
+}
+
+/// Settings a reload applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Live {
+    pub workers: usize,
+    pub log_file: Option<PathBuf>,
+    pub shutdown_timeout: Duration,
+    pub worker_timeout: Duration,
+    pub startup_timeout: Duration,
     /// How often workers beat their heartbeat; a heartbeat is fresh (for
     /// the systemd watchdog) while younger than twice this.
     pub heartbeat_interval: Duration,
     /// Fraction of the workers that must have a fresh heartbeat for the
     /// systemd watchdog to be fed.
     pub watchdog_quorum: f64,
-    /// Identifies the binary (reported by status and upgrades).
-    pub build: String,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.

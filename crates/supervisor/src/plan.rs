@@ -20,7 +20,7 @@ pub struct Limits {
 
 /// First respawn delay after a crash at start; doubles per crash.
 pub const BACKOFF_BASE_MS: u64 = 100;
-/// Longest respawn delay.
+/// Longest respawn delay of a worker slot.
 pub const BACKOFF_MAX_MS: u64 = 30_000;
 /// A worker ready this long has proven its slot healthy: the crash count
 /// resets, and its next death is respawned at once. A worker that dies
@@ -443,15 +443,7 @@ impl Plan {
     fn schedule_respawn(&mut self, slot: usize, stable: bool, now: u64) {
         let jitter = self.next_random();
         let s = &mut self.slots[slot];
-        if stable {
-            s.failures = 0;
-        }
-        s.failures += 1;
-        let delay = if stable {
-            0
-        } else {
-            backoff_ms(s.failures, jitter)
-        };
+        let delay = crash_delay_ms(&mut s.failures, stable, jitter, BACKOFF_MAX_MS);
         if delay > 0 {
             log::warn!(
                 "slot {slot}: {} crash(es) in a row; next worker in {delay} ms",
@@ -602,12 +594,28 @@ impl Plan {
     }
 }
 
-/// Respawn delay after the `failures`-th crash in a row: 100 ms doubling to
-/// 30 s, spread by up to ±20 % so that slots crashing together do not
+/// The one crash backoff policy, for the workers' slots and the managed
+/// redis-server alike. `failures` counts deaths in a row. A death after a
+/// stable run (each caller says what proves stability) resets the count
+/// and is answered at once; any other waits [`backoff_ms`].
+pub fn crash_delay_ms(failures: &mut u32, stable: bool, random: u64, max_ms: u64) -> u64 {
+    if stable {
+        *failures = 0;
+    }
+    *failures += 1;
+    if stable {
+        0
+    } else {
+        backoff_ms(*failures, random, max_ms)
+    }
+}
+
+/// Delay after the `failures`-th crash in a row: 100 ms doubling to
+/// `max_ms`, spread by up to ±20 % so that slots crashing together do not
 /// restart in lockstep.
-pub fn backoff_ms(failures: u32, random: u64) -> u64 {
+pub fn backoff_ms(failures: u32, random: u64, max_ms: u64) -> u64 {
     let exp = failures.saturating_sub(1).min(20);
-    let base = (BACKOFF_BASE_MS << exp).min(BACKOFF_MAX_MS);
+    let base = (BACKOFF_BASE_MS << exp).min(max_ms);
     let spread = base / 5;
     base - spread + random % (2 * spread + 1)
 }
@@ -728,10 +736,10 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_and_jittered() {
-        assert_eq!(backoff_ms(1, 0), 80);
-        assert_eq!(backoff_ms(1, 40), 120);
-        assert!(backoff_ms(40, 7) <= BACKOFF_MAX_MS * 6 / 5);
-        assert!(backoff_ms(40, 7) >= BACKOFF_MAX_MS * 4 / 5);
+        assert_eq!(backoff_ms(1, 0, BACKOFF_MAX_MS), 80);
+        assert_eq!(backoff_ms(1, 40, BACKOFF_MAX_MS), 120);
+        assert!(backoff_ms(40, 7, BACKOFF_MAX_MS) <= BACKOFF_MAX_MS * 6 / 5);
+        assert!(backoff_ms(40, 7, BACKOFF_MAX_MS) >= BACKOFF_MAX_MS * 4 / 5);
     }
 
     #[test]

@@ -10,11 +10,19 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::plan::crash_delay_ms;
 use crate::scoreboard::now_ms;
 use crate::{sys, ManagedRedis};
 
-/// A run this long proves the server healthy; the backoff resets.
+/// A run this long proves the server healthy; the backoff resets. Longer
+/// than a worker's [`crate::plan::STABLE_MS`], which counts from the
+/// worker's readiness: the supervisor sees no readiness of redis-server
+/// (it may spend seconds loading its append-only file), only its start.
 const STABLE_MS: u64 = 10_000;
+/// The longest wait between restarts: shorter than a worker slot's, since
+/// every worker waits for this one process, and one process crash-looping
+/// costs the host little.
+const BACKOFF_MAX_MS: u64 = 5_000;
 
 pub(crate) struct RedisChild {
     cfg: ManagedRedis,
@@ -152,15 +160,7 @@ impl RedisChild {
     }
 
     fn schedule(&mut self, now: u64, stable: bool) {
-        if stable {
-            self.failures = 0;
-        }
-        let delay = if self.failures == 0 {
-            0
-        } else {
-            (100u64 << self.failures.min(6)).min(5_000)
-        };
-        self.failures += 1;
+        let delay = crash_delay_ms(&mut self.failures, stable, now, BACKOFF_MAX_MS);
         log::warn!("restarting redis-server in {delay} ms");
         self.restart_at_ms = Some(now + delay);
     }

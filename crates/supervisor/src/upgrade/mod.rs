@@ -28,7 +28,7 @@ use std::path::PathBuf;
 pub use handover::{take, Inherited};
 pub use probe::{answer as probe_answer, read_request as probe_request};
 
-use crate::control::{Conn, Reply, Request, UpgradeOutcome};
+use crate::control::{Awaiting, Conn, Reply, UpgradeOutcome};
 use crate::control_files::{pidfile_path, Pidfile};
 use crate::plan::{Phase, ReloadOutcome};
 use crate::runner::{limits, Supervisor};
@@ -83,7 +83,7 @@ impl<P: Program> Supervisor<P> {
             return refuse(self, "cannot tell which binary this process runs".into());
         };
         if let Some(i) = conn {
-            self.conns[i].waiting = Some(Request::Upgrade);
+            self.conns[i].awaiting = Some(Awaiting::Upgrade);
         }
         let started = self.handover_text(None, None, None).and_then(|text| {
             Probe::start(
@@ -91,7 +91,7 @@ impl<P: Program> Supervisor<P> {
                 &text,
                 &self.env,
                 now_ms(),
-                self.settings.startup_timeout.as_millis() as u64,
+                self.settings.live.startup_timeout.as_millis() as u64,
             )
         });
         match started {
@@ -107,7 +107,7 @@ impl<P: Program> Supervisor<P> {
         log::error!("upgrade refused, the current workers keep serving: {reason}");
         self.reply_upgrade(UpgradeOutcome {
             ok: false,
-            from_build: self.settings.build.clone(),
+            from_build: self.settings.fixed.build.clone(),
             to_build: String::new(),
             replaced: Vec::new(),
             error: Some(reason),
@@ -167,7 +167,7 @@ impl<P: Program> Supervisor<P> {
             "upgrade: {} answered the probe as build {build}; executing it",
             probe.path.display()
         );
-        self.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        self.systemd.reloading();
         let path = handover::fd_path(probe.image.as_raw_fd());
         let why = self.exec_image(
             &path,
@@ -178,7 +178,7 @@ impl<P: Program> Supervisor<P> {
             &self.args.clone(),
         );
         // Still here: the exec failed, and this image carries on.
-        self.notify("READY=1");
+        self.systemd.ready();
         self.refuse_upgrade(format!("cannot execute {}: {why}", probe.path.display()));
     }
 
@@ -196,7 +196,7 @@ impl<P: Program> Supervisor<P> {
             payload: handover::PAYLOAD,
             rollback,
             previous_exe: previous_exe.map(|f| f.as_raw_fd()),
-            previous_build: self.settings.build.clone(),
+            previous_build: self.settings.fixed.build.clone(),
             exe: self.exe.clone(),
             args: args.to_vec(),
             env: self.env.clone(),
@@ -211,7 +211,7 @@ impl<P: Program> Supervisor<P> {
             redis_pid: self.redis.as_ref().and_then(|r| r.pid),
             plan: self.plan.clone(),
             started_ms: self.started_ms,
-            sent_ready: self.sent_ready,
+            sent_ready: self.systemd.sent_ready,
             waiting: self.waiting_upgrade().map(|c| c.as_raw_fd()).collect(),
         };
         Ok((envelope, payload))
@@ -230,7 +230,7 @@ impl<P: Program> Supervisor<P> {
     fn waiting_upgrade(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
         self.conns
             .iter()
-            .filter(|c| c.waiting == Some(Request::Upgrade))
+            .filter(|c| c.awaiting == Some(Awaiting::Upgrade))
             .map(|c| c.stream.as_fd())
     }
 
@@ -276,19 +276,16 @@ impl<P: Program> Supervisor<P> {
 
     pub(crate) fn reply_upgrade(&mut self, outcome: UpgradeOutcome) {
         for c in &mut self.conns {
-            if c.waiting == Some(Request::Upgrade) {
-                c.waiting = None;
+            if c.awaiting == Some(Awaiting::Upgrade) {
+                c.awaiting = None;
                 let _ = c.send(&Reply::Upgrade(outcome.clone()));
             }
         }
     }
 
-    /// The rolling replacement that an upgrade runs has ended. Returns
-    /// false when no upgrade was under way (a plain reload ended).
-    pub(crate) fn upgrade_done(&mut self, outcome: &ReloadOutcome) -> bool {
-        if !matches!(self.upgrade, Some(Upgrade::Replacing { .. })) {
-            return false;
-        }
+    /// The rolling replacement that an upgrade runs has ended: report it,
+    /// or go back to the previous binary.
+    pub(crate) fn upgrade_done(&mut self, outcome: &ReloadOutcome) {
         let Some(Upgrade::Replacing {
             previous_exe,
             previous_build,
@@ -296,23 +293,23 @@ impl<P: Program> Supervisor<P> {
             previous_payload,
         }) = self.upgrade.take()
         else {
-            return false;
+            return;
         };
         if outcome.ok {
             log::info!(
                 "upgrade from build {previous_build} to build {} done: {} worker(s) replaced",
-                self.settings.build,
+                self.settings.fixed.build,
                 outcome.replaced.len()
             );
-            self.notify("READY=1");
+            self.systemd.ready();
             self.reply_upgrade(UpgradeOutcome {
                 ok: true,
                 from_build: previous_build,
-                to_build: self.settings.build.clone(),
+                to_build: self.settings.fixed.build.clone(),
                 replaced: outcome.replaced.clone(),
                 error: None,
             });
-            return true;
+            return;
         }
         let reason = outcome
             .error
@@ -339,7 +336,7 @@ impl<P: Program> Supervisor<P> {
         } else if let Some(previous) = previous_exe {
             log::error!(
                 "upgrade to build {} failed: {reason}; going back to build {previous_build}",
-                self.settings.build
+                self.settings.fixed.build
             );
             let path = handover::fd_path(previous.as_raw_fd());
             let args = self.args.clone();
@@ -354,19 +351,18 @@ impl<P: Program> Supervisor<P> {
         }
         log::error!(
             "upgrade failed: {error}; build {} keeps running",
-            self.settings.build
+            self.settings.fixed.build
         );
         if !stopping {
-            self.notify("READY=1");
+            self.systemd.ready();
         }
         self.reply_upgrade(UpgradeOutcome {
             ok: false,
             from_build: previous_build,
-            to_build: self.settings.build.clone(),
+            to_build: self.settings.fixed.build.clone(),
             replaced: Vec::new(),
             error: Some(error),
         });
-        true
     }
 }
 
@@ -379,7 +375,7 @@ pub(crate) fn resume<P: Program>(
     program: P,
     inherited: Inherited,
 ) -> Result<(), Error> {
-    let build = settings.build.clone();
+    let build = settings.fixed.build.clone();
     let mut sup = match adopt(settings, program, &inherited) {
         Ok(s) => s,
         Err(e) => {
@@ -398,21 +394,21 @@ pub(crate) fn resume<P: Program>(
             );
             sup.reply_upgrade(UpgradeOutcome {
                 ok: false,
-                from_build: sup.settings.build.clone(),
+                from_build: sup.settings.fixed.build.clone(),
                 to_build: envelope.previous_build.clone(),
                 replaced: Vec::new(),
                 error: Some(format!(
                     "{reason}; rolled back from build {} to build {}",
-                    envelope.previous_build, sup.settings.build
+                    envelope.previous_build, sup.settings.fixed.build
                 )),
             });
-            sup.notify("READY=1");
+            sup.systemd.ready();
         }
         None => {
             log::info!(
                 "upgraded from build {} to build {}: replacing the workers",
                 envelope.previous_build,
-                sup.settings.build
+                sup.settings.fixed.build
             );
             let actions = sup.plan.begin_reload(now_ms());
             sup.execute(actions);
@@ -450,33 +446,37 @@ fn adopt<P: Program>(
         listeners.push(TcpListener::from(take(*fd)?));
     }
     if listeners.len() > 1 {
-        settings.listener = ListenerMode::Reuseport;
+        settings.fixed.listener = ListenerMode::Reuseport;
     }
     let listen_addr = listeners
         .first()
         .ok_or_else(|| Error::Upgrade("the upgrade state names no listening socket".into()))?
         .local_addr()
-        .map_err(|e| Error::Bind(settings.listen, e))?;
+        .map_err(|e| Error::Bind(settings.fixed.listen, e))?;
     let control = UnixListener::from(take(h.control)?);
     control
         .set_nonblocking(true)
-        .map_err(|e| Error::file(&settings.runtime_dir, e))?;
+        .map_err(|e| Error::file(&settings.fixed.runtime_dir, e))?;
     let board = Scoreboard::adopt(take(h.scoreboard)?, h.scoreboard_cells)
         .map_err(sys_err("mmap for the scoreboard"))?;
     let signals = Signals::new().map_err(sys_err("signalfd"))?;
     let mut conns = Vec::new();
     for fd in &h.waiting {
         if let Ok(mut c) = Conn::new(UnixStream::from(take(*fd)?)) {
-            c.waiting = Some(Request::Upgrade);
+            c.awaiting = Some(Awaiting::Upgrade);
             conns.push(c);
         }
     }
-    let mut redis = settings.redis.clone().map(crate::redis::RedisChild::new);
+    let mut redis = settings
+        .fixed
+        .redis
+        .clone()
+        .map(crate::redis::RedisChild::new);
     if let (Some(r), Some(pid)) = (&mut redis, h.redis_pid) {
         r.adopt(pid);
     }
     let mut plan = h.plan.clone();
-    plan.set_limits(limits(&settings));
+    plan.set_limits(limits(&settings.live));
     let e = &inherited.envelope;
     let upgrade = match e.rollback {
         Some(_) => None,
@@ -491,7 +491,7 @@ fn adopt<P: Program>(
     // file the original descriptor shares, so an error after this would
     // hand the pidfile to anyone before the rollback takes it back.
     let pidfile = Pidfile::adopt(
-        &pidfile_path(&settings.runtime_dir, &settings.instance),
+        &pidfile_path(&settings.fixed.runtime_dir, &settings.fixed.instance),
         take(h.pidfile)?,
     )?;
     let mut sup = Supervisor::new(
@@ -510,16 +510,10 @@ fn adopt<P: Program>(
         },
     );
     sup.conns = conns;
-    sup.sent_ready = h.sent_ready;
+    sup.systemd.sent_ready = h.sent_ready;
     sup.exe = e.exe.clone().or(sup.exe);
     sup.args = e.args.clone();
     sup.env = e.env.clone();
     sup.upgrade = upgrade;
     Ok(sup)
-}
-
-pub(crate) fn monotonic_usec() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-        .unwrap_or(0)
 }

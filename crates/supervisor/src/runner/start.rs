@@ -1,0 +1,228 @@
+//! Start-up: a fresh start binds, takes the files and drops privileges;
+//! a resume after an upgrade adopts all of that instead
+//! ([`crate::upgrade::resume`]). Both end in [`Supervisor::new`].
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
+
+use nix::sys::stat::{umask, Mode};
+
+use super::systemd::Systemd;
+use super::{limits, Supervisor};
+use crate::control_files::{control_socket_path, Pidfile};
+use crate::plan::Plan;
+use crate::private_dir::{give_file, PrivateDir};
+use crate::redis::RedisChild;
+use crate::scoreboard::{now_ms, Scoreboard};
+use crate::signals::Signals;
+use crate::{listen, privs, sys, upgrade, Error, ListenerMode, Program, Settings};
+
+/// How long a start waits for the managed redis-server before it forks the
+/// workers (a server that loads a large append-only file takes a while).
+const REDIS_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs the supervisor until it is stopped.
+///
+/// Binds the listener (refusing a port that is already served), takes the
+/// pidfile and control socket, forks `settings.workers` workers running
+/// `program`, and supervises them until SIGTERM/SIGINT/SIGQUIT or
+/// `forkd stop`.
+///
+/// # Errors
+/// Anything that prevents start-up: the instance already runs, the port is
+/// served, a file or directory cannot be made. Once workers run, failures
+/// are logged and handled, not returned.
+/// `inherited` is the handover this process was started with
+/// ([`crate::take_handover`]): it resumes instead of starting afresh.
+pub fn run<P: Program>(
+    settings: Settings,
+    program: P,
+    inherited: Option<upgrade::Inherited>,
+) -> Result<(), Error> {
+    let threads = sys::thread_count();
+    if threads != 1 {
+        return Err(Error::Threads(threads));
+    }
+    if let Some(inherited) = inherited {
+        return upgrade::resume(settings, program, inherited);
+    }
+    let mut sup = start(settings, program)?;
+    // The store first, and up (bounded) before the workers look for it.
+    if let Some(r) = &mut sup.redis {
+        r.tick(now_ms());
+        if !r.wait_ready(REDIS_START_WAIT) {
+            log::warn!(
+                "redis-server does not answer on {} after {} s; starting the workers anyway",
+                r.socket().display(),
+                REDIS_START_WAIT.as_secs()
+            );
+        }
+    }
+    let actions = sup.plan.start();
+    sup.execute(actions);
+    sup.finish()
+}
+
+/// A fresh start: directories and files (as root, then handed to the
+/// account), the listener and control socket, then privileges dropped.
+fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>, Error> {
+    let fixed = &settings.fixed;
+    let account = match &fixed.user {
+        Some(u) => Some(privs::resolve(u, fixed.group.as_deref())?),
+        None => None,
+    };
+    let runtime = PrivateDir::prepare(
+        &fixed.runtime_dir,
+        "runtime directory",
+        account.as_ref(),
+        false,
+    )?;
+    let pidfile = Pidfile::acquire(&runtime, &fixed.instance)?;
+    if let Some(path) = &settings.live.log_file {
+        let log = crate::open_log(path)?;
+        crate::point_output_at(&log)?;
+        if let Some(acct) = &account {
+            give_file(&log, path, acct)?;
+        }
+    }
+    if let Some(r) = &fixed.redis {
+        // Its append-only file holds password hashes and sessions.
+        PrivateDir::prepare(&r.dir, "redis data directory", account.as_ref(), true)?;
+    }
+    let first = first_listener(&mut settings)?;
+    let fixed = &settings.fixed;
+    let listen_addr = first
+        .local_addr()
+        .map_err(|e| Error::Bind(fixed.listen, e))?;
+    let control_path = control_socket_path(&fixed.runtime_dir, &fixed.instance);
+    let control = bind_control(&control_path)?;
+    if let Some(acct) = &account {
+        // Everything the supervisor (and its redis-server) writes later
+        // must belong to the account first (the directories already do).
+        let name = control_path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        runtime.give_entry(&name, acct)?;
+        pidfile.give(acct)?;
+        privs::drop_to(acct)?;
+    }
+    let signals = Signals::new().map_err(|source| Error::Sys {
+        what: "signalfd",
+        source,
+    })?;
+    // Twice the largest worker count: a rolling replacement briefly runs
+    // two processes per slot.
+    let board = Scoreboard::new(2 * crate::MAX_WORKERS).map_err(|source| Error::Sys {
+        what: "mmap for the scoreboard",
+        source,
+    })?;
+    let mut seed = [0u8; 8];
+    let _ = getrandom::fill(&mut seed);
+    log::info!(
+        "forkd {} starting: instance '{}', {} worker(s), listening on {} ({} listener)",
+        env!("CARGO_PKG_VERSION"),
+        fixed.instance,
+        settings.live.workers,
+        listen_addr,
+        fixed.listener.name()
+    );
+    let plan = Plan::new(
+        settings.live.workers,
+        limits(&settings.live),
+        u64::from_le_bytes(seed),
+    );
+    let redis = fixed.redis.clone().map(RedisChild::new);
+    Ok(Supervisor::new(
+        settings,
+        program,
+        Parts {
+            pidfile,
+            listeners: vec![first],
+            listen_addr,
+            control,
+            board,
+            signals,
+            plan,
+            redis,
+            started_ms: now_ms(),
+        },
+    ))
+}
+
+/// The socket systemd passed (socket activation), or a new one bound to
+/// `listen` once nothing else serves it.
+fn first_listener(settings: &mut Settings) -> Result<TcpListener, Error> {
+    let fixed = &mut settings.fixed;
+    match sys::listen_fds().into_iter().next() {
+        Some(fd) => {
+            let l = listen::adopt(fd)?;
+            if fixed.listener == ListenerMode::Reuseport {
+                log::warn!("socket activation: serving on the passed socket in shared mode");
+                fixed.listener = ListenerMode::Shared;
+            }
+            log::info!("socket activation: adopted the socket passed by systemd");
+            Ok(l)
+        }
+        None => {
+            listen::ensure_free(fixed.listen)?;
+            listen::bind(fixed.listen, fixed.backlog)
+        }
+    }
+}
+
+/// The control socket, made 0600 (the umask covers the bind itself).
+fn bind_control(path: &std::path::Path) -> Result<UnixListener, Error> {
+    let _ = std::fs::remove_file(path);
+    let old_mask = umask(Mode::from_bits_truncate(0o177));
+    let control = UnixListener::bind(path);
+    umask(old_mask);
+    let control = control.map_err(|e| Error::file(path, e))?;
+    control
+        .set_nonblocking(true)
+        .map_err(|e| Error::file(path, e))?;
+    Ok(control)
+}
+
+/// What a fresh start and a resume both bring to the supervisor.
+pub(crate) struct Parts {
+    pub(crate) pidfile: Pidfile,
+    pub(crate) listeners: Vec<TcpListener>,
+    pub(crate) listen_addr: SocketAddr,
+    pub(crate) control: UnixListener,
+    pub(crate) board: Scoreboard,
+    pub(crate) signals: Signals,
+    pub(crate) plan: Plan,
+    pub(crate) redis: Option<RedisChild>,
+    pub(crate) started_ms: u64,
+}
+
+impl<P: Program> Supervisor<P> {
+    /// The one constructor, for a fresh start and a resume alike.
+    pub(crate) fn new(settings: Settings, program: P, parts: Parts) -> Self {
+        Supervisor {
+            systemd: Systemd::from_env(),
+            pidfile: Some(parts.pidfile),
+            exe: upgrade::exe_path(),
+            args: std::env::args().collect(),
+            env: std::env::vars().collect(),
+            upgrade: None,
+            redis: parts.redis,
+            plan: parts.plan,
+            control_path: control_socket_path(
+                &settings.fixed.runtime_dir,
+                &settings.fixed.instance,
+            ),
+            settings,
+            program,
+            board: parts.board,
+            listeners: parts.listeners,
+            listen_addr: parts.listen_addr,
+            signals: parts.signals,
+            control: parts.control,
+            conns: Vec::new(),
+            pid: std::process::id() as i32,
+            started_ms: parts.started_ms,
+        }
+    }
+}
