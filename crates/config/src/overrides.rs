@@ -1,0 +1,162 @@
+//! Overrides: one key set from its string form, as `FORKD_*` variables
+//! and command-line flags give it.
+//!
+//! Nothing here names a key. The list of keys, and what kind of value each
+//! takes, come from the serialized defaults of [`RawConfig`], so a new key
+//! is written once in `raw.rs` (and checked in `validate.rs`); the tests
+//! prove the example file, the README and the validated config list the
+//! same keys.
+
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+use crate::raw::RawConfig;
+use crate::{env_name, ConfigError};
+
+/// Environment variables that start with `FORKD_` but are not config keys.
+const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS"];
+
+/// What a key's value is, as its default serializes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Whole,
+    Number,
+    Flag,
+    /// A list of strings, written comma-separated.
+    List,
+    /// Text, or a setting that is unset by default (a path, a name).
+    Text,
+}
+
+/// Every key the file accepts, as dotted paths, sorted within each table.
+/// Environment variables are the same names upper-cased with `.` turned
+/// into `_` and `FORKD_` in front.
+pub fn keys() -> &'static [&'static str] {
+    &table().0
+}
+
+fn table() -> &'static (Vec<&'static str>, Vec<Kind>) {
+    static KEYS: OnceLock<(Vec<&'static str>, Vec<Kind>)> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let defaults = serde_json::to_value(RawConfig::default()).expect("the defaults serialize");
+        let mut out = (Vec::new(), Vec::new());
+        walk("", &defaults, &mut out);
+        out
+    })
+}
+
+fn walk(prefix: &str, v: &Value, out: &mut (Vec<&'static str>, Vec<Kind>)) {
+    let Value::Object(map) = v else { return };
+    for (name, value) in map {
+        let key = format!("{prefix}{name}");
+        let kind = match value {
+            Value::Object(_) => {
+                walk(&format!("{key}."), value, out);
+                continue;
+            }
+            Value::Number(n) if n.is_f64() => Kind::Number,
+            Value::Number(_) => Kind::Whole,
+            Value::Bool(_) => Kind::Flag,
+            Value::Array(_) => Kind::List,
+            Value::String(_) | Value::Null => Kind::Text,
+        };
+        // Once per process, for a list that lives as long.
+        out.0.push(Box::leak(key.into_boxed_str()));
+        out.1.push(kind);
+    }
+}
+
+impl RawConfig {
+    /// Applies every `FORKD_*` variable of `vars` as an override.
+    ///
+    /// # Errors
+    /// An unknown `FORKD_*` variable, or a value that does not parse.
+    pub fn apply_env<I>(&mut self, vars: I) -> Result<(), ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut vars: Vec<_> = vars
+            .into_iter()
+            .filter(|(k, _)| {
+                // FORKD_UPGRADE*: the supervisor's own upgrade state.
+                k.starts_with("FORKD_")
+                    && !k.starts_with("FORKD_UPGRADE")
+                    && !NON_KEY_VARS.contains(&k.as_str())
+            })
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            let key = keys()
+                .iter()
+                .find(|k| env_name(k) == name)
+                .ok_or_else(|| ConfigError::UnknownVariable(name.clone()))?;
+            self.set_from(key, &value, &format!(" (from {name})"))?;
+        }
+        Ok(())
+    }
+
+    /// Sets one key from its string form, as the command line does.
+    ///
+    /// # Errors
+    /// An unknown key, or a value that does not parse for it.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        self.set_from(key, value, "")
+    }
+
+    /// The key's value is parsed by its kind, put in place in the
+    /// serialized config, and the whole read back, so that the types'
+    /// own parsing (enums, `workers`) has the last word.
+    fn set_from(&mut self, key: &str, value: &str, origin: &str) -> Result<(), ConfigError> {
+        let bad = |expected: &str| ConfigError::Value {
+            key: key.to_owned(),
+            origin: origin.to_owned(),
+            value: value.to_owned(),
+            expected: expected.to_owned(),
+        };
+        let (names, kinds) = table();
+        let Some(at) = names.iter().position(|k| *k == key) else {
+            return Err(ConfigError::UnknownKey(key.to_owned()));
+        };
+        let parsed = match kinds[at] {
+            Kind::Whole => Value::from(
+                value
+                    .trim()
+                    .parse::<i64>()
+                    .map_err(|_| bad("expected a whole number"))?,
+            ),
+            Kind::Number => Value::from(
+                value
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| bad("expected a number"))?,
+            ),
+            Kind::Flag => Value::Bool(match value.trim() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => return Err(bad("expected true or false")),
+            }),
+            Kind::List => Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(Value::from)
+                    .collect(),
+            ),
+            Kind::Text => Value::from(value),
+        };
+        let mut whole = serde_json::to_value(&*self).map_err(|e| bad(&e.to_string()))?;
+        let mut slot = &mut whole;
+        for part in key.split('.') {
+            slot = slot
+                .get_mut(part)
+                .ok_or_else(|| ConfigError::UnknownKey(key.to_owned()))?;
+        }
+        *slot = parsed;
+        *self = serde_json::from_value(whole).map_err(|e| bad(&e.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,304 @@
+//! Unit tests of the configuration: parsing, overrides, validation.
+
+use std::path::{Path, PathBuf};
+
+use crate::*;
+
+fn parse(text: &str) -> Result<RawConfig, ConfigError> {
+    RawConfig::from_str(text, Path::new("test.toml"))
+}
+
+#[test]
+fn a_syntax_error_names_the_place_but_never_echoes_the_line() {
+    let text = "workers = 2\n[redis]\nurl = \"redis://app:s3cret-PASSWORD@db:6379\" oops\n";
+    let e = parse(text).unwrap_err().to_string();
+    assert!(!e.contains("s3cret"), "{e}");
+    assert!(e.contains("test.toml") && e.contains("line 3"), "{e}");
+    assert!(e.contains("`redis.url`"), "{e}");
+    // The client commands' lenient read of the file says the same.
+    let file = std::env::temp_dir().join(format!("forkd-config-{}.toml", std::process::id()));
+    std::fs::write(&file, text).unwrap();
+    let e = Location::load(Some(&file), Vec::new())
+        .err()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(&file).unwrap();
+    assert!(!e.contains("s3cret") && e.contains("line 3"), "{e}");
+}
+
+#[test]
+fn every_table_falls_back_to_its_defaults_key_by_key() {
+    let d = RawConfig::default().validate(2).unwrap();
+    // One key of each table: the others keep their defaults.
+    let one = |text: &str| parse(text).unwrap().validate(2).unwrap();
+    let c = one("[rate_limit.profile]\nlimit = 5\n");
+    assert_eq!(c.rate_limit.profile.limit, 5);
+    assert_eq!(c.rate_limit.profile.window, d.rate_limit.profile.window);
+    let c = one("[rate_limit.profile]\nwindow = 30\n");
+    assert_eq!(c.rate_limit.profile.limit, d.rate_limit.profile.limit);
+    let c = one("[rate_limit]\non_redis_error = \"fail_open\"\n");
+    assert_eq!(c.rate_limit.profile, d.rate_limit.profile);
+    let c = one("[http]\nkeepalive = false\n");
+    assert_eq!(c.http.max_connections, d.http.max_connections);
+    assert!(!c.http.keepalive);
+    let c = one("[redis]\nprefix = \"x:\"\n");
+    assert_eq!(c.redis.command_timeout, d.redis.command_timeout);
+    let c = one("[auth]\nlogin_ip_limit = 7\n");
+    assert_eq!(c.auth.login_ip_limit, 7);
+    assert_eq!(c.auth.login_ip_window, d.auth.login_ip_window);
+    assert_eq!(c.auth.argon2_memory_kib, d.auth.argon2_memory_kib);
+    let c = one("[profile]\ncache_ttl = 5\n");
+    assert_eq!(c.profile.origin_timeout, d.profile.origin_timeout);
+    let c = one("[metrics]\nallow = [\"10.0.0.0/8\"]\n");
+    assert_eq!(c.metrics.allow.len(), 1);
+}
+
+#[test]
+fn reuseport_with_a_user_to_drop_to_is_refused() {
+    let e = parse("listener = \"reuseport\"\nuser = \"nobody\"\n")
+        .unwrap()
+        .validate(2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listener") && e.contains("user"), "{e}");
+    assert!(parse("listener = \"reuseport\"\n")
+        .unwrap()
+        .validate(2)
+        .is_ok());
+    assert!(parse("user = \"nobody\"\n").unwrap().validate(2).is_ok());
+}
+
+#[test]
+fn defaults_validate() {
+    let c = RawConfig::default().validate(4).unwrap();
+    assert_eq!(c.workers, 4);
+    assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.listener, ListenerMode::Shared);
+}
+
+#[test]
+fn the_example_file_is_valid_and_lists_every_key() {
+    let text = include_str!("../../../config/forkd.toml");
+    parse(text).unwrap().validate(2).unwrap();
+    for key in keys() {
+        let leaf = key.rsplit('.').next().unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start_matches("# ").starts_with(&format!("{leaf} ="))),
+            "config/forkd.toml does not document `{key}`"
+        );
+    }
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = parse("listen = \"127.0.0.1:1\"\nworkerz = 3\n").unwrap_err();
+    assert!(e.to_string().contains("workerz"), "{e}");
+    let e = parse("[http]\nmax_conn = 3\n").unwrap_err();
+    assert!(e.to_string().contains("max_conn"), "{e}");
+}
+
+#[test]
+fn bad_values_are_named() {
+    let e = parse("workers = 0").unwrap().validate(2).unwrap_err();
+    assert!(e.to_string().contains("`workers`"), "{e}");
+    let e = parse("workers = \"many\"").unwrap_err();
+    assert!(e.to_string().contains("workers"), "{e}");
+    let e = parse("listen = \"localhost\"")
+        .unwrap()
+        .validate(2)
+        .unwrap_err();
+    assert!(e.to_string().contains("`listen`"), "{e}");
+    let e = parse("worker_timeout = 0")
+        .unwrap()
+        .validate(2)
+        .unwrap_err();
+    assert!(e.to_string().contains("`worker_timeout`"), "{e}");
+    let e = parse("instance = \"a/b\"")
+        .unwrap()
+        .validate(2)
+        .unwrap_err();
+    assert!(e.to_string().contains("`instance`"), "{e}");
+    let e = parse("log_file = \"rel.log\"")
+        .unwrap()
+        .validate(2)
+        .unwrap_err();
+    assert!(e.to_string().contains("`log_file`"), "{e}");
+}
+
+#[test]
+fn env_overrides_file_and_unknown_variables_fail() {
+    let mut c = parse("workers = 3\nlisten = \"127.0.0.1:1\"").unwrap();
+    c.apply_env([
+        ("FORKD_WORKERS".to_string(), "5".to_string()),
+        ("FORKD_HTTP_KEEPALIVE".to_string(), "false".to_string()),
+        ("FORKD_CONFIG".to_string(), "/x".to_string()),
+        ("PATH".to_string(), "/bin".to_string()),
+    ])
+    .unwrap();
+    let c2 = c.clone().validate(1).unwrap();
+    assert_eq!(c2.workers, 5);
+    assert!(!c2.http.keepalive);
+    let e = c
+        .apply_env([("FORKD_WORKRES".to_string(), "5".to_string())])
+        .unwrap_err();
+    assert!(e.to_string().contains("FORKD_WORKRES"), "{e}");
+    let e = c
+        .apply_env([("FORKD_BACKLOG".to_string(), "lots".to_string())])
+        .unwrap_err();
+    assert!(e.to_string().contains("FORKD_BACKLOG"), "{e}");
+    assert!(e.to_string().contains("`backlog`"), "{e}");
+}
+
+#[test]
+fn every_key_can_be_set() {
+    for key in keys() {
+        let value = match *key {
+            "listener" => "reuseport",
+            "http.keepalive" => "true",
+            "runtime_dir" | "log_file" => "/tmp/x",
+            "instance"
+            | "listen"
+            | "log_level"
+            | "redis.url"
+            | "redis.prefix"
+            | "redis.server"
+            | "profile.origin"
+            | "http.trusted_proxies" => continue,
+            "redis.data_dir" => "/tmp/y",
+            "redis.password_file" => "/tmp/pw",
+            _ => "7",
+        };
+        RawConfig::default().set(key, value).unwrap();
+    }
+    assert!(RawConfig::default().set("nope", "1").is_err());
+}
+
+#[test]
+fn location_ignores_values_a_start_would_reject() {
+    let dir = std::env::temp_dir().join(format!("forkd-loc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(
+        &file,
+        "instance = \"a\"\nworkers = \"lots\"\nruntime_dir = \"/r\"\n",
+    )
+    .unwrap();
+    let loc = Location::load(Some(&file), []).unwrap();
+    assert_eq!(loc.instance, "a");
+    assert_eq!(loc.runtime_dir, Some(PathBuf::from("/r")));
+    let loc = Location::load(Some(&file), [("FORKD_INSTANCE".into(), "b".into())]).unwrap();
+    assert_eq!(loc.instance, "b");
+    std::fs::write(&file, "instance = ").unwrap();
+    assert!(Location::load(Some(&file), []).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn passwords_are_redacted() {
+    assert_eq!(redact_url("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
+    assert_eq!(redact_url("rediss://pw@h:1"), "rediss://***@h:1");
+    assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    let mut c = RawConfig::default();
+    c.set("redis.url", "redis://app:hunter2@127.0.0.1:6379")
+        .unwrap();
+    let text = c.validate(1).unwrap().to_toml();
+    assert!(!text.contains("hunter2"), "{text}");
+    // A bad URL is refused by forkd_store::check_url (tests/cli.rs).
+}
+
+#[test]
+fn trusted_proxies_are_cidrs() {
+    let c: Cidr = "10.0.0.0/8".parse().unwrap();
+    assert!(c.contains("10.1.2.3".parse().unwrap()));
+    assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
+    assert!(!c.contains("11.0.0.1".parse().unwrap()));
+    let c: Cidr = "2001:db8::/32".parse().unwrap();
+    assert!(c.contains("2001:db8:1::1".parse().unwrap()));
+    let c: Cidr = "127.0.0.1".parse().unwrap();
+    assert!(c.contains("127.0.0.1".parse().unwrap()));
+    assert!(!c.contains("127.0.0.2".parse().unwrap()));
+    assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    let e = parse("[http]\ntrusted_proxies = [\"nope\"]")
+        .unwrap()
+        .validate(1)
+        .unwrap_err();
+    assert!(e.to_string().contains("trusted_proxies"), "{e}");
+}
+
+#[test]
+fn effective_config_round_trips() {
+    let c = RawConfig::default().validate(2).unwrap();
+    let again = parse(&c.to_toml()).unwrap().validate(9).unwrap();
+    assert_eq!(c, again);
+}
+
+/// The keys are derived from the raw defaults; these are the lists written
+/// by hand, which must name the same keys: the README's table, and the
+/// validated config (a raw key nothing validates would be lost).
+#[test]
+fn the_readme_and_the_validated_config_list_every_key() {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("## Configuration").unwrap();
+    let table = &readme[start..readme[start..].find("## How it works").unwrap() + start];
+    for key in keys() {
+        assert!(
+            table.contains(&format!("`{key}`")),
+            "README.md's configuration table does not document `{key}`"
+        );
+    }
+    let raw = serde_json::to_value(RawConfig::default()).unwrap();
+    let valid = serde_json::to_value(RawConfig::default().validate(2).unwrap()).unwrap();
+    let at = |v: &serde_json::Value, key: &str| {
+        key.split('.')
+            .try_fold(v.clone(), |v, part| v.get(part).cloned())
+    };
+    for key in keys() {
+        // Unset by default (a path, an account): absent when validated too.
+        let unset = at(&raw, key) == Some(serde_json::Value::Null);
+        assert!(
+            unset || at(&valid, key).is_some(),
+            "`{key}` is read from the file but not part of the validated config"
+        );
+    }
+    let mut valid_keys = Vec::new();
+    let mut stack = vec![(String::new(), valid)];
+    while let Some((prefix, v)) = stack.pop() {
+        match v {
+            serde_json::Value::Object(map) => {
+                stack.extend(map.into_iter().map(|(k, v)| (format!("{prefix}{k}."), v)));
+            }
+            _ => valid_keys.push(prefix.trim_end_matches('.').to_owned()),
+        }
+    }
+    for key in valid_keys {
+        assert!(
+            keys().contains(&key.as_str()),
+            "the validated config has `{key}`, which no key of the file sets"
+        );
+    }
+}
+
+#[test]
+fn an_override_is_parsed_by_the_kind_of_its_default() {
+    let mut c = RawConfig::default();
+    c.set("workers", "3").unwrap();
+    c.set("http.trusted_proxies", "10.0.0.0/8, ::1").unwrap();
+    c.set("shutdown_timeout", "2.5").unwrap();
+    c.set("log_file", "/var/log/forkd.log").unwrap();
+    let v = c.clone().validate(1).unwrap();
+    assert_eq!(v.workers, 3);
+    assert_eq!(v.http.trusted_proxies.len(), 2);
+    assert_eq!(v.shutdown_timeout, std::time::Duration::from_millis(2500));
+    assert_eq!(v.log_file, Some(PathBuf::from("/var/log/forkd.log")));
+    for (key, value) in [
+        ("backlog", "1.5"),
+        ("shutdown_timeout", "nan"),
+        ("http.keepalive", "maybe"),
+        ("listener", "fast"),
+        ("workers", "many"),
+    ] {
+        let e = c.set(key, value).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{key}`")) && e.contains(value), "{e}");
+    }
+}
