@@ -4,11 +4,21 @@
 //!   before), connects to Redis, serves HTTP/1.1 through hyper on the
 //!   inherited listener, beats its heartbeat from inside the runtime, and
 //!   drains on SIGTERM.
-//! - `routes`: dispatch, and the responses every route shares.
-//! - `api`: login, logout, profile, readiness.
+//! - `server`: the runtime, the accept loop, the heartbeat and the drain.
+//! - `routes`: dispatch only.
+//! - `state`: what every handler of one worker shares.
+//! - `response`: problem+json and the other responses every route shares.
+//! - `auth`: login (limits, verify, session), logout, bearer tokens.
+//! - `profile`: `/profile`, its cache fill and rate-limit headers.
+//! - `health`: `/healthz`, `/readyz`, `/metrics`.
 //! - `client`: the client address (X-Forwarded-For through trusted proxies).
 //! - `origin`: the HTTP profile backend.
-//! - [`secrets`]: argon2id password hashes and bearer tokens.
+//! - `head_limit`: the problem+json answer to a request head too large.
+//! - `local_limit`: the in-memory limiter (the host limit, and the
+//!   fallback while Redis cannot answer).
+//! - `log_gate`: at most one Redis warning a second.
+//! - `metrics`: the counters in the scoreboard, and their text format.
+//! - [`secrets`]: argon2id password hashes, the dummy hash, bearer tokens.
 //!
 //! The worker knows nothing of the supervisor: it reports through the
 //! [`Host`] trait, which the binary implements over the scoreboard.
@@ -17,16 +27,20 @@
 // point of the error path, and it is built once per request.
 #![allow(clippy::result_large_err)]
 
-mod api;
+mod auth;
 mod client;
 mod head_limit;
+mod health;
 mod local_limit;
 mod log_gate;
 mod metrics;
 mod origin;
+mod profile;
+mod response;
 mod routes;
 pub mod secrets;
 mod server;
+mod state;
 
 use std::net::{IpAddr, TcpListener};
 use std::sync::Arc;

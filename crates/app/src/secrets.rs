@@ -1,9 +1,13 @@
-//! Passwords (argon2id PHC strings) and bearer tokens.
+//! Passwords (argon2id PHC strings), the dummy hash, and bearer tokens.
 //!
 //! A token is `UID.SECRET`: UID is the user's random tag (12 base64url
 //! characters; it keeps all of a user's keys in one Redis hash slot) and
 //! SECRET is 32 bytes from the OS (getrandom, never a PRNG seeded before
 //! fork), base64url. Redis only ever sees the token's SHA-256.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -106,6 +110,63 @@ pub fn parse_token(token: &str) -> Option<(String, String)> {
 /// A random hex string, for lock owners.
 pub fn nonce() -> String {
     random(16).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hash unknown users are verified against: a real hash with the
+/// configured cost, of a random password, made once per worker; and what
+/// verifying it takes here.
+pub(crate) struct DummyHash {
+    cost: HashCost,
+    phc: OnceLock<String>,
+    /// A moving average, ns (0 until measured), so that it follows the load.
+    verify_ns: AtomicU64,
+}
+
+impl DummyHash {
+    pub(crate) fn new(cost: HashCost) -> Self {
+        DummyHash {
+            cost,
+            phc: OnceLock::new(),
+            verify_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes the hash and measures one verify, before the first login.
+    /// Blocking: run it off the event loop.
+    pub(crate) fn prepare(&self) {
+        self.verify(&nonce());
+    }
+
+    fn phc(&self) -> &str {
+        self.phc
+            .get_or_init(|| hash_password(&nonce(), self.cost).unwrap_or_default())
+    }
+
+    /// Verifies `password` against the dummy (always wrong), and keeps the
+    /// time it took. Blocking.
+    pub(crate) fn verify(&self, password: &str) {
+        let phc = self.phc();
+        let started = Instant::now();
+        let _ = verify_password(phc, password);
+        self.note(started.elapsed());
+    }
+
+    fn note(&self, took: Duration) {
+        let took = took.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let old = self.verify_ns.load(Relaxed);
+        let new = if old == 0 {
+            took
+        } else {
+            (old / 8) * 7 + took / 8
+        };
+        self.verify_ns.store(new, Relaxed);
+    }
+
+    /// What a check that took `took` must still wait to take as long as
+    /// the dummy does.
+    pub(crate) fn pad(&self, took: Duration) -> Duration {
+        Duration::from_nanos(self.verify_ns.load(Relaxed)).saturating_sub(took)
+    }
 }
 
 #[cfg(test)]

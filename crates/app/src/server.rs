@@ -12,7 +12,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, Instant};
 
-use crate::routes::{self, State};
+use crate::routes;
+use crate::state::State;
 use crate::Worker;
 
 /// After SIGTERM, how long kept-alive connections may send one more
@@ -60,6 +61,8 @@ fn failpoint(name: &str) -> bool {
     std::env::var("FORKD_FAILPOINTS").is_ok_and(|v| v.split(',').any(|p| p.trim() == name))
 }
 
+/// The worker's life, one step per function: the store, the shared state,
+/// the heartbeat, the accept loop, the drain.
 async fn serve(w: Worker) -> i32 {
     let Worker {
         slot,
@@ -75,23 +78,9 @@ async fn serve(w: Worker) -> i32 {
             return 1;
         }
     };
-    // One Redis client per worker, made here, inside the runtime, after
-    // the fork. It connects (and reconnects) in the background: the worker
-    // serves at once and answers 503 for what needs Redis until it is up.
-    let store = match forkd_store::Store::new(&settings.store) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("{e}");
-            return 1;
-        }
+    let Some(store) = connect_store(&settings.store).await else {
+        return 1;
     };
-    store.start();
-    // Give Redis a moment before taking requests, so that a new worker of a
-    // rolling reload serves from its first request; if Redis is down, serve
-    // anyway (503 for what needs it) and connect when it appears.
-    if let Err(e) = store.wait_connected(settings.store.connect_timeout).await {
-        log::warn!("starting without Redis: {e}");
-    }
     let state = Arc::new(State::new(
         slot,
         generation,
@@ -101,20 +90,50 @@ async fn serve(w: Worker) -> i32 {
     ));
     // The hash verified for unknown users, made before the first login, and
     // what verifying it takes here.
-    let dummy = state.dummy_phc.clone();
-    let dummy_ns = state.dummy_verify_ns.clone();
-    let cost = settings.auth.cost;
-    tokio::task::spawn_blocking(move || {
-        let phc = dummy.get_or_init(|| crate::api::dummy_hash(cost));
-        let started = std::time::Instant::now();
-        let _ = crate::secrets::verify_password(phc, &crate::secrets::nonce());
-        crate::api::note_dummy_time(&dummy_ns, started.elapsed());
-    });
+    let dummy = state.dummy.clone();
+    tokio::task::spawn_blocking(move || dummy.prepare());
+    spawn_heartbeat(&state, settings.heartbeat_interval);
+    let (stop_tx, stop_rx) = watch::channel(None);
+    if let Err(e) = watch_signals(stop_tx, host.clone()) {
+        log::error!("cannot install signal handlers: {e}");
+        return 1;
+    }
+    host.ready();
+    log::debug!("accepting connections");
+    let graceful = GracefulShutdown::new();
+    let stop = accept_loop(listener, &state, &graceful, stop_rx).await;
+    // The listener is closed: queued connections go to the other workers.
+    state.draining.store(true, Relaxed);
+    host.draining();
+    drain(graceful, stop, settings.shutdown_timeout).await;
+    0
+}
 
-    // The heartbeat runs on this runtime: if the event loop stalls, it stops.
-    // It also publishes which Redis nodes the worker is connected to.
-    let beat = host.clone();
-    let every = settings.heartbeat_interval;
+/// One Redis client per worker, made here, inside the runtime, after the
+/// fork. It connects (and reconnects) in the background: the worker serves
+/// at once and answers 503 for what needs Redis until it is up.
+async fn connect_store(cfg: &forkd_store::StoreConfig) -> Option<forkd_store::Store> {
+    let store = match forkd_store::Store::new(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            return None;
+        }
+    };
+    store.start();
+    // Give Redis a moment before taking requests, so that a new worker of a
+    // rolling reload serves from its first request; if Redis is down, serve
+    // anyway (503 for what needs it) and connect when it appears.
+    if let Err(e) = store.wait_connected(cfg.connect_timeout).await {
+        log::warn!("starting without Redis: {e}");
+    }
+    Some(store)
+}
+
+/// The heartbeat runs on this runtime: if the event loop stalls, it stops.
+/// It also publishes which Redis nodes the worker is connected to.
+fn spawn_heartbeat(state: &State, every: Duration) {
+    let beat = state.host.clone();
     let described = state.store.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(every);
@@ -129,34 +148,36 @@ async fn serve(w: Worker) -> i32 {
             }
         }
     });
+}
 
-    let (stop_tx, mut stop_rx) = watch::channel(None);
-    if let Err(e) = watch_signals(stop_tx, host.clone()) {
-        log::error!("cannot install signal handlers: {e}");
-        return 1;
-    }
-
+/// Accepts and serves connections until a stop signal, within
+/// `http.max_connections` and the per-client cap. Consumes the listener,
+/// so that it is closed when this returns.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    state: &Arc<State>,
+    graceful: &GracefulShutdown,
+    mut stop_rx: watch::Receiver<Option<Stop>>,
+) -> Option<Stop> {
+    let settings = &state.settings;
+    let host = &state.host;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes)
         .keep_alive(settings.keepalive);
-    let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let per_client = crate::client::PerClient::new(settings.max_connections_per_client);
     let mut accept_pause = Duration::from_millis(10);
-    host.ready();
-    log::debug!("accepting connections");
-
-    let stop = loop {
+    loop {
         let permit = tokio::select! {
             biased;
-            _ = stop_rx.changed() => break *stop_rx.borrow(),
+            _ = stop_rx.changed() => return *stop_rx.borrow(),
             p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
         let (stream, peer) = tokio::select! {
             biased;
-            _ = stop_rx.changed() => break *stop_rx.borrow(),
+            _ = stop_rx.changed() => return *stop_rx.borrow(),
             r = listener.accept() => match r {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -197,21 +218,21 @@ async fn serve(w: Worker) -> i32 {
             drop(slot);
             drop(permit);
         });
-    };
+    }
+}
 
-    // Stop accepting first: queued connections go to the other workers.
-    drop(listener);
-    state.draining.store(true, Relaxed);
-    host.draining();
+/// Lets open connections finish, up to `shutdown_timeout`; a fast stop
+/// drops them.
+async fn drain(graceful: GracefulShutdown, stop: Option<Stop>, shutdown_timeout: Duration) {
     if stop == Some(Stop::Fast) {
         log::info!("fast stop: {} connection(s) dropped", graceful.count());
-        return 0;
+        return;
     }
-    let deadline = Instant::now() + settings.shutdown_timeout;
+    let deadline = Instant::now() + shutdown_timeout;
     let open = graceful.count();
     if open > 0 {
         log::info!("draining {open} connection(s)");
-        let linger_end = Instant::now() + LINGER.min(settings.shutdown_timeout);
+        let linger_end = Instant::now() + LINGER.min(shutdown_timeout);
         while graceful.count() > 0 && Instant::now() < linger_end {
             sleep(Duration::from_millis(20)).await;
         }
@@ -222,7 +243,6 @@ async fn serve(w: Worker) -> i32 {
             log::warn!("shutdown_timeout reached; exiting with connections still open");
         }
     }
-    0
 }
 
 fn watch_signals(

@@ -1,0 +1,428 @@
+//! Authentication: `POST /login` (body, failure limits, the password
+//! check, the session), `POST /logout`, and bearer tokens. The hashing
+//! itself, and the dummy hash that makes an unknown user cost what a wrong
+//! password costs, are in [`crate::secrets`]; the session scripts are in
+//! the store. Bad input is answered before it reaches argon2 or Redis.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use forkd_store::{Policy, User};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::{Request, Response, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::client::{client_ip, client_key};
+use crate::response::{
+    bad_request, json, no_store, problem, too_many, unavailable, with_header, Body,
+};
+use crate::secrets;
+use crate::state::State;
+use crate::{metrics, OnRedisError};
+
+/// Largest accepted request body.
+const MAX_BODY: usize = 16 * 1024;
+/// Largest username or password.
+const MAX_FIELD: usize = 1024;
+
+/// `POST /login`: one step per function, each answering on its own
+/// failure.
+pub(crate) async fn login(
+    req: Request<Incoming>,
+    st: &Arc<State>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let ip = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
+    let (username, password) = match credentials(req, st).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let taken = match take_places(st, ip, &username).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let Some(permit) = queue(st).await else {
+        // Not a wrong password: its places go back.
+        give_back(st, &taken).await;
+        return unavailable(
+            "Too many logins are being checked; try again shortly.",
+            Duration::from_secs(1),
+        );
+    };
+    let user = match st.store.user(&username).await {
+        Ok(u) => u,
+        // The places are kept: through a flapping Redis the limits (then in
+        // memory) must still count what reaches them.
+        Err(e) => return st.redis_down(&e),
+    };
+    let phc = user.as_ref().map(|u| u.phc.clone());
+    let (ok, rehash) = match verify(st, permit, phc, password).await {
+        Ok(v) => v,
+        Err(r) => {
+            give_back(st, &taken).await;
+            return r;
+        }
+    };
+    let Some(user) = user.filter(|_| ok) else {
+        return unauthorized_login();
+    };
+    give_back(st, &taken).await;
+    if let Some(phc) = rehash {
+        store_rehash(st, &user, &phc).await;
+    }
+    start_session(st, &user).await
+}
+
+/// The username and password of the body, checked before anything costs.
+async fn credentials(
+    req: Request<Incoming>,
+    st: &State,
+) -> Result<(String, String), Response<Body>> {
+    let body = read_json(req, st).await?;
+    if !body.is_object() {
+        return Err(bad_request("The body must be a JSON object."));
+    }
+    let (username, password) = match (field(&body, "username"), field(&body, "password")) {
+        (Ok(u), Ok(p)) => (u.to_owned(), p.to_owned()),
+        (Err(r), _) | (_, Err(r)) => return Err(r),
+    };
+    // The rule of `forkd user add`: a name no user can have gets no Redis
+    // command and no hash.
+    if !forkd_store::valid_username(&username) {
+        return Err(bad_request(
+            "The username must be 1 to 64 letters, digits, '.', '_', '-' or '@'.",
+        ));
+    }
+    Ok((username, password))
+}
+
+/// A place a login took in a failure limit.
+struct Taken {
+    name: &'static str,
+    key: String,
+    policy: Policy,
+    /// In this worker's memory (Redis did not answer), not in Redis.
+    local: bool,
+}
+
+/// Brute-force limits, before any hashing. Each takes a place now that a
+/// right password gives back, so only failures use them up, and failures
+/// from one address cannot lock the user out at another: per client, per
+/// (username, client), and a loose ceiling per username over all
+/// addresses. Behind them (so that one client's excess never reaches it),
+/// all logins of this host, in memory, shared out among its workers: a
+/// flood from many addresses gets 429s, not the hash queue.
+async fn take_places(st: &State, ip: IpAddr, username: &str) -> Result<Vec<Taken>, Response<Body>> {
+    let auth = &st.settings.auth;
+    let client = client_key(ip);
+    let limits = [
+        ("login-ip", client.clone(), auth.login_ip),
+        (
+            "login-user",
+            format!("{username}|{client}"),
+            auth.login_user,
+        ),
+        ("login-user-all", username.to_owned(), auth.login_user_all),
+    ];
+    let mut taken = Vec::new();
+    for (name, key, policy) in limits {
+        let (decision, local) = match st.store.limit(name, &key, policy).await {
+            Ok(d) => (d, false),
+            Err(e) => match st.settings.on_redis_error {
+                OnRedisError::FailClosed => return Err(st.redis_down(&e)),
+                OnRedisError::FailOpen => continue,
+                OnRedisError::Local => {
+                    let key = format!("{name}:{key}");
+                    (
+                        st.local_limits.check(&key, policy, st.settings.workers),
+                        true,
+                    )
+                }
+            },
+        };
+        if !decision.allowed {
+            st.host.count(metrics::RATE_LIMITED, 1);
+            return Err(too_many(
+                "Too many login attempts; try again later.",
+                decision,
+            ));
+        }
+        taken.push(Taken {
+            name,
+            key,
+            policy,
+            local,
+        });
+    }
+    // Refused here is no failure, so the places taken above go back.
+    let host = st
+        .local_limits
+        .check("login-host", auth.login_host, st.settings.workers);
+    if !host.allowed {
+        give_back(st, &taken).await;
+        st.host.count(metrics::RATE_LIMITED, 1);
+        return Err(too_many(
+            "Too many logins on this server; try again shortly.",
+            host,
+        ));
+    }
+    Ok(taken)
+}
+
+/// A successful login gives back the places it took in the failure
+/// limits, where it took them.
+async fn give_back(st: &State, taken: &[Taken]) {
+    for t in taken {
+        if t.local {
+            let key = format!("{}:{}", t.name, t.key);
+            st.local_limits.refund(&key, t.policy, st.settings.workers);
+        } else if let Err(e) = st.store.refund(t.name, &t.key, t.policy).await {
+            if let Some(held) = st.redis_warnings.pass() {
+                log::warn!("cannot give back a login limit place: {e} ({held} more held back)");
+            }
+        }
+    }
+}
+
+/// A place in the bounded password-check queue, within
+/// `auth.hash_queue_timeout`.
+async fn queue(st: &State) -> Option<OwnedSemaphorePermit> {
+    let wait = st.hashes.clone().acquire_owned();
+    match tokio::time::timeout(st.settings.auth.hash_queue_timeout, wait).await {
+        Ok(Ok(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// Checks the password off the event loop, holding `permit`: whether it
+/// is right, and a new hash when the stored one has older parameters.
+async fn verify(
+    st: &State,
+    permit: OwnedSemaphorePermit,
+    phc: Option<String>,
+    password: String,
+) -> Result<(bool, Option<String>), Response<Body>> {
+    let cost = st.settings.auth.cost;
+    let dummy = st.dummy.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let started = Instant::now();
+        let Some(phc) = phc else {
+            // Same work as a wrong password, so that the answer's timing
+            // does not tell whether the user exists.
+            dummy.verify(&password);
+            return (false, None, Duration::ZERO);
+        };
+        let ok = secrets::verify_password(&phc, &password);
+        let older = secrets::needs_rehash(&phc, cost);
+        let rehash = (ok && older)
+            .then(|| secrets::hash_password(&password, cost).ok())
+            .flatten();
+        // A wrong password for a hash of older, cheaper parameters takes as
+        // long as for an unknown user: padded up to what the dummy takes.
+        let pad = if !ok && older {
+            dummy.pad(started.elapsed())
+        } else {
+            Duration::ZERO
+        };
+        (ok, rehash, pad)
+    })
+    .await;
+    let (ok, rehash, pad) = checked.map_err(|e| {
+        log::error!("password check failed: {e}");
+        unavailable(
+            "The password check failed; try again.",
+            Duration::from_secs(1),
+        )
+    })?;
+    if !pad.is_zero() {
+        tokio::time::sleep(pad).await;
+    }
+    Ok((ok, rehash))
+}
+
+/// Stores a hash with the current parameters, only over the hash it
+/// verified: never over a newer password.
+async fn store_rehash(st: &State, user: &User, phc: &str) {
+    match st.store.rehash(&user.name, phc, user.generation).await {
+        Ok(true) => log::info!(
+            "re-hashed the password of '{}' with the current parameters",
+            user.name
+        ),
+        Ok(false) => {}
+        Err(e) => log::warn!(
+            "cannot store the re-hashed password of '{}': {e}",
+            user.name
+        ),
+    }
+}
+
+/// The session of a login whose password was right, and its token.
+async fn start_session(st: &State, user: &User) -> Response<Body> {
+    let auth = &st.settings.auth;
+    let (token, hash) = secrets::new_token(&user.uid);
+    match st
+        .store
+        .create_session(user, &hash, auth.session_idle, auth.session_absolute)
+        .await
+    {
+        Ok(true) => {}
+        // The password was changed, or the sessions revoked, while this
+        // login checked the old one.
+        Ok(false) => return unauthorized_login(),
+        Err(e) => return st.redis_down(&e),
+    }
+    if let Err(e) = st.store.touch_login(&user.name, now_unix()).await {
+        log::warn!("cannot record the login of '{}': {e}", user.name);
+    }
+    let expires = auth.session_idle.min(auth.session_absolute).as_secs();
+    no_store(json(
+        StatusCode::OK,
+        &serde_json::json!({"token": token, "token_type": "Bearer", "expires_in": expires}),
+    ))
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads a JSON body: 415 for another media type, 413 over 16 KiB, 408 when
+/// it does not arrive in time, 400 when it is not UTF-8 JSON.
+async fn read_json(
+    req: Request<Incoming>,
+    st: &State,
+) -> Result<serde_json::Value, Response<Body>> {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "The body must be application/json.",
+        ));
+    }
+    let too_large = || {
+        problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "The body must be at most 16 KiB.",
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let bytes = match tokio::time::timeout(st.settings.header_read_timeout, collect).await {
+        Err(_) => {
+            return Err(problem(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "The body did not arrive in time.",
+            ))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(_)) => return Err(bad_request("The body could not be read.")),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(bad_request("The body is not valid UTF-8."));
+    }
+    serde_json::from_slice(&bytes).map_err(|_| bad_request("The body is not valid JSON."))
+}
+
+/// A required, non-empty string field of at most 1 KiB.
+fn field<'a>(body: &'a serde_json::Value, name: &str) -> Result<&'a str, Response<Body>> {
+    match body.get(name) {
+        None | Some(serde_json::Value::Null) => Err(bad_request(&format!("`{name}` is missing."))),
+        Some(serde_json::Value::String(s)) if s.is_empty() => {
+            Err(bad_request(&format!("`{name}` is empty.")))
+        }
+        Some(serde_json::Value::String(s)) if s.len() > MAX_FIELD => {
+            Err(bad_request(&format!("`{name}` is longer than 1 KiB.")))
+        }
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(_) => Err(bad_request(&format!("`{name}` must be a string."))),
+    }
+}
+
+fn unauthorized_login() -> Response<Body> {
+    problem(
+        StatusCode::UNAUTHORIZED,
+        "invalid-credentials",
+        "The username or password is wrong.",
+    )
+}
+
+// ---- bearer tokens ----
+
+fn unauthorized_bearer(error: Option<&str>, detail: &str) -> Response<Body> {
+    let challenge = match error {
+        Some(e) => format!("Bearer error=\"{e}\""),
+        None => "Bearer".to_owned(),
+    };
+    with_header(
+        problem(StatusCode::UNAUTHORIZED, "unauthorized", detail),
+        WWW_AUTHENTICATE,
+        HeaderValue::from_str(&challenge).expect("a plain ASCII challenge"),
+    )
+}
+
+/// The bearer token's (uid, hash), or the 401 to answer.
+pub(crate) fn bearer(req: &Request<Incoming>) -> Result<(String, String), Response<Body>> {
+    let Some(value) = req.headers().get(AUTHORIZATION) else {
+        return Err(unauthorized_bearer(None, "A bearer token is required."));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .and_then(secrets::parse_token);
+    token.ok_or_else(|| {
+        unauthorized_bearer(
+            Some("invalid_request"),
+            "The Authorization header is not a valid bearer token.",
+        )
+    })
+}
+
+/// 401 for a well-formed token that is no session (any longer).
+pub(crate) fn invalid_token() -> Response<Body> {
+    unauthorized_bearer(
+        Some("invalid_token"),
+        "The token is unknown or has expired.",
+    )
+}
+
+/// `POST /logout`: the session ends on every worker and host at once.
+pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Response<Body> {
+    let (uid, hash) = match bearer(&req) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match st.store.end_session(&uid, &hash).await {
+        Ok(true) => {
+            let mut r = Response::new(Body::default());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Ok(false) => invalid_token(),
+        Err(e) => st.redis_down(&e),
+    }
+}

@@ -1,0 +1,58 @@
+//! The routes that report on the worker: `/healthz` (alive), `/readyz`
+//! (reaches Redis) and `/metrics` (every worker's counters, for allowed
+//! clients).
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+
+use crate::response::{json, no_store, problem, Body};
+use crate::state::State;
+
+pub(crate) fn healthz(st: &State) -> Response<Body> {
+    let body = serde_json::json!({
+        "status": "ok",
+        "slot": st.slot,
+        "pid": st.pid,
+        "generation": st.generation,
+        "build": st.settings.build,
+    });
+    no_store(json(StatusCode::OK, &body))
+}
+
+pub(crate) async fn readyz(st: &State) -> Response<Body> {
+    match st.store.ping().await {
+        Ok(()) => no_store(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ready", "redis": "ok"}),
+        )),
+        Err(e) => no_store(st.redis_down(&e)),
+    }
+}
+
+pub(crate) fn metrics(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> Response<Body> {
+    // Checked against the client as the rate limits see it: a request
+    // relayed by a trusted (local) proxy is the forwarded client's, not the
+    // proxy's.
+    let client =
+        crate::client::client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
+    if !(st.settings.metrics_allow)(client) {
+        return problem(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "Metrics are not available from this address.",
+        );
+    }
+    let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
+        st.host.as_ref(),
+    ))));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    no_store(r)
+}

@@ -1,0 +1,110 @@
+//! The responses every route shares. Every error is an RFC 9457
+//! `application/problem+json` body with a stable `type`, the right status,
+//! and no internal detail. Nothing here knows a route or the worker's
+//! state.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use forkd_store::{Decision, Policy};
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+
+pub(crate) type Body = Full<Bytes>;
+
+pub(crate) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub(crate) const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+pub(crate) fn no_store(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    json_text(status, value.to_string())
+}
+
+pub(crate) fn json_text(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// An RFC 9457 problem response. `kind` makes the stable `type` URI.
+pub(crate) fn problem(status: StatusCode, kind: &str, detail: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "type": format!("urn:forkd:problem:{kind}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut r = json(status, &body);
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    r
+}
+
+pub(crate) fn with_header(
+    mut r: Response<Body>,
+    name: HeaderName,
+    value: HeaderValue,
+) -> Response<Body> {
+    r.headers_mut().insert(name, value);
+    r
+}
+
+/// Whole seconds, rounded up, at least 1: for Retry-After.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
+}
+
+/// 503 with Retry-After, for Redis trouble and full queues.
+pub(crate) fn unavailable(detail: &str, retry: Duration) -> Response<Body> {
+    with_header(
+        problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail),
+        RETRY_AFTER,
+        HeaderValue::from(ceil_secs(retry)),
+    )
+}
+
+pub(crate) fn bad_request(detail: &str) -> Response<Body> {
+    problem(StatusCode::BAD_REQUEST, "bad-request", detail)
+}
+
+pub(crate) fn not_found(detail: &str) -> Response<Body> {
+    problem(StatusCode::NOT_FOUND, "not-found", detail)
+}
+
+/// 429 with Retry-After from a limit's decision.
+pub(crate) fn too_many(detail: &str, d: Decision) -> Response<Body> {
+    with_header(
+        problem(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail),
+        RETRY_AFTER,
+        HeaderValue::from(ceil_secs(d.retry_after)),
+    )
+}
+
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    with_header(
+        problem(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "This method is not allowed on this resource; see the Allow header.",
+        ),
+        ALLOW,
+        HeaderValue::from_static(allow),
+    )
+}
+
+/// `RateLimit-Policy` of a policy: fixed, so made once per worker.
+pub(crate) fn policy_header(name: &str, policy: Policy) -> HeaderValue {
+    let window = ceil_secs(policy.window);
+    HeaderValue::from_str(&format!("\"{name}\";q={};w={window}", policy.limit))
+        .expect("a policy name is a plain token")
+}

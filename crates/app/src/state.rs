@@ -1,0 +1,84 @@
+//! What every request handler of one worker shares.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_store::{Store, StoreError};
+use hyper::header::HeaderValue;
+use hyper::Response;
+use tokio::sync::Semaphore;
+
+use crate::local_limit::LocalLimiter;
+use crate::log_gate::LogGate;
+use crate::response::{policy_header, unavailable, Body};
+use crate::secrets::DummyHash;
+use crate::{metrics, Host, Settings};
+
+/// Retry-After for Redis trouble: reconnects are retried much faster.
+const REDIS_RETRY: Duration = Duration::from_secs(1);
+
+pub(crate) struct State {
+    pub(crate) slot: usize,
+    pub(crate) generation: u64,
+    pub(crate) pid: u32,
+    pub(crate) pid_header: HeaderValue,
+    /// Set once the worker drains: every response then closes its
+    /// connection, so kept-alive clients move to another worker.
+    pub(crate) draining: AtomicBool,
+    pub(crate) host: Arc<dyn Host>,
+    pub(crate) settings: Settings,
+    pub(crate) store: Store,
+    /// Password checks in flight (argon2 runs off the event loop).
+    pub(crate) hashes: Arc<Semaphore>,
+    /// What unknown users are verified against.
+    pub(crate) dummy: Arc<DummyHash>,
+    /// Used for rate limits while Redis cannot answer them.
+    pub(crate) local_limits: LocalLimiter,
+    /// The `RateLimit-Policy` header of /profile.
+    pub(crate) profile_policy: HeaderValue,
+    /// Redis errors are logged at most once a second.
+    pub(crate) redis_warnings: LogGate,
+}
+
+impl State {
+    pub(crate) fn new(
+        slot: usize,
+        generation: u64,
+        host: Arc<dyn Host>,
+        settings: Settings,
+        store: Store,
+    ) -> Self {
+        let pid = std::process::id();
+        State {
+            slot,
+            generation,
+            pid,
+            pid_header: HeaderValue::from(pid),
+            draining: AtomicBool::new(false),
+            host,
+            hashes: Arc::new(Semaphore::new(settings.auth.max_concurrent_hashes)),
+            dummy: Arc::new(DummyHash::new(settings.auth.cost)),
+            profile_policy: policy_header("profile", settings.profile.limit),
+            settings,
+            store,
+            local_limits: LocalLimiter::new(),
+            redis_warnings: LogGate::default(),
+        }
+    }
+
+    /// The 503 for a Redis failure, counted, and logged at most once a
+    /// second.
+    pub(crate) fn redis_down(&self, e: &StoreError) -> Response<Body> {
+        self.host.count(metrics::REDIS_ERRORS, 1);
+        match self.redis_warnings.pass() {
+            Some(0) => log::warn!("{e}"),
+            Some(held) => log::warn!("{e} ({held} more Redis errors since the last line)"),
+            None => {}
+        }
+        unavailable(
+            "The session store is unavailable; try again shortly.",
+            REDIS_RETRY,
+        )
+    }
+}
