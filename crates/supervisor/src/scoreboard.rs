@@ -12,9 +12,9 @@
 //! count, and any worker can sum them over every cell.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 
-use crate::sys::{SharedMapping, SharedSlice};
+use crate::sys::{Cell, SharedMapping, SharedSlice};
 
 /// What a worker process says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -44,28 +44,9 @@ impl WorkerState {
     }
 }
 
-#[repr(C, align(64))]
-pub(crate) struct Cell {
-    pid: AtomicI32,
-    state: AtomicU32,
-    slot: AtomicU32,
-    generation: AtomicU64,
-    /// CLOCK_MONOTONIC milliseconds, comparable across processes.
-    heartbeat_ms: AtomicU64,
-    started_ms: AtomicU64,
-    requests: AtomicU64,
-    /// Cell 0 only: ready workers and restarts so far, from the supervisor.
-    workers_up: AtomicU64,
-    restarts: AtomicU64,
-    counters: [AtomicU64; COUNTERS],
-    /// A short text the worker publishes (which Redis it uses), as bytes.
-    info: [AtomicU64; INFO_WORDS],
-}
-
-const INFO_WORDS: usize = 16;
-
 /// Generic counters per cell.
-pub const COUNTERS: usize = 64;
+pub use crate::sys::COUNTERS;
+pub(crate) use crate::sys::INFO_WORDS;
 
 /// A copy of one cell.
 #[derive(Debug, Clone, Copy)]

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
 
 use nix::libc;
 use nix::sys::mman::{munmap, MapFlags, ProtFlags};
@@ -134,9 +135,36 @@ impl SharedMapping {
 /// access from several processes is sound without locks.
 pub(crate) unsafe trait SharedPlain: Sync {}
 
+/// The layout of one scoreboard cell (the scoreboard's logic is in
+/// `scoreboard`). It is here, beside the promise below, so that one file
+/// shows both what is shared between processes and why that is sound.
+#[repr(C, align(64))]
+pub(crate) struct Cell {
+    pub(crate) pid: AtomicI32,
+    pub(crate) state: AtomicU32,
+    pub(crate) slot: AtomicU32,
+    pub(crate) generation: AtomicU64,
+    /// CLOCK_MONOTONIC milliseconds, comparable across processes.
+    pub(crate) heartbeat_ms: AtomicU64,
+    pub(crate) started_ms: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    /// Cell 0 only: ready workers and restarts so far, from the supervisor.
+    pub(crate) workers_up: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) counters: [AtomicU64; COUNTERS],
+    /// A short text the worker publishes (which Redis it uses), as bytes.
+    pub(crate) info: [AtomicU64; INFO_WORDS],
+}
+
+/// Words of a cell's published text.
+pub(crate) const INFO_WORDS: usize = 16;
+
+/// Generic counters per cell.
+pub const COUNTERS: usize = 64;
+
 // SAFETY: a scoreboard cell is `repr(C)` and made only of atomic integers
 // and arrays of them: all-zero is a valid cell, and all access is atomic.
-unsafe impl SharedPlain for crate::scoreboard::Cell {}
+unsafe impl SharedPlain for Cell {}
 
 /// A typed view of a shared mapping (see [`SharedMapping::view`]).
 pub(crate) struct SharedSlice<T: SharedPlain> {

@@ -8,16 +8,16 @@
 //!   scale and reload;
 //! - `start`: a fresh start, and the constructor a resume shares;
 //! - `requests`: the control socket's requests, replies and status;
-//! - `systemd`: sd_notify and the watchdog.
-//!
-//! The upgrade (probe, exec, resume, rollback) is in [`crate::upgrade`].
+//! - `systemd`: sd_notify and the watchdog;
+//! - `upgrade`: probing, executing and reporting an upgrade, and the
+//!   rollback (the resume is in `start`; the handover in [`crate::upgrade`]).
 
 mod requests;
 mod start;
 mod systemd;
+mod upgrade;
 
 pub use start::run;
-pub(crate) use start::Parts;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
@@ -36,12 +36,12 @@ use crate::plan::{Action, Limits, Observed, Phase, Plan, ReloadOutcome, Sig};
 use crate::redis::RedisChild;
 use crate::scoreboard::{now_ms, Scoreboard, WorkerState};
 use crate::signals::{SignalEvent, Signals};
-use crate::upgrade::Upgrade;
 use crate::{
     listen, redirect_output, sys, Error, Fixed, ListenerMode, Live, Program, Settings,
     WorkerContext,
 };
 use systemd::Systemd;
+use upgrade::Upgrade;
 
 /// Heartbeat and readiness checks run at least this often.
 const TICK_MS: u64 = 100;

@@ -1,21 +1,25 @@
 //! Start-up: a fresh start binds, takes the files and drops privileges;
-//! a resume after an upgrade adopts all of that instead
-//! ([`crate::upgrade::resume`]). Both end in [`Supervisor::new`].
+//! a resume after an upgrade adopts all of that from the handover instead,
+//! and goes back to the previous binary when it cannot. Both end in
+//! [`Supervisor::new`].
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 
 use nix::sys::stat::{umask, Mode};
 
 use super::systemd::Systemd;
+use super::upgrade::Upgrade;
 use super::{limits, Supervisor};
-use crate::control_files::{control_socket_path, Pidfile};
+use crate::control::{Awaiting, Conn, UpgradeOutcome};
+use crate::control_files::{control_socket_path, pidfile_path, Pidfile};
 use crate::plan::Plan;
 use crate::private_dir::{give_file, PrivateDir};
 use crate::redis::RedisChild;
 use crate::scoreboard::{now_ms, Scoreboard};
 use crate::signals::Signals;
-use crate::{listen, privs, sys, upgrade, Error, ListenerMode, Program, Settings};
+use crate::upgrade::{self, Inherited};
+use crate::{listen, privs, sys, Error, ListenerMode, Program, Settings};
 
 /// How long a start waits for the managed redis-server before it forks the
 /// workers (a server that loads a large append-only file takes a while).
@@ -37,14 +41,14 @@ const REDIS_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10)
 pub fn run<P: Program>(
     settings: Settings,
     program: P,
-    inherited: Option<upgrade::Inherited>,
+    inherited: Option<Inherited>,
 ) -> Result<(), Error> {
     let threads = sys::thread_count();
     if threads != 1 {
         return Err(Error::Threads(threads));
     }
     if let Some(inherited) = inherited {
-        return upgrade::resume(settings, program, inherited);
+        return resume(settings, program, inherited);
     }
     let mut sup = start(settings, program)?;
     // The store first, and up (bounded) before the workers look for it.
@@ -225,4 +229,156 @@ impl<P: Program> Supervisor<P> {
             started_ms: parts.started_ms,
         }
     }
+}
+
+/// Continues where the previous image of this process left off: an upgrade
+/// (replace every worker with one of this binary) or a rollback (keep the
+/// workers, report the failure). Any error before the supervisor runs goes
+/// back to the previous binary with the handover as it came.
+pub(crate) fn resume<P: Program>(
+    settings: Settings,
+    program: P,
+    inherited: Inherited,
+) -> Result<(), Error> {
+    let build = settings.fixed.build.clone();
+    let mut sup = match adopt(settings, program, &inherited) {
+        Ok(s) => s,
+        Err(e) => {
+            let why = inherited.roll_back(&e.to_string(), &build);
+            log::error!("cannot resume after the upgrade ({e}) nor go back: {why}");
+            return Err(e);
+        }
+    };
+    let envelope = inherited.envelope.clone();
+    inherited.release();
+    match envelope.rollback {
+        Some(reason) => {
+            log::error!(
+                "upgrade to build {} failed and was rolled back; the previous workers keep serving: {reason}",
+                envelope.previous_build
+            );
+            sup.reply_upgrade(UpgradeOutcome {
+                ok: false,
+                from_build: sup.settings.fixed.build.clone(),
+                to_build: envelope.previous_build.clone(),
+                replaced: Vec::new(),
+                error: Some(format!(
+                    "{reason}; rolled back from build {} to build {}",
+                    envelope.previous_build, sup.settings.fixed.build
+                )),
+            });
+            sup.systemd.ready();
+        }
+        None => {
+            log::info!(
+                "upgraded from build {} to build {}: replacing the workers",
+                envelope.previous_build,
+                sup.settings.fixed.build
+            );
+            let actions = sup.plan.begin_reload(now_ms());
+            sup.execute(actions);
+        }
+    }
+    sup.finish()
+}
+
+/// Builds the supervisor from the handover's descriptors (copies of them:
+/// the originals stay open for a rollback until the resume succeeds).
+fn adopt<P: Program>(
+    mut settings: Settings,
+    program: P,
+    inherited: &Inherited,
+) -> Result<Supervisor<P>, Error> {
+    let h = inherited
+        .payload
+        .as_ref()
+        .map_err(|e| Error::Upgrade(e.clone()))?;
+    #[cfg(feature = "failpoints")]
+    if std::env::var("FORKD_FAILPOINTS").is_ok_and(|v| v.split(',').any(|p| p.trim() == "handover"))
+    {
+        return Err(Error::Upgrade(
+            "failpoint handover: this build rejects the upgrade state".into(),
+        ));
+    }
+    let sys_err = |what: &'static str| move |source| Error::Sys { what, source };
+    let take = |fd| {
+        inherited
+            .adopt(fd)
+            .map_err(sys_err("an inherited descriptor"))
+    };
+    let mut listeners = Vec::new();
+    for fd in &h.listeners {
+        listeners.push(TcpListener::from(take(*fd)?));
+    }
+    if listeners.len() > 1 {
+        settings.fixed.listener = ListenerMode::Reuseport;
+    }
+    let listen_addr = listeners
+        .first()
+        .ok_or_else(|| Error::Upgrade("the upgrade state names no listening socket".into()))?
+        .local_addr()
+        .map_err(|e| Error::Bind(settings.fixed.listen, e))?;
+    let control = UnixListener::from(take(h.control)?);
+    control
+        .set_nonblocking(true)
+        .map_err(|e| Error::file(&settings.fixed.runtime_dir, e))?;
+    let board = Scoreboard::adopt(take(h.scoreboard)?, h.scoreboard_cells)
+        .map_err(sys_err("mmap for the scoreboard"))?;
+    let signals = Signals::new().map_err(sys_err("signalfd"))?;
+    let mut conns = Vec::new();
+    for fd in &h.waiting {
+        if let Ok(mut c) = Conn::new(UnixStream::from(take(*fd)?)) {
+            c.awaiting = Some(Awaiting::Upgrade);
+            conns.push(c);
+        }
+    }
+    let mut redis = settings
+        .fixed
+        .redis
+        .clone()
+        .map(crate::redis::RedisChild::new);
+    if let (Some(r), Some(pid)) = (&mut redis, h.redis_pid) {
+        r.adopt(pid);
+    }
+    let mut plan = h.plan.clone();
+    plan.set_limits(limits(&settings.live));
+    let e = &inherited.envelope;
+    let upgrade = match e.rollback {
+        Some(_) => None,
+        None => Some(Upgrade::Replacing {
+            previous_exe: e.previous_exe.map(take).transpose()?,
+            previous_build: e.previous_build.clone(),
+            legacy: inherited.legacy.is_some(),
+            previous_payload: e.payload,
+        }),
+    };
+    // Last: nix's Flock unlocks on drop, and the lock belongs to the open
+    // file the original descriptor shares, so an error after this would
+    // hand the pidfile to anyone before the rollback takes it back.
+    let pidfile = Pidfile::adopt(
+        &pidfile_path(&settings.fixed.runtime_dir, &settings.fixed.instance),
+        take(h.pidfile)?,
+    )?;
+    let mut sup = Supervisor::new(
+        settings,
+        program,
+        Parts {
+            pidfile,
+            listeners,
+            listen_addr,
+            control,
+            board,
+            signals,
+            plan,
+            redis,
+            started_ms: h.started_ms,
+        },
+    );
+    sup.conns = conns;
+    sup.systemd.sent_ready = h.sent_ready;
+    sup.exe = e.exe.clone().or(sup.exe);
+    sup.args = e.args.clone();
+    sup.env = e.env.clone();
+    sup.upgrade = upgrade;
+    Ok(sup)
 }

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 
 use serde::{Deserialize, Serialize};
 
-use super::handover::{Envelope, Payload, FORMAT, PAYLOAD};
+use super::format::{Envelope, Payload, FORMAT, PAYLOAD};
 use crate::plan::Plan;
 
 /// The variable of the first format.

@@ -18,7 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::handover;
+use super::{format, handover};
 use crate::sys;
 
 /// At most this much of the probe's output is kept.
@@ -233,7 +233,7 @@ pub fn read_request(input: impl Read) -> Result<Vec<String>, String> {
         .take(16 << 20)
         .read_to_string(&mut text)
         .map_err(|e| format!("cannot read the handover: {e}"))?;
-    let (envelope, _, payload) = handover::decode(&text)?;
+    let (envelope, _, payload) = format::decode(&text)?;
     payload?;
     Ok(envelope.args)
 }
