@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use forkd_config::Config;
 use forkd_supervisor::control::{Client, Reply, Request, Status};
 
-use crate::{runtime_dir_of, ConfigSource, Target};
+use crate::source::{runtime_dir_of, ConfigSource, Overrides, Target};
 
 /// forkd: a pre-fork HTTP server supervisor.
 #[derive(Debug, Parser)]
@@ -114,45 +114,6 @@ impl Command {
             }
             _ => Overrides::default(),
         }
-    }
-}
-
-/// Flags that override the file and the environment.
-#[derive(Debug, Clone, Default, Args)]
-pub(crate) struct Overrides {
-    /// Address to listen on, e.g. 127.0.0.1:8080 or [::]:8080.
-    #[arg(long, value_name = "ADDR")]
-    pub(crate) listen: Option<String>,
-    /// Number of workers, or "auto".
-    #[arg(long, value_name = "N")]
-    pub(crate) workers: Option<String>,
-    /// Append logs to this file.
-    #[arg(long, value_name = "FILE")]
-    pub(crate) log_file: Option<String>,
-}
-
-impl Overrides {
-    pub(crate) fn pairs(&self) -> Vec<(&'static str, String)> {
-        let mut v = Vec::new();
-        if let Some(l) = &self.listen {
-            v.push(("listen", l.clone()));
-        }
-        if let Some(w) = &self.workers {
-            v.push(("workers", w.clone()));
-        }
-        if let Some(f) = &self.log_file {
-            v.push(("log_file", f.clone()));
-        }
-        v
-    }
-
-    /// The same overrides as command-line flags (for the daemon that
-    /// `forkd start --daemon` starts).
-    pub(crate) fn flags(&self) -> Vec<String> {
-        self.pairs()
-            .into_iter()
-            .flat_map(|(key, value)| [format!("--{}", key.replace('_', "-")), value])
-            .collect()
     }
 }
 

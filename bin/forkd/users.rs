@@ -47,7 +47,7 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         .context("cannot start a runtime")?;
     rt.block_on(async move {
         let store = connect(config).await?;
-        let cost = crate::hash_cost(config);
+        let cost = crate::settings::hash_cost(config);
         match cmd {
             UserCommand::Add {
                 name,
@@ -97,7 +97,7 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
 }
 
 async fn connect(config: &Config) -> anyhow::Result<Store> {
-    let store = Store::new(&crate::store_config(config))?;
+    let store = Store::new(&crate::settings::store_config(config))?;
     let wait = config.redis.connect_timeout + Duration::from_secs(2);
     if let Err(e) = store.connect_within(wait).await {
         let hint = if config.redis.url.is_empty() {
@@ -107,7 +107,7 @@ async fn connect(config: &Config) -> anyhow::Result<Store> {
         };
         bail!(
             "cannot reach Redis at {}{hint}: {e}",
-            forkd_config::redact_url(&crate::store_url(config))
+            forkd_config::redact_url(&crate::settings::store_url(config))
         );
     }
     Ok(store)

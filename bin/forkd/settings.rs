@@ -1,0 +1,181 @@
+//! The validated configuration, mapped onto what each crate takes: the
+//! supervisor's settings, the worker's, the store's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_config::{Config, ListenerMode};
+use forkd_supervisor::Settings;
+
+use crate::source::{default_data_dir, managed_socket, read_password_file, runtime_dir_of};
+
+/// The URL workers and `forkd user` use.
+pub(crate) fn store_url(c: &Config) -> String {
+    if c.redis.url.is_empty() {
+        format!(
+            "redis+unix://{}",
+            managed_socket(&runtime_dir_of(c), &c.instance).display()
+        )
+    } else {
+        c.redis.url.clone()
+    }
+}
+
+pub(crate) fn store_config(c: &Config) -> forkd_store::StoreConfig {
+    forkd_store::StoreConfig {
+        password: c
+            .redis
+            .password_file
+            .as_deref()
+            .and_then(|p| read_password_file(p).ok()),
+        url: store_url(c),
+        prefix: c.redis.prefix.clone(),
+        command_timeout: c.redis.command_timeout,
+        connect_timeout: c.redis.connect_timeout,
+        reconnect_max_delay: c.redis.reconnect_max_delay,
+    }
+}
+
+pub(crate) fn hash_cost(c: &Config) -> forkd_app::secrets::HashCost {
+    forkd_app::secrets::HashCost {
+        memory_kib: c.auth.argon2_memory_kib,
+        iterations: c.auth.argon2_iterations,
+        parallelism: c.auth.argon2_parallelism,
+    }
+}
+
+pub(crate) fn policy(p: forkd_config::Policy) -> forkd_app::Policy {
+    forkd_app::Policy {
+        limit: p.limit,
+        window: p.window,
+    }
+}
+
+pub(crate) fn supervisor_settings(c: &Config) -> Settings {
+    Settings {
+        fixed: forkd_supervisor::Fixed {
+            instance: c.instance.clone(),
+            listen: c.listen,
+            backlog: c.backlog,
+            listener: match c.listener {
+                ListenerMode::Shared => forkd_supervisor::ListenerMode::Shared,
+                ListenerMode::Reuseport => forkd_supervisor::ListenerMode::Reuseport,
+            },
+            runtime_dir: runtime_dir_of(c),
+            build: build_id().to_owned(),
+            user: c.user.clone(),
+            group: c.group.clone(),
+            redis: c
+                .redis
+                .url
+                .is_empty()
+                .then(|| forkd_supervisor::ManagedRedis {
+                    program: c.redis.server.clone().into(),
+                    socket: managed_socket(&runtime_dir_of(c), &c.instance),
+                    dir: c.redis.data_dir.clone().unwrap_or_else(default_data_dir),
+                }),
+        },
+        live: forkd_supervisor::Live {
+            workers: c.workers,
+            log_file: c.log_file.clone(),
+            shutdown_timeout: c.shutdown_timeout,
+            worker_timeout: c.worker_timeout,
+            startup_timeout: c.startup_timeout,
+            heartbeat_interval: heartbeat_interval(c),
+            watchdog_quorum: c.watchdog_quorum,
+        },
+    }
+}
+
+/// Identifies the binary file: SHA-256 over its length and its first and
+/// last MiB (a rebuilt or otherwise replaced binary differs there),
+/// computed once per process.
+pub(crate) fn build_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        use std::io::{Read, Seek, SeekFrom};
+        let fingerprint = || -> std::io::Result<String> {
+            let mut f = std::fs::File::open("/proc/self/exe")?;
+            let len = f.metadata()?.len();
+            let mut h = Sha256::new();
+            h.update(len.to_le_bytes());
+            let mut buf = vec![0u8; 1 << 20];
+            let n = f.read(&mut buf)?;
+            h.update(&buf[..n]);
+            f.seek(SeekFrom::Start(len.saturating_sub(1 << 20)))?;
+            let n = f.read(&mut buf)?;
+            h.update(&buf[..n]);
+            Ok(h.finalize()
+                .iter()
+                .take(6)
+                .map(|b| format!("{b:02x}"))
+                .collect())
+        };
+        fingerprint().unwrap_or_else(|_| "unknown".into())
+    })
+}
+
+/// A quarter of worker_timeout, between 50 ms and 1 s.
+pub(crate) fn heartbeat_interval(c: &Config) -> Duration {
+    (c.worker_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Whether an address is in any of `nets`.
+pub(crate) fn matcher(nets: Vec<forkd_config::Cidr>) -> forkd_app::TrustedProxy {
+    Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
+}
+
+pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
+    forkd_app::Settings {
+        header_read_timeout: c.http.header_read_timeout,
+        max_header_bytes: c.http.max_header_bytes,
+        max_connections_per_client: c.http.max_connections_per_client,
+        max_connections: c.http.max_connections,
+        keepalive: c.http.keepalive,
+        shutdown_timeout: c.shutdown_timeout,
+        heartbeat_interval: heartbeat_interval(c),
+        trusted_proxy: matcher(c.http.trusted_proxies.clone()),
+        build: build_id().to_owned(),
+        metrics_allow: matcher(c.metrics.allow.clone()),
+        workers: c.workers,
+        on_redis_error: match c.rate_limit.on_redis_error {
+            forkd_config::OnRedisError::FailOpen => forkd_app::OnRedisError::FailOpen,
+            forkd_config::OnRedisError::FailClosed => forkd_app::OnRedisError::FailClosed,
+            forkd_config::OnRedisError::Local => forkd_app::OnRedisError::Local,
+        },
+        store: store_config(c),
+        auth: forkd_app::AuthSettings {
+            cost: hash_cost(c),
+            max_concurrent_hashes: c.auth.max_concurrent_hashes,
+            hash_queue_timeout: c.auth.hash_queue_timeout,
+            session_idle: c.auth.session_idle_timeout,
+            session_absolute: c.auth.session_absolute_timeout,
+            login_ip: forkd_app::Policy {
+                limit: c.auth.login_ip_limit,
+                window: c.auth.login_ip_window,
+            },
+            login_user: forkd_app::Policy {
+                limit: c.auth.login_user_limit,
+                window: c.auth.login_user_window,
+            },
+            login_user_all: forkd_app::Policy {
+                limit: c.auth.login_user_all_limit,
+                window: c.auth.login_user_all_window,
+            },
+            login_host: forkd_app::Policy {
+                limit: c.auth.login_host_limit,
+                window: c.auth.login_host_window,
+            },
+        },
+        profile: forkd_app::ProfileSettings {
+            origin: (!c.profile.origin.is_empty())
+                .then(|| c.profile.origin.trim_start_matches("http://").to_owned()),
+            origin_timeout: c.profile.origin_timeout,
+            cache_ttl: c.profile.cache_ttl,
+            lock_timeout: c.profile.lock_timeout,
+            lock_wait: c.profile.lock_wait,
+            limit: policy(c.rate_limit.profile),
+        },
+    }
+}

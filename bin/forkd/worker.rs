@@ -1,0 +1,92 @@
+//! The program the supervisor forks: the HTTP worker over the shared
+//! scoreboard, with a reloadable configuration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use forkd_config::Config;
+use forkd_supervisor::{Program, Settings, WorkerCell, WorkerContext};
+
+use crate::logging;
+use crate::settings::{app_settings, supervisor_settings};
+use crate::source::ConfigSource;
+
+/// The program the supervisor forks: the HTTP worker, with reloadable
+/// configuration.
+pub(crate) struct Forkd {
+    pub(crate) source: ConfigSource,
+    pub(crate) config: Config,
+    pub(crate) previous: Option<Config>,
+}
+
+impl Program for Forkd {
+    fn run_worker(&self, ctx: WorkerContext) -> i32 {
+        logging::set_worker(ctx.slot);
+        forkd_app::run(forkd_app::Worker {
+            slot: ctx.slot,
+            generation: ctx.generation,
+            listener: ctx.listener,
+            settings: app_settings(&self.config),
+            host: Arc::new(CellHost {
+                cell: ctx.cell,
+                log_file: ctx.log_file,
+            }),
+        })
+    }
+
+    fn reload(&mut self) -> Result<Settings, String> {
+        let new = self.source.load().map_err(|e| e.to_string())?;
+        let settings = supervisor_settings(&new);
+        self.previous = Some(std::mem::replace(&mut self.config, new));
+        Ok(settings)
+    }
+
+    fn abandon_reload(&mut self) {
+        if let Some(old) = self.previous.take() {
+            self.config = old;
+        }
+    }
+}
+
+/// A worker's view of its scoreboard cell.
+pub(crate) struct CellHost {
+    cell: WorkerCell,
+    log_file: Option<PathBuf>,
+}
+
+impl forkd_app::Host for CellHost {
+    fn heartbeat(&self) {
+        self.cell.heartbeat();
+    }
+    fn ready(&self) {
+        self.cell.set_ready();
+    }
+    fn draining(&self) {
+        self.cell.set_draining();
+    }
+    fn request_served(&self) {
+        self.cell.count_request();
+    }
+    fn count(&self, k: usize, n: u64) {
+        self.cell.add(k, n);
+    }
+    fn totals(&self) -> Vec<u64> {
+        self.cell.totals().to_vec()
+    }
+    fn supervisor_figures(&self) -> (u64, u64) {
+        self.cell.supervisor_figures()
+    }
+    fn set_redis_info(&self, text: &str) {
+        self.cell.set_info(text);
+    }
+    fn reopen_log(&self) {
+        if let Some(path) = &self.log_file {
+            if let Err(e) = forkd_supervisor::redirect_output(path) {
+                log::error!("{e}");
+            }
+        }
+    }
+}
+
+const _: () = assert!(forkd_app::COUNTERS_USED <= forkd_supervisor::COUNTERS);
+const _: () = assert!(forkd_config::MAX_WORKERS == forkd_supervisor::MAX_WORKERS);
