@@ -6,8 +6,8 @@
 //!   signals, scale and reload (`mod.rs`); a fresh start and the one
 //!   constructor (`start.rs`); control requests, replies and status
 //!   (`requests.rs`); sd_notify and the watchdog (`systemd.rs`).
-//! - [`plan`]: the pure decisions (respawn, the one crash backoff, scale,
-//!   rolling reload).
+//! - [`plan`]: the pure decisions (respawn, scale, rolling reload).
+//! - [`backoff`]: the one crash backoff, for worker slots and redis-server.
 //! - `scoreboard`: per-worker shared-memory cells made before fork.
 //! - `signals`: the one place where signals become [`SignalEvent`]s.
 //! - `listen`: socket binding and the "already served" probe.
@@ -18,13 +18,17 @@
 //! - `privs`: dropping root to the configured account.
 //! - `notify`: the sd_notify datagram and the watchdog interval.
 //! - `redis`: the managed redis-server child.
-//! - `upgrade`: in-place binary upgrades: the probe, the versioned
-//!   handover across `exec`, resume and rollback.
-//! - `sys`: every `unsafe` block of the project (the crate denies
-//!   `unsafe_code` everywhere else), including the typed view of the
-//!   shared scoreboard mapping.
+//! - `upgrade/`: the mechanism of in-place binary upgrades: the probe, the
+//!   versioned handover (`format`) and its transport across `exec`
+//!   (`handover`), the first format (`legacy`). The supervisor's use of it
+//!   is in `runner/upgrade.rs` and `runner/start.rs`.
+//! - `sys`: all the code the compiler cannot check, for the whole project
+//!   (this crate denies `unsafe_code` everywhere else, the others forbid
+//!   it), including the scoreboard cell's layout and the typed view of the
+//!   shared mapping.
 #![deny(unsafe_code)]
 
+pub mod backoff;
 mod control_files;
 mod listen;
 mod notify;

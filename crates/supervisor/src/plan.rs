@@ -7,6 +7,8 @@
 
 use std::collections::VecDeque;
 
+use crate::backoff::{crash_delay_ms, BACKOFF_MAX_MS};
+
 /// Timing rules, from the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
@@ -18,10 +20,6 @@ pub struct Limits {
     pub shutdown_timeout_ms: u64,
 }
 
-/// First respawn delay after a crash at start; doubles per crash.
-pub const BACKOFF_BASE_MS: u64 = 100;
-/// Longest respawn delay of a worker slot.
-pub const BACKOFF_MAX_MS: u64 = 30_000;
 /// A worker ready this long has proven its slot healthy: the crash count
 /// resets, and its next death is respawned at once. A worker that dies
 /// sooner (or before it was ever ready) counts as a crash at start.
@@ -594,32 +592,6 @@ impl Plan {
     }
 }
 
-/// The one crash backoff policy, for the workers' slots and the managed
-/// redis-server alike. `failures` counts deaths in a row. A death after a
-/// stable run (each caller says what proves stability) resets the count
-/// and is answered at once; any other waits [`backoff_ms`].
-pub fn crash_delay_ms(failures: &mut u32, stable: bool, random: u64, max_ms: u64) -> u64 {
-    if stable {
-        *failures = 0;
-    }
-    *failures += 1;
-    if stable {
-        0
-    } else {
-        backoff_ms(*failures, random, max_ms)
-    }
-}
-
-/// Delay after the `failures`-th crash in a row: 100 ms doubling to
-/// `max_ms`, spread by up to ±20 % so that slots crashing together do not
-/// restart in lockstep.
-pub fn backoff_ms(failures: u32, random: u64, max_ms: u64) -> u64 {
-    let exp = failures.saturating_sub(1).min(20);
-    let base = (BACKOFF_BASE_MS << exp).min(max_ms);
-    let spread = base / 5;
-    base - spread + random % (2 * spread + 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,14 +704,6 @@ mod tests {
         h.tick(now + 1);
         h.tick(now + 1 + STABLE_MS);
         assert_eq!(h.plan.slots()[0].failures, 0);
-    }
-
-    #[test]
-    fn backoff_is_capped_and_jittered() {
-        assert_eq!(backoff_ms(1, 0, BACKOFF_MAX_MS), 80);
-        assert_eq!(backoff_ms(1, 40, BACKOFF_MAX_MS), 120);
-        assert!(backoff_ms(40, 7, BACKOFF_MAX_MS) <= BACKOFF_MAX_MS * 6 / 5);
-        assert!(backoff_ms(40, 7, BACKOFF_MAX_MS) >= BACKOFF_MAX_MS * 4 / 5);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::plan::crash_delay_ms;
+use crate::backoff::crash_delay_ms;
 use crate::scoreboard::now_ms;
 use crate::{sys, ManagedRedis};
 
