@@ -68,6 +68,24 @@ fn walk(prefix: &str, v: &Value, out: &mut (Vec<&'static str>, Vec<Kind>)) {
 }
 
 impl RawConfig {
+    /// Refuses a number key set to nan or inf, naming it.
+    pub(crate) fn check_finite(&self) -> Result<(), ConfigError> {
+        let whole = serde_json::to_value(self).unwrap_or(Value::Null);
+        let (names, kinds) = table();
+        for (key, kind) in names.iter().zip(kinds) {
+            let value = key.split('.').try_fold(&whole, |v, part| v.get(part));
+            if *kind == Kind::Number && value.is_none_or(Value::is_null) {
+                return Err(ConfigError::Value {
+                    key: (*key).to_owned(),
+                    origin: String::new(),
+                    value: "nan or inf".into(),
+                    expected: "expected a finite number".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Applies every `FORKD_*` variable of `vars` as an override.
     ///
     /// # Errors

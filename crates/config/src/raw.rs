@@ -290,7 +290,11 @@ impl RawConfig {
     /// [`ConfigError::Parse`] naming the line and key for syntax errors,
     /// unknown keys and wrongly typed values.
     pub fn from_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| parse_error(path, text, &e))
+        let raw: RawConfig = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+        // TOML has nan and inf; no key takes them, and an override (which
+        // rewrites the whole config) could not carry them.
+        raw.check_finite()?;
+        Ok(raw)
     }
 
     /// Reads and parses a config file.

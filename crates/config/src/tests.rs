@@ -302,3 +302,14 @@ fn an_override_is_parsed_by_the_kind_of_its_default() {
         assert!(e.contains(&format!("`{key}`")) && e.contains(value), "{e}");
     }
 }
+
+#[test]
+fn a_non_finite_number_in_the_file_is_named_and_never_blamed_on_an_override() {
+    for text in ["shutdown_timeout = nan\n", "watchdog_quorum = inf\n"] {
+        let e = parse(text).unwrap_err().to_string();
+        let key = text.split(' ').next().unwrap();
+        assert!(e.contains(&format!("`{key}`")), "{e}");
+    }
+    let mut c = parse("shutdown_timeout = 5\n").unwrap();
+    c.set("listen", "127.0.0.1:1").unwrap();
+}
