@@ -43,8 +43,16 @@ pub fn run(w: Worker) -> i32 {
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
     }
+    // Blocking threads run the password checks, each keeping its argon2
+    // memory (see secrets): no more of them than checks may run at once
+    // (at least two, so that a DNS lookup never waits long), gone 2 s after
+    // the last login, so
+    // that an idle worker holds none of that memory.
+    let hashes = w.settings.auth.max_concurrent_hashes;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(hashes.max(2))
+        .thread_keep_alive(Duration::from_secs(2))
         .build()
     {
         Ok(rt) => rt,

@@ -139,7 +139,7 @@ impl Default for RawAuth {
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
             argon2_parallelism: 1,
-            max_concurrent_hashes: 1,
+            max_concurrent_hashes: 0,
             hash_queue_timeout: 0.5,
             session_idle_timeout: 1800.0,
             session_absolute_timeout: 86_400.0,

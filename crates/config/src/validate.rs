@@ -100,7 +100,7 @@ impl RawConfig {
         absolute("log_file", self.log_file.as_deref())?;
         let http = self.http.validate()?;
         let redis = self.redis.validate()?;
-        let auth = self.auth.validate()?;
+        let auth = self.auth.validate(parallelism)?;
         let rate_limit = self.rate_limit.validate()?;
         let profile = self.profile.validate()?;
         let metrics = self.metrics.validate()?;
@@ -238,7 +238,8 @@ impl RawRedis {
 }
 
 impl RawAuth {
-    fn validate(&self) -> Result<Auth, ConfigError> {
+    /// `parallelism`: the cores, for `max_concurrent_hashes = 0`.
+    fn validate(&self, parallelism: usize) -> Result<Auth, ConfigError> {
         let limit = |key: &str, v: i64| count(key, v, 1, 1_000_000);
         let window = |key: &str, v: f64| seconds(key, v, 0.001);
         let auth = Auth {
@@ -250,12 +251,12 @@ impl RawAuth {
             )?,
             argon2_iterations: count("auth.argon2_iterations", self.argon2_iterations, 1, 100)?,
             argon2_parallelism: count("auth.argon2_parallelism", self.argon2_parallelism, 1, 64)?,
-            max_concurrent_hashes: count(
-                "auth.max_concurrent_hashes",
-                self.max_concurrent_hashes,
-                1,
-                1024,
-            )?,
+            // 0: one per core, so that a worker holding every login
+            // connection still keeps every core hashing.
+            max_concurrent_hashes: match self.max_concurrent_hashes {
+                0 => parallelism.clamp(1, 1024),
+                n => count("auth.max_concurrent_hashes", n, 1, 1024)?,
+            },
             hash_queue_timeout: seconds("auth.hash_queue_timeout", self.hash_queue_timeout, 0.0)?,
             session_idle_timeout: seconds(
                 "auth.session_idle_timeout",
