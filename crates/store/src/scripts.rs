@@ -32,21 +32,29 @@ end
 local function gcra(key, limit, window, now)
   return gcra_with(key, redis.call('GET', key), limit, window, now)
 end
--- A session (KEYS[1]) renewed for ARGV[1] ms of idleness, never past its
--- absolute expiry, nor valid once the user's revocation epoch (at
--- `epoch`) has passed its generation; an ended one is removed with its
--- index entry (KEYS[2]).
-local function session(idle, sha, now, epoch)
-  local s = redis.call('HMGET', KEYS[1], 'user', 'abs', 'gen')
+-- A session (KEYS[1]) as HMGET read it ({user, abs, gen, ...}): valid
+-- until its absolute expiry, and while the user's revocation epoch
+-- (`epoch`, its value) has not passed its generation. An ended one is
+-- removed with its index entry (KEYS[2]).
+local function session_alive(s, epoch, sha, now)
   if not s[1] then return false end
-  local abs = tonumber(s[2]) or 0
-  local revoked = (tonumber(s[3]) or 0) < (tonumber(redis.call('GET', epoch)) or 0)
-  if now >= abs or revoked then
+  if now >= (tonumber(s[2]) or 0) or (tonumber(s[3]) or 0) < (tonumber(epoch) or 0) then
     redis.call('DEL', KEYS[1])
     redis.call('ZREM', KEYS[2], sha)
     return false
   end
+  return true
+end
+-- Renews the session for `idle` ms, never past its absolute expiry.
+local function renew(idle, abs, now)
   redis.call('PEXPIRE', KEYS[1], math.max(1, math.min(idle, abs - now)))
+end
+-- The session, renewed; its user, or false.
+local function session(idle, sha, now, epoch_key)
+  local s = redis.call('HMGET', KEYS[1], 'user', 'abs', 'gen')
+  if not s[1] then return false end
+  if not session_alive(s, redis.call('GET', epoch_key), sha, now) then return false end
+  renew(idle, tonumber(s[2]), now)
   return s[1]
 end
 "#
@@ -262,15 +270,10 @@ local now = now_ms()
 local s = redis.call('HMGET', KEYS[1], 'user', 'abs', 'gen', 'r')
 if not s[1] then return {0} end
 local m = redis.call('MGET', KEYS[5], KEYS[3], KEYS[4])
-local abs = tonumber(s[2]) or 0
-if now >= abs or (tonumber(s[3]) or 0) < (tonumber(m[1]) or 0) then
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[2], ARGV[2])
-  return {0}
-end
+if not session_alive(s, m[1], ARGV[2], now) then return {0} end
 local idle = tonumber(ARGV[1])
 if now - (tonumber(s[4]) or 0) >= idle / 10 then
-  redis.call('PEXPIRE', KEYS[1], math.max(1, math.min(idle, abs - now)))
+  renew(idle, tonumber(s[2]), now)
   redis.call('HSET', KEYS[1], 'r', string.format('%d', now))
 end
 local a, r, t, w = gcra_with(KEYS[3], m[2], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
