@@ -71,6 +71,12 @@ pub(crate) enum Command {
     /// the handover on stdin and answers whether this build can take over.
     #[command(hide = true)]
     UpgradeProbe,
+    /// Print a shell completion script (bash, zsh, fish, elvish or
+    /// powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    #[command(hide = true)]
+    Manpage,
     /// Manage users (stored in Redis).
     User {
         #[command(subcommand)]
@@ -117,6 +123,22 @@ impl Command {
     }
 }
 
+/// Writes the completion script for `shell`, generated from these
+/// definitions, so it never falls behind the flags.
+pub(crate) fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "forkd", &mut std::io::stdout());
+    Ok(())
+}
+
+/// Writes forkd(1), generated from these definitions.
+pub(crate) fn manpage() -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock())?;
+    Ok(())
+}
+
 fn connect(target: &Target) -> anyhow::Result<Client> {
     Client::connect(&target.control_socket()).map_err(|e| match e {
         forkd_supervisor::control::ClientError::NotRunning(_) => {
@@ -136,7 +158,7 @@ fn expect_ok(reply: Reply) -> anyhow::Result<Reply> {
 pub(crate) fn fetch_status(target: &Target) -> anyhow::Result<Status> {
     let mut c = connect(target)?;
     match expect_ok(c.request(&Request::Status, Duration::from_secs(10))?)? {
-        Reply::Status(s) => Ok(s),
+        Reply::Status(s) => Ok(*s),
         other => bail!("unexpected reply: {other:?}"),
     }
 }
@@ -166,22 +188,74 @@ pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         bytes(s.rss_bytes)
     );
     println!(
-        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>10} {:>8} {:>9}",
-        "SLOT", "PID", "GEN", "STATE", "UPTIME", "REQUESTS", "RSS", "RESTARTS", "HEARTBEAT"
+        "accept queue {}/{}; recycled: {}",
+        s.accept_queue.queued,
+        s.accept_queue.backlog,
+        s.recycled
+            .iter()
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some((slot, why)) = &s.recycling {
+        println!("recycling slot {slot} now ({why})");
+    }
+    println!(
+        "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>8} {:>6} {:>10} {:>8} {:>9}",
+        "SLOT",
+        "PID",
+        "GEN",
+        "STATE",
+        "UPTIME",
+        "REQUESTS",
+        "INFLIGHT",
+        "CONNS",
+        "RSS",
+        "RESTARTS",
+        "HEARTBEAT"
     );
     for w in &s.workers {
         println!(
-            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>10} {:>8} {:>9}",
+            "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>8} {:>6} {:>10} {:>8} {:>9}",
             w.slot,
             w.pid,
             w.generation,
             w.state,
             duration(w.uptime_ms),
             w.requests,
+            w.in_flight,
+            w.connections,
             bytes(w.rss_bytes),
             w.restarts,
             duration(w.heartbeat_age_ms)
         );
+    }
+    for w in &s.workers {
+        if let Some(o) = &w.oldest {
+            println!(
+                "slot {} pid {}: oldest request {} (id {}) for {}",
+                w.slot,
+                w.pid,
+                o.what,
+                o.request_id,
+                duration(o.age_ms)
+            );
+        }
+        if w.hash_queue > 0 {
+            println!(
+                "slot {} pid {}: {} login(s) waiting for a password check",
+                w.slot, w.pid, w.hash_queue
+            );
+        }
+    }
+    let mut replaced: Vec<(usize, &str)> = s
+        .workers
+        .iter()
+        .filter_map(|w| Some((w.slot, w.last_replaced.as_deref()?)))
+        .collect();
+    replaced.dedup();
+    for (slot, why) in replaced {
+        println!("slot {slot}: last replaced: {why}");
     }
     let mut redis: Vec<&str> = s.workers.iter().map(|w| w.redis.as_str()).collect();
     redis.sort();

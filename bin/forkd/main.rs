@@ -96,6 +96,8 @@ fn main() -> ExitCode {
             return give_back(h, "an upgrade must execute `forkd start`");
         }
         Command::UpgradeProbe => return upgrade_probe(),
+        Command::Completions { shell } => cli::completions(shell),
+        Command::Manpage => cli::manpage(),
         command => {
             let target = match source.target() {
                 Ok(t) => t,
@@ -111,6 +113,7 @@ fn main() -> ExitCode {
                 Command::Scale { workers } => cli::scale(&target, workers),
                 Command::Upgrade => cli::upgrade(&target),
                 Command::User { .. } | Command::UpgradeProbe => unreachable!(),
+                Command::Completions { .. } | Command::Manpage => unreachable!(),
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
             }
         }

@@ -83,6 +83,13 @@ pub(crate) fn supervisor_settings(c: &Config) -> Settings {
             startup_timeout: c.startup_timeout,
             heartbeat_interval: heartbeat_interval(c),
             watchdog_quorum: c.watchdog_quorum,
+            shutdown_delay: c.shutdown_delay,
+            recycling: forkd_supervisor::plan::Recycling {
+                max_requests: c.recycle.max_requests,
+                max_requests_jitter: c.recycle.max_requests_jitter,
+                max_rss_bytes: c.recycle.max_rss_mib << 20,
+                max_age_ms: c.recycle.max_age.as_millis() as u64,
+            },
         },
     }
 }
@@ -176,6 +183,16 @@ pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
             lock_timeout: c.profile.lock_timeout,
             lock_wait: c.profile.lock_wait,
             limit: policy(c.rate_limit.profile),
+        },
+        access_log: match c.access_log {
+            forkd_config::AccessLogFormat::Off => None,
+            f => Some(forkd_app::AccessSettings {
+                format: match f {
+                    forkd_config::AccessLogFormat::Json => forkd_app::AccessFormat::Json,
+                    _ => forkd_app::AccessFormat::Combined,
+                },
+                file: c.access_log_file.clone(),
+            }),
         },
     }
 }

@@ -79,6 +79,49 @@ impl forkd_app::Host for CellHost {
     fn set_redis_info(&self, text: &str) {
         self.cell.set_info(text);
     }
+    fn now_ms(&self) -> u64 {
+        forkd_supervisor::now_ms()
+    }
+    fn set_in_flight(&self, n: u64, oldest: Option<(u64, &str, &str)>) {
+        self.cell.set_in_flight(n, oldest);
+    }
+    fn set_in_flight_count(&self, n: u64) {
+        self.cell.set_in_flight_count(n);
+    }
+    fn set_connections(&self, n: u64) {
+        self.cell.set_connections(n);
+    }
+    fn set_hash_queue(&self, n: u64) {
+        self.cell.set_hash_queue(n);
+    }
+    fn stopping(&self) -> bool {
+        self.cell.supervisor_stopping()
+    }
+    fn workers(&self) -> Vec<forkd_app::WorkerGauges> {
+        self.cell
+            .activities()
+            .into_iter()
+            .map(|w| forkd_app::WorkerGauges {
+                slot: w.slot,
+                pid: w.pid,
+                in_flight: w.activity.in_flight,
+                connections: w.activity.connections,
+                hash_queue: w.activity.hash_queue,
+            })
+            .collect()
+    }
+    fn supervisor_gauges(&self) -> forkd_app::SupervisorGauges {
+        let f = self.cell.supervisor_activity();
+        forkd_app::SupervisorGauges {
+            accept_queue: f.accept_queue,
+            accept_backlog: f.accept_backlog,
+            recycles: forkd_supervisor::plan::RecycleReason::ALL
+                .iter()
+                .map(|r| r.name())
+                .zip(f.recycles)
+                .collect(),
+        }
+    }
     fn reopen_log(&self) {
         if let Some(path) = &self.log_file {
             if let Err(e) = forkd_supervisor::redirect_output(path) {

@@ -5,6 +5,7 @@
 //! the store. Bad input is answered before it reaches argon2 or Redis.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,7 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WW
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::access::LoggedUser;
 use crate::client::{client_ip, client_key};
 use crate::response::{
     bad_request, json, no_store, problem, too_many, unavailable, with_header, Body,
@@ -190,10 +192,35 @@ async fn give_back(st: &State, taken: &[Taken]) {
 /// A place in the bounded password-check queue, within
 /// `auth.hash_queue_timeout`.
 async fn queue(st: &State) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = st.hashes.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    let waiting = Waiting::enter(st);
     let wait = st.hashes.clone().acquire_owned();
-    match tokio::time::timeout(st.settings.auth.hash_queue_timeout, wait).await {
+    let place = match tokio::time::timeout(st.settings.auth.hash_queue_timeout, wait).await {
         Ok(Ok(p)) => Some(p),
         _ => None,
+    };
+    drop(waiting);
+    place
+}
+
+/// One login in the hash queue gauge, for as long as it waits (also when
+/// the client goes away and the login is dropped).
+struct Waiting<'a>(&'a State);
+
+impl<'a> Waiting<'a> {
+    fn enter(st: &'a State) -> Self {
+        let n = st.hash_waiting.fetch_add(1, Relaxed) + 1;
+        st.host.set_hash_queue(n);
+        Waiting(st)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let n = self.0.hash_waiting.fetch_sub(1, Relaxed) - 1;
+        self.0.host.set_hash_queue(n);
     }
 }
 
@@ -279,10 +306,12 @@ async fn start_session(st: &State, user: &User) -> Response<Body> {
         log::warn!("cannot record the login of '{}': {e}", user.name);
     }
     let expires = auth.session_idle.min(auth.session_absolute).as_secs();
-    no_store(json(
+    let mut r = no_store(json(
         StatusCode::OK,
         &serde_json::json!({"token": token, "token_type": "Bearer", "expires_in": expires}),
-    ))
+    ));
+    r.extensions_mut().insert(LoggedUser(user.name.clone()));
+    r
 }
 
 fn now_unix() -> u64 {

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 
-use crate::response::{json, no_store, problem, Body};
+use crate::response::{json, no_store, problem, unavailable, Body};
 use crate::state::State;
 
 pub(crate) fn healthz(st: &State) -> Response<Body> {
@@ -25,6 +25,14 @@ pub(crate) fn healthz(st: &State) -> Response<Body> {
 }
 
 pub(crate) async fn readyz(st: &State) -> Response<Body> {
+    // A stop has begun (during `shutdown_delay` the worker still serves
+    // everything else): load balancers must take this host out.
+    if st.host.stopping() {
+        return no_store(unavailable(
+            "forkd is stopping; this host takes no new work.",
+            std::time::Duration::from_secs(1),
+        ));
+    }
     match st.store.ping().await {
         Ok(()) => no_store(json(
             StatusCode::OK,

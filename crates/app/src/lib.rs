@@ -18,6 +18,9 @@
 //!   fallback while Redis cannot answer).
 //! - `log_gate`: at most one Redis warning a second.
 //! - `metrics`: the counters in the scoreboard, and their text format.
+//! - `access`: the access log and its writer thread.
+//! - `request_id`: request ids, kept from the client or made.
+//! - `inflight`: requests in flight, and the oldest, for forensics.
 //! - [`secrets`]: argon2id password hashes, the dummy hash, bearer tokens.
 //!
 //! The worker knows nothing of the supervisor: it reports through the
@@ -27,15 +30,18 @@
 // point of the error path, and it is built once per request.
 #![allow(clippy::result_large_err)]
 
+mod access;
 mod auth;
 mod client;
 mod head_limit;
 mod health;
+mod inflight;
 mod local_limit;
 mod log_gate;
 mod metrics;
 mod origin;
 mod profile;
+mod request_id;
 mod response;
 mod routes;
 pub mod secrets;
@@ -46,6 +52,7 @@ use std::net::{IpAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use access::{AccessFormat, AccessSettings};
 pub use forkd_store::{Policy, StoreConfig};
 pub use metrics::USED as COUNTERS_USED;
 pub use server::run;
@@ -81,6 +88,28 @@ pub struct Settings {
     pub store: StoreConfig,
     pub auth: AuthSettings,
     pub profile: ProfileSettings,
+    /// None: no access log.
+    pub access_log: Option<AccessSettings>,
+}
+
+/// One worker's gauges, as any worker reads them for /metrics.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerGauges {
+    pub slot: usize,
+    pub pid: i32,
+    pub in_flight: u64,
+    pub connections: u64,
+    pub hash_queue: u64,
+}
+
+/// The supervisor's figures for /metrics.
+#[derive(Debug, Clone, Default)]
+pub struct SupervisorGauges {
+    /// Connections waiting in the listening sockets' accept queues.
+    pub accept_queue: u64,
+    pub accept_backlog: u64,
+    /// Workers recycled so far, by reason.
+    pub recycles: Vec<(&'static str, u64)>,
 }
 
 /// What a rate limit does when Redis cannot answer it.
@@ -142,6 +171,21 @@ pub trait Host: Send + Sync {
     fn supervisor_figures(&self) -> (u64, u64);
     /// Which Redis this worker uses, for `forkd status`.
     fn set_redis_info(&self, text: &str);
+    /// The scoreboard's clock (CLOCK_MONOTONIC), milliseconds.
+    fn now_ms(&self) -> u64;
+    /// Requests in flight, and the oldest: (started, from
+    /// [`Host::now_ms`]; "METHOD path"; request id).
+    fn set_in_flight(&self, n: u64, oldest: Option<(u64, &str, &str)>);
+    /// Requests in flight; the oldest is unchanged.
+    fn set_in_flight_count(&self, n: u64);
+    fn set_connections(&self, n: u64);
+    /// Logins waiting for a password check.
+    fn set_hash_queue(&self, n: u64);
+    /// The supervisor is stopping: /readyz must fail.
+    fn stopping(&self) -> bool;
+    /// Every live worker's gauges.
+    fn workers(&self) -> Vec<WorkerGauges>;
+    fn supervisor_gauges(&self) -> SupervisorGauges;
 }
 
 /// Everything a worker needs.

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::Host;
+use crate::{Host, WorkerGauges};
 
 /// Routes, in counter order.
 pub(crate) const ROUTES: [&str; 7] = [
@@ -26,8 +26,12 @@ pub(crate) const RATE_LIMITED: usize = CACHE_MISSES + 1;
 pub(crate) const REDIS_ERRORS: usize = RATE_LIMITED + 1;
 pub(crate) const HEADS_TOO_LARGE: usize = REDIS_ERRORS + 1;
 pub(crate) const CONNECTIONS_REFUSED: usize = HEADS_TOO_LARGE + 1;
+pub(crate) const ACCESS_LINES_DROPPED: usize = CONNECTIONS_REFUSED + 1;
 /// Counters used; the scoreboard must have at least this many.
-pub const USED: usize = CONNECTIONS_REFUSED + 1;
+pub const USED: usize = ACCESS_LINES_DROPPED + 1;
+
+/// Reads one gauge of a worker.
+type Gauge = fn(&WorkerGauges) -> u64;
 
 /// The route index of a path.
 pub(crate) fn route_index(path: &str) -> usize {
@@ -131,6 +135,12 @@ pub(crate) fn render(host: &dyn Host) -> String {
             "Connections closed at once: their client held http.max_connections_per_client.",
             get(CONNECTIONS_REFUSED),
         ),
+        (
+            "forkd_access_log_lines_dropped_total",
+            "counter",
+            "Access log lines dropped because the log could not be written fast enough.",
+            get(ACCESS_LINES_DROPPED),
+        ),
     ];
     let (up, restarts) = host.supervisor_figures();
     let figures = [
@@ -142,10 +152,65 @@ pub(crate) fn render(host: &dyn Host) -> String {
         ),
         ("forkd_workers_up", "gauge", "Workers ready to serve.", up),
     ];
-    for (name, kind, help, value) in simple.into_iter().chain(figures) {
+    let sup = host.supervisor_gauges();
+    let queue = [
+        (
+            "forkd_listen_accept_queue",
+            "gauge",
+            "Connections waiting in the listening sockets' accept queues.",
+            sup.accept_queue,
+        ),
+        (
+            "forkd_listen_backlog",
+            "gauge",
+            "The accept queues' capacity (backlog).",
+            sup.accept_backlog,
+        ),
+    ];
+    for (name, kind, help, value) in simple.into_iter().chain(figures).chain(queue) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         let _ = writeln!(out, "{name} {value}");
+    }
+    let _ = writeln!(out, "# HELP forkd_worker_recycles_total Workers replaced for their own sake (recycle.*), by reason.");
+    let _ = writeln!(out, "# TYPE forkd_worker_recycles_total counter");
+    for (reason, n) in &sup.recycles {
+        let _ = writeln!(
+            out,
+            "forkd_worker_recycles_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let mut workers = host.workers();
+    workers.sort_by_key(|w| (w.slot, w.pid));
+    let gauges: [(&str, &str, Gauge); 3] = [
+        (
+            "forkd_worker_requests_in_flight",
+            "Requests a worker is answering now.",
+            |w| w.in_flight,
+        ),
+        (
+            "forkd_worker_connections",
+            "Connections a worker has open.",
+            |w| w.connections,
+        ),
+        (
+            "forkd_login_hash_queue",
+            "Logins waiting for a password check, per worker.",
+            |w| w.hash_queue,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for w in &workers {
+            let _ = writeln!(
+                out,
+                "{name}{{slot=\"{}\",pid=\"{}\"}} {}",
+                w.slot,
+                w.pid,
+                value(w)
+            );
+        }
     }
     out
 }

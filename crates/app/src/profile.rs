@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 
+use crate::access::LoggedUser;
 use crate::auth::{bearer, invalid_token};
 use crate::origin::{self, OriginError};
 use crate::response::{
@@ -59,14 +60,16 @@ async fn profile_answer(req: Request<Incoming>, st: &State) -> Response<Body> {
         ProfileCheck::Allowed {
             decision,
             cached: Some(p),
-            ..
+            user,
         } => {
             st.host.count(metrics::CACHE_HITS, 1);
-            rate_headers(
+            let mut r = rate_headers(
                 cache_header(json_text(StatusCode::OK, p), true),
                 st,
                 decision,
-            )
+            );
+            r.extensions_mut().insert(LoggedUser(user));
+            r
         }
         ProfileCheck::Allowed {
             user,
@@ -78,7 +81,9 @@ async fn profile_answer(req: Request<Incoming>, st: &State) -> Response<Body> {
                 Ok(p) => cache_header(json_text(StatusCode::OK, p), false),
                 Err(r) => r,
             };
-            rate_headers(r, st, decision)
+            let mut r = rate_headers(r, st, decision);
+            r.extensions_mut().insert(LoggedUser(user));
+            r
         }
     }
 }

@@ -13,6 +13,11 @@ use hyper::{Response, StatusCode};
 
 pub(crate) type Body = Full<Bytes>;
 
+tokio::task_local! {
+    /// The request id of the request being answered, for problem bodies.
+    pub(crate) static REQUEST_ID: String;
+}
+
 pub(crate) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub(crate) const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
@@ -36,12 +41,17 @@ pub(crate) fn json_text(status: StatusCode, text: String) -> Response<Body> {
 
 /// An RFC 9457 problem response. `kind` makes the stable `type` URI.
 pub(crate) fn problem(status: StatusCode, kind: &str, detail: &str) -> Response<Body> {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "type": format!("urn:forkd:problem:{kind}"),
         "title": status.canonical_reason().unwrap_or("Error"),
         "status": status.as_u16(),
         "detail": detail,
     });
+    // An extension member (RFC 9457 section 3.2), so that a client can
+    // quote it and an operator find the access line and log.
+    if let Ok(id) = REQUEST_ID.try_with(String::clone) {
+        body["request_id"] = serde_json::Value::from(id);
+    }
     let mut r = json(status, &body);
     r.headers_mut().insert(
         CONTENT_TYPE,

@@ -1,15 +1,19 @@
-//! Dispatch: a path and method to its handler, and what every answer
-//! gets on the way out (metrics, the worker's pid, `Connection: close`
-//! while draining).
+//! Dispatch: a path and method to its handler, and what every request
+//! gets around it: a request id, its place among the requests in flight,
+//! and on the way out metrics, the access log line, the worker's pid and
+//! `Connection: close` while draining.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION};
-use hyper::{Method, Request, Response};
+use hyper::header::{HeaderValue, CONNECTION, REFERER, USER_AGENT};
+use hyper::{Method, Request, Response, Version};
+
+use crate::access::{Line, LoggedUser};
+use crate::request_id::X_REQUEST_ID;
 
 use crate::response::{method_not_allowed, not_found, Body};
 use crate::state::State;
@@ -22,20 +26,85 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = std::time::Instant::now();
     let route_index = crate::metrics::route_index(req.uri().path());
-    let mut resp = route(req, &st, peer).await;
-    crate::metrics::record(
-        st.host.as_ref(),
-        route_index,
-        resp.status().as_u16(),
-        started.elapsed(),
-    );
+    let id = st.request_ids.for_request(req.headers());
+    let running = st
+        .in_flight
+        .enter(req.method().as_str(), req.uri().path(), &id);
+    // What the access line needs of the request, which the handler takes.
+    let logged = st.access.as_ref().map(|_| Logged::of(&req, &st, peer));
+    let mut resp = crate::response::REQUEST_ID
+        .scope(id.clone(), route(req, &st, peer))
+        .await;
+    drop(running);
+    let took = started.elapsed();
+    crate::metrics::record(st.host.as_ref(), route_index, resp.status().as_u16(), took);
+    if let (Some(access), Some(l)) = (&st.access, &logged) {
+        let kept = access.log(&Line {
+            client: l.client,
+            method: &l.method,
+            path: &l.path,
+            version: l.version,
+            status: resp.status().as_u16(),
+            bytes: hyper::body::Body::size_hint(resp.body()).exact(),
+            duration: took,
+            slot: st.slot,
+            pid: st.pid,
+            request_id: &id,
+            user: resp.extensions().get::<LoggedUser>().map(|u| u.0.as_str()),
+            referer: l.referer.as_deref(),
+            user_agent: l.user_agent.as_deref(),
+        });
+        if !kept {
+            st.host.count(crate::metrics::ACCESS_LINES_DROPPED, 1);
+        }
+    }
     let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
     headers.insert("x-forkd-pid", st.pid_header.clone());
     if st.draining.load(Relaxed) {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     st.host.request_served();
     Ok(resp)
+}
+
+/// The parts of a request its access line shows.
+struct Logged {
+    client: IpAddr,
+    method: String,
+    /// Without the query, which may carry secrets.
+    path: String,
+    version: &'static str,
+    referer: Option<String>,
+    user_agent: Option<String>,
+}
+
+impl Logged {
+    fn of(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> Self {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .map(|v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        Logged {
+            client: crate::client::client_ip(
+                peer.ip(),
+                req.headers(),
+                st.settings.trusted_proxy.as_ref(),
+            ),
+            method: req.method().as_str().to_owned(),
+            path: req.uri().path().to_owned(),
+            version: match req.version() {
+                Version::HTTP_10 => "HTTP/1.0",
+                Version::HTTP_2 => "HTTP/2.0",
+                _ => "HTTP/1.1",
+            },
+            referer: header(REFERER),
+            user_agent: header(USER_AGENT),
+        }
+    }
 }
 
 async fn route(req: Request<Incoming>, st: &Arc<State>, peer: SocketAddr) -> Response<Body> {

@@ -12,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, Instant};
 
+use crate::access::AccessLog;
 use crate::routes;
 use crate::state::State;
 use crate::Worker;
@@ -86,6 +87,18 @@ async fn serve(w: Worker) -> i32 {
             return 1;
         }
     };
+    let access = match settings
+        .access_log
+        .as_ref()
+        .map(AccessLog::start)
+        .transpose()
+    {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
     let Some(store) = connect_store(&settings.store).await else {
         return 1;
     };
@@ -95,6 +108,7 @@ async fn serve(w: Worker) -> i32 {
         host.clone(),
         settings.clone(),
         store,
+        access,
     ));
     // The hash verified for unknown users, made before the first login, and
     // what verifying it takes here.
@@ -102,7 +116,7 @@ async fn serve(w: Worker) -> i32 {
     tokio::task::spawn_blocking(move || dummy.prepare());
     spawn_heartbeat(&state, settings.heartbeat_interval);
     let (stop_tx, stop_rx) = watch::channel(None);
-    if let Err(e) = watch_signals(stop_tx, host.clone()) {
+    if let Err(e) = watch_signals(stop_tx, state.clone()) {
         log::error!("cannot install signal handlers: {e}");
         return 1;
     }
@@ -114,6 +128,15 @@ async fn serve(w: Worker) -> i32 {
     state.draining.store(true, Relaxed);
     host.draining();
     drain(graceful, stop, settings.shutdown_timeout).await;
+    if let Some(a) = &state.access {
+        a.finish();
+        if a.dropped() > 0 {
+            log::warn!(
+                "access log: {} line(s) dropped: the writer could not keep up",
+                a.dropped()
+            );
+        }
+    }
     0
 }
 
@@ -213,7 +236,10 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let open = state.connections.fetch_add(1, Relaxed) + 1;
+        host.set_connections(open);
         let st = state.clone();
+        let counted = state.clone();
         let conn = http.serve_connection(
             TokioIo::new(crate::head_limit::HeadLimit::new(stream, host.clone())),
             service_fn(move |req| routes::handle(req, st.clone(), peer)),
@@ -223,6 +249,8 @@ async fn accept_loop(
             if let Err(e) = conn.await {
                 log::debug!("connection ended: {e}");
             }
+            let open = counted.connections.fetch_sub(1, Relaxed) - 1;
+            counted.host.set_connections(open);
             drop(slot);
             drop(permit);
         });
@@ -253,10 +281,7 @@ async fn drain(graceful: GracefulShutdown, stop: Option<Stop>, shutdown_timeout:
     }
 }
 
-fn watch_signals(
-    stop: watch::Sender<Option<Stop>>,
-    host: Arc<dyn crate::Host>,
-) -> std::io::Result<()> {
+fn watch_signals(stop: watch::Sender<Option<Stop>>, state: Arc<State>) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;
@@ -273,7 +298,12 @@ fn watch_signals(
                 _ = term.recv() => { stop.send_replace(Some(Stop::Graceful)); }
                 _ = int.recv() => { stop.send_replace(Some(Stop::Graceful)); }
                 _ = quit.recv() => { stop.send_replace(Some(Stop::Fast)); }
-                _ = usr1.recv() => host.reopen_log(),
+                _ = usr1.recv() => {
+                    state.host.reopen_log();
+                    if let Some(a) = &state.access {
+                        a.reopen();
+                    }
+                }
                 _ = hup.recv() => log::debug!("SIGHUP is for the supervisor; ignored"),
                 _ = usr2.recv() => log::debug!("SIGUSR2 is for the supervisor; ignored"),
                 _ = ttin.recv() => log::debug!("SIGTTIN is for the supervisor; ignored"),

@@ -1,6 +1,6 @@
 //! What every request handler of one worker shares.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,8 +9,11 @@ use hyper::header::HeaderValue;
 use hyper::Response;
 use tokio::sync::Semaphore;
 
+use crate::access::AccessLog;
+use crate::inflight::InFlight;
 use crate::local_limit::LocalLimiter;
 use crate::log_gate::LogGate;
+use crate::request_id::RequestIds;
 use crate::response::{policy_header, unavailable, Body};
 use crate::secrets::DummyHash;
 use crate::{metrics, Host, Settings};
@@ -39,6 +42,12 @@ pub(crate) struct State {
     pub(crate) profile_policy: HeaderValue,
     /// Redis errors are logged at most once a second.
     pub(crate) redis_warnings: LogGate,
+    pub(crate) request_ids: RequestIds,
+    pub(crate) in_flight: Arc<InFlight>,
+    pub(crate) access: Option<AccessLog>,
+    /// Open connections, and logins waiting for a password check.
+    pub(crate) connections: AtomicU64,
+    pub(crate) hash_waiting: AtomicU64,
 }
 
 impl State {
@@ -48,9 +57,15 @@ impl State {
         host: Arc<dyn Host>,
         settings: Settings,
         store: Store,
+        access: Option<AccessLog>,
     ) -> Self {
         let pid = std::process::id();
         State {
+            request_ids: RequestIds::new(),
+            in_flight: InFlight::new(host.clone()),
+            access,
+            connections: AtomicU64::new(0),
+            hash_waiting: AtomicU64::new(0),
             slot,
             generation,
             pid,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::{Cidr, ListenerMode};
+use crate::{AccessLogFormat, Cidr, ListenerMode};
 
 /// The HTTP settings of a validated config.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -129,6 +129,11 @@ pub struct Config {
     #[serde(serialize_with = "secs")]
     pub shutdown_timeout: Duration,
     #[serde(serialize_with = "secs")]
+    pub shutdown_delay: Duration,
+    pub access_log: AccessLogFormat,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log_file: Option<PathBuf>,
+    #[serde(serialize_with = "secs")]
     pub worker_timeout: Duration,
     #[serde(serialize_with = "secs")]
     pub startup_timeout: Duration,
@@ -138,11 +143,23 @@ pub struct Config {
     pub group: Option<String>,
     pub watchdog_quorum: f64,
     pub http: Http,
+    pub recycle: Recycle,
     pub redis: Redis,
     pub auth: Auth,
     pub profile: Profile,
     pub metrics: Metrics,
     pub rate_limit: RateLimit,
+}
+
+/// When a worker is replaced for its own sake (0: never).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recycle {
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    #[serde(rename = "max_rss")]
+    pub max_rss_mib: u64,
+    #[serde(serialize_with = "secs")]
+    pub max_age: Duration,
 }
 
 /// Metrics settings of a validated config.

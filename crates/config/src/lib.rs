@@ -29,13 +29,14 @@ use std::path::PathBuf;
 
 pub use cidr::Cidr;
 pub use config::{
-    redact_url, Auth, Config, Http, Metrics, OnRedisError, Policy, Profile, RateLimit, Redis,
+    redact_url, Auth, Config, Http, Metrics, OnRedisError, Policy, Profile, RateLimit, Recycle,
+    Redis,
 };
 pub use location::Location;
 pub use overrides::keys;
 pub use raw::{
-    ListenerMode, RawAuth, RawConfig, RawHttp, RawMetrics, RawPolicy, RawProfile, RawRateLimit,
-    RawRedis, Workers,
+    AccessLogFormat, ListenerMode, RawAuth, RawConfig, RawHttp, RawMetrics, RawPolicy, RawProfile,
+    RawRateLimit, RawRecycle, RawRedis, Workers,
 };
 
 /// The largest number of workers one instance may run.

@@ -83,6 +83,29 @@ impl Default for RawHttp {
     }
 }
 
+/// `access_log`: one line per request, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    Off,
+    /// Apache/nginx "combined", with duration, worker and request id after.
+    Combined,
+    /// One JSON object a line.
+    Json,
+}
+
+/// The `[recycle]` table: when a worker is replaced for its own sake.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRecycle {
+    pub max_requests: i64,
+    pub max_requests_jitter: i64,
+    /// MiB.
+    pub max_rss: i64,
+    /// Seconds.
+    pub max_age: f64,
+}
+
 /// The `[redis]` table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -243,12 +266,16 @@ pub struct RawConfig {
     pub log_level: String,
     pub log_file: Option<PathBuf>,
     pub shutdown_timeout: f64,
+    pub shutdown_delay: f64,
+    pub access_log: AccessLogFormat,
+    pub access_log_file: Option<PathBuf>,
     pub worker_timeout: f64,
     pub startup_timeout: f64,
     pub user: Option<String>,
     pub group: Option<String>,
     pub watchdog_quorum: f64,
     pub http: RawHttp,
+    pub recycle: RawRecycle,
     pub redis: RawRedis,
     pub auth: RawAuth,
     pub profile: RawProfile,
@@ -268,12 +295,16 @@ impl Default for RawConfig {
             log_level: "info".into(),
             log_file: None,
             shutdown_timeout: 30.0,
+            shutdown_delay: 0.0,
+            access_log: AccessLogFormat::Off,
+            access_log_file: None,
             worker_timeout: 30.0,
             startup_timeout: 30.0,
             user: None,
             group: None,
             watchdog_quorum: 0.5,
             http: RawHttp::default(),
+            recycle: RawRecycle::default(),
             redis: RawRedis::default(),
             auth: RawAuth::default(),
             profile: RawProfile::default(),

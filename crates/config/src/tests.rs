@@ -156,7 +156,9 @@ fn every_key_can_be_set() {
         let value = match *key {
             "listener" => "reuseport",
             "http.keepalive" => "true",
-            "runtime_dir" | "log_file" => "/tmp/x",
+            "runtime_dir" | "log_file" | "access_log_file" => "/tmp/x",
+            "access_log" => "json",
+            "recycle.max_rss" => "64",
             "instance"
             | "listen"
             | "log_level"

@@ -5,9 +5,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{Auth, Config, Http, Metrics, OnRedisError, Policy, Profile, RateLimit, Redis};
+use crate::config::{
+    Auth, Config, Http, Metrics, OnRedisError, Policy, Profile, RateLimit, Recycle, Redis,
+};
 use crate::raw::{
-    RawAuth, RawConfig, RawHttp, RawMetrics, RawPolicy, RawProfile, RawRateLimit, RawRedis, Workers,
+    RawAuth, RawConfig, RawHttp, RawMetrics, RawPolicy, RawProfile, RawRateLimit, RawRecycle,
+    RawRedis, Workers,
 };
 use crate::{Cidr, ConfigError, ListenerMode, MAX_WORKERS};
 
@@ -98,7 +101,9 @@ impl RawConfig {
         }
         absolute("runtime_dir", self.runtime_dir.as_deref())?;
         absolute("log_file", self.log_file.as_deref())?;
+        absolute("access_log_file", self.access_log_file.as_deref())?;
         let http = self.http.validate()?;
+        let recycle = self.recycle.validate()?;
         let redis = self.redis.validate()?;
         let auth = self.auth.validate(parallelism)?;
         let rate_limit = self.rate_limit.validate()?;
@@ -122,12 +127,16 @@ impl RawConfig {
             log_level: self.log_level,
             log_file: self.log_file,
             shutdown_timeout: seconds("shutdown_timeout", self.shutdown_timeout, 0.0)?,
+            shutdown_delay: seconds("shutdown_delay", self.shutdown_delay, 0.0)?,
+            access_log: self.access_log,
+            access_log_file: self.access_log_file,
             worker_timeout: seconds("worker_timeout", self.worker_timeout, 0.5)?,
             startup_timeout: seconds("startup_timeout", self.startup_timeout, 0.5)?,
             user: self.user,
             group: self.group,
             watchdog_quorum: self.watchdog_quorum,
             http,
+            recycle,
             redis,
             auth,
             profile,
@@ -311,6 +320,42 @@ impl RawProfile {
             cache_ttl: seconds("profile.cache_ttl", self.cache_ttl, 0.001)?,
             lock_timeout: seconds("profile.lock_timeout", self.lock_timeout, 0.01)?,
             lock_wait: seconds("profile.lock_wait", self.lock_wait, 0.0)?,
+        })
+    }
+}
+
+impl RawRecycle {
+    fn validate(&self) -> Result<Recycle, ConfigError> {
+        let max_age = match self.max_age {
+            0.0 => Duration::ZERO,
+            v => seconds("recycle.max_age", v, 1.0).map_err(|_| {
+                bad(
+                    "recycle.max_age",
+                    v,
+                    "expected 0 (never) or 1 to 86400 seconds",
+                )
+            })?,
+        };
+        let max_rss_mib = match self.max_rss {
+            0 => 0,
+            v => count("recycle.max_rss", v, 32, 1 << 30).map_err(|_| {
+                bad(
+                    "recycle.max_rss",
+                    v,
+                    "expected 0 (never) or 32 to 1073741824 MiB",
+                )
+            })?,
+        };
+        Ok(Recycle {
+            max_requests: count("recycle.max_requests", self.max_requests, 0, i64::MAX)?,
+            max_requests_jitter: count(
+                "recycle.max_requests_jitter",
+                self.max_requests_jitter,
+                0,
+                i64::MAX,
+            )?,
+            max_rss_mib,
+            max_age,
         })
     }
 }

@@ -54,6 +54,35 @@ pub struct WorkerStatus {
     pub heartbeat_age_ms: u64,
     /// Which Redis the worker uses (mode and nodes), as it reports it.
     pub redis: String,
+    #[serde(default)]
+    pub in_flight: u64,
+    #[serde(default)]
+    pub connections: u64,
+    /// Logins waiting for a password check.
+    #[serde(default)]
+    pub hash_queue: u64,
+    /// The oldest request in flight, if any.
+    #[serde(default)]
+    pub oldest: Option<OldestRequest>,
+    /// Why the slot's previous worker was replaced, if it was.
+    #[serde(default)]
+    pub last_replaced: Option<String>,
+}
+
+/// A worker's oldest request in flight, in a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldestRequest {
+    pub what: String,
+    pub request_id: String,
+    pub age_ms: u64,
+}
+
+/// The listening sockets' accept queue, in a status report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptQueue {
+    /// Connections waiting to be accepted, summed over the sockets.
+    pub queued: u64,
+    pub backlog: u64,
 }
 
 /// A status report.
@@ -77,6 +106,14 @@ pub struct Status {
     pub backoff: Vec<(usize, u64)>,
     /// The managed redis-server, when forkd runs one.
     pub redis: Option<RedisStatus>,
+    #[serde(default)]
+    pub accept_queue: AcceptQueue,
+    /// Workers recycled so far, by reason (max_requests, max_rss, max_age).
+    #[serde(default)]
+    pub recycled: std::collections::BTreeMap<String, u64>,
+    /// The slot being recycled now, and why.
+    #[serde(default)]
+    pub recycling: Option<(usize, String)>,
 }
 
 /// The managed redis-server in a status report.
@@ -91,7 +128,7 @@ pub struct RedisStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "lowercase")]
 pub enum Reply {
-    Status(Status),
+    Status(Box<Status>),
     /// A stop has begun; the connection closes when the supervisor exits.
     /// Workers drain for up to `drain_ms`.
     Stopping {

@@ -51,7 +51,10 @@ use std::time::Duration;
 
 pub use control_files::{control_socket_path, pidfile_path};
 pub use runner::run;
-pub use scoreboard::{now_ms, WorkerCell, WorkerState, COUNTERS};
+pub use scoreboard::{
+    now_ms, ActivityView, Oldest, SupervisorFigures, WorkerActivity, WorkerCell, WorkerState,
+    COUNTERS,
+};
 pub use signals::SignalEvent;
 pub use sys::spawn_detached;
 pub use upgrade::{
@@ -129,6 +132,10 @@ pub struct Live {
     /// Fraction of the workers that must have a fresh heartbeat for the
     /// systemd watchdog to be fed.
     pub watchdog_quorum: f64,
+    /// How long /readyz fails, with workers still serving, between a stop
+    /// and the drain.
+    pub shutdown_delay: Duration,
+    pub recycling: plan::Recycling,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.

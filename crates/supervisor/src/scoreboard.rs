@@ -12,9 +12,11 @@
 //! count, and any worker can sum them over every cell.
 
 use std::num::NonZeroUsize;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
-use crate::sys::{Cell, SharedMapping, SharedSlice};
+pub(crate) use crate::sys::RECYCLE_REASONS;
+use crate::sys::{Activity, Cell, SharedMapping, SharedSlice, ACTIVITY_TEXT_WORDS};
 
 /// What a worker process says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -46,6 +48,82 @@ impl WorkerState {
 
 /// Generic counters per cell.
 pub use crate::sys::COUNTERS;
+
+/// The oldest request a worker has in flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Oldest {
+    /// CLOCK_MONOTONIC milliseconds (see [`now_ms`]).
+    pub started_ms: u64,
+    /// Method and path, cut to 64 bytes.
+    pub what: String,
+    pub request_id: String,
+}
+
+/// A copy of a cell's [`Activity`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActivityView {
+    pub in_flight: u64,
+    pub connections: u64,
+    pub hash_queue: u64,
+    pub oldest: Option<Oldest>,
+}
+
+fn text_words(text: &str, words: &[AtomicU64; ACTIVITY_TEXT_WORDS]) {
+    let mut bytes = [0u8; ACTIVITY_TEXT_WORDS * 8];
+    let mut n = text.len().min(bytes.len());
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
+    for (i, w) in words.iter().enumerate() {
+        let word: [u8; 8] = bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes");
+        w.store(u64::from_le_bytes(word), Relaxed);
+    }
+}
+
+fn words_text(words: &[AtomicU64; ACTIVITY_TEXT_WORDS]) -> String {
+    info_text(&std::array::from_fn(|i| {
+        words.get(i).map_or(0, |w| w.load(Relaxed))
+    }))
+}
+
+fn read_activity(a: &Activity) -> ActivityView {
+    let mut oldest = None;
+    // The writer holds `oldest_seq` odd while it writes: retry a torn read
+    // a few times, then report none rather than wait.
+    for _ in 0..8 {
+        let before = a.oldest_seq.load(Acquire);
+        if before % 2 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let started_ms = a.oldest_start_ms.load(Relaxed);
+        let what = words_text(&a.oldest_what);
+        let request_id = words_text(&a.oldest_id);
+        std::sync::atomic::fence(Acquire);
+        if a.oldest_seq.load(Relaxed) == before {
+            oldest = (started_ms != 0).then_some(Oldest {
+                started_ms,
+                what,
+                request_id,
+            });
+            break;
+        }
+    }
+    ActivityView {
+        in_flight: a.in_flight.load(Relaxed),
+        connections: a.connections.load(Relaxed),
+        hash_queue: a.hash_queue.load(Relaxed),
+        oldest,
+    }
+}
+
+fn clear_activity(a: &Activity) {
+    a.in_flight.store(0, Relaxed);
+    a.connections.store(0, Relaxed);
+    a.hash_queue.store(0, Relaxed);
+    a.oldest_start_ms.store(0, Relaxed);
+}
 pub(crate) use crate::sys::INFO_WORDS;
 
 /// A copy of one cell.
@@ -61,40 +139,48 @@ pub(crate) struct Scoreboard {
     /// Kept for its descriptor and to keep `view` valid.
     map: SharedMapping,
     view: SharedSlice<Cell>,
+    activity: SharedSlice<Activity>,
     cells: usize,
+}
+
+/// The mapping's length for `cells` cells: the cells, then their
+/// activities.
+fn mapping_len(cells: usize) -> NonZeroUsize {
+    let per_cell = std::mem::size_of::<Cell>() + std::mem::size_of::<Activity>();
+    NonZeroUsize::new(cells.max(1) * per_cell).expect("at least one cell")
 }
 
 impl Scoreboard {
     /// A scoreboard for `workers` worker processes at once (plus cell 0).
     pub(crate) fn new(workers: usize) -> nix::Result<Self> {
         let cells = workers + 1;
-        let len = NonZeroUsize::new(cells.max(1) * std::mem::size_of::<Cell>())
-            .expect("at least one cell");
-        let map = SharedMapping::new(len)?;
-        Ok(Scoreboard {
-            view: map.view(),
+        let map = SharedMapping::new(mapping_len(cells))?;
+        Ok(Self::with_map(map, cells))
+    }
+
+    fn with_map(map: SharedMapping, cells: usize) -> Self {
+        let cells = cells.max(1);
+        Scoreboard {
+            view: map.view_at(0, cells),
+            activity: map.view_at(cells * std::mem::size_of::<Cell>(), cells),
             map,
             cells,
-        })
+        }
     }
 
     /// Maps the scoreboard an upgrade handed over.
+    ///
+    /// The cells must be where this build expects them: a build whose cells
+    /// are larger than the previous one's is refused (EINVAL), and the
+    /// upgrade rolls back. The activities after them were added later: a
+    /// memfd without them (from an older build) is grown to hold them.
     pub(crate) fn adopt(fd: std::os::fd::OwnedFd, cells: usize) -> nix::Result<Self> {
-        let len = NonZeroUsize::new(cells.max(1) * std::mem::size_of::<Cell>())
-            .expect("at least one cell");
-        // A build whose cells are larger than the previous one's would map
-        // past the memfd's end and fault on first touch: refuse (EINVAL),
-        // and the upgrade rolls back.
         let size = nix::sys::stat::fstat(&fd)?.st_size;
-        if usize::try_from(size).unwrap_or(0) < len.get() {
+        if usize::try_from(size).unwrap_or(0) < cells.max(1) * std::mem::size_of::<Cell>() {
             return Err(nix::errno::Errno::EINVAL);
         }
-        let map = SharedMapping::from_fd(fd, len)?;
-        Ok(Scoreboard {
-            view: map.view(),
-            map,
-            cells,
-        })
+        let map = SharedMapping::from_fd(fd, mapping_len(cells))?;
+        Ok(Self::with_map(map, cells))
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -124,6 +210,7 @@ impl Scoreboard {
         for w in &c.info {
             w.store(0, Relaxed);
         }
+        clear_activity(self.activity.get(i));
         c.state.store(WorkerState::Starting as u32, Relaxed);
         Some(i)
     }
@@ -138,8 +225,32 @@ impl Scoreboard {
         for (k, counter) in c.counters.iter().enumerate() {
             retired.counters[k].fetch_add(counter.swap(0, Relaxed), Relaxed);
         }
+        clear_activity(self.activity.get(i));
         c.pid.store(0, Relaxed);
         c.state.store(WorkerState::Free as u32, Relaxed);
+    }
+
+    /// What the worker in cell `i` is doing.
+    pub(crate) fn activity(&self, i: usize) -> ActivityView {
+        assert!(i < self.cells);
+        read_activity(self.activity.get(i))
+    }
+
+    /// The supervisor's figures that /metrics and /readyz read.
+    pub(crate) fn set_stopping(&self) {
+        self.activity.get(0).stopping.store(1, Relaxed);
+    }
+
+    pub(crate) fn set_accept_queue(&self, queued: u64, backlog: u64) {
+        let a = self.activity.get(0);
+        a.accept_queue.store(queued, Relaxed);
+        a.accept_backlog.store(backlog, Relaxed);
+    }
+
+    pub(crate) fn set_recycles(&self, counts: [u64; RECYCLE_REASONS]) {
+        for (w, n) in self.activity.get(0).recycles.iter().zip(counts) {
+            w.store(n, Relaxed);
+        }
     }
 
     /// The supervisor's figures, for workers to report.
@@ -165,15 +276,34 @@ impl Scoreboard {
         assert!(i < self.cells && self.cells <= self.view.len());
         WorkerCell {
             cells: self.view.clone(),
+            activity: self.activity.clone(),
             index: i,
         }
     }
+}
+
+/// What every worker is doing, as a worker reads it for /metrics.
+#[derive(Debug, Clone)]
+pub struct WorkerActivity {
+    pub slot: usize,
+    pub pid: i32,
+    pub activity: ActivityView,
+}
+
+/// The supervisor's figures a worker reports in /metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SupervisorFigures {
+    pub accept_queue: u64,
+    pub accept_backlog: u64,
+    /// Workers recycled for max_requests, max_rss, max_age.
+    pub recycles: [u64; RECYCLE_REASONS],
 }
 
 /// A worker's own scoreboard cell (and a view of every cell, for totals).
 #[derive(Clone)]
 pub struct WorkerCell {
     cells: SharedSlice<Cell>,
+    activity: SharedSlice<Activity>,
     index: usize,
 }
 
@@ -243,6 +373,76 @@ impl WorkerCell {
     /// Counts one answered request.
     pub fn count_request(&self) {
         self.cell().requests.fetch_add(1, Relaxed);
+    }
+
+    fn own_activity(&self) -> &Activity {
+        self.activity.get(self.index)
+    }
+
+    /// Requests in flight, and the oldest of them (None when none is).
+    pub fn set_in_flight(&self, n: u64, oldest: Option<(u64, &str, &str)>) {
+        let a = self.own_activity();
+        a.in_flight.store(n, Relaxed);
+        a.oldest_seq.fetch_add(1, Relaxed);
+        std::sync::atomic::fence(Release);
+        match oldest {
+            Some((started_ms, what, id)) => {
+                a.oldest_start_ms.store(started_ms.max(1), Relaxed);
+                text_words(what, &a.oldest_what);
+                text_words(id, &a.oldest_id);
+            }
+            None => a.oldest_start_ms.store(0, Relaxed),
+        }
+        a.oldest_seq.fetch_add(1, Release);
+    }
+
+    /// Requests in flight, when the oldest has not changed.
+    pub fn set_in_flight_count(&self, n: u64) {
+        self.own_activity().in_flight.store(n, Relaxed);
+    }
+
+    /// Open connections of this worker.
+    pub fn set_connections(&self, n: u64) {
+        self.own_activity().connections.store(n, Relaxed);
+    }
+
+    /// Logins waiting for a password check in this worker.
+    pub fn set_hash_queue(&self, n: u64) {
+        self.own_activity().hash_queue.store(n, Relaxed);
+    }
+
+    /// Whether the supervisor is stopping (and /readyz must fail).
+    pub fn supervisor_stopping(&self) -> bool {
+        self.activity.get(0).stopping.load(Relaxed) != 0
+    }
+
+    /// The accept queue and recycling counts, as the supervisor last wrote
+    /// them.
+    pub fn supervisor_activity(&self) -> SupervisorFigures {
+        let a = self.activity.get(0);
+        SupervisorFigures {
+            accept_queue: a.accept_queue.load(Relaxed),
+            accept_backlog: a.accept_backlog.load(Relaxed),
+            recycles: std::array::from_fn(|i| a.recycles[i].load(Relaxed)),
+        }
+    }
+
+    /// Every live worker's activity.
+    pub fn activities(&self) -> Vec<WorkerActivity> {
+        (1..self.cells.len())
+            .filter_map(|i| {
+                let c = self.at(i);
+                let pid = c.pid.load(Relaxed);
+                if c.state.load(Relaxed) == 0 || pid == 0 {
+                    return None;
+                }
+                Some(WorkerActivity {
+                    slot: c.slot.load(Relaxed) as usize,
+                    pid,
+                    activity: read_activity(self.activity.get(i)),
+                })
+            })
+            .collect()
     }
 }
 

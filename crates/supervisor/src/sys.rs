@@ -79,8 +79,15 @@ impl SharedMapping {
         Self::map(fd, len)
     }
 
-    /// Maps a scoreboard memfd handed over by the previous image.
+    /// Maps a scoreboard memfd handed over by the previous image, first
+    /// growing it (zero-filled) to `len` when that image made it shorter.
+    /// Mappings of the shorter length, in workers of that image, stay
+    /// valid: they never reach the new part.
     pub(crate) fn from_fd(fd: OwnedFd, len: NonZeroUsize) -> nix::Result<Self> {
+        let size = nix::sys::stat::fstat(&fd)?.st_size;
+        if usize::try_from(size).unwrap_or(0) < len.get() {
+            nix::unistd::ftruncate(&fd, len.get() as nix::libc::off_t)?;
+        }
         Self::map(fd, len)
     }
 
@@ -104,20 +111,30 @@ impl SharedMapping {
         })
     }
 
-    /// The mapping as a slice of `T`: as many whole `T`s as fit.
+    /// `count` elements of `T` from byte `offset` on.
     ///
     /// The view is not tied to the mapping's lifetime: it is for a forked
     /// worker, which never unmaps the scoreboard (it leaves through
     /// `exit_now`), and for the supervisor's own scoreboard, which keeps its
     /// mapping alive as long as it uses the view.
-    pub(crate) fn view<T: SharedPlain>(&self) -> SharedSlice<T> {
+    /// Panics unless they lie inside the mapping, aligned for `T`.
+    pub(crate) fn view_at<T: SharedPlain>(&self, offset: usize, count: usize) -> SharedSlice<T> {
         assert!(
-            std::mem::align_of::<T>() <= 4096,
-            "the mapping is page-aligned"
+            std::mem::align_of::<T>() <= 4096 && offset.is_multiple_of(std::mem::align_of::<T>()),
+            "the mapping is page-aligned, and so must the offset be for T"
+        );
+        let end = count
+            .checked_mul(std::mem::size_of::<T>())
+            .and_then(|n| n.checked_add(offset));
+        assert!(
+            end.is_some_and(|e| e <= self.len.get()),
+            "view past the mapping"
         );
         SharedSlice {
-            base: self.ptr.cast(),
-            len: self.len.get() / std::mem::size_of::<T>().max(1),
+            // SAFETY: `offset` is within the mapping (asserted above), so
+            // the pointer stays inside the same allocation.
+            base: unsafe { self.ptr.add(offset) }.cast(),
+            len: count,
         }
     }
 
@@ -154,6 +171,64 @@ pub(crate) struct Cell {
     pub(crate) counters: [AtomicU64; COUNTERS],
     /// A short text the worker publishes (which Redis it uses), as bytes.
     pub(crate) info: [AtomicU64; INFO_WORDS],
+}
+
+/// What a worker is doing, one per scoreboard cell, after all the cells
+/// (a layout an older image never sees: see [`SharedMapping::from_fd`]).
+/// The oldest request's fields are guarded by `oldest_seq`, odd while they
+/// are written.
+#[repr(C, align(64))]
+pub(crate) struct Activity {
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) connections: AtomicU64,
+    pub(crate) hash_queue: AtomicU64,
+    pub(crate) oldest_seq: AtomicU64,
+    /// CLOCK_MONOTONIC milliseconds; 0 when nothing is in flight.
+    pub(crate) oldest_start_ms: AtomicU64,
+    pub(crate) oldest_what: [AtomicU64; ACTIVITY_TEXT_WORDS],
+    pub(crate) oldest_id: [AtomicU64; ACTIVITY_TEXT_WORDS],
+    /// Cell 0 only, from the supervisor: 1 once it is stopping (so
+    /// /readyz fails during `shutdown_delay`).
+    pub(crate) stopping: AtomicU64,
+    pub(crate) accept_queue: AtomicU64,
+    pub(crate) accept_backlog: AtomicU64,
+    pub(crate) recycles: [AtomicU64; RECYCLE_REASONS],
+    /// Room for later fields, so that they need no new layout.
+    pub(crate) reserved: [AtomicU64; 8],
+}
+
+/// Words of each text of [`Activity`].
+pub(crate) const ACTIVITY_TEXT_WORDS: usize = 8;
+/// Recycling reasons counted in [`Activity::recycles`].
+pub(crate) const RECYCLE_REASONS: usize = 3;
+
+// SAFETY: as for `Cell`: `repr(C)`, atomics and arrays of them only.
+unsafe impl SharedPlain for Activity {}
+
+/// The accept queue of a listening TCP socket: (connections waiting to be
+/// accepted, the backlog), from `TCP_INFO`, which reports these two for a
+/// socket in the LISTEN state.
+pub(crate) fn accept_queue(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let mut info = std::mem::MaybeUninit::<nix::libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: `info` is a writable buffer of `len` bytes for the kernel to
+    // fill, and `fd` is a descriptor borrowed for the call.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            fd.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zero-filled and then written by the kernel: every field is a
+    // plain integer, so any bytes are a valid `tcp_info`.
+    let info = unsafe { info.assume_init() };
+    Some((u64::from(info.tcpi_unacked), u64::from(info.tcpi_sacked)))
 }
 
 /// Words of a cell's published text.

@@ -122,11 +122,18 @@ impl<P: Program> Supervisor<P> {
             self.serve_control();
             self.check_probe();
             let board = &self.board;
+            let by_memory = self.plan.recycling().max_rss_bytes > 0;
             let actions = self.plan.tick(now_ms(), |w| {
                 let v = board.view(w.cell);
                 Observed {
                     ready: v.state == WorkerState::Ready,
                     heartbeat_ms: v.heartbeat_ms,
+                    requests: v.requests,
+                    rss_bytes: if by_memory {
+                        requests::rss_bytes(w.pid)
+                    } else {
+                        0
+                    },
                 }
             });
             if self.execute(actions) {
@@ -135,6 +142,9 @@ impl<P: Program> Supervisor<P> {
             let ready = ready_slots(&self.plan, &self.board);
             let restarts: u64 = self.plan.slots().iter().map(|s| s.restarts).sum();
             self.board.set_supervisor_figures(ready as u64, restarts);
+            self.board.set_recycles(self.plan.recycled());
+            let (queued, backlog) = self.accept_queue();
+            self.board.set_accept_queue(queued, backlog);
             self.tell_systemd(ready, restarts);
         }
     }
@@ -177,6 +187,10 @@ impl<P: Program> Supervisor<P> {
                     let _ = kill(Pid::from_raw(pid), sig);
                 }
                 Action::ReloadDone(outcome) => self.reload_done(outcome),
+                Action::Hung { slot, pid, cell } => {
+                    let doing = requests::describe_activity(&self.board.activity(cell), now_ms());
+                    log::error!("worker slot {slot} pid {pid} was stuck with {doing}");
+                }
                 Action::Exit => exit = true,
             }
         }
@@ -299,10 +313,8 @@ impl<P: Program> Supervisor<P> {
         let now = now_ms();
         let actions = match ev {
             SignalEvent::Stop => {
-                log::info!("graceful stop requested");
-                self.systemd.stopping();
-                self.plan
-                    .stop(now, self.settings.live.shutdown_timeout.as_millis() as u64)
+                let ms = self.settings.live.shutdown_timeout.as_millis() as u64;
+                self.begin_stop(now, ms)
             }
             SignalEvent::FastStop => {
                 log::info!("fast stop requested");
@@ -337,6 +349,34 @@ impl<P: Program> Supervisor<P> {
             self.listeners.truncate(n.max(1));
         }
         actions
+    }
+
+    /// A graceful stop (TERM, INT, `forkd stop`): /readyz fails at once on
+    /// every worker; the drain starts after `shutdown_delay`.
+    pub(super) fn begin_stop(&mut self, now: u64, timeout_ms: u64) -> Vec<Action> {
+        let delay = self.settings.live.shutdown_delay.as_millis() as u64;
+        if self.plan.stop_pending() {
+            log::info!("graceful stop requested again: draining now");
+        } else if delay > 0 && self.plan.phase() == Phase::Running {
+            log::info!(
+                "graceful stop requested: /readyz fails now; draining in {delay} ms \
+                 (shutdown_delay), for up to {timeout_ms} ms"
+            );
+        } else {
+            log::info!("graceful stop requested (drain up to {timeout_ms} ms)");
+        }
+        self.systemd.stopping();
+        self.board.set_stopping();
+        self.plan.stop(now, timeout_ms, delay)
+    }
+
+    /// Connections waiting in the listening sockets' accept queues, and
+    /// their backlog, summed.
+    pub(super) fn accept_queue(&self) -> (u64, u64) {
+        self.listeners
+            .iter()
+            .filter_map(|l| sys::accept_queue(l.as_fd()))
+            .fold((0, 0), |(q, b), (lq, lb)| (q + lq, b + lb))
     }
 
     fn reopen_logs(&mut self) {
@@ -376,6 +416,7 @@ impl<P: Program> Supervisor<P> {
         let log_changed = new.live.log_file != self.settings.live.log_file;
         self.settings.live = new.live;
         self.plan.set_limits(limits(&self.settings.live));
+        self.plan.set_recycling(self.settings.live.recycling);
         if log_changed {
             if let Some(path) = &self.settings.live.log_file {
                 if let Err(e) = redirect_output(path) {

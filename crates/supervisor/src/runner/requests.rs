@@ -2,9 +2,11 @@
 //! answering requests, the replies that wait for an outcome, and status.
 
 use super::{ready_slots, Supervisor, MAX_CONTROL_CONNS};
-use crate::control::{Awaiting, Conn, ReadResult, Reply, Request, Status, WorkerStatus};
-use crate::plan::{Phase, ReloadOutcome};
-use crate::scoreboard::{now_ms, WorkerState};
+use crate::control::{
+    AcceptQueue, Awaiting, Conn, OldestRequest, ReadResult, Reply, Request, Status, WorkerStatus,
+};
+use crate::plan::{Phase, RecycleReason, ReloadOutcome};
+use crate::scoreboard::{now_ms, ActivityView, WorkerState};
 use crate::Program;
 
 impl<P: Program> Supervisor<P> {
@@ -71,7 +73,7 @@ impl<P: Program> Supervisor<P> {
         match req {
             Request::Status => {
                 let status = self.status(now);
-                let _ = self.conns[i].send(&Reply::Status(status));
+                let _ = self.conns[i].send(&Reply::Status(Box::new(status)));
             }
             Request::Stop { timeout } => self.stop_request(i, timeout, now),
             Request::Reload => {
@@ -98,16 +100,16 @@ impl<P: Program> Supervisor<P> {
             Some(t) if t.is_finite() && t >= 0.0 => (t * 1000.0) as u64,
             _ => self.settings.live.shutdown_timeout.as_millis() as u64,
         };
+        let delay = self.settings.live.shutdown_delay.as_millis() as u64;
         let _ = self.conns[i].send(&Reply::Stopping {
             pid: self.pid,
-            drain_ms: ms,
+            // What the client should wait for: the delay, then the drain.
+            drain_ms: ms + delay,
         });
         // Kept open: it closes when the supervisor exits.
         self.conns[i].awaiting = Some(Awaiting::Exit);
-        if self.plan.phase() == Phase::Running {
-            log::info!("graceful stop requested (drain up to {ms} ms)");
-            self.systemd.stopping();
-            let actions = self.plan.stop(now, ms);
+        if self.plan.phase() == Phase::Running || self.plan.stop_pending() {
+            let actions = self.begin_stop(now, ms);
             self.execute(actions);
         }
     }
@@ -137,6 +139,7 @@ impl<P: Program> Supervisor<P> {
             .iter()
             .map(|w| {
                 let v = self.board.view(w.cell);
+                let a = self.board.activity(w.cell);
                 let state = match w.leaving {
                     Some(_) if v.state != WorkerState::Draining => "stopping",
                     _ => v.state.name(),
@@ -152,6 +155,15 @@ impl<P: Program> Supervisor<P> {
                     restarts: slots.get(w.slot).map_or(0, |s| s.restarts),
                     heartbeat_age_ms: now.saturating_sub(v.heartbeat_ms),
                     redis: crate::scoreboard::info_text(&v.info),
+                    in_flight: a.in_flight,
+                    connections: a.connections,
+                    hash_queue: a.hash_queue,
+                    oldest: a.oldest.map(|o| OldestRequest {
+                        age_ms: now.saturating_sub(o.started_ms),
+                        what: o.what,
+                        request_id: o.request_id,
+                    }),
+                    last_replaced: slots.get(w.slot).and_then(|s| s.last_replaced.clone()),
                 }
             })
             .collect();
@@ -185,12 +197,39 @@ impl<P: Program> Supervisor<P> {
                 .enumerate()
                 .filter_map(|(i, s)| Some((i, s.respawn_at_ms?.saturating_sub(now))))
                 .collect(),
+            accept_queue: {
+                let (queued, backlog) = self.accept_queue();
+                AcceptQueue { queued, backlog }
+            },
+            recycled: RecycleReason::ALL
+                .iter()
+                .zip(self.plan.recycled())
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect(),
+            recycling: self
+                .plan
+                .recycling_now()
+                .map(|(s, why)| (s, why.to_owned())),
         }
     }
 }
 
+/// What a worker's cell says it is doing, for the log.
+pub(super) fn describe_activity(a: &ActivityView, now: u64) -> String {
+    let mut text = format!("{} request(s) in flight", a.in_flight);
+    if let Some(o) = &a.oldest {
+        text += &format!(
+            "; the oldest: {} (request id {}) for {} ms",
+            o.what,
+            o.request_id,
+            now.saturating_sub(o.started_ms)
+        );
+    }
+    text + &format!(", {} open connection(s)", a.connections)
+}
+
 /// Resident set size of `pid`, from /proc (0 when it cannot be read).
-fn rss_bytes(pid: i32) -> u64 {
+pub(super) fn rss_bytes(pid: i32) -> u64 {
     let pages = std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

@@ -131,11 +131,12 @@ fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>
         listen_addr,
         fixed.listener.name()
     );
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         settings.live.workers,
         limits(&settings.live),
         u64::from_le_bytes(seed),
     );
+    plan.set_recycling(settings.live.recycling);
     let redis = fixed.redis.clone().map(RedisChild::new);
     Ok(Supervisor::new(
         settings,
@@ -342,6 +343,7 @@ fn adopt<P: Program>(
     }
     let mut plan = h.plan.clone();
     plan.set_limits(limits(&settings.live));
+    plan.set_recycling(settings.live.recycling);
     let e = &inherited.envelope;
     let upgrade = match e.rollback {
         Some(_) => None,
