@@ -339,6 +339,22 @@ def main():
         f.cli("user", "add", "bench", "--password-stdin", stdin=PASSWORD + "\n")
         notes["rss_idle"] = settled_rss(f)
         rows.append(measure("healthz", f, redis, lambda: wrk(f.url("/healthz"), secs), secs))
+        # The same /healthz with each access log format written to a file:
+        # what a line per request costs.
+        for fmt_ in ("json", "combined"):
+            a = Forkd(tmp, f"access-{fmt_}", redis, f'access_log = "{fmt_}"\n'
+                      f'access_log_file = "{tmp}/access-{fmt_}.log"\n' + high.replace(
+                          "[rate_limit.profile]",
+                          f'[redis]\nprefix = "access-{fmt_}:"\n[rate_limit.profile]'))
+            started.append(a)
+            row = measure(f"healthz, access log {fmt_} to a file", a, redis,
+                          lambda: wrk(a.url("/healthz"), secs), secs)
+            a.stop()
+            started.remove(a)
+            # Counted once the workers have exited, which flushes the log.
+            with open(f"{tmp}/access-{fmt_}.log", "rb") as lines:
+                row["access_lines"] = sum(1 for _ in lines)
+            rows.append(row)
         token = login_token(f, "bench")
         http("GET", f.port, "/profile", headers={"Authorization": f"Bearer {token}"})
         rows.append(measure("profile cache hit", f, redis, lambda: wrk(
@@ -539,6 +555,11 @@ def report(rows, notes, cores, args):
         print(f"  reuseport: cache hit {rp['rps']:.0f} req/s = {rp['rps'] / max(rh['rps'], 1):.2f} x "
               f"its /healthz, p99 {fmt(rp.get('p99_ms'))} ms, requests per worker "
               f"{'/'.join(str(n) for n in rp['requests_per_worker'])}")
+    for fmt_ in ("json", "combined"):
+        r = by[f"healthz, access log {fmt_} to a file"]
+        print(f"  access log {fmt_}: {r['rps']:.0f} req/s = {r['rps'] / max(h['rps'], 1):.2f} x "
+              f"/healthz without it; {r['access_lines']} lines written for "
+              f"{r['requests']} requests")
     redis_us = max(hit["script_usec_per_call"], hit["redis_cpu_us_per_req"])
     beside = [keep.get("healthz_beside_p99_ms") or 1e9, fresh.get("healthz_beside_p99_ms") or 1e9]
     targets = [
@@ -565,6 +586,11 @@ def report(rows, notes, cores, args):
          f"{kill['replacement_ms_p50']:.1f} ms"),
         ("zero failed requests across a reload", reload["errors"] == 0 and reload["reload_ok"],
          f"{reload['errors']}"),
+    ] + [
+        (f"access log {fmt_} costs <= 10 % of /healthz req/s",
+         by[f"healthz, access log {fmt_} to a file"]["rps"] >= 0.9 * h["rps"],
+         f"{by[f'healthz, access log {fmt_} to a file']['rps'] / max(h['rps'], 1):.2f} x")
+        for fmt_ in ("json", "combined")
     ]
     print()
     print("targets:")

@@ -379,14 +379,15 @@ impl<P: Program> Supervisor<P> {
             .fold((0, 0), |(q, b), (lq, lb)| (q + lq, b + lb))
     }
 
+    /// SIGUSR1: the log file here, and in every worker the log file and
+    /// the access log file.
     fn reopen_logs(&mut self) {
-        let Some(path) = self.settings.live.log_file.clone() else {
-            log::info!("SIGUSR1: no log_file configured; nothing to reopen");
-            return;
-        };
-        match redirect_output(&path) {
-            Ok(()) => log::info!("reopened log file {}", path.display()),
-            Err(e) => log::error!("cannot reopen log file: {e}"),
+        match self.settings.live.log_file.clone() {
+            Some(path) => match redirect_output(&path) {
+                Ok(()) => log::info!("reopened log file {}", path.display()),
+                Err(e) => log::error!("cannot reopen log file: {e}"),
+            },
+            None => log::info!("SIGUSR1: no log_file configured; telling the workers"),
         }
         for w in self.plan.workers() {
             let _ = kill(Pid::from_raw(w.pid), Signal::SIGUSR1);
