@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::process::{Command, Stdio};
 
 use common::*;
 use nix::sys::signal::Signal;
