@@ -80,9 +80,7 @@ fn last_replaced(s: &Value) -> Vec<String> {
 
 #[test]
 fn max_requests_recycles_one_slot_at_a_time_without_a_failed_request() {
-    let f = Forkd::start(
-        "workers = 2\n[recycle]\nmax_requests = 300\nmax_requests_jitter = 100\n",
-    );
+    let f = Forkd::start("workers = 2\n[recycle]\nmax_requests = 300\nmax_requests_jitter = 100\n");
     let first = f.wait_ready();
     let (s, res) = under_load_until(&f, |s| recycled(s, "max_requests") >= 4);
     assert_no_failures(&res, &f);
@@ -100,7 +98,10 @@ fn max_requests_recycles_one_slot_at_a_time_without_a_failed_request() {
         .all(|w| w["restarts"] == 0));
     let text = f.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("last replaced: recycled: max_requests"), "{text}");
+    assert!(
+        text.contains("last replaced: recycled: max_requests"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -129,7 +130,11 @@ fn max_rss_recycles_a_worker_whose_memory_grew() {
     let text = text.replace("max_rss = 0", &format!("max_rss = {}", limit.max(32)));
     std::fs::write(&f.config, text).unwrap();
     let out = f.cli(&["reload"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     f.wait_ready();
     let port = f.port;
     let stop = Arc::new(AtomicBool::new(false));
@@ -215,7 +220,9 @@ fn shutdown_delay_fails_readyz_at_once_and_keeps_serving_then_drains() {
         "/readyz turned 503 {first_503:?} after TERM; {served_in_window} pairs served in the pause"
     );
     assert_eq!(f.wait_exit(PATIENCE), Some(0));
-    assert!(f.log_text().contains("draining in 3000 ms (shutdown_delay)"));
+    assert!(f
+        .log_text()
+        .contains("draining in 3000 ms (shutdown_delay)"));
 }
 
 /// `GET path` with an `X-Request-Id` (and optionally a bearer token).
@@ -275,7 +282,10 @@ fn json_access_log_has_every_request_once_with_its_id_and_no_secret() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
     for (id, status) in &sent {
-        let mine: Vec<&Value> = parsed.iter().filter(|v| v["request_id"] == id.as_str()).collect();
+        let mine: Vec<&Value> = parsed
+            .iter()
+            .filter(|v| v["request_id"] == id.as_str())
+            .collect();
         assert_eq!(mine.len(), 1, "{id}: {mine:?}");
         assert_eq!(mine[0]["status"], *status);
         assert_eq!(mine[0]["client"], "127.0.0.1");
@@ -301,7 +311,9 @@ fn json_access_log_has_every_request_once_with_its_id_and_no_secret() {
         text.contains("after-usr1").then_some(text)
     })
     .expect("a new access log file after USR1");
-    assert!(fresh.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()));
+    assert!(fresh
+        .lines()
+        .all(|l| serde_json::from_str::<Value>(l).is_ok()));
     let _ = &mut f;
 }
 
@@ -324,14 +336,8 @@ fn combined_access_log_to_stdout() {
             .map(str::to_owned)
     })
     .expect("a combined line in the output");
-    assert!(
-        line.starts_with("127.0.0.1 - - ["),
-        "{line}"
-    );
-    assert!(
-        line.contains("] \"GET /healthz HTTP/1.1\" 200 "),
-        "{line}"
-    );
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(line.contains("] \"GET /healthz HTTP/1.1\" 200 "), "{line}");
     assert!(line.contains("\"probe \\x22x\\x22\" rt="), "{line}");
     assert!(line.contains(&format!(" pid={} ", r.pid())), "{line}");
 }
@@ -376,7 +382,10 @@ fn a_stuck_worker_is_killed_with_its_oldest_request_in_the_log() {
     })
     .unwrap_or_else(|| panic!("no worker shows the request; {:?}", f.status()));
     let text = String::from_utf8_lossy(&f.cli(&["status"]).stdout).into_owned();
-    assert!(text.contains("oldest request GET /profile (id stuck-42)"), "{text}");
+    assert!(
+        text.contains("oldest request GET /profile (id stuck-42)"),
+        "{text}"
+    );
     signal(pid, Signal::SIGSTOP);
     let line = poll(PATIENCE, || {
         f.log_text()
@@ -386,7 +395,9 @@ fn a_stuck_worker_is_killed_with_its_oldest_request_in_the_log() {
     })
     .unwrap_or_else(|| panic!("no forensics line; log:\n{}", f.log_text()));
     assert!(
-        line.contains("1 request(s) in flight; the oldest: GET /profile (request id stuck-42) for "),
+        line.contains(
+            "1 request(s) in flight; the oldest: GET /profile (request id stuck-42) for "
+        ),
         "{line}"
     );
     waiting.join().unwrap();
@@ -422,7 +433,10 @@ fn saturation_figures_in_status_and_metrics() {
     assert_eq!(m["forkd_listen_backlog{}"], 128.0);
     assert!(m.contains_key("forkd_listen_accept_queue{}"));
     for reason in ["max_requests", "max_rss", "max_age"] {
-        assert_eq!(m[&format!("forkd_worker_recycles_total{{reason={reason}}}")], 0.0);
+        assert_eq!(
+            m[&format!("forkd_worker_recycles_total{{reason={reason}}}")],
+            0.0
+        );
     }
     for &p in &workers {
         for name in [
@@ -441,7 +455,11 @@ fn saturation_figures_in_status_and_metrics() {
     let answering = r.pid();
     let key = m
         .keys()
-        .find(|k| k.starts_with(&format!("forkd_worker_requests_in_flight{{pid={answering},")))
+        .find(|k| {
+            k.starts_with(&format!(
+                "forkd_worker_requests_in_flight{{pid={answering},"
+            ))
+        })
         .unwrap();
     assert_eq!(m[key], 1.0);
     let conns = m
