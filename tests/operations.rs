@@ -117,7 +117,7 @@ fn max_age_recycles_without_a_failed_request() {
 
 #[test]
 fn max_rss_recycles_a_worker_whose_memory_grew() {
-    let mut f = Forkd::start("workers = 1\n[recycle]\nmax_rss = 0\n");
+    let f = Forkd::start("workers = 1\n[recycle]\nmax_rss = 0\n");
     f.add_user("alice", PW);
     let idle = f.status().unwrap()["workers"][0]["rss_bytes"]
         .as_u64()
@@ -167,7 +167,6 @@ fn max_rss_recycles_a_worker_whose_memory_grew() {
         last_replaced(&s).iter().any(|r| r.contains("max_rss")),
         "{s:#}"
     );
-    let _ = &mut f;
 }
 
 #[test]
@@ -248,7 +247,7 @@ fn access_lines(path: &Path, at_least: usize) -> Vec<String> {
 fn json_access_log_has_every_request_once_with_its_id_and_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("access.log");
-    let mut f = Forkd::start(&format!(
+    let f = Forkd::start(&format!(
         "workers = 2\naccess_log = \"json\"\naccess_log_file = \"{}\"\n",
         file.display()
     ));
@@ -314,7 +313,6 @@ fn json_access_log_has_every_request_once_with_its_id_and_no_secret() {
     assert!(fresh
         .lines()
         .all(|l| serde_json::from_str::<Value>(l).is_ok()));
-    let _ = &mut f;
 }
 
 #[test]

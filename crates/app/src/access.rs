@@ -342,7 +342,7 @@ fn json(out: &mut String, l: &Line<'_>) {
 }
 
 fn json_str(out: &mut String, v: &str) {
-    out.push_str(&serde_json::Value::from(v).to_string());
+    out.push_str(&serde_json::to_string(v).expect("a string always serializes"));
 }
 
 /// (year, month, day, hour, minute, second, millisecond) in UTC.

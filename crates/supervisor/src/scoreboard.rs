@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 pub(crate) use crate::sys::RECYCLE_REASONS;
-use crate::sys::{Activity, Cell, SharedMapping, SharedSlice, ACTIVITY_TEXT_WORDS};
+use crate::sys::{Activity, Cell, SharedMapping, SharedSlice};
 
 /// What a worker process says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -29,7 +29,7 @@ pub enum WorkerState {
 }
 
 /// The text a worker published with [`WorkerCell::set_info`].
-pub(crate) fn info_text(words: &[u64; INFO_WORDS]) -> String {
+pub(crate) fn info_text(words: &[u64]) -> String {
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
@@ -68,23 +68,25 @@ pub struct ActivityView {
     pub oldest: Option<Oldest>,
 }
 
-fn text_words(text: &str, words: &[AtomicU64; ACTIVITY_TEXT_WORDS]) {
-    let mut bytes = [0u8; ACTIVITY_TEXT_WORDS * 8];
-    let mut n = text.len().min(bytes.len());
+/// Stores `text` in `words` as little-endian bytes, zero-padded, cut at a
+/// character boundary to fit (read back with [`info_text`]).
+fn text_words(text: &str, words: &[AtomicU64]) {
+    let mut n = text.len().min(words.len() * 8);
     while !text.is_char_boundary(n) {
         n -= 1;
     }
-    bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
-    for (i, w) in words.iter().enumerate() {
-        let word: [u8; 8] = bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes");
+    let mut bytes = text.as_bytes()[..n].chunks(8);
+    for w in words {
+        let mut word = [0u8; 8];
+        if let Some(chunk) = bytes.next() {
+            word[..chunk.len()].copy_from_slice(chunk);
+        }
         w.store(u64::from_le_bytes(word), Relaxed);
     }
 }
 
-fn words_text(words: &[AtomicU64; ACTIVITY_TEXT_WORDS]) -> String {
-    info_text(&std::array::from_fn(|i| {
-        words.get(i).map_or(0, |w| w.load(Relaxed))
-    }))
+fn words_text(words: &[AtomicU64]) -> String {
+    info_text(&words.iter().map(|w| w.load(Relaxed)).collect::<Vec<_>>())
 }
 
 fn read_activity(a: &Activity) -> ActivityView {
@@ -318,13 +320,7 @@ impl WorkerCell {
 
     /// Publishes a short text (at most 128 bytes are kept) for status.
     pub fn set_info(&self, text: &str) {
-        let mut bytes = [0u8; INFO_WORDS * 8];
-        let n = text.len().min(bytes.len());
-        bytes[..n].copy_from_slice(&text.as_bytes()[..n]);
-        for (i, w) in self.cell().info.iter().enumerate() {
-            let word: [u8; 8] = bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes");
-            w.store(u64::from_le_bytes(word), Relaxed);
-        }
+        text_words(text, &self.cell().info);
     }
 
     /// Adds `n` to this worker's counter `k`.

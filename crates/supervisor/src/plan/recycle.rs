@@ -184,19 +184,7 @@ impl Plan {
         match successor {
             Some(new) if new.ready_ms.is_some() => {
                 let r = self.recycle.take().expect("recycle is running");
-                let drain = self.drain_deadline(now);
-                if let Some(old) = self
-                    .workers
-                    .iter_mut()
-                    .find(|w| w.pid == r.old_pid && w.leaving.is_none())
-                {
-                    old.leaving = Some(Leaving::Retired);
-                    old.kill_at_ms = Some(drain);
-                    out.push(Action::Signal {
-                        pid: old.pid,
-                        sig: Sig::Term,
-                    });
-                }
+                self.retire_pid(r.old_pid, now, out);
                 self.recycled[r.reason.index()] += 1;
                 if let Some(s) = self.slots.get_mut(r.slot) {
                     s.last_replaced = Some(format!("recycled: {}", r.why));
