@@ -74,9 +74,10 @@ pub(crate) enum Command {
     /// Print a shell completion script (bash, zsh, fish, elvish or
     /// powershell) to stdout.
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff) to stdout.
+    /// Print forkd(1) (roff) to stdout, or write it and a page per
+    /// command into DIR.
     #[command(hide = true)]
-    Manpage,
+    Manpage { dir: Option<PathBuf> },
     /// Manage users (stored in Redis).
     User {
         #[command(subcommand)]
@@ -129,13 +130,6 @@ pub(crate) fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
     clap_complete::generate(shell, &mut cmd, "forkd", &mut std::io::stdout());
-    Ok(())
-}
-
-/// Writes forkd(1), generated from these definitions.
-pub(crate) fn manpage() -> anyhow::Result<()> {
-    use clap::CommandFactory;
-    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock())?;
     Ok(())
 }
 

@@ -8,11 +8,13 @@
 //! - `settings`: the configuration mapped onto each crate's settings;
 //! - `worker`: the program the supervisor forks;
 //! - `users`: `forkd user ...`;
-//! - `logging`: the log format.
+//! - `logging`: the log format;
+//! - `manpage`: forkd(1) and the per-command pages.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod logging;
+mod manpage;
 mod settings;
 mod source;
 mod users;
@@ -97,7 +99,7 @@ fn main() -> ExitCode {
         }
         Command::UpgradeProbe => return upgrade_probe(),
         Command::Completions { shell } => cli::completions(shell),
-        Command::Manpage => cli::manpage(),
+        Command::Manpage { dir } => manpage::run(dir.as_deref()),
         command => {
             let target = match source.target() {
                 Ok(t) => t,
@@ -113,7 +115,7 @@ fn main() -> ExitCode {
                 Command::Scale { workers } => cli::scale(&target, workers),
                 Command::Upgrade => cli::upgrade(&target),
                 Command::User { .. } | Command::UpgradeProbe => unreachable!(),
-                Command::Completions { .. } | Command::Manpage => unreachable!(),
+                Command::Completions { .. } | Command::Manpage { .. } => unreachable!(),
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
             }
         }

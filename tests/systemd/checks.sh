@@ -446,6 +446,103 @@ check_instances() {
     active forkd@b.service && bad "forkd@b still active after stop"
 }
 
+# 9. The Debian package (bin/package), on a machine without forkd: the
+# README install of checks 1-8 is undone first, user included.
+pkg_leftovers() { # what of forkd is on disk outside the test's own files
+    find /etc /usr /lib /var/lib /var/log -name '*forkd*' -not -name 'test-forkd.*' \
+        -not -path '/var/log/journal/*' 2>/dev/null | sort
+}
+check_package() {
+    local deb=/forkd-systemd-test/debs/forkd.deb next=/forkd-systemd-test/debs/forkd-next.deb
+    local out rc mp nr b0 b1 u seen left
+    timeout 120 systemctl stop forkd.socket forkd.service 'forkd@*.service' >/dev/null 2>&1
+    timeout 60 systemctl disable forkd.service forkd.socket >/dev/null 2>&1
+    rm -f /etc/systemd/system/forkd.service /etc/systemd/system/forkd@.service /etc/systemd/system/forkd.socket \
+        /usr/local/bin/forkd /root/forkd-*
+    rm -rf /etc/forkd /var/lib/forkd /run/forkd
+    systemctl daemon-reload
+    wait_for 30 eval '! pgrep -u forkd >/dev/null' || bad "processes of user forkd left from checks 1-8: $(pgrep -a -u forkd | oneline)"
+    userdel forkd 2>/dev/null
+    groupdel forkd 2>/dev/null
+    left=$(pkg_leftovers)
+    [ -z "$left" ] || bad "before the install, left from checks 1-8: $(oneline <<<"$left")"
+    CLI=/usr/bin/forkd
+
+    out=$(timeout 120 dpkg -i "$deb" 2>&1)
+    rc=$?
+    echo "$out" >"$results/dpkg-install.out"
+    [ "$rc" = 0 ] || bad "dpkg -i forkd.deb exited $rc: $(tail -n 3 <<<"$out" | oneline)"
+    [ "$(dpkg-query -W -f='${Status}' forkd 2>&1)" = "install ok installed" ] ||
+        bad "dpkg-query: $(dpkg-query -W -f='${Status}' forkd 2>&1)"
+    u=$(getent passwd forkd)
+    if [ -z "$u" ]; then
+        bad "the package made no forkd user"
+    else
+        IFS=: read -r _ _ uid _ _ home shell <<<"$u"
+        [ "$uid" -lt 1000 ] && [ "$shell" = /usr/sbin/nologin ] || bad "forkd user is not a system user without a shell: $u"
+        note "user $u"
+    fi
+    dpkg-query -W -f='${Conffiles}' forkd | grep -q ' /etc/forkd/forkd.toml ' || bad "/etc/forkd/forkd.toml is not a conffile: $(dpkg-query -W -f='${Conffiles}' forkd | oneline)"
+    # Installed, left to the admin: neither enabled nor started.
+    [ "$(systemctl is-enabled forkd.service 2>&1)" = disabled ] || bad "after install forkd.service is $(systemctl is-enabled forkd.service 2>&1), not disabled"
+    active forkd.service && bad "forkd.service runs right after the install"
+    [[ "$(systemctl show -p ExecStart --value forkd.service)" == *"path=/usr/bin/forkd "* ]] ||
+        bad "forkd.service does not run /usr/bin/forkd: $(systemctl show -p ExecStart --value forkd.service)"
+    zcat /usr/share/man/man1/forkd.1.gz 2>/dev/null | grep -q '^\.SH SIGNALS' || bad "no forkd(1) with a SIGNALS section"
+    zcat /usr/share/man/man1/forkd-user-add.1.gz 2>/dev/null | grep -q '^\.TH' || bad "no forkd-user-add(1)"
+    out=$(bash -c '. /usr/share/bash-completion/completions/forkd && complete -p forkd' 2>&1) || bad "bash completion: $out"
+    [ -s /usr/share/zsh/vendor-completions/_forkd ] && [ -s /usr/share/fish/vendor_completions.d/forkd.fish ] || bad "no zsh or fish completion"
+
+    out=$(timeout 120 systemctl enable --now forkd 2>&1) || bad "systemctl enable --now forkd: $out"
+    wait_for 60 serving || bad "the packaged forkd does not serve: $(systemctl is-active forkd.service), $(healthz)"
+    [ "$(st "d['pid']")" = "$(main_pid)" ] || bad "status pid $(st "d['pid']") is not MainPID $(main_pid)"
+
+    # A newer package over a running forkd: postinst upgrades it in place.
+    mp=$(main_pid)
+    nr=$(nrestarts)
+    b0=$(st "d['build']")
+    echo '# edited by the admin' >>/etc/forkd/forkd.toml
+    load_start pkg 8080 3000 120
+    wait_for 10 load_at_least pkg 5 || bad "the request loop got no answers before the package upgrade"
+    out=$(timeout 180 dpkg -i "$next" 2>&1)
+    rc=$?
+    echo "$out" >"$results/dpkg-upgrade.out"
+    [ "$rc" = 0 ] || bad "dpkg -i forkd-next.deb exited $rc: $(tail -n 3 <<<"$out" | oneline)"
+    grep -q 'instance forkd (pid [0-9]*) now runs the new binary' <<<"$out" || bad "postinst did not upgrade forkd.service: $(oneline <<<"$out")"
+    wait_for 30 eval 'b1=$(st "d[\"build\"]") && [ -n "$b1" ] && [ "$b1" != "$b0" ] && all_ready' ||
+        bad "status build is still '$(st "d['build']")' (was $b0), or not all ready"
+    seen=$(($(load_ok pkg) + 100))
+    wait_for 30 load_at_least pkg "$seen"
+    load_stop pkg
+    load_failed pkg
+    [ "$(main_pid)" = "$mp" ] || bad "MainPID changed from $mp to $(main_pid) in the package upgrade"
+    [ "$(nrestarts)" = "$nr" ] || bad "NRestarts changed from $nr to $(nrestarts) in the package upgrade"
+    grep -qx '# edited by the admin' /etc/forkd/forkd.toml || bad "the package upgrade lost the admin's edit of /etc/forkd/forkd.toml"
+    note "upgraded to $(dpkg-query -W -f='${Version}' forkd) in place: MainPID $mp kept, build $b0 -> $b1"
+
+    out=$(timeout 180 dpkg -r forkd 2>&1)
+    rc=$?
+    echo "$out" >"$results/dpkg-remove.out"
+    [ "$rc" = 0 ] || bad "dpkg -r forkd exited $rc: $(tail -n 3 <<<"$out" | oneline)"
+    active forkd.service && bad "forkd.service still active after dpkg -r"
+    wait_for 30 eval '! pgrep -u forkd >/dev/null' || bad "processes of user forkd after dpkg -r: $(pgrep -a -u forkd | oneline)"
+    healthz_ok && bad "port 8080 still answers after dpkg -r"
+    [ -e /usr/bin/forkd ] && bad "/usr/bin/forkd is still there after dpkg -r"
+    [ -f /etc/forkd/forkd.toml ] || bad "dpkg -r took the conffile /etc/forkd/forkd.toml (only a purge should)"
+    left=$(find /etc/systemd /lib/systemd -name '*forkd*' -not -name 'test-forkd.*' 2>/dev/null)
+    [ -z "$left" ] || bad "units or enable links left after dpkg -r: $(oneline <<<"$left")"
+
+    out=$(timeout 120 dpkg -P forkd 2>&1)
+    rc=$?
+    echo "$out" >"$results/dpkg-purge.out"
+    [ "$rc" = 0 ] || bad "dpkg -P forkd exited $rc: $(tail -n 3 <<<"$out" | oneline)"
+    dpkg-query -W -f='${Status}' forkd 2>/dev/null | grep -q 'installed' && bad "dpkg still knows forkd: $(dpkg-query -W -f='${Status}' forkd)"
+    left=$(pkg_leftovers)
+    [ -z "$left" ] || bad "left after dpkg -P: $(oneline <<<"$left")"
+    [ -e /run/forkd ] && bad "/run/forkd left after dpkg -P"
+    getent passwd forkd >/dev/null && note "the forkd user stays after purge, as Debian keeps system users"
+}
+
 check "1 install as README says; enable --now returns once workers serve" check_install
 check "2 systemctl reload: same MainPID, new workers" check_reload
 check "3 upgrade to a new build: same MainPID, new build" check_upgrade
@@ -454,6 +551,7 @@ check "5 kill -9 of the supervisor: workers gone, systemd restarts it" check_kil
 check "6 all workers SIGSTOPped: the watchdog restarts forkd" check_watchdog
 check "7 socket activation: no failed request across a kill of forkd" check_socket
 check "8 forkd@a and forkd@b side by side, and beside forkd.service" check_instances
+check "9 the .deb: install, start, upgrade in place under load, remove, purge" check_package
 
 echo "$npass $nfail" >"$results/done"
 echo "== checks: $npass passed, $nfail failed"
