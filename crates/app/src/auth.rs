@@ -7,7 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use forkd_store::{Policy, User};
 use http_body_util::{BodyExt, Limited};
@@ -236,12 +236,11 @@ async fn verify(
     let dummy = st.dummy.clone();
     let checked = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let started = Instant::now();
         let Some(phc) = phc else {
             // Same work as a wrong password, so that the answer's timing
             // does not tell whether the user exists.
             dummy.verify(&password);
-            return (false, None, Duration::ZERO);
+            return (false, None);
         };
         let ok = secrets::verify_password(&phc, &password);
         let older = secrets::needs_rehash(&phc, cost);
@@ -249,25 +248,22 @@ async fn verify(
             .then(|| secrets::hash_password(&password, cost).ok())
             .flatten();
         // A wrong password for a hash of older, cheaper parameters takes as
-        // long as for an unknown user: padded up to what the dummy takes.
-        let pad = if !ok && older {
-            dummy.pad(started.elapsed())
-        } else {
-            Duration::ZERO
-        };
-        (ok, rehash, pad)
+        // long as for an unknown user: the same dummy verify on top, which
+        // costs what it costs whatever the load (a measured pause went
+        // stale when the load changed).
+        if !ok && older {
+            dummy.verify(&password);
+        }
+        (ok, rehash)
     })
     .await;
-    let (ok, rehash, pad) = checked.map_err(|e| {
+    let (ok, rehash) = checked.map_err(|e| {
         log::error!("password check failed: {e}");
         unavailable(
             "The password check failed; try again.",
             Duration::from_secs(1),
         )
     })?;
-    if !pad.is_zero() {
-        tokio::time::sleep(pad).await;
-    }
     Ok((ok, rehash))
 }
 

@@ -5,9 +5,7 @@
 //! SECRET is 32 bytes from the OS (getrandom, never a PRNG seeded before
 //! fork), base64url. Redis only ever sees the token's SHA-256.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use argon2::password_hash::phc::Output;
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher, Version};
@@ -151,13 +149,10 @@ pub fn nonce() -> String {
 }
 
 /// The hash unknown users are verified against: a real hash with the
-/// configured cost, of a random password, made once per worker; and what
-/// verifying it takes here.
+/// configured cost, of a random password, made once per worker.
 pub(crate) struct DummyHash {
     cost: HashCost,
     phc: OnceLock<String>,
-    /// A moving average, ns (0 until measured), so that it follows the load.
-    verify_ns: AtomicU64,
 }
 
 impl DummyHash {
@@ -165,14 +160,11 @@ impl DummyHash {
         DummyHash {
             cost,
             phc: OnceLock::new(),
-            verify_ns: AtomicU64::new(0),
         }
     }
 
-    /// Makes the hash and measures one verify, before the first login.
-    /// The first verify on a thread also maps and faults in its argon2
-    /// memory (about as long again), so it is not the one measured: the
-    /// time kept must be what a check takes once that memory is there.
+    /// Makes the hash and verifies it twice, before the first login: the
+    /// first verify on a thread also maps and faults in its argon2 memory.
     /// Blocking: run it off the event loop.
     pub(crate) fn prepare(&self) {
         let _ = verify_password(self.phc(), &nonce());
@@ -184,30 +176,9 @@ impl DummyHash {
             .get_or_init(|| hash_password(&nonce(), self.cost).unwrap_or_default())
     }
 
-    /// Verifies `password` against the dummy (always wrong), and keeps the
-    /// time it took. Blocking.
+    /// Verifies `password` against the dummy (always wrong). Blocking.
     pub(crate) fn verify(&self, password: &str) {
-        let phc = self.phc();
-        let started = Instant::now();
-        let _ = verify_password(phc, password);
-        self.note(started.elapsed());
-    }
-
-    fn note(&self, took: Duration) {
-        let took = took.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let old = self.verify_ns.load(Relaxed);
-        let new = if old == 0 {
-            took
-        } else {
-            (old / 8) * 7 + took / 8
-        };
-        self.verify_ns.store(new, Relaxed);
-    }
-
-    /// What a check that took `took` must still wait to take as long as
-    /// the dummy does.
-    pub(crate) fn pad(&self, took: Duration) -> Duration {
-        Duration::from_nanos(self.verify_ns.load(Relaxed)).saturating_sub(took)
+        let _ = verify_password(self.phc(), password);
     }
 }
 
