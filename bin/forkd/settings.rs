@@ -194,5 +194,39 @@ pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
                 file: c.access_log_file.clone(),
             }),
         },
+        routes: c.route.iter().map(route).collect(),
+        proxy: forkd_app::ProxySettings {
+            user_header: header_name(&c.proxy.user_header),
+            role_header: header_name(&c.proxy.role_header),
+            session_header: header_name(&c.proxy.session_header),
+            max_idle_per_upstream: c.proxy.max_idle_per_upstream,
+            idle_timeout: c.proxy.idle_timeout,
+            forward_auth_path: c.proxy.forward_auth_path.clone(),
+        },
     }
+}
+
+fn route(r: &forkd_config::Route) -> forkd_app::RouteSettings {
+    forkd_app::RouteSettings {
+        prefix: r.prefix.clone(),
+        upstream: match &r.upstream {
+            forkd_config::Upstream::Tcp(a) => forkd_app::UpstreamAddr::Tcp(a.clone()),
+            forkd_config::Upstream::Unix(p) => forkd_app::UpstreamAddr::Unix(p.clone()),
+        },
+        auth: match r.auth {
+            forkd_config::RouteAuth::Required => forkd_app::RouteAuth::Required,
+            forkd_config::RouteAuth::Optional => forkd_app::RouteAuth::Optional,
+            forkd_config::RouteAuth::None => forkd_app::RouteAuth::None,
+        },
+        strip_prefix: r.strip_prefix,
+        connect_timeout: r.connect_timeout,
+        timeout: r.timeout,
+        pass_authorization: r.pass_authorization,
+    }
+}
+
+/// A header name the config has validated (letters, digits and '-').
+fn header_name(name: &str) -> forkd_app::HeaderName {
+    forkd_app::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+        .expect("validated as a header name")
 }

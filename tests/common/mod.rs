@@ -6,7 +6,8 @@
 //! - `forkd`: one forkd instance under test;
 //! - `http`: the HTTP client and the API calls;
 //! - `load`: a background request loop;
-//! - `redis`: a redis-server or Redis Cluster of the test's own.
+//! - `redis`: a redis-server or Redis Cluster of the test's own;
+//! - `upstream`: an HTTP service for the proxy tests, on threads.
 //!
 //! Every test binary uses a part of this, so unused items are allowed.
 #![allow(dead_code, unused_imports)]
@@ -15,11 +16,13 @@ mod forkd;
 mod http;
 mod load;
 mod redis;
+mod upstream;
 
 pub use forkd::*;
 pub use http::*;
 pub use load::*;
 pub use redis::*;
+pub use upstream::*;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -55,7 +54,7 @@ pub(crate) fn metrics(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> 
             "Metrics are not available from this address.",
         );
     }
-    let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
+    let mut r = Response::new(Body::new(Bytes::from(crate::metrics::render(
         st.host.as_ref(),
     ))));
     r.headers_mut().insert(

@@ -13,6 +13,9 @@
 //! - `health`: `/healthz`, `/readyz`, `/metrics`.
 //! - `client`: the client address (X-Forwarded-For through trusted proxies).
 //! - `origin`: the HTTP profile backend.
+//! - `proxy`: `[[route]]`s forwarded to upstream services.
+//! - `body`: the response body, whole or streamed from an upstream.
+//! - `conns`: open connections and tunnels, and their graceful end.
 //! - `head_limit`: the problem+json answer to a request head too large.
 //! - `local_limit`: the in-memory limiter (the host limit, and the
 //!   fallback while Redis cannot answer).
@@ -32,7 +35,9 @@
 
 mod access;
 mod auth;
+mod body;
 mod client;
+mod conns;
 mod head_limit;
 mod health;
 mod inflight;
@@ -41,6 +46,7 @@ mod log_gate;
 mod metrics;
 mod origin;
 mod profile;
+mod proxy;
 mod request_id;
 mod response;
 mod routes;
@@ -54,6 +60,7 @@ use std::time::Duration;
 
 pub use access::{AccessFormat, AccessSettings};
 pub use forkd_store::{Policy, StoreConfig};
+pub use hyper::header::HeaderName;
 pub use metrics::USED as COUNTERS_USED;
 pub use server::run;
 
@@ -90,6 +97,60 @@ pub struct Settings {
     pub profile: ProfileSettings,
     /// None: no access log.
     pub access_log: Option<AccessSettings>,
+    pub routes: Vec<RouteSettings>,
+    pub proxy: ProxySettings,
+}
+
+/// Who may use a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteAuth {
+    Required,
+    Optional,
+    None,
+}
+
+/// Where a route's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    /// `HOST:PORT`.
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Tcp(a) => write!(f, "http://{a}"),
+            UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    /// '/' then segments, no trailing '/'.
+    pub prefix: String,
+    pub upstream: UpstreamAddr,
+    pub auth: RouteAuth,
+    pub strip_prefix: bool,
+    pub connect_timeout: Duration,
+    /// Until the upstream's response head.
+    pub timeout: Duration,
+    pub pass_authorization: bool,
+}
+
+/// What every route shares.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub user_header: HeaderName,
+    pub role_header: HeaderName,
+    pub session_header: HeaderName,
+    pub max_idle_per_upstream: usize,
+    pub idle_timeout: Duration,
+    /// `GET` here answers nginx `auth_request`, Traefik `ForwardAuth` and
+    /// Envoy `ext_authz`; "" for none.
+    pub forward_auth_path: String,
 }
 
 /// One worker's gauges, as any worker reads them for /metrics.

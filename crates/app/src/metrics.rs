@@ -27,8 +27,10 @@ pub(crate) const REDIS_ERRORS: usize = RATE_LIMITED + 1;
 pub(crate) const HEADS_TOO_LARGE: usize = REDIS_ERRORS + 1;
 pub(crate) const CONNECTIONS_REFUSED: usize = HEADS_TOO_LARGE + 1;
 pub(crate) const ACCESS_LINES_DROPPED: usize = CONNECTIONS_REFUSED + 1;
+pub(crate) const UPSTREAM_FAILED: usize = ACCESS_LINES_DROPPED + 1;
+pub(crate) const UPSTREAM_TIMEOUTS: usize = UPSTREAM_FAILED + 1;
 /// Counters used; the scoreboard must have at least this many.
-pub const USED: usize = ACCESS_LINES_DROPPED + 1;
+pub const USED: usize = UPSTREAM_TIMEOUTS + 1;
 
 /// Reads one gauge of a worker.
 type Gauge = fn(&WorkerGauges) -> u64;
@@ -134,6 +136,18 @@ pub(crate) fn render(host: &dyn Host) -> String {
             "counter",
             "Connections closed at once: their client held http.max_connections_per_client.",
             get(CONNECTIONS_REFUSED),
+        ),
+        (
+            "forkd_upstream_failures_total",
+            "counter",
+            "Proxied requests answered 502: the upstream refused, reset or broke the connection.",
+            get(UPSTREAM_FAILED),
+        ),
+        (
+            "forkd_upstream_timeouts_total",
+            "counter",
+            "Proxied requests answered 504: no response head within the route's timeout.",
+            get(UPSTREAM_TIMEOUTS),
         ),
         (
             "forkd_access_log_lines_dropped_total",

@@ -5,13 +5,11 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use forkd_store::{Decision, Policy};
-use http_body_util::Full;
 use hyper::header::{HeaderName, HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
-pub(crate) type Body = Full<Bytes>;
+pub(crate) use crate::body::Body;
 
 tokio::task_local! {
     /// The request id of the request being answered, for problem bodies.
@@ -32,7 +30,7 @@ pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Bo
 }
 
 pub(crate) fn json_text(status: StatusCode, text: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(text)));
+    let mut r = Response::new(Body::new(text));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -17,7 +17,7 @@ use crate::request_id::X_REQUEST_ID;
 
 use crate::response::{method_not_allowed, not_found, Body};
 use crate::state::State;
-use crate::{auth, health, profile};
+use crate::{auth, health, profile, proxy};
 
 pub(crate) async fn handle(
     req: Request<Incoming>,
@@ -33,7 +33,7 @@ pub(crate) async fn handle(
     // What the access line needs of the request, which the handler takes.
     let logged = st.access.as_ref().map(|_| Logged::of(&req, &st, peer));
     let mut resp = crate::response::REQUEST_ID
-        .scope(id.clone(), route(req, &st, peer))
+        .scope(id.clone(), route(req, &st, peer, &id))
         .await;
     drop(running);
     let took = started.elapsed();
@@ -107,7 +107,12 @@ impl Logged {
     }
 }
 
-async fn route(req: Request<Incoming>, st: &Arc<State>, peer: SocketAddr) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    st: &Arc<State>,
+    peer: SocketAddr,
+    id: &str,
+) -> Response<Body> {
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let post = *req.method() == Method::POST;
     let get = *req.method() == Method::GET;
@@ -121,6 +126,16 @@ async fn route(req: Request<Incoming>, st: &Arc<State>, peer: SocketAddr) -> Res
         "/login" | "/logout" => method_not_allowed("POST"),
         "/profile" if get => profile::profile(req, st).await,
         "/profile" => method_not_allowed("GET"),
-        _ => not_found("There is no resource at this path."),
+        path if path == st.settings.proxy.forward_auth_path => {
+            if read {
+                proxy::forward_auth(req, st).await
+            } else {
+                method_not_allowed("GET, HEAD")
+            }
+        }
+        path => match st.routes.find(path) {
+            Some(r) => proxy::forward(req, st, &st.routes, r, peer, id).await,
+            None => not_found("There is no resource at this path."),
+        },
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, Instant};
@@ -122,12 +121,11 @@ async fn serve(w: Worker) -> i32 {
     }
     host.ready();
     log::debug!("accepting connections");
-    let graceful = GracefulShutdown::new();
-    let stop = accept_loop(listener, &state, &graceful, stop_rx).await;
+    let stop = accept_loop(listener, &state, stop_rx).await;
     // The listener is closed: queued connections go to the other workers.
     state.draining.store(true, Relaxed);
     host.draining();
-    drain(graceful, stop, settings.shutdown_timeout).await;
+    drain(&state.conns, stop, settings.shutdown_timeout).await;
     if let Some(a) = &state.access {
         a.finish();
         if a.dropped() > 0 {
@@ -187,7 +185,6 @@ fn spawn_heartbeat(state: &State, every: Duration) {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     state: &Arc<State>,
-    graceful: &GracefulShutdown,
     mut stop_rx: watch::Receiver<Option<Stop>>,
 ) -> Option<Stop> {
     let settings = &state.settings;
@@ -240,15 +237,26 @@ async fn accept_loop(
         host.set_connections(open);
         let st = state.clone();
         let counted = state.clone();
-        let conn = http.serve_connection(
-            TokioIo::new(crate::head_limit::HeadLimit::new(stream, host.clone())),
-            service_fn(move |req| routes::handle(req, st.clone(), peer)),
-        );
-        let conn = graceful.watch(conn);
+        let conn = http
+            .serve_connection(
+                TokioIo::new(crate::head_limit::HeadLimit::new(stream, host.clone())),
+                service_fn(move |req| routes::handle(req, st.clone(), peer)),
+            )
+            .with_upgrades();
+        let mut watcher = state.conns.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = watcher.stopping() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 log::debug!("connection ended: {e}");
             }
+            drop(watcher);
             let open = counted.connections.fetch_sub(1, Relaxed) - 1;
             counted.host.set_connections(open);
             drop(slot);
@@ -259,22 +267,22 @@ async fn accept_loop(
 
 /// Lets open connections finish, up to `shutdown_timeout`; a fast stop
 /// drops them.
-async fn drain(graceful: GracefulShutdown, stop: Option<Stop>, shutdown_timeout: Duration) {
+async fn drain(conns: &crate::conns::Conns, stop: Option<Stop>, shutdown_timeout: Duration) {
     if stop == Some(Stop::Fast) {
-        log::info!("fast stop: {} connection(s) dropped", graceful.count());
+        log::info!("fast stop: {} connection(s) dropped", conns.count());
         return;
     }
     let deadline = Instant::now() + shutdown_timeout;
-    let open = graceful.count();
+    let open = conns.count();
     if open > 0 {
         log::info!("draining {open} connection(s)");
         let linger_end = Instant::now() + LINGER.min(shutdown_timeout);
-        while graceful.count() > 0 && Instant::now() < linger_end {
+        while conns.count() > 0 && Instant::now() < linger_end {
             sleep(Duration::from_millis(20)).await;
         }
     }
     tokio::select! {
-        _ = graceful.shutdown() => log::info!("drained; exiting"),
+        () = conns.shutdown() => log::info!("drained; exiting"),
         _ = tokio::time::sleep_until(deadline) => {
             log::warn!("shutdown_timeout reached; exiting with connections still open");
         }

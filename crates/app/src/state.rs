@@ -10,9 +10,11 @@ use hyper::Response;
 use tokio::sync::Semaphore;
 
 use crate::access::AccessLog;
+use crate::conns::Conns;
 use crate::inflight::InFlight;
 use crate::local_limit::LocalLimiter;
 use crate::log_gate::LogGate;
+use crate::proxy::pool::Routes;
 use crate::request_id::RequestIds;
 use crate::response::{policy_header, unavailable, Body};
 use crate::secrets::DummyHash;
@@ -48,6 +50,10 @@ pub(crate) struct State {
     /// Open connections, and logins waiting for a password check.
     pub(crate) connections: AtomicU64,
     pub(crate) hash_waiting: AtomicU64,
+    /// Open connections and upgrade tunnels, for the drain.
+    pub(crate) conns: Conns,
+    /// `[[route]]`s and their pooled clients.
+    pub(crate) routes: Routes,
 }
 
 impl State {
@@ -66,6 +72,8 @@ impl State {
             access,
             connections: AtomicU64::new(0),
             hash_waiting: AtomicU64::new(0),
+            conns: Conns::new(),
+            routes: Routes::new(&settings.routes, &settings.proxy),
             slot,
             generation,
             pid,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::routes::{Proxy, Route};
 use crate::{AccessLogFormat, Cidr, ListenerMode};
 
 /// The HTTP settings of a validated config.
@@ -149,6 +150,9 @@ pub struct Config {
     pub profile: Profile,
     pub metrics: Metrics,
     pub rate_limit: RateLimit,
+    pub proxy: Proxy,
+    /// Last: TOML writes arrays of tables after the plain keys.
+    pub route: Vec<Route>,
 }
 
 /// When a worker is replaced for its own sake (0: never).

@@ -9,6 +9,8 @@
 //! - `validate`: [`RawConfig::validate`] returns the distinct validated
 //!   type [`Config`] (in `config`), table by table; nothing is bound or
 //!   forked before it has succeeded.
+//! - `routes`: `[[route]]` (a prefix forwarded to an upstream) and
+//!   `[proxy]`, as written and validated.
 //! - `cidr`: IP networks for the allow-lists.
 //! - `location`: the lenient read the client commands use.
 //!
@@ -21,6 +23,7 @@ mod config;
 mod location;
 mod overrides;
 mod raw;
+mod routes;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -38,6 +41,7 @@ pub use raw::{
     AccessLogFormat, ListenerMode, RawAuth, RawConfig, RawHttp, RawMetrics, RawPolicy, RawProfile,
     RawRateLimit, RawRecycle, RawRedis, Workers,
 };
+pub use routes::{Proxy, RawProxy, RawRoute, Route, RouteAuth, Upstream, BUILT_IN_PATHS};
 
 /// The largest number of workers one instance may run.
 pub const MAX_WORKERS: usize = 512;

@@ -14,6 +14,9 @@ use serde_json::Value;
 use crate::raw::RawConfig;
 use crate::{env_name, ConfigError};
 
+/// Arrays of tables (`[[route]]`): set in the file only, so not keys.
+pub(crate) const TABLE_ARRAYS: &[&str] = &["route"];
+
 /// Environment variables that start with `FORKD_` but are not config keys.
 const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS"];
 
@@ -49,6 +52,9 @@ fn table() -> &'static (Vec<&'static str>, Vec<Kind>) {
 fn walk(prefix: &str, v: &Value, out: &mut (Vec<&'static str>, Vec<Kind>)) {
     let Value::Object(map) = v else { return };
     for (name, value) in map {
+        if prefix.is_empty() && TABLE_ARRAYS.contains(&name.as_str()) {
+            continue;
+        }
         let key = format!("{prefix}{name}");
         let kind = match value {
             Value::Object(_) => {

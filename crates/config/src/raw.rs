@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::routes::{RawProxy, RawRoute};
 use crate::{ConfigError, MAX_WORKERS};
 
 /// How workers accept connections.
@@ -281,6 +282,10 @@ pub struct RawConfig {
     pub profile: RawProfile,
     pub metrics: RawMetrics,
     pub rate_limit: RawRateLimit,
+    pub proxy: RawProxy,
+    /// `[[route]]` tables, in the file's order. Not a key of its own for
+    /// overrides: a route is set in the file only.
+    pub route: Vec<RawRoute>,
 }
 
 impl Default for RawConfig {
@@ -310,6 +315,8 @@ impl Default for RawConfig {
             profile: RawProfile::default(),
             metrics: RawMetrics::default(),
             rate_limit: RawRateLimit::default(),
+            proxy: RawProxy::default(),
+            route: Vec::new(),
         }
     }
 }

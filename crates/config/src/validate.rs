@@ -109,6 +109,8 @@ impl RawConfig {
         let rate_limit = self.rate_limit.validate()?;
         let profile = self.profile.validate()?;
         let metrics = self.metrics.validate()?;
+        let proxy = self.proxy.validate()?;
+        let route = crate::routes::validate_routes(&self.route, &proxy)?;
         if !(self.watchdog_quorum.is_finite() && (0.0..=1.0).contains(&self.watchdog_quorum)) {
             return Err(bad(
                 "watchdog_quorum",
@@ -142,6 +144,8 @@ impl RawConfig {
             profile,
             metrics,
             rate_limit,
+            proxy,
+            route,
         })
     }
 

@@ -152,7 +152,7 @@ return 1
 );
 
 // KEYS: session, index, epoch. ARGV: user, idle ms, absolute ms, token
-// hash, the user's generation as the login read it. Returns 1, or 0 when
+// hash, the user's generation as the login read it, role. Returns 1, or 0 when
 // the user's sessions were revoked since (a password change, a revoke or
 // a deletion raced the login).
 script!(
@@ -165,7 +165,7 @@ local now = now_ms()
 local idle = tonumber(ARGV[2])
 local absd = tonumber(ARGV[3])
 local abs = now + absd
-redis.call('HSET', KEYS[1], 'user', ARGV[1], 'abs', string.format('%d', abs), 'gen', ARGV[5], 'r', string.format('%d', now))
+redis.call('HSET', KEYS[1], 'user', ARGV[1], 'abs', string.format('%d', abs), 'gen', ARGV[5], 'r', string.format('%d', now), 'role', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], math.min(idle, absd))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], abs, ARGV[4])
@@ -175,14 +175,17 @@ return 1
     )
 );
 
-// KEYS: session, index, epoch. ARGV: idle ms, token hash. Returns the user
-// or nil.
+// KEYS: session, index, epoch. ARGV: idle ms, token hash. Returns
+// {user, role} (role "" for a session made before sessions kept it), or
+// nil.
 script!(
-    touch_session,
+    session_identity,
     concat!(
         prelude!(),
         r#"
-return session(tonumber(ARGV[1]), ARGV[2], now_ms(), KEYS[3])
+local user = session(tonumber(ARGV[1]), ARGV[2], now_ms(), KEYS[3])
+if not user then return false end
+return {user, redis.call('HGET', KEYS[1], 'role') or ''}
 "#
     )
 );

@@ -1,0 +1,260 @@
+//! The headers of a forwarded request and of its answer: hop-by-hop
+//! headers removed both ways (RFC 9110 section 7.6.1), the forwarding
+//! headers set from what forkd trusts, the identity headers set by forkd
+//! only.
+
+use std::net::IpAddr;
+
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Whether a request or response asks to switch protocols (WebSocket):
+/// `Connection: upgrade` and an `Upgrade` header.
+pub(crate) fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(UPGRADE)
+        && h.get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes the hop-by-hop headers, those `Connection` names included. With
+/// `upgrade`, `Upgrade` is kept and `Connection: upgrade` set again.
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == UPGRADE) {
+            h.remove(name);
+        }
+    }
+    for name in [
+        CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+    ] {
+        h.remove(name);
+    }
+    h.remove("proxy-authenticate");
+    h.remove("proxy-authorization");
+    if upgrade {
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(UPGRADE);
+    }
+}
+
+/// Who is asking, for the upstream.
+pub(crate) struct Forwarding<'a> {
+    /// The TCP peer.
+    pub(crate) peer: IpAddr,
+    /// The peer is a trusted proxy: what it says of the client is kept.
+    pub(crate) trusted: bool,
+    /// The upstream's authority, for a request without `Host`.
+    pub(crate) upstream_host: &'a str,
+}
+
+/// `X-Forwarded-For`/`-Proto`/`-Host` and `Forwarded`: a trusted proxy's
+/// are kept (and the peer appended to `X-Forwarded-For`); anyone else's
+/// are replaced by what forkd saw.
+pub(crate) fn set_forwarding(h: &mut HeaderMap, f: &Forwarding<'_>) {
+    let peer = f.peer.to_string();
+    let xff = if f.trusted {
+        let before: Vec<&str> = h
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if before.is_empty() {
+            peer
+        } else {
+            format!("{}, {peer}", before.join(", "))
+        }
+    } else {
+        peer
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    if !f.trusted || !h.contains_key(X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !f.trusted || !h.contains_key(X_FORWARDED_HOST) {
+        match h.get(HOST).cloned() {
+            Some(host) => {
+                h.insert(X_FORWARDED_HOST, host);
+            }
+            None => {
+                h.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    if !f.trusted {
+        h.remove(FORWARDED);
+    }
+    if !h.contains_key(HOST) {
+        if let Ok(v) = HeaderValue::from_str(f.upstream_host) {
+            h.insert(HOST, v);
+        }
+    }
+}
+
+/// The identity headers' names, and whether `Authorization` goes on.
+pub(crate) struct Identity<'a> {
+    pub(crate) names: [&'a HeaderName; 3],
+    /// (user, role, session), on an authenticated request.
+    pub(crate) values: Option<[&'a str; 3]>,
+    pub(crate) pass_authorization: bool,
+}
+
+/// Removes whatever a client sent under the identity headers' names (every
+/// occurrence), then sets them for an authenticated request.
+pub(crate) fn set_identity(h: &mut HeaderMap, id: &Identity<'_>) {
+    for name in id.names {
+        h.remove(name);
+    }
+    if !id.pass_authorization {
+        h.remove(AUTHORIZATION);
+    }
+    if let Some(values) = id.values {
+        for (name, value) in id.names.iter().zip(values) {
+            if value.is_empty() {
+                continue;
+            }
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(*name, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_upgrade_and_connection_upgrade() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarding_from_an_untrusted_peer_is_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=6.6.6.6"),
+            ("host", "app.example"),
+        ]);
+        let f = Forwarding {
+            peer: "127.0.0.9".parse().unwrap(),
+            trusted: false,
+            upstream_host: "up:1",
+        };
+        set_forwarding(&mut h, &f);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert!(!h.contains_key("forwarded"));
+        assert_eq!(h["host"], "app.example");
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_appended_to() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let f = Forwarding {
+            peer: "10.0.0.1".parse().unwrap(),
+            trusted: true,
+            upstream_host: "up:1",
+        };
+        set_forwarding(&mut h, &f);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["host"], "up:1");
+    }
+
+    #[test]
+    fn identity_headers_from_a_client_never_pass() {
+        let (u, r, s) = (
+            HeaderName::from_static("x-forkd-user"),
+            HeaderName::from_static("x-forkd-role"),
+            HeaderName::from_static("x-forkd-session"),
+        );
+        let mut h = map(&[
+            ("x-forkd-user", "admin"),
+            ("X-Forkd-User", "root"),
+            ("x-forkd-role", "admin"),
+            ("authorization", "Bearer t"),
+        ]);
+        let anonymous = Identity {
+            names: [&u, &r, &s],
+            values: None,
+            pass_authorization: false,
+        };
+        set_identity(&mut h, &anonymous);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = map(&[("x-forkd-user", "admin"), ("authorization", "Bearer t")]);
+        let alice = Identity {
+            names: [&u, &r, &s],
+            values: Some(["alice", "user", "abc"]),
+            pass_authorization: true,
+        };
+        set_identity(&mut h, &alice);
+        assert_eq!(h.get_all("x-forkd-user").iter().count(), 1);
+        assert_eq!(h["x-forkd-user"], "alice");
+        assert_eq!(h["x-forkd-session"], "abc");
+        assert_eq!(h["authorization"], "Bearer t");
+    }
+}

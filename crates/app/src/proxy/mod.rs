@@ -1,0 +1,278 @@
+//! `[[route]]`: requests under a path prefix forwarded to an upstream
+//! service, through one pooled hyper-util client per route and worker
+//! (keep-alive, bounded idle pool), bodies streamed both ways, the session
+//! checked here and the identity passed on in headers.
+//!
+//! - `pool`: the routes of a worker and their pooled clients;
+//! - `connect`: TCP or unix socket, with the connect timeout;
+//! - `headers`: hop-by-hop, forwarding and identity headers.
+
+mod connect;
+mod headers;
+pub(crate) mod pool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+
+use crate::access::LoggedUser;
+use crate::auth::{bearer, invalid_token};
+use crate::response::{bad_request, problem, Body};
+use crate::state::State;
+use crate::{metrics, RouteAuth};
+
+use headers::{Forwarding, Identity};
+use pool::{Route, Routes};
+
+/// A path that a prefix could be matched against in one way and the
+/// upstream read in another: a dot segment, or an escaped '.', '/' or '\'.
+fn ambiguous(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || path.contains('\\')
+        || path.split('/').any(|s| s == "." || s == "..")
+}
+
+/// The session id the upstream sees: a hash of the token's hash, so it is
+/// neither the token nor the key Redis keeps the session under.
+fn session_id(token_hash: &str) -> String {
+    let d = Sha256::digest(format!("forkd-session:{token_hash}").as_bytes());
+    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Who is asking, as `route.auth` wants it: (user, role, session id), or
+/// None for an anonymous request; Err is the answer to send instead.
+async fn identify(
+    req: &Request<Incoming>,
+    st: &State,
+    auth: RouteAuth,
+) -> Result<Option<[String; 3]>, Response<Body>> {
+    let anonymous = !req.headers().contains_key(hyper::header::AUTHORIZATION);
+    if auth == RouteAuth::None || (auth == RouteAuth::Optional && anonymous) {
+        return Ok(None);
+    }
+    let (uid, hash) = bearer(req)?;
+    match st
+        .store
+        .session_identity(&uid, &hash, st.settings.auth.session_idle)
+        .await
+    {
+        Ok(Some((user, role))) => Ok(Some([user, role, session_id(&hash)])),
+        Ok(None) => Err(invalid_token()),
+        Err(e) => Err(st.redis_down(&e)),
+    }
+}
+
+/// Forwards `req` to the route's upstream and streams its answer back.
+pub(crate) async fn forward(
+    mut req: Request<Incoming>,
+    st: &Arc<State>,
+    routes: &Routes,
+    route: &Route,
+    peer: SocketAddr,
+    request_id: &str,
+) -> Response<Body> {
+    if ambiguous(req.uri().path()) {
+        return bad_request("The path has a dot segment or an escaped '.', '/' or '\\'.");
+    }
+    let who = match identify(&req, st, route.cfg.auth).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let upgrade = headers::wants_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let path = if route.cfg.strip_prefix && route.cfg.prefix != "/" {
+        match &path[route.cfg.prefix.len()..] {
+            "" => "/",
+            rest => rest,
+        }
+    } else {
+        path
+    };
+    let target = match parts.uri.query() {
+        Some(q) => format!("http://{}{path}?{q}", route.authority),
+        None => format!("http://{}{path}", route.authority),
+    };
+    let Ok(uri) = target.parse::<Uri>() else {
+        return bad_request("The request target cannot be forwarded.");
+    };
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h, upgrade);
+    headers::set_forwarding(
+        h,
+        &Forwarding {
+            peer: peer.ip(),
+            trusted: (st.settings.trusted_proxy)(peer.ip()),
+            upstream_host: &route.authority,
+        },
+    );
+    let values = who
+        .as_ref()
+        .map(|[u, r, s]| [u.as_str(), r.as_str(), s.as_str()]);
+    headers::set_identity(
+        h,
+        &Identity {
+            names: [&routes.names[0], &routes.names[1], &routes.names[2]],
+            values,
+            pass_authorization: route.cfg.pass_authorization,
+        },
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
+        h.insert(crate::request_id::X_REQUEST_ID, v);
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let idempotent = parts.method.is_idempotent();
+    let out = Request::from_parts(parts, body);
+    let pool = if idempotent {
+        &route.retrying
+    } else {
+        &route.once
+    };
+    let sent = tokio::time::timeout(route.cfg.timeout, pool.request(out)).await;
+    let mut resp = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            st.host.count(metrics::UPSTREAM_FAILED, 1);
+            log::debug!(
+                "upstream {} of {}: {e:?}",
+                route.cfg.upstream,
+                route.cfg.prefix
+            );
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                "bad-gateway",
+                "The upstream service could not be reached or gave no answer.",
+            );
+        }
+        Err(_) => {
+            st.host.count(metrics::UPSTREAM_TIMEOUTS, 1);
+            return problem(
+                StatusCode::GATEWAY_TIMEOUT,
+                "gateway-timeout",
+                "The upstream service did not answer in time.",
+            );
+        }
+    };
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        if let Some(client_side) = client_upgrade {
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            tunnel(st, client_side, upstream_side);
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, switching && upgrade);
+    let mut r = Response::from_parts(parts, Body::Stream(body));
+    if let Some([user, ..]) = who {
+        r.extensions_mut().insert(LoggedUser(user));
+    }
+    r
+}
+
+/// The original request a forward-auth call asks about: nginx sends
+/// `X-Original-URI` (as configured), Traefik and others
+/// `X-Forwarded-Uri`; None when neither is there or it is not a path.
+fn original_path(h: &hyper::HeaderMap) -> Option<&str> {
+    ["x-original-uri", "x-forwarded-uri"]
+        .iter()
+        .find_map(|n| h.get(*n))
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split('?').next().unwrap_or(""))
+        .filter(|p| p.starts_with('/'))
+}
+
+/// `GET proxy.forward_auth_path`: whether the request a proxy in front
+/// (nginx `auth_request`, Traefik `ForwardAuth`, Envoy `ext_authz`) is
+/// about to pass on may go: 200 with the identity headers for a valid
+/// session, 401 otherwise, in one Redis call. When the original path
+/// (`X-Original-URI`, `X-Forwarded-Uri`) falls under a `[[route]]`, that
+/// route's `auth` applies; otherwise a session is required.
+pub(crate) async fn forward_auth(req: Request<Incoming>, st: &Arc<State>) -> Response<Body> {
+    let original = original_path(req.headers());
+    if original.is_some_and(ambiguous) {
+        return bad_request("The original path has a dot segment or an escaped '.', '/' or '\\'.");
+    }
+    let auth = original
+        .and_then(|p| st.routes.find(p))
+        .map_or(RouteAuth::Required, |r| r.cfg.auth);
+    let who = match identify(&req, st, auth).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let mut r = crate::response::no_store(Response::new(Body::default()));
+    if let Some(values) = &who {
+        for (name, value) in st.routes.names.iter().zip(values) {
+            if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+                if !value.is_empty() {
+                    r.headers_mut().insert(name, v);
+                }
+            }
+        }
+        r.extensions_mut().insert(LoggedUser(values[0].clone()));
+    }
+    r
+}
+
+/// Once both sides have switched protocols, copies bytes both ways until
+/// either closes. The tunnel counts as an open connection, so a drain gives
+/// it up to `shutdown_timeout`.
+fn tunnel(st: &Arc<State>, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let watcher = st.conns.watcher();
+    tokio::spawn(async move {
+        let _open = watcher;
+        let (client, upstream) = match tokio::join!(client, upstream) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                log::debug!(
+                    "upgrade failed: client {:?}, upstream {:?}",
+                    c.err(),
+                    u.err()
+                );
+                return;
+            }
+        };
+        let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+            log::debug!("tunnel ended: {e}");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for p in [
+            "/api/../admin",
+            "/api/%2e%2e/admin",
+            "/api%2Fx",
+            "/a/./b",
+            "/a\\b",
+            "/a%5cb",
+        ] {
+            assert!(ambiguous(p), "{p}");
+        }
+        for p in ["/api/x.y", "/api/..x", "/a/b"] {
+            assert!(!ambiguous(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn the_session_id_is_neither_token_nor_key() {
+        let id = session_id("abc");
+        assert_eq!(id.len(), 32);
+        assert_ne!(id, "abc");
+        assert_eq!(id, session_id("abc"));
+    }
+}

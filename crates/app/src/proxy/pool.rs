@@ -1,0 +1,97 @@
+//! The routes of one worker, longest prefix first, each with its pooled
+//! clients (connected on first use).
+
+use hyper::body::Incoming;
+use hyper::header::HeaderName;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::connect::Connector;
+use crate::{ProxySettings, RouteSettings, UpstreamAddr};
+
+pub(crate) type Pool = Client<Connector, Incoming>;
+
+/// One route of this worker, with its clients.
+pub(crate) struct Route {
+    pub(crate) cfg: RouteSettings,
+    /// The `Host` for a request without one, and the URI authority.
+    pub(crate) authority: String,
+    /// For idempotent methods: a request that was never sent (its pooled
+    /// connection had closed) is retried on another connection.
+    pub(crate) retrying: Pool,
+    /// For the others: never retried.
+    pub(crate) once: Pool,
+}
+
+/// Every route of this worker, longest prefix first.
+pub(crate) struct Routes {
+    routes: Vec<Route>,
+    /// The identity headers: user, role, session.
+    pub(crate) names: [HeaderName; 3],
+}
+
+impl Routes {
+    /// The clients are made here but connect on first use.
+    pub(crate) fn new(routes: &[RouteSettings], proxy: &ProxySettings) -> Self {
+        let mut routes: Vec<Route> = routes.iter().map(|r| Route::new(r, proxy)).collect();
+        routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));
+        Routes {
+            routes,
+            names: [
+                proxy.user_header.clone(),
+                proxy.role_header.clone(),
+                proxy.session_header.clone(),
+            ],
+        }
+    }
+
+    /// The route that takes `path`, if any.
+    pub(crate) fn find(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| matches(&r.cfg.prefix, path))
+    }
+}
+
+/// The prefix itself, or below it at a segment boundary.
+fn matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+impl Route {
+    fn new(cfg: &RouteSettings, proxy: &ProxySettings) -> Self {
+        let authority = match &cfg.upstream {
+            UpstreamAddr::Tcp(a) => a.clone(),
+            UpstreamAddr::Unix(_) => "localhost".to_owned(),
+        };
+        let pool = |retry: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(proxy.idle_timeout)
+                .pool_max_idle_per_host(proxy.max_idle_per_upstream)
+                .retry_canceled_requests(retry)
+                .set_host(false)
+                .build(Connector::new(cfg.upstream.clone(), cfg.connect_timeout))
+        };
+        Route {
+            cfg: cfg.clone(),
+            authority,
+            retrying: pool(true),
+            once: pool(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_match_at_segment_boundaries() {
+        assert!(matches("/api", "/api"));
+        assert!(matches("/api", "/api/x"));
+        assert!(!matches("/api", "/apix"));
+        assert!(matches("/", "/anything"));
+    }
+}

@@ -1,0 +1,342 @@
+//! `[[route]]` tables (a path prefix forwarded to an upstream service) and
+//! the `[proxy]` table (what every route shares): as written, validated.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Paths forkd answers itself; a route cannot take them.
+pub const BUILT_IN_PATHS: &[&str] = &[
+    "/healthz", "/readyz", "/metrics", "/login", "/logout", "/profile",
+];
+
+/// Who may use a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteAuth {
+    /// A valid session, else 401 (the default).
+    Required,
+    /// The identity is passed on when there is a valid session; a missing
+    /// token passes anonymously, an invalid one gets 401.
+    Optional,
+    /// Never looked at; the identity headers are only removed.
+    None,
+}
+
+/// One `[[route]]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRoute {
+    pub prefix: String,
+    pub upstream: String,
+    pub auth: RouteAuth,
+    pub strip_prefix: bool,
+    pub connect_timeout: f64,
+    pub timeout: f64,
+    pub pass_authorization: bool,
+}
+
+impl Default for RawRoute {
+    fn default() -> Self {
+        RawRoute {
+            prefix: String::new(),
+            upstream: String::new(),
+            auth: RouteAuth::Required,
+            strip_prefix: false,
+            connect_timeout: 2.0,
+            timeout: 30.0,
+            pass_authorization: false,
+        }
+    }
+}
+
+/// The `[proxy]` table as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProxy {
+    pub user_header: String,
+    pub role_header: String,
+    pub session_header: String,
+    pub max_idle_per_upstream: i64,
+    pub idle_timeout: f64,
+    pub forward_auth_path: String,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            user_header: "X-Forkd-User".into(),
+            role_header: "X-Forkd-Role".into(),
+            session_header: "X-Forkd-Session".into(),
+            max_idle_per_upstream: 32,
+            idle_timeout: 60.0,
+            forward_auth_path: "/auth".into(),
+        }
+    }
+}
+
+/// Where a route's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// `HOST:PORT`.
+    Tcp(String),
+    /// An absolute socket path.
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Tcp(a) => write!(f, "http://{a}"),
+            Upstream::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for Upstream {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A validated route.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Route {
+    /// Starts with '/', no trailing '/' (but "/" itself).
+    pub prefix: String,
+    pub upstream: Upstream,
+    pub auth: RouteAuth,
+    pub strip_prefix: bool,
+    #[serde(serialize_with = "secs")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub timeout: Duration,
+    pub pass_authorization: bool,
+}
+
+impl Route {
+    /// Whether this route takes `path`: the prefix itself, or below it at
+    /// a segment boundary ("/api" takes "/api" and "/api/x", not "/apix").
+    pub fn matches(&self, path: &str) -> bool {
+        self.prefix == "/"
+            || path
+                .strip_prefix(self.prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+}
+
+/// The validated `[proxy]` table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Proxy {
+    pub user_header: String,
+    pub role_header: String,
+    pub session_header: String,
+    pub max_idle_per_upstream: usize,
+    #[serde(serialize_with = "secs")]
+    pub idle_timeout: Duration,
+    /// "" when off.
+    pub forward_auth_path: String,
+}
+
+fn bad(key: String, value: impl ToString, expected: &str) -> ConfigError {
+    ConfigError::Value {
+        key,
+        origin: String::new(),
+        value: value.to_string(),
+        expected: expected.to_owned(),
+    }
+}
+
+fn secs_in(key: String, v: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && (min..=max).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(bad(key, v, &format!("expected {min} to {max} seconds")))
+    }
+}
+
+/// A prefix of plain path characters, with no dot segment, no empty
+/// segment and no percent escape: what a route matches is then what the
+/// upstream sees, however it decodes.
+fn prefix(key: String, raw: &str) -> Result<String, ConfigError> {
+    let p = if raw.len() > 1 {
+        raw.trim_end_matches('/')
+    } else {
+        raw
+    };
+    let chars_ok = p
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b));
+    let segments_ok = p == "/"
+        || p[1..]
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..");
+    if !p.starts_with('/') || !chars_ok || !segments_ok || p.len() > 256 {
+        return Err(bad(
+            key,
+            raw,
+            "expected a path prefix such as \"/api\": '/' then segments of letters, digits and -._~!$&'()*+,;=:@, no '.' or '..' segment, no %",
+        ));
+    }
+    if let Some(b) = BUILT_IN_PATHS.iter().find(|b| p == **b) {
+        return Err(bad(
+            key,
+            raw,
+            &format!("{b} is answered by forkd itself; choose another prefix"),
+        ));
+    }
+    Ok(p.to_owned())
+}
+
+fn upstream(key: String, raw: &str) -> Result<Upstream, ConfigError> {
+    if let Some(path) = raw.strip_prefix("unix:") {
+        let path = std::path::Path::new(path);
+        if path.is_absolute() && path.as_os_str().len() < 108 {
+            return Ok(Upstream::Unix(path.to_owned()));
+        }
+        return Err(bad(
+            key,
+            raw,
+            "expected unix:/ABSOLUTE/PATH.sock (under 108 bytes)",
+        ));
+    }
+    let addr = raw
+        .strip_prefix("http://")
+        .unwrap_or("")
+        .trim_end_matches('/');
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
+    let host_ok = !host.is_empty()
+        && (host.starts_with('[') && host.ends_with(']')
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+    if host_ok && port.parse::<u16>().is_ok_and(|p| p > 0) {
+        Ok(Upstream::Tcp(addr.to_owned()))
+    } else {
+        Err(bad(
+            key,
+            raw,
+            "expected http://HOST:PORT (no path) or unix:/PATH.sock",
+        ))
+    }
+}
+
+impl RawRoute {
+    fn validate(&self, i: usize) -> Result<Route, ConfigError> {
+        let key = |k: &str| format!("route[{i}].{k}");
+        Ok(Route {
+            prefix: prefix(key("prefix"), &self.prefix)?,
+            upstream: upstream(key("upstream"), &self.upstream)?,
+            auth: self.auth,
+            strip_prefix: self.strip_prefix,
+            connect_timeout: secs_in(key("connect_timeout"), self.connect_timeout, 0.001, 60.0)?,
+            timeout: secs_in(key("timeout"), self.timeout, 0.001, 3600.0)?,
+            pass_authorization: self.pass_authorization,
+        })
+    }
+}
+
+/// Every route, checked, with no prefix twice and none on forkd's
+/// forward-auth path.
+pub(crate) fn validate_routes(raw: &[RawRoute], proxy: &Proxy) -> Result<Vec<Route>, ConfigError> {
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let route = r.validate(i)?;
+        if route.prefix == proxy.forward_auth_path {
+            return Err(bad(
+                format!("route[{i}].prefix"),
+                &route.prefix,
+                "that is proxy.forward_auth_path, answered by forkd itself",
+            ));
+        }
+        if let Some(j) = routes.iter().position(|o| o.prefix == route.prefix) {
+            return Err(bad(
+                format!("route[{i}].prefix"),
+                &route.prefix,
+                &format!("route[{j}] has the same prefix"),
+            ));
+        }
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+/// Header names forkd sets or removes itself.
+const RESERVED: &[&str] = &[
+    "host",
+    "authorization",
+    "connection",
+    "upgrade",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "cookie",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+fn header_name(key: &str, v: &str) -> Result<String, ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !RESERVED.contains(&v.to_ascii_lowercase().as_str());
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(bad(
+            key.to_owned(),
+            v,
+            "expected a header name of letters, digits and '-', not one forkd sets itself",
+        ))
+    }
+}
+
+impl RawProxy {
+    pub(crate) fn validate(&self) -> Result<Proxy, ConfigError> {
+        let proxy = Proxy {
+            user_header: header_name("proxy.user_header", &self.user_header)?,
+            role_header: header_name("proxy.role_header", &self.role_header)?,
+            session_header: header_name("proxy.session_header", &self.session_header)?,
+            max_idle_per_upstream: if (0..=1024).contains(&self.max_idle_per_upstream) {
+                self.max_idle_per_upstream as usize
+            } else {
+                return Err(bad(
+                    "proxy.max_idle_per_upstream".into(),
+                    self.max_idle_per_upstream,
+                    "expected 0 to 1024",
+                ));
+            },
+            idle_timeout: secs_in("proxy.idle_timeout".into(), self.idle_timeout, 0.1, 3600.0)?,
+            forward_auth_path: match self.forward_auth_path.as_str() {
+                "" => String::new(),
+                p => prefix("proxy.forward_auth_path".into(), p)?,
+            },
+        };
+        let names = [
+            &proxy.user_header,
+            &proxy.role_header,
+            &proxy.session_header,
+        ]
+        .map(|h| h.to_ascii_lowercase());
+        if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
+            return Err(bad(
+                "proxy.session_header".into(),
+                &proxy.session_header,
+                "the user, role and session headers must differ",
+            ));
+        }
+        Ok(proxy)
+    }
+}

@@ -1,0 +1,273 @@
+//! A small HTTP/1.1 upstream service on threads of the test process (no
+//! fork), on TCP or a unix socket, for the proxy tests. Keep-alive, and:
+//!
+//! - any path: 200, a JSON echo of the method, target and headers;
+//! - `/big/N`: N bytes, chunked;
+//! - `POST /count`: the request body's length (Content-Length or chunked);
+//! - `/slow/MS`: answers after MS milliseconds;
+//! - `/reset`: closes the connection without an answer;
+//! - `/ws`: `101 Switching Protocols`, then echoes every byte back.
+//!
+//! It counts the connections it accepted and the requests it answered.
+
+use super::*;
+use std::os::unix::net::UnixListener;
+
+pub struct Upstream {
+    pub port: u16,
+    /// The unix socket path, for `Upstream::unix`.
+    pub path: Option<PathBuf>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+trait Conn: Read + Write + Send {
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>>;
+}
+impl Conn for TcpStream {
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+impl Conn for std::os::unix::net::UnixStream {
+    fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl Upstream {
+    pub fn tcp() -> Upstream {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let u = Upstream::new(l.local_addr().unwrap().port(), None);
+        u.accept_loop(move || {
+            let (s, _) = l.accept()?;
+            s.set_nonblocking(false)?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        });
+        u
+    }
+
+    pub fn unix(path: PathBuf) -> Upstream {
+        let l = UnixListener::bind(&path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let u = Upstream::new(0, Some(path));
+        u.accept_loop(move || {
+            let (s, _) = l.accept()?;
+            s.set_nonblocking(false)?;
+            Ok(Box::new(s))
+        });
+        u
+    }
+
+    /// Accepts (without blocking) until dropped, a thread a connection.
+    fn accept_loop(
+        &self,
+        mut accept: impl FnMut() -> std::io::Result<Box<dyn Conn>> + Send + 'static,
+    ) {
+        let (stop, c, r) = (
+            self.stop.clone(),
+            self.connections.clone(),
+            self.requests.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match accept() {
+                    Ok(s) => serve(s, c.clone(), r.clone()),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+    }
+
+    fn new(port: u16, path: Option<PathBuf>) -> Upstream {
+        Upstream {
+            port,
+            path,
+            connections: Arc::default(),
+            requests: Arc::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// What a route's `upstream` key says for this one.
+    pub fn url(&self) -> String {
+        match &self.path {
+            Some(p) => format!("unix:{}", p.display()),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(
+    s: Box<dyn Conn>,
+    conns: Arc<std::sync::atomic::AtomicUsize>,
+    reqs: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    conns.fetch_add(1, Ordering::Relaxed);
+    std::thread::spawn(move || {
+        let Ok(reader) = s.reader() else { return };
+        let mut r = BufReader::new(reader);
+        let mut w = s;
+        // Bounded: a connection serves at most this many requests.
+        for _ in 0..100_000 {
+            let Some((method, target, headers)) = read_head(&mut r) else {
+                return;
+            };
+            reqs.fetch_add(1, Ordering::Relaxed);
+            let header = |n: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                    .map(|(_, v)| v.clone())
+            };
+            let body_len = read_body(&mut r, &header);
+            let close = header("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+            let path = target.split('?').next().unwrap_or("").to_owned();
+            if path == "/reset" {
+                return;
+            }
+            if path == "/ws" {
+                let _ = w.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                );
+                let mut buf = [0u8; 4096];
+                loop {
+                    match r.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if w.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(ms) = path.strip_prefix("/slow/") {
+                std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+            }
+            let ok = if let Some(n) = path.strip_prefix("/big/") {
+                big(&mut w, n.parse().unwrap_or(0))
+            } else {
+                let body = if path == "/count" {
+                    serde_json::json!({ "bytes": body_len }).to_string()
+                } else {
+                    serde_json::json!({
+                        "method": method,
+                        "target": target,
+                        "headers": headers,
+                        "body_bytes": body_len,
+                    })
+                    .to_string()
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nKeep-Alive: timeout=60\r\nX-Upstream: yes\r\nCache-Control: no-store\r\n\r\n",
+                    body.len()
+                );
+                w.write_all(head.as_bytes())
+                    .and_then(|_| w.write_all(body.as_bytes()))
+                    .is_ok()
+            };
+            if !ok || close {
+                return;
+            }
+        }
+    });
+}
+
+fn big(w: &mut Box<dyn Conn>, n: u64) -> bool {
+    if w
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        if w.write_all(format!("{k:x}\r\n").as_bytes()).is_err()
+            || w.write_all(&chunk[..k]).is_err()
+            || w.write_all(b"\r\n").is_err()
+        {
+            return false;
+        }
+        left -= k as u64;
+    }
+    w.write_all(b"0\r\n\r\n").is_ok()
+}
+
+type Head = (String, String, Vec<(String, String)>);
+
+fn read_head(r: &mut impl BufRead) -> Option<Head> {
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let target = parts.next()?.to_owned();
+    let mut headers = Vec::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).ok()? == 0 {
+            return None;
+        }
+        let l = l.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':')?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Some((method, target, headers))
+}
+
+/// Reads and discards the body; its length.
+fn read_body(r: &mut impl BufRead, header: &dyn Fn(&str) -> Option<String>) -> u64 {
+    let mut sink = vec![0u8; 64 * 1024];
+    if let Some(n) = header("content-length").and_then(|v| v.parse::<u64>().ok()) {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(sink.len() as u64) as usize;
+            if r.read_exact(&mut sink[..k]).is_err() {
+                return n - left;
+            }
+            left -= k as u64;
+        }
+        return n;
+    }
+    if !header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        return 0;
+    }
+    let mut total = 0;
+    loop {
+        let mut size = String::new();
+        if r.read_line(&mut size).unwrap_or(0) == 0 {
+            return total;
+        }
+        let n = u64::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16).unwrap_or(0);
+        if n == 0 {
+            let mut end = String::new();
+            let _ = r.read_line(&mut end);
+            return total;
+        }
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(sink.len() as u64) as usize;
+            if r.read_exact(&mut sink[..k]).is_err() {
+                return total;
+            }
+            left -= k as u64;
+        }
+        total += n;
+        let mut crlf = String::new();
+        let _ = r.read_line(&mut crlf);
+    }
+}

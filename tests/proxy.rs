@@ -1,0 +1,506 @@
+//! `[[route]]`: forkd in front of an upstream service (the harness's
+//! `Upstream`, on TCP and on a unix socket): sessions checked here and the
+//! identity passed on, spoofed headers removed, bodies streamed both ways
+//! in bounded memory, upgrades tunnelled, 502 and 504, and routes changed
+//! by a reload under load.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const PW: &str = "proxy-secret";
+
+/// The headers the upstream saw, lower-cased, from its JSON echo.
+fn seen(r: &Response) -> Vec<(String, String)> {
+    let v = r.json();
+    v["headers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no echo: {r:?}"))
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_ascii_lowercase(),
+                p[1].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn all<'a>(h: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    h.iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+fn one<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    let v = all(h, name);
+    assert!(v.len() <= 1, "{name} seen {} times: {v:?}", v.len());
+    v.first().copied()
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+fn routes(api: &Upstream, unix: &Upstream) -> String {
+    format!(
+        "workers = 1\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{}\"\n\
+         [[route]]\nprefix = \"/pub/\"\nupstream = \"{}\"\nauth = \"none\"\nstrip_prefix = true\n\
+         [[route]]\nprefix = \"/opt\"\nupstream = \"{}\"\nauth = \"optional\"\n\
+         [[route]]\nprefix = \"/sock\"\nupstream = \"{}\"\nauth = \"none\"\npass_authorization = true\n",
+        api.url(),
+        api.url(),
+        api.url(),
+        unix.url()
+    )
+}
+
+#[test]
+fn routes_pass_the_identity_and_never_a_spoofed_one() {
+    let api = Upstream::tcp();
+    let dir = tempfile::tempdir().unwrap();
+    let unix = Upstream::unix(dir.path().join("app.sock"));
+    let f = Forkd::start(&routes(&api, &unix));
+    f.add_user("alice", PW);
+    let t = token(f.port, "alice", PW);
+
+    // Required: no token, a bad one, then a good one with spoofed headers.
+    let before = api.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let r = request(f.port, "GET", "/api/items", &[], b"").unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let bad = "Bearer AAAAAAAAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let r = request(f.port, "GET", "/api/items", &[("Authorization", bad)], b"").unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(
+        api.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "a refused request reached the upstream"
+    );
+    let r = request(
+        f.port,
+        "GET",
+        "/api/items?page=2",
+        &[
+            ("Authorization", &bearer(&t)),
+            ("X-Forkd-User", "admin"),
+            ("x-forkd-role", "admin"),
+            ("X-Forkd-Session", "forged"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("Forwarded", "for=6.6.6.6"),
+            ("X-Request-Id", "proxy-test-1"),
+            ("Connection", "close, X-Hop"),
+            ("X-Hop", "secret"),
+        ],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let h = seen(&r);
+    assert_eq!(r.json()["target"], "/api/items?page=2");
+    assert_eq!(one(&h, "x-forkd-user"), Some("alice"));
+    assert_eq!(one(&h, "x-forkd-role"), Some("user"));
+    let session = one(&h, "x-forkd-session").unwrap();
+    assert_eq!(session.len(), 32, "{session}");
+    assert!(!t.contains(session) && session != "forged");
+    assert_eq!(one(&h, "authorization"), None, "the token went upstream");
+    assert_eq!(one(&h, "x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(one(&h, "x-forwarded-proto"), Some("http"));
+    assert_eq!(one(&h, "x-forwarded-host"), Some("localhost"));
+    assert_eq!(one(&h, "forwarded"), None);
+    assert_eq!(one(&h, "host"), Some("localhost"));
+    assert_eq!(one(&h, "x-request-id"), Some("proxy-test-1"));
+    assert_eq!(r.header("x-request-id"), Some("proxy-test-1"));
+    assert_eq!(
+        one(&h, "x-hop"),
+        None,
+        "a header Connection names went upstream"
+    );
+    assert_eq!(one(&h, "connection"), None);
+    // The upstream's answer, without its hop-by-hop headers.
+    assert_eq!(r.header("x-upstream"), Some("yes"));
+    assert_eq!(r.header("keep-alive"), None);
+
+    // None, prefix stripped: identity headers removed, token dropped.
+    let r = request(
+        f.port,
+        "POST",
+        "/pub/form?x=1",
+        &[("Authorization", &bearer(&t)), ("X-Forkd-User", "admin")],
+        b"a=1&b=2",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let h = seen(&r);
+    assert_eq!(r.json()["target"], "/form?x=1");
+    assert_eq!(r.json()["method"], "POST");
+    assert_eq!(r.json()["body_bytes"], 7);
+    assert_eq!(one(&h, "x-forkd-user"), None);
+    assert_eq!(one(&h, "authorization"), None);
+    let r = request(f.port, "GET", "/pub", &[], b"").unwrap();
+    assert_eq!(r.json()["target"], "/");
+
+    // Optional: anonymous passes without identity, a token adds it, a bad
+    // token is refused.
+    let r = request(f.port, "GET", "/opt/x", &[("X-Forkd-User", "admin")], b"").unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(one(&seen(&r), "x-forkd-user"), None);
+    let r = request(
+        f.port,
+        "GET",
+        "/opt/x",
+        &[("Authorization", &bearer(&t))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(one(&seen(&r), "x-forkd-user"), Some("alice"));
+    let r = request(f.port, "GET", "/opt/x", &[("Authorization", bad)], b"").unwrap();
+    assert_eq!(r.status, 401);
+
+    // A unix socket upstream that asks for Authorization.
+    let r = request(
+        f.port,
+        "GET",
+        "/sock/y",
+        &[("Authorization", "Basic dTpw")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(one(&seen(&r), "authorization"), Some("Basic dTpw"));
+
+    // Paths a prefix and an upstream could read differently are refused;
+    // a prefix matches at a segment boundary only; built-ins stay.
+    for p in ["/api/../admin", "/pub/%2e%2e/admin", "/api/a%2fb"] {
+        let r = request(f.port, "GET", p, &[("Authorization", &bearer(&t))], b"").unwrap();
+        assert_eq!(r.status, 400, "{p}: {r:?}");
+        assert!(r.body.contains("request_id"), "{r:?}");
+    }
+    assert_eq!(
+        request(f.port, "GET", "/apix", &[], b"").unwrap().status,
+        404
+    );
+    assert_eq!(get(f.port, "/healthz").unwrap().status, 200);
+
+    // Kept-alive connections to the upstream: 30 requests, a few
+    // connections.
+    let c0 = api.connections.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..30 {
+        assert_eq!(get(f.port, "/pub/k").unwrap().status, 200);
+    }
+    let opened = api.connections.load(std::sync::atomic::Ordering::Relaxed) - c0;
+    assert!(opened <= 3, "{opened} upstream connections for 30 requests");
+}
+
+#[test]
+fn upstream_failures_are_502_and_504_problems_and_counted() {
+    let api = Upstream::tcp();
+    let closed = free_port();
+    let f = Forkd::start(&format!(
+        "workers = 1\n\
+         [[route]]\nprefix = \"/down\"\nupstream = \"http://127.0.0.1:{closed}\"\nauth = \"none\"\n\
+         [[route]]\nprefix = \"/\"\nupstream = \"{}\"\nauth = \"none\"\ntimeout = 0.5\n",
+        api.url()
+    ));
+    let r = get(f.port, "/down/x").unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.json()["type"], "urn:forkd:problem:bad-gateway");
+    let r = get(f.port, "/reset").unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    let r = get(f.port, "/slow/3000").unwrap();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(r.json()["type"], "urn:forkd:problem:gateway-timeout");
+    // The catch-all route leaves forkd's own paths alone.
+    assert_eq!(get(f.port, "/healthz").unwrap().status, 200);
+    assert_eq!(get(f.port, "/anything").unwrap().status, 200);
+    let m = parse_exposition(&get(f.port, "/metrics").unwrap().body);
+    assert!(m["forkd_upstream_failures_total{}"] >= 2.0, "{m:?}");
+    assert!(m["forkd_upstream_timeouts_total{}"] >= 1.0, "{m:?}");
+}
+
+/// The peak RSS of a process, KiB.
+fn hwm_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_100_mib_download_and_upload_pass_with_flat_memory() {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\nauth = \"none\"\ntimeout = 60\n",
+        api.url()
+    ));
+    let pid = f.wait_ready()[0];
+    assert_eq!(get(f.port, "/warm").unwrap().status, 200);
+    let before = hwm_kib(pid);
+
+    // Download: read as it comes, count, keep nothing.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET /big/{SIZE} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    let mut chunked = false;
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        chunked |= line
+            .to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked");
+    }
+    assert!(chunked, "expected a streamed (chunked) answer");
+    let mut body = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let n = u64::from_str_radix(line.trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..k]).unwrap();
+            left -= k as u64;
+        }
+        body += n;
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    assert_eq!(body, SIZE);
+    let after_download = hwm_kib(pid);
+
+    // Upload, chunked, 64 KiB at a time.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST /count HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'u'; 64 * 1024];
+    for _ in 0..SIZE / chunk.len() as u64 {
+        write!(s, "{:x}\r\n", chunk.len()).unwrap();
+        s.write_all(&chunk).unwrap();
+        s.write_all(b"\r\n").unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let json: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(json["bytes"], SIZE);
+    let after_upload = hwm_kib(pid);
+    eprintln!(
+        "worker peak RSS: {before} KiB before, {after_download} KiB after 100 MiB down, {after_upload} KiB after 100 MiB up"
+    );
+    assert!(
+        after_upload < before + 16 * 1024,
+        "the worker's peak RSS grew from {before} to {after_upload} KiB"
+    );
+}
+
+#[test]
+fn an_upgrade_is_tunnelled_both_ways() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[[route]]\nprefix = \"/ws\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        api.url()
+    ));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        head.push_str(&line);
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    // A masked WebSocket text frame ("hello"), twice: both come back.
+    let frame = [
+        0x81u8,
+        0x85,
+        1,
+        2,
+        3,
+        4,
+        b'h' ^ 1,
+        b'e' ^ 2,
+        b'l' ^ 3,
+        b'l' ^ 4,
+        b'o' ^ 1,
+    ];
+    for _ in 0..2 {
+        s.write_all(&frame).unwrap();
+        let mut back = [0u8; 11];
+        r.read_exact(&mut back).unwrap();
+        assert_eq!(back, frame);
+    }
+}
+
+fn rewrite(f: &Forkd, extra: &str) {
+    let old = std::fs::read_to_string(&f.config).unwrap();
+    let head: Vec<&str> = old.lines().take(2).collect();
+    std::fs::write(&f.config, format!("{}\n{extra}\n", head.join("\n"))).unwrap();
+}
+
+#[test]
+fn a_reload_changes_routes_under_load_with_zero_failures() {
+    let (one_up, two_up) = (Upstream::tcp(), Upstream::tcp());
+    let route = |prefix: &str, up: &Upstream| {
+        format!(
+            "[[route]]\nprefix = \"{prefix}\"\nupstream = \"{}\"\nauth = \"none\"\n",
+            up.url()
+        )
+    };
+    let f = Forkd::start(&format!("workers = 2\n{}", route("/a", &one_up)));
+    assert_eq!(get(f.port, "/b/x").unwrap().status, 404);
+    let load = Load::start(f.port, 4, "/a/x");
+    wait_served(&f, 50);
+    rewrite(
+        &f,
+        &format!(
+            "workers = 2\n{}{}",
+            route("/a", &two_up),
+            route("/b", &two_up)
+        ),
+    );
+    let out = f.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = two_up.requests.load(std::sync::atomic::Ordering::Relaxed);
+    poll(PATIENCE, || {
+        (two_up.requests.load(std::sync::atomic::Ordering::Relaxed) > served + 50).then_some(())
+    })
+    .expect("the new routes served no requests");
+    let res = load.finish();
+    assert_eq!(
+        res.failed,
+        0,
+        "{:?}",
+        &res.errors[..res.errors.len().min(5)]
+    );
+    assert!(res.ok > 100, "{res:?}");
+    assert_eq!(get(f.port, "/b/x").unwrap().status, 200);
+
+    // A bad route is refused by the reload; the old routes keep serving.
+    rewrite(
+        &f,
+        "workers = 2\n[[route]]\nprefix = \"/profile\"\nupstream = \"http://127.0.0.1:1\"\n",
+    );
+    let out = f.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("route[0].prefix"), "{err}");
+    assert_eq!(get(f.port, "/b/x").unwrap().status, 200);
+}
+
+#[test]
+fn a_bad_route_is_a_configuration_error() {
+    for (route, key) in [
+        (
+            "prefix = \"api\"\nupstream = \"http://127.0.0.1:9\"",
+            "route[0].prefix",
+        ),
+        (
+            "prefix = \"/a/../b\"\nupstream = \"http://127.0.0.1:9\"",
+            "route[0].prefix",
+        ),
+        (
+            "prefix = \"/healthz\"\nupstream = \"http://127.0.0.1:9\"",
+            "route[0].prefix",
+        ),
+        (
+            "prefix = \"/a\"\nupstream = \"http://127.0.0.1\"",
+            "route[0].upstream",
+        ),
+        (
+            "prefix = \"/a\"\nupstream = \"https://x:1/p\"",
+            "route[0].upstream",
+        ),
+        (
+            "prefix = \"/a\"\nupstream = \"unix:rel.sock\"",
+            "route[0].upstream",
+        ),
+        (
+            "prefix = \"/a\"\nupstream = \"http://h:1\"\nauth = \"maybe\"",
+            "auth",
+        ),
+        (
+            "prefix = \"/a\"\nupstream = \"http://h:1\"\ntimeout = 0",
+            "route[0].timeout",
+        ),
+        (
+            "prefix = \"/a\"\nupstream = \"http://h:1\"\nbogus = 1",
+            "bogus",
+        ),
+    ] {
+        let f = Forkd::configure(&format!("[[route]]\n{route}\n"));
+        let out = f.cli(&["check-config"]);
+        assert_eq!(out.status.code(), Some(64), "{route}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{route}: {err}");
+    }
+    let f = Forkd::configure(
+        "[[route]]\nprefix = \"/a\"\nupstream = \"http://h:1\"\n[[route]]\nprefix = \"/a/\"\nupstream = \"http://h:2\"\n",
+    );
+    let out = f.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("route[1].prefix"));
+    let f = Forkd::configure("[proxy]\nuser_header = \"Authorization\"\n");
+    assert_eq!(f.cli(&["check-config"]).status.code(), Some(64));
+    // A good one is printed back as forkd will use it.
+    let f = Forkd::configure("[[route]]\nprefix = \"/api/\"\nupstream = \"unix:/run/app.sock\"\n");
+    let out = f.cli(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("[[route]]") && text.contains("prefix = \"/api\""),
+        "{text}"
+    );
+    assert!(text.contains("upstream = \"unix:/run/app.sock\""), "{text}");
+}
