@@ -136,13 +136,18 @@ class Forkd:
         return s["rss_bytes"], [w["rss_bytes"] for w in s["workers"]]
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
         self.log.close()
+
+
+def terminate(proc):
+    """SIGTERM, then SIGKILL after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def http(method, port, path, body=None, headers=None):
@@ -224,6 +229,38 @@ class SlowOrigin(httpserver.BaseHTTPRequestHandler):
 
 class ThreadedServer(socketserver.ThreadingMixIn, httpserver.HTTPServer):
     daemon_threads = True
+
+
+class Nginx:
+    """An nginx of the benchmark's own, in the foreground, ended by pid."""
+
+    def __init__(self, tmp, name, server_blocks, workers):
+        self.dir = os.path.join(tmp, name)
+        os.makedirs(self.dir)
+        os.chmod(self.dir, 0o755)
+        d = self.dir
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\n"
+                    f"error_log {d}/error.log warn;\n"
+                    "events { worker_connections 4096; }\n"
+                    "http {\n    access_log off;\n    keepalive_requests 1000000;\n"
+                    f"    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n"
+                    f"    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n"
+                    f"    scgi_temp_path {d}/scgi;\n{server_blocks}\n}}\n")
+        self.proc = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-p", d, "-c", conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait(self, port):
+        def up():
+            try:
+                return http("GET", port, "/")[0] > 0
+            except OSError:
+                return False
+        wait_for(up)
+
+    def stop(self):
+        terminate(self.proc)
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -328,7 +365,7 @@ def main():
     redis = Redis(tmp)
     origin = ThreadedServer(("127.0.0.1", 0), SlowOrigin)
     threading.Thread(target=origin.serve_forever, daemon=True).start()
-    started = []
+    started, nginxes = [], []
     try:
         high = ("[auth]\nlogin_ip_limit = 1000000\nlogin_user_limit = 1000000\n"
                 "login_user_all_limit = 1000000\nlogin_host_limit = 1000000\n"
@@ -473,9 +510,46 @@ def main():
                     m.url("/profile"), secs, headers=[f"Authorization: Bearer {t}"]), secs))
             m.stop()
             started.remove(m)
+
+        # Proxying, the same trivial upstream in every row (nginx answering
+        # 200 from memory, one worker): direct; through nginx proxy_pass
+        # with upstream keep-alive (2 workers, as forkd); through forkd's
+        # [[route]] anonymously and with a session check.
+        up_port, via_port = free_port(), free_port()
+        upstream = Nginx(tmp, "nginx-upstream",
+                         f'    server {{ listen 127.0.0.1:{up_port}; '
+                         f'location / {{ return 200 "ok\\n"; }} }}', 1)
+        nginxes.append(upstream)
+        upstream.wait(up_port)
+        via = Nginx(tmp, "nginx-proxy",
+                    f"    upstream app {{ server 127.0.0.1:{up_port}; keepalive 64; }}\n"
+                    f"    server {{ listen 127.0.0.1:{via_port}; location / {{ proxy_pass http://app; "
+                    'proxy_http_version 1.1; proxy_set_header Connection ""; } }', 2)
+        nginxes.append(via)
+        via.wait(via_port)
+        rows.append({"scenario": "upstream direct (nginx, 1 worker)",
+                     **wrk(f"http://127.0.0.1:{up_port}/x", secs)})
+        rows.append({"scenario": "nginx proxy_pass, keep-alive upstream",
+                     **wrk(f"http://127.0.0.1:{via_port}/x", secs)})
+        p = Forkd(tmp, "proxy", redis, high.replace(
+            "[rate_limit.profile]",
+            f'[[route]]\nprefix = "/open"\nupstream = "http://127.0.0.1:{up_port}"\nauth = "none"\n'
+            f'[[route]]\nprefix = "/app"\nupstream = "http://127.0.0.1:{up_port}"\n'
+            '[redis]\nprefix = "proxy:"\n[rate_limit.profile]'))
+        started.append(p)
+        p.cli("user", "add", "bench", "--password-stdin", stdin=PASSWORD + "\n")
+        pt = login_token(p, "bench")
+        rows.append(measure("forkd proxy, anonymous", p, redis,
+                            lambda: wrk(p.url("/open/x"), secs), secs))
+        rows.append(measure("forkd proxy, session auth", p, redis, lambda: wrk(
+            p.url("/app/x"), secs, headers=[f"Authorization: Bearer {pt}"]), secs))
+        p.stop()
+        started.remove(p)
     finally:
         for f in started:
             f.stop()
+        for n in nginxes:
+            n.stop()
         origin.shutdown()
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -591,6 +665,17 @@ def report(rows, notes, cores, args):
          by[f"healthz, access log {fmt_} to a file"]["rps"] >= 0.9 * h["rps"],
          f"{by[f'healthz, access log {fmt_} to a file']['rps'] / max(h['rps'], 1):.2f} x")
         for fmt_ in ("json", "combined")
+    ]
+    direct, via = by["upstream direct (nginx, 1 worker)"], by["nginx proxy_pass, keep-alive upstream"]
+    anon, authed = by["forkd proxy, anonymous"], by["forkd proxy, session auth"]
+    print(f"  proxying one trivial upstream ({direct['rps']:.0f} req/s direct): nginx proxy_pass "
+          f"{via['rps']:.0f}, forkd anonymous {anon['rps']:.0f}, forkd with a session check "
+          f"{authed['rps']:.0f} req/s ({authed['evalsha_per_req']:.2f} Redis round trips per request)")
+    targets += [
+        ("forkd anonymous proxying >= nginx proxy_pass", anon["rps"] >= via["rps"],
+         f"{anon['rps'] / max(via['rps'], 1):.2f} x"),
+        ("forkd proxying with session auth >= 0.8 x anonymous", authed["rps"] >= 0.8 * anon["rps"],
+         f"{authed['rps'] / max(anon['rps'], 1):.2f} x"),
     ]
     print()
     print("targets:")

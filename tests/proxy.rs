@@ -504,3 +504,120 @@ fn a_bad_route_is_a_configuration_error() {
     );
     assert!(text.contains("upstream = \"unix:/run/app.sock\""), "{text}");
 }
+
+/// Several policies on one route, one bucket per user and one per client,
+/// exact over two forkd instances of two workers each sharing one Redis.
+fn policies_hold_exactly_across_workers_and_instances(redis: &impl Backend) {
+    let api = Upstream::tcp();
+    let config = format!(
+        "workers = 2\n\
+         [rate_limit.policy.per-user]\nlimit = 5\nwindow = 600\nkey = \"user\"\n\
+         [rate_limit.policy.per-client]\nlimit = 8\nwindow = 600\nkey = \"client\"\n\
+         [rate_limit.policy.per-key]\nlimit = 2\nwindow = 600\nkey = \"header:X-Api-Key\"\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{}\"\npolicies = [\"per-user\", \"per-client\"]\n\
+         [[route]]\nprefix = \"/keyed\"\nupstream = \"{}\"\nauth = \"none\"\npolicies = [\"per-key\"]\n",
+        api.url(),
+        api.url()
+    );
+    let a = Forkd::start_with_redis(redis, &config);
+    let b = Forkd::start_with_redis(redis, &config);
+    a.add_user("alice", PW);
+    a.add_user("bob", PW);
+    let (ta, tb) = (token(a.port, "alice", PW), token(b.port, "bob", PW));
+    let ports = [a.port, b.port];
+    let run = |t: &str, n: usize| -> (usize, Vec<Response>) {
+        let mut ok = 0;
+        let mut refused = Vec::new();
+        for i in 0..n {
+            let r = request_from(
+                "127.0.0.2",
+                ports[i % 2],
+                "GET",
+                "/api/x",
+                &[("Authorization", &bearer(t))],
+                b"",
+            )
+            .unwrap();
+            match r.status {
+                200 => ok += 1,
+                429 => refused.push(r),
+                _ => panic!("unexpected {r:?}"),
+            }
+        }
+        (ok, refused)
+    };
+    let before = api.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let (ok, refused) = run(&ta, 9);
+    assert_eq!(ok, 5, "alice: per-user allows 5");
+    let r = &refused[0];
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert!(r.header("retry-after").is_some(), "{r:?}");
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"per-user\";q=5;w=600, \"per-client\";q=8;w=600")
+    );
+    let state = r.header("ratelimit").unwrap();
+    assert!(state.starts_with("\"per-user\";r=0;t="), "{state}");
+    // The client's bucket took only alice's 5 allowed requests: bob, from
+    // the same address, gets the 3 left.
+    let (ok, _) = run(&tb, 6);
+    assert_eq!(ok, 3, "bob: per-client has 3 left for this address");
+    assert_eq!(
+        api.requests.load(std::sync::atomic::Ordering::Relaxed) - before,
+        8,
+        "a refused request reached the upstream"
+    );
+    // From another address bob still has per-user places.
+    let r = request_from(
+        "127.0.0.3",
+        a.port,
+        "GET",
+        "/api/x",
+        &[("Authorization", &bearer(&tb))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let state = r.header("ratelimit").unwrap();
+    assert!(state.contains("\"per-client\";r=7;"), "{state}");
+
+    // A header's value is the bucket: two keys, two places each.
+    for key in ["k1", "k2"] {
+        let codes: Vec<u16> = (0..3)
+            .map(|i| {
+                request(ports[i % 2], "GET", "/keyed/x", &[("X-Api-Key", key)], b"")
+                    .unwrap()
+                    .status
+            })
+            .collect();
+        assert_eq!(codes, [200, 200, 429], "{key}");
+    }
+
+    // Forward-auth applies the policies of the route the original path is
+    // under: alice is out of places there.
+    let r = request(
+        a.port,
+        "GET",
+        "/auth",
+        &[
+            ("Authorization", &bearer(&ta)),
+            ("X-Original-URI", "/api/y"),
+        ],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.header("ratelimit-policy").is_some(), "{r:?}");
+}
+
+mod policies {
+    use super::*;
+    #[test]
+    fn single_redis() {
+        super::policies_hold_exactly_across_workers_and_instances(&RedisServer::start());
+    }
+    #[test]
+    fn redis_cluster() {
+        super::policies_hold_exactly_across_workers_and_instances(&RedisCluster::start());
+    }
+}

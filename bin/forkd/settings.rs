@@ -194,7 +194,11 @@ pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
                 file: c.access_log_file.clone(),
             }),
         },
-        routes: c.route.iter().map(route).collect(),
+        routes: c
+            .route
+            .iter()
+            .map(|r| route(r, &c.rate_limit.policy))
+            .collect(),
         proxy: forkd_app::ProxySettings {
             user_header: header_name(&c.proxy.user_header),
             role_header: header_name(&c.proxy.role_header),
@@ -206,7 +210,10 @@ pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
     }
 }
 
-fn route(r: &forkd_config::Route) -> forkd_app::RouteSettings {
+fn route(
+    r: &forkd_config::Route,
+    policies: &std::collections::BTreeMap<String, forkd_config::NamedPolicy>,
+) -> forkd_app::RouteSettings {
     forkd_app::RouteSettings {
         prefix: r.prefix.clone(),
         upstream: match &r.upstream {
@@ -222,6 +229,28 @@ fn route(r: &forkd_config::Route) -> forkd_app::RouteSettings {
         connect_timeout: r.connect_timeout,
         timeout: r.timeout,
         pass_authorization: r.pass_authorization,
+        policies: r
+            .policies
+            .iter()
+            .filter_map(|name| {
+                let p = policies.get(name)?;
+                Some(forkd_app::RoutePolicy {
+                    name: name.clone(),
+                    policy: forkd_app::Policy {
+                        limit: p.limit as u32,
+                        window: p.window,
+                    },
+                    key: match &p.key {
+                        forkd_config::PolicyKey::User => forkd_app::PolicyBucket::User,
+                        forkd_config::PolicyKey::Client => forkd_app::PolicyBucket::Client,
+                        forkd_config::PolicyKey::UserRoute => forkd_app::PolicyBucket::UserRoute,
+                        forkd_config::PolicyKey::Header(h) => {
+                            forkd_app::PolicyBucket::Header(header_name(h))
+                        }
+                    },
+                })
+            })
+            .collect(),
     }
 }
 

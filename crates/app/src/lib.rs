@@ -138,6 +138,28 @@ pub struct RouteSettings {
     /// Until the upstream's response head.
     pub timeout: Duration,
     pub pass_authorization: bool,
+    /// Checked in the same Redis call as the session.
+    pub policies: Vec<RoutePolicy>,
+}
+
+/// One `[rate_limit.policy.NAME]` of a route.
+#[derive(Debug, Clone)]
+pub struct RoutePolicy {
+    pub name: String,
+    pub policy: Policy,
+    pub key: PolicyBucket,
+}
+
+/// What a policy counts per.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyBucket {
+    /// The user; the client address on an anonymous request.
+    User,
+    Client,
+    /// The user on this route; the client on this route when anonymous.
+    UserRoute,
+    /// The header's value; the client address when it is missing.
+    Header(HeaderName),
 }
 
 /// What every route shares.

@@ -128,7 +128,7 @@ async fn route(
         "/profile" => method_not_allowed("GET"),
         path if path == st.settings.proxy.forward_auth_path => {
             if read {
-                proxy::forward_auth(req, st).await
+                proxy::forward_auth(req, st, peer).await
             } else {
                 method_not_allowed("GET, HEAD")
             }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::routes::{Proxy, Route};
+use crate::routes::{NamedPolicy, Proxy, Route};
 use crate::{AccessLogFormat, Cidr, ListenerMode};
 
 /// The HTTP settings of a validated config.
@@ -110,6 +110,7 @@ pub enum OnRedisError {
 pub struct RateLimit {
     pub on_redis_error: OnRedisError,
     pub profile: Policy,
+    pub policy: std::collections::BTreeMap<String, NamedPolicy>,
 }
 
 /// A validated configuration. Every value is in range; paths may still fail

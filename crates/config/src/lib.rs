@@ -41,7 +41,10 @@ pub use raw::{
     AccessLogFormat, ListenerMode, RawAuth, RawConfig, RawHttp, RawMetrics, RawPolicy, RawProfile,
     RawRateLimit, RawRecycle, RawRedis, Workers,
 };
-pub use routes::{Proxy, RawProxy, RawRoute, Route, RouteAuth, Upstream, BUILT_IN_PATHS};
+pub use routes::{
+    NamedPolicy, PolicyKey, Proxy, RawNamedPolicy, RawProxy, RawRoute, Route, RouteAuth, Upstream,
+    BUILT_IN_PATHS,
+};
 
 /// The largest number of workers one instance may run.
 pub const MAX_WORKERS: usize = 512;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::routes::{RawProxy, RawRoute};
+use crate::routes::{RawNamedPolicy, RawProxy, RawRoute};
 use crate::{ConfigError, MAX_WORKERS};
 
 /// How workers accept connections.
@@ -242,6 +242,8 @@ impl Default for RawPolicy {
 pub struct RawRateLimit {
     pub on_redis_error: String,
     pub profile: RawPolicy,
+    /// `[rate_limit.policy.NAME]`, for routes.
+    pub policy: std::collections::BTreeMap<String, RawNamedPolicy>,
 }
 
 impl Default for RawRateLimit {
@@ -249,6 +251,7 @@ impl Default for RawRateLimit {
         RawRateLimit {
             on_redis_error: "local".into(),
             profile: RawPolicy::default(),
+            policy: std::collections::BTreeMap::new(),
         }
     }
 }

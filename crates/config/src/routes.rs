@@ -1,6 +1,7 @@
 //! `[[route]]` tables (a path prefix forwarded to an upstream service) and
 //! the `[proxy]` table (what every route shares): as written, validated.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,7 @@ pub struct RawRoute {
     pub connect_timeout: f64,
     pub timeout: f64,
     pub pass_authorization: bool,
+    pub policies: Vec<String>,
 }
 
 impl Default for RawRoute {
@@ -52,6 +54,7 @@ impl Default for RawRoute {
             connect_timeout: 2.0,
             timeout: 30.0,
             pass_authorization: false,
+            policies: Vec::new(),
         }
     }
 }
@@ -118,6 +121,8 @@ pub struct Route {
     #[serde(serialize_with = "secs")]
     pub timeout: Duration,
     pub pass_authorization: bool,
+    /// Names of `[rate_limit.policy.NAME]` tables.
+    pub policies: Vec<String>,
 }
 
 impl Route {
@@ -238,16 +243,37 @@ impl RawRoute {
             connect_timeout: secs_in(key("connect_timeout"), self.connect_timeout, 0.001, 60.0)?,
             timeout: secs_in(key("timeout"), self.timeout, 0.001, 3600.0)?,
             pass_authorization: self.pass_authorization,
+            policies: self.policies.clone(),
         })
     }
 }
 
-/// Every route, checked, with no prefix twice and none on forkd's
-/// forward-auth path.
-pub(crate) fn validate_routes(raw: &[RawRoute], proxy: &Proxy) -> Result<Vec<Route>, ConfigError> {
+/// Every route, checked, with no prefix twice, none on forkd's
+/// forward-auth path, and policies that exist.
+pub(crate) fn validate_routes(
+    raw: &[RawRoute],
+    proxy: &Proxy,
+    policies: &BTreeMap<String, NamedPolicy>,
+) -> Result<Vec<Route>, ConfigError> {
     let mut routes: Vec<Route> = Vec::with_capacity(raw.len());
     for (i, r) in raw.iter().enumerate() {
         let route = r.validate(i)?;
+        for (k, name) in route.policies.iter().enumerate() {
+            let key = format!("route[{i}].policies");
+            if !policies.contains_key(name) {
+                return Err(bad(key, name, "no [rate_limit.policy] table of that name"));
+            }
+            if route.policies[..k].contains(name) {
+                return Err(bad(key, name, "named twice"));
+            }
+        }
+        if route.policies.len() > 8 {
+            return Err(bad(
+                format!("route[{i}].policies"),
+                route.policies.len(),
+                "expected at most 8 policies",
+            ));
+        }
         if route.prefix == proxy.forward_auth_path {
             return Err(bad(
                 format!("route[{i}].prefix"),
@@ -339,4 +365,117 @@ impl RawProxy {
         }
         Ok(proxy)
     }
+}
+
+/// What a `[rate_limit.policy.NAME]` counts per.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyKey {
+    /// The session's user; the client address on an anonymous request.
+    User,
+    /// The client address (as the login limits see it).
+    Client,
+    /// The user on this route alone.
+    UserRoute,
+    /// The value of a request header (lower-case name); the client
+    /// address when it is missing.
+    Header(String),
+}
+
+impl std::fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyKey::User => f.write_str("user"),
+            PolicyKey::Client => f.write_str("client"),
+            PolicyKey::UserRoute => f.write_str("user+route"),
+            PolicyKey::Header(h) => write!(f, "header:{h}"),
+        }
+    }
+}
+
+impl Serialize for PolicyKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One `[rate_limit.policy.NAME]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNamedPolicy {
+    pub limit: i64,
+    pub window: f64,
+    pub key: String,
+}
+
+impl Default for RawNamedPolicy {
+    fn default() -> Self {
+        RawNamedPolicy {
+            limit: 60,
+            window: 60.0,
+            key: "user".into(),
+        }
+    }
+}
+
+/// A validated named policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NamedPolicy {
+    pub limit: u64,
+    #[serde(serialize_with = "secs")]
+    pub window: Duration,
+    pub key: PolicyKey,
+}
+
+/// Every `[rate_limit.policy.NAME]`, checked.
+pub(crate) fn validate_policies(
+    raw: &BTreeMap<String, RawNamedPolicy>,
+) -> Result<BTreeMap<String, NamedPolicy>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (name, p) in raw {
+        let at = |k: &str| format!("rate_limit.policy.{name}.{k}");
+        let name_ok = (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(bad(
+                format!("rate_limit.policy.{name}"),
+                name,
+                "expected a name of 1 to 32 lower-case letters, digits, '_' or '-'",
+            ));
+        }
+        if !(1..=1_000_000_000).contains(&p.limit) {
+            return Err(bad(at("limit"), p.limit, "expected 1 to 1000000000"));
+        }
+        let key = match p.key.as_str() {
+            "user" => PolicyKey::User,
+            "client" => PolicyKey::Client,
+            "user+route" => PolicyKey::UserRoute,
+            k => match k.strip_prefix("header:") {
+                Some(h)
+                    if !h.is_empty()
+                        && h.len() <= 64
+                        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+                {
+                    PolicyKey::Header(h.to_ascii_lowercase())
+                }
+                _ => {
+                    return Err(bad(
+                        at("key"),
+                        k,
+                        "expected \"user\", \"client\", \"user+route\" or \"header:NAME\"",
+                    ))
+                }
+            },
+        };
+        out.insert(
+            name.clone(),
+            NamedPolicy {
+                limit: p.limit as u64,
+                window: secs_in(at("window"), p.window, 0.001, 86_400.0)?,
+                key,
+            },
+        );
+    }
+    Ok(out)
 }

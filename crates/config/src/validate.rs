@@ -110,7 +110,7 @@ impl RawConfig {
         let profile = self.profile.validate()?;
         let metrics = self.metrics.validate()?;
         let proxy = self.proxy.validate()?;
-        let route = crate::routes::validate_routes(&self.route, &proxy)?;
+        let route = crate::routes::validate_routes(&self.route, &proxy, &rate_limit.policy)?;
         if !(self.watchdog_quorum.is_finite() && (0.0..=1.0).contains(&self.watchdog_quorum)) {
             return Err(bad(
                 "watchdog_quorum",
@@ -389,6 +389,7 @@ impl RawRateLimit {
         Ok(RateLimit {
             on_redis_error,
             profile: self.profile.validate("rate_limit.profile")?,
+            policy: crate::routes::validate_policies(&self.policy)?,
         })
     }
 }

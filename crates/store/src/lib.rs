@@ -26,16 +26,21 @@
 //! | `P{UID}:profile:lock` | string | single-flight lock (SET NX PX) |
 //! | `P{UID}:rl:POLICY` | string | GCRA theoretical arrival time (ms) |
 //! | `P` `rl:POLICY:KEY` | string | GCRA state of an anonymous limit (login by IP, by name) |
+//! | `P{UID}:rl:POLICY:uSCOPE` | string | a `[rate_limit.policy]` bucket of a user (SCOPE "" or a route) |
+//! | `P{GROUP}:rl:POLICY:NAME` | string | a policy bucket of a client (`c:ADDR`) or a header value (`h:HASH`) |
 #![forbid(unsafe_code)]
 
 mod connection;
 mod limits;
 mod profile;
+mod routes;
 mod scripts;
 mod sessions;
 mod users;
 
 use std::time::Duration;
+
+pub use routes::{Bucket, Limit, RouteCheck, SessionRef};
 
 use fred::prelude::*;
 use fred::types::scripts::Script;

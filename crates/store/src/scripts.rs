@@ -175,17 +175,57 @@ return 1
     )
 );
 
-// KEYS: session, index, epoch. ARGV: idle ms, token hash. Returns
-// {user, role} (role "" for a session made before sessions kept it), or
-// nil.
+// A routed request's one call: its session (when ARGV[1] is "1": KEYS
+// session, index, epoch first), then its rate limits (one key each). The
+// limits are all read and decided first; a place is taken in every one
+// only when all allow. ARGV: has session, idle ms, token hash, the number
+// of limits, then limit and window ms of each. Returns {0} for no valid
+// session, else {1 (allowed) or 2 (limited), user, role, then allowed,
+// remaining, reset ms, retry ms for each limit}.
 script!(
-    session_identity,
+    route_check,
     concat!(
         prelude!(),
         r#"
-local user = session(tonumber(ARGV[1]), ARGV[2], now_ms(), KEYS[3])
-if not user then return false end
-return {user, redis.call('HGET', KEYS[1], 'role') or ''}
+local now = now_ms()
+local base, user, role = 0, '', ''
+if ARGV[1] == '1' then
+  base = 3
+  local s = redis.call('HMGET', KEYS[1], 'user', 'abs', 'gen', 'r', 'role')
+  if not s[1] then return {0} end
+  if not session_alive(s, redis.call('GET', KEYS[3]), ARGV[3], now) then return {0} end
+  local idle = tonumber(ARGV[2])
+  if now - (tonumber(s[4]) or 0) >= idle / 10 then
+    renew(idle, tonumber(s[2]), now)
+    redis.call('HSET', KEYS[1], 'r', string.format('%d', now))
+  end
+  user, role = s[1], s[5] or ''
+end
+local n = tonumber(ARGV[4])
+local out, tats, all = {1, user, role}, {}, true
+for i = 1, n do
+  local limit, window = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local emission = window / limit
+  local tat = tonumber(redis.call('GET', KEYS[base + i]))
+  if not tat or tat < now then tat = now end
+  local new_tat = tat + emission
+  local allow_at = new_tat - window
+  if now < allow_at then
+    all = false
+    for _, v in ipairs({0, 0, math.ceil(tat - now), math.ceil(allow_at - now)}) do out[#out + 1] = v end
+  else
+    tats[i] = new_tat
+    for _, v in ipairs({1, math.floor((now - allow_at) / emission), math.ceil(new_tat - now), 0}) do out[#out + 1] = v end
+  end
+end
+if not all then
+  out[1] = 2
+  return out
+end
+for i = 1, n do
+  redis.call('SET', KEYS[base + i], string.format('%.3f', tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
+end
+return out
 "#
     )
 );

@@ -44,35 +44,6 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// The session's user name and role, renewing its idle timeout, in one
-    /// call; None when it does not exist or has expired. The role is empty
-    /// for a session made by a build that did not keep it.
-    ///
-    /// # Errors
-    /// Redis is unreachable.
-    pub async fn session_identity(
-        &self,
-        uid: &str,
-        token_hash: &str,
-        idle: Duration,
-    ) -> Result<Option<(String, String)>> {
-        let r: Option<Vec<String>> = self
-            .run(
-                scripts::session_identity(),
-                vec![
-                    self.session_key(uid, token_hash),
-                    self.index_key(uid),
-                    self.epoch_key(uid),
-                ],
-                vec![(idle.as_millis() as i64).into(), token_hash.into()],
-            )
-            .await?;
-        Ok(r.and_then(|v| {
-            let mut v = v.into_iter();
-            Some((v.next()?, v.next().unwrap_or_default()))
-        }))
-    }
-
     /// Ends one session. Returns whether it existed.
     ///
     /// # Errors

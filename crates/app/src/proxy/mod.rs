@@ -3,10 +3,13 @@
 //! (keep-alive, bounded idle pool), bodies streamed both ways, the session
 //! checked here and the identity passed on in headers.
 //!
+//! - `check`: the session and the route's rate-limit policies, in one
+//!   Redis call;
 //! - `pool`: the routes of a worker and their pooled clients;
 //! - `connect`: TCP or unix socket, with the connect timeout;
 //! - `headers`: hop-by-hop, forwarding and identity headers.
 
+mod check;
 mod connect;
 mod headers;
 pub(crate) mod pool;
@@ -17,13 +20,11 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
-use sha2::{Digest, Sha256};
 
 use crate::access::LoggedUser;
-use crate::auth::{bearer, invalid_token};
+use crate::metrics;
 use crate::response::{bad_request, problem, Body};
 use crate::state::State;
-use crate::{metrics, RouteAuth};
 
 use headers::{Forwarding, Identity};
 use pool::{Route, Routes};
@@ -39,36 +40,6 @@ fn ambiguous(path: &str) -> bool {
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
-/// The session id the upstream sees: a hash of the token's hash, so it is
-/// neither the token nor the key Redis keeps the session under.
-fn session_id(token_hash: &str) -> String {
-    let d = Sha256::digest(format!("forkd-session:{token_hash}").as_bytes());
-    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
-}
-
-/// Who is asking, as `route.auth` wants it: (user, role, session id), or
-/// None for an anonymous request; Err is the answer to send instead.
-async fn identify(
-    req: &Request<Incoming>,
-    st: &State,
-    auth: RouteAuth,
-) -> Result<Option<[String; 3]>, Response<Body>> {
-    let anonymous = !req.headers().contains_key(hyper::header::AUTHORIZATION);
-    if auth == RouteAuth::None || (auth == RouteAuth::Optional && anonymous) {
-        return Ok(None);
-    }
-    let (uid, hash) = bearer(req)?;
-    match st
-        .store
-        .session_identity(&uid, &hash, st.settings.auth.session_idle)
-        .await
-    {
-        Ok(Some((user, role))) => Ok(Some([user, role, session_id(&hash)])),
-        Ok(None) => Err(invalid_token()),
-        Err(e) => Err(st.redis_down(&e)),
-    }
-}
-
 /// Forwards `req` to the route's upstream and streams its answer back.
 pub(crate) async fn forward(
     mut req: Request<Incoming>,
@@ -81,10 +52,11 @@ pub(crate) async fn forward(
     if ambiguous(req.uri().path()) {
         return bad_request("The path has a dot segment or an escaped '.', '/' or '\\'.");
     }
-    let who = match identify(&req, st, route.cfg.auth).await {
-        Ok(w) => w,
+    let checked = match check::check(&req, st, Some(route), peer).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
+    let who = &checked.who;
     let upgrade = headers::wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -173,8 +145,9 @@ pub(crate) async fn forward(
     headers::strip_hop_by_hop(&mut parts.headers, switching && upgrade);
     let mut r = Response::from_parts(parts, Body::Stream(body));
     if let Some([user, ..]) = who {
-        r.extensions_mut().insert(LoggedUser(user));
+        r.extensions_mut().insert(LoggedUser(user.clone()));
     }
+    checked.add_headers(&mut r);
     r
 }
 
@@ -196,20 +169,23 @@ fn original_path(h: &hyper::HeaderMap) -> Option<&str> {
 /// session, 401 otherwise, in one Redis call. When the original path
 /// (`X-Original-URI`, `X-Forwarded-Uri`) falls under a `[[route]]`, that
 /// route's `auth` applies; otherwise a session is required.
-pub(crate) async fn forward_auth(req: Request<Incoming>, st: &Arc<State>) -> Response<Body> {
+pub(crate) async fn forward_auth(
+    req: Request<Incoming>,
+    st: &Arc<State>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let original = original_path(req.headers());
     if original.is_some_and(ambiguous) {
         return bad_request("The original path has a dot segment or an escaped '.', '/' or '\\'.");
     }
-    let auth = original
-        .and_then(|p| st.routes.find(p))
-        .map_or(RouteAuth::Required, |r| r.cfg.auth);
-    let who = match identify(&req, st, auth).await {
-        Ok(w) => w,
+    let route = original.and_then(|p| st.routes.find(p));
+    let checked = match check::check(&req, st, route, peer).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
     let mut r = crate::response::no_store(Response::new(Body::default()));
-    if let Some(values) = &who {
+    checked.add_headers(&mut r);
+    if let Some(values) = &checked.who {
         for (name, value) in st.routes.names.iter().zip(values) {
             if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
                 if !value.is_empty() {
@@ -266,13 +242,5 @@ mod tests {
         for p in ["/api/x.y", "/api/..x", "/a/b"] {
             assert!(!ambiguous(p), "{p}");
         }
-    }
-
-    #[test]
-    fn the_session_id_is_neither_token_nor_key() {
-        let id = session_id("abc");
-        assert_eq!(id.len(), 32);
-        assert_ne!(id, "abc");
-        assert_eq!(id, session_id("abc"));
     }
 }

@@ -21,6 +21,8 @@ pub(crate) struct Route {
     pub(crate) retrying: Pool,
     /// For the others: never retried.
     pub(crate) once: Pool,
+    /// `RateLimit-Policy` of its policies (None without any).
+    pub(crate) policy_header: Option<hyper::header::HeaderValue>,
 }
 
 /// Every route of this worker, longest prefix first.
@@ -74,7 +76,22 @@ impl Route {
                 .set_host(false)
                 .build(Connector::new(cfg.upstream.clone(), cfg.connect_timeout))
         };
+        let policies: Vec<String> = cfg
+            .policies
+            .iter()
+            .map(|p| {
+                format!(
+                    "\"{}\";q={};w={}",
+                    p.name,
+                    p.policy.limit,
+                    p.policy.window.as_millis().div_ceil(1000)
+                )
+            })
+            .collect();
         Route {
+            policy_header: (!policies.is_empty())
+                .then(|| hyper::header::HeaderValue::from_str(&policies.join(", ")).ok())
+                .flatten(),
             cfg: cfg.clone(),
             authority,
             retrying: pool(true),

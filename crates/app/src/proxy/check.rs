@@ -1,0 +1,173 @@
+//! Who is asking and whether a route's rate-limit policies let them, in
+//! one Redis call (the session and the user's buckets share its slot):
+//! the identity for the upstream, and the `RateLimit` headers.
+
+use std::net::SocketAddr;
+
+use forkd_store::{Bucket, Limit, RouteCheck, SessionRef};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use sha2::{Digest, Sha256};
+
+use super::pool::Route;
+use crate::auth::{bearer, invalid_token};
+use crate::client::{client_ip, client_key};
+use crate::response::{ceil_secs, problem, Body, RATELIMIT, RATELIMIT_POLICY};
+use crate::state::State;
+use crate::{metrics, PolicyBucket, RouteAuth};
+
+/// What the check found: the identity (user, role, session id) of an
+/// authenticated request, and the rate-limit headers to answer with.
+#[derive(Default)]
+pub(crate) struct Checked {
+    pub(crate) who: Option<[String; 3]>,
+    pub(crate) rate: Option<(HeaderValue, HeaderValue)>,
+}
+
+impl Checked {
+    pub(crate) fn add_headers(&self, r: &mut Response<Body>) {
+        if let Some((policy, state)) = &self.rate {
+            r.headers_mut().insert(RATELIMIT_POLICY, policy.clone());
+            r.headers_mut().insert(RATELIMIT, state.clone());
+        }
+    }
+}
+
+/// The session id the upstream sees: a hash of the token's hash, so it is
+/// neither the token nor the key Redis keeps the session under.
+pub(crate) fn session_id(token_hash: &str) -> String {
+    hex16(format!("forkd-session:{token_hash}").as_bytes())
+}
+
+fn hex16(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Checks the request against `route` (or, with none, requires a session
+/// and applies no policy); Err is the answer to send instead.
+pub(crate) async fn check(
+    req: &Request<Incoming>,
+    st: &State,
+    route: Option<&Route>,
+    peer: SocketAddr,
+) -> Result<Checked, Response<Body>> {
+    let auth = route.map_or(RouteAuth::Required, |r| r.cfg.auth);
+    let policies = route.map_or(&[][..], |r| &r.cfg.policies[..]);
+    let anonymous = !req.headers().contains_key(AUTHORIZATION);
+    let token = if auth == RouteAuth::None || (auth == RouteAuth::Optional && anonymous) {
+        None
+    } else {
+        Some(bearer(req)?)
+    };
+    if token.is_none() && policies.is_empty() {
+        return Ok(Checked::default());
+    }
+    let client = client_key(client_ip(
+        peer.ip(),
+        req.headers(),
+        st.settings.trusted_proxy.as_ref(),
+    ));
+    let prefix = route.map_or("", |r| r.cfg.prefix.as_str());
+    let by_client = |scope: &str| Bucket::Other {
+        group: format!("c:{client}"),
+        name: format!("c:{client}{scope}"),
+    };
+    let limits: Vec<Limit> = policies
+        .iter()
+        .map(|p| Limit {
+            policy_name: p.name.clone(),
+            policy: p.policy,
+            bucket: match &p.key {
+                PolicyBucket::User if token.is_some() => Bucket::User {
+                    scope: String::new(),
+                },
+                PolicyBucket::UserRoute if token.is_some() => Bucket::User {
+                    scope: format!(":{prefix}"),
+                },
+                PolicyBucket::User | PolicyBucket::Client => by_client(""),
+                PolicyBucket::UserRoute => by_client(&format!(":{prefix}")),
+                PolicyBucket::Header(h) => match req.headers().get(h) {
+                    Some(v) => {
+                        let hash = hex16(v.as_bytes());
+                        Bucket::Other {
+                            group: format!("h:{hash}"),
+                            name: format!("h:{}:{hash}", h.as_str()),
+                        }
+                    }
+                    None => by_client(""),
+                },
+            },
+        })
+        .collect();
+    let session = token.as_ref().map(|(uid, hash)| SessionRef {
+        uid,
+        token_hash: hash,
+        idle: st.settings.auth.session_idle,
+    });
+    let (identity, decisions) = match st.store.route_check(session.as_ref(), &limits).await {
+        Err(e) => return Err(st.redis_down(&e)),
+        Ok(RouteCheck::Unauthenticated) => return Err(invalid_token()),
+        Ok(RouteCheck::Checked {
+            identity,
+            decisions,
+        }) => (identity, decisions),
+    };
+    let who = identity
+        .zip(token.as_ref())
+        .map(|((user, role), (_, hash))| [user, role, session_id(hash)]);
+    let Some(policy) = route.and_then(|r| r.policy_header.clone()) else {
+        return Ok(Checked { who, rate: None });
+    };
+    let state: Vec<String> = policies
+        .iter()
+        .zip(&decisions)
+        .filter_map(|(p, d)| {
+            let d = d.as_ref()?;
+            Some(format!(
+                "\"{}\";r={};t={}",
+                p.name,
+                d.remaining,
+                d.reset.as_millis().div_ceil(1000)
+            ))
+        })
+        .collect();
+    let checked = Checked {
+        who,
+        rate: HeaderValue::from_str(&state.join(", "))
+            .ok()
+            .map(|s| (policy, s)),
+    };
+    let refused = decisions.iter().flatten().filter(|d| !d.allowed);
+    if let Some(wait) = refused.map(|d| d.retry_after).max() {
+        st.host.count(metrics::RATE_LIMITED, 1);
+        let mut r = problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-requests",
+            "Too many requests; see Retry-After.",
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
+        checked.add_headers(&mut r);
+        return Err(r);
+    }
+    Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_id_is_neither_token_nor_key() {
+        let id = session_id("abc");
+        assert_eq!(id.len(), 32);
+        assert_ne!(id, "abc");
+        assert_eq!(id, session_id("abc"));
+        assert_ne!(id, session_id("abd"));
+    }
+}

@@ -1,0 +1,164 @@
+//! A routed request's session and rate limits, in one script call: the
+//! session's keys and a user's buckets share the user's hash slot, so on a
+//! single Redis (or when every bucket is the user's) it is one round trip.
+//! On Redis Cluster, buckets of other slots (a client's, a header value's)
+//! take one more call per slot, made only when the ones before allowed;
+//! when a later one refuses, the places the earlier ones took are given
+//! back, so that a refused request costs no bucket anything there either.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+use crate::{decision, scripts, Decision, Policy, Result, Store, StoreError};
+
+/// Whose bucket a limit counts in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bucket {
+    /// The session's user (`scope` "" for the user alone, or a route).
+    User { scope: String },
+    /// Anything else: a client address, a header's value. Buckets with
+    /// the same `group` share a hash slot.
+    Other { group: String, name: String },
+}
+
+/// One limit to apply.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub policy_name: String,
+    pub policy: Policy,
+    pub bucket: Bucket,
+}
+
+/// What [`Store::route_check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteCheck {
+    /// A session was asked for and there is none (any longer).
+    Unauthenticated,
+    /// `identity`: (user, role) when a session was checked; `decisions` in
+    /// the order of the limits (None for one not reached: on Redis Cluster,
+    /// the calls stop at the first that refused), a place taken in each
+    /// only if all of its call allowed.
+    Checked {
+        identity: Option<(String, String)>,
+        decisions: Vec<Option<Decision>>,
+    },
+}
+
+/// A session to check: the token's (uid, hash), and the idle timeout.
+pub struct SessionRef<'a> {
+    pub uid: &'a str,
+    pub token_hash: &'a str,
+    pub idle: Duration,
+}
+
+impl Store {
+    /// Checks `session` (when given) and applies `limits`.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn route_check(
+        &self,
+        session: Option<&SessionRef<'_>>,
+        limits: &[Limit],
+    ) -> Result<RouteCheck> {
+        let key = |l: &Limit| match (&l.bucket, session) {
+            (Bucket::User { scope }, Some(s)) => {
+                self.tagged(s.uid, &format!("rl:{}:u{scope}", l.policy_name))
+            }
+            (Bucket::User { scope }, None) => {
+                format!("{}rl:{}:u{scope}", self.prefix, l.policy_name)
+            }
+            (Bucket::Other { group, name }, _) => {
+                format!("{}{{{group}}}:rl:{}:{name}", self.prefix, l.policy_name)
+            }
+        };
+        // Calls: the session with the user's buckets first, then one per
+        // other slot group (all in the first on a single Redis).
+        let clustered = self.client.client_config().server.is_clustered();
+        let mut calls: Vec<(Option<String>, Vec<usize>)> = vec![(None, Vec::new())];
+        for (i, l) in limits.iter().enumerate() {
+            let group = match &l.bucket {
+                Bucket::Other { group, .. } if clustered => Some(group.clone()),
+                Bucket::User { .. } if clustered && session.is_none() => Some(String::new()),
+                _ => None,
+            };
+            match calls.iter_mut().find(|(g, _)| *g == group) {
+                Some((_, v)) => v.push(i),
+                None => calls.push((group, vec![i])),
+            }
+        }
+        let mut identity = None;
+        let mut decisions = vec![None; limits.len()];
+        let mut taken: Vec<(String, Policy)> = Vec::new();
+        for (n, (_, members)) in calls.iter().enumerate() {
+            let with_session = n == 0 && session.is_some();
+            if members.is_empty() && !with_session {
+                continue;
+            }
+            let mut keys = Vec::with_capacity(3 + members.len());
+            let mut args: Vec<Value> = Vec::with_capacity(4 + 2 * members.len());
+            match session.filter(|_| with_session) {
+                Some(s) => {
+                    keys.extend([
+                        self.session_key(s.uid, s.token_hash),
+                        self.index_key(s.uid),
+                        self.epoch_key(s.uid),
+                    ]);
+                    args.extend(["1".into(), (s.idle.as_millis() as i64).into()]);
+                    args.push(s.token_hash.into());
+                }
+                None => args.extend(["0".into(), 0i64.into(), "".into()]),
+            }
+            args.push((members.len() as i64).into());
+            let first_limit = keys.len();
+            for &i in members {
+                keys.push(key(&limits[i]));
+                args.push((limits[i].policy.limit as i64).into());
+                args.push((limits[i].policy.window.as_millis() as i64).into());
+            }
+            let limit_keys = keys[first_limit..].to_vec();
+            let reply: Vec<Value> = self.run(scripts::route_check(), keys, args).await?;
+            let int = |i: usize| reply.get(i).and_then(Value::as_i64).unwrap_or(0);
+            match int(0) {
+                0 => return Ok(RouteCheck::Unauthenticated),
+                1 | 2 => {}
+                other => {
+                    return Err(StoreError::Protocol(format!(
+                        "route check returned {other}"
+                    )))
+                }
+            }
+            if with_session {
+                let text = |i: usize| reply.get(i).and_then(Value::as_string).unwrap_or_default();
+                identity = Some((text(1), text(2)));
+            }
+            for (k, &i) in members.iter().enumerate() {
+                let at = 3 + 4 * k;
+                decisions[i] = Some(decision(
+                    int(at) == 1,
+                    int(at + 1),
+                    int(at + 2),
+                    int(at + 3),
+                ));
+            }
+            if int(0) == 2 {
+                for (k, policy) in &taken {
+                    let args: Vec<Value> = vec![
+                        (policy.limit as i64).into(),
+                        (policy.window.as_millis() as i64).into(),
+                    ];
+                    let _: i64 = self.run(scripts::refund(), vec![k.clone()], args).await?;
+                }
+                break;
+            }
+            for (k, &i) in members.iter().enumerate() {
+                taken.push((limit_keys[k].clone(), limits[i].policy));
+            }
+        }
+        Ok(RouteCheck::Checked {
+            identity,
+            decisions,
+        })
+    }
+}
