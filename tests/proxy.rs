@@ -608,6 +608,50 @@ fn policies_hold_exactly_across_workers_and_instances(redis: &impl Backend) {
     .unwrap();
     assert_eq!(r.status, 429, "{r:?}");
     assert!(r.header("ratelimit-policy").is_some(), "{r:?}");
+
+    // forkd limit: what is left, and a reset that gives alice her places.
+    let text = |o: std::process::Output| {
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let (code, out) = text(a.cli(&["limit", "show", "per-user", "user:alice"]));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(": 0 left, whole again in"), "{out}");
+    let (code, out) = text(a.cli(&["limit", "show", "per-client", "client:127.0.0.3"]));
+    assert!(code == Some(0) && out.contains(": 7 left"), "{out}");
+    let (code, out) = text(b.cli(&["limit", "reset", "per-user", "user:alice"]));
+    assert!(code == Some(0) && out.contains("reset"), "{out}");
+    let r = request_from(
+        "127.0.0.4",
+        a.port,
+        "GET",
+        "/api/x",
+        &[("Authorization", &bearer(&ta))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    for (args, says) in [
+        (["limit", "show", "nope", "user:alice"], "no policy 'nope'"),
+        (
+            ["limit", "show", "per-key", "user:alice"],
+            "not one of its buckets",
+        ),
+        (
+            ["limit", "show", "per-user", "user:nobody"],
+            "no user 'nobody'",
+        ),
+        (
+            ["limit", "show", "per-client", "client:not-an-ip"],
+            "not an IP address",
+        ),
+    ] {
+        let (code, out) = text(a.cli(&args));
+        assert_eq!(code, Some(1), "{args:?}: {out}");
+        assert!(out.contains(says), "{args:?}: {out}");
+    }
 }
 
 mod policies {
@@ -620,4 +664,141 @@ mod policies {
     fn redis_cluster() {
         super::policies_hold_exactly_across_workers_and_instances(&RedisCluster::start());
     }
+}
+
+/// The `Set-Cookie` value's `NAME=VALUE`.
+fn cookie_of(r: &Response) -> String {
+    let c = r
+        .header("set-cookie")
+        .unwrap_or_else(|| panic!("no cookie: {r:?}"));
+    c.split(';').next().unwrap().to_owned()
+}
+
+#[test]
+fn cookie_sessions_for_browsers_with_a_csrf_check() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[auth]\ncookie = true\n\
+         [[route]]\nprefix = \"/app\"\nupstream = \"{}\"\n",
+        api.url()
+    ));
+    f.add_user("carol", PW);
+    let r = login(f.port, "carol", PW);
+    assert_eq!(r.status, 200, "{r:?}");
+    let set = r.header("set-cookie").unwrap();
+    for attr in ["HttpOnly", "SameSite=Lax", "Secure", "Path=/"] {
+        assert!(set.contains(attr), "{attr} missing: {set}");
+    }
+    let cookie = cookie_of(&r);
+    let token = r.json()["token"].as_str().unwrap().to_owned();
+    assert_eq!(cookie, format!("forkd_session={token}"));
+
+    // The cookie authenticates a GET on a route and /profile.
+    let r = request(f.port, "GET", "/app/page", &[("Cookie", &cookie)], b"").unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(one(&seen(&r), "x-forkd-user"), Some("carol"));
+    assert_eq!(
+        one(&seen(&r), "cookie"),
+        None,
+        "the session cookie went upstream"
+    );
+    let r = request(
+        f.port,
+        "GET",
+        "/app/page",
+        &[("Cookie", &format!("theme=dark; {cookie}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(one(&seen(&r), "cookie"), Some("theme=dark"));
+    assert_eq!(profile_with(f.port, &[("Cookie", &cookie)]).status, 200);
+
+    // An unsafe method by cookie: cross-site refused, same site allowed.
+    let post = |headers: &[(&str, &str)]| {
+        let mut h = vec![("Cookie", cookie.as_str())];
+        h.extend_from_slice(headers);
+        request(f.port, "POST", "/app/form", &h, b"x=1").unwrap()
+    };
+    let before = api.requests.load(std::sync::atomic::Ordering::Relaxed);
+    for bad in [
+        vec![("Origin", "http://evil.example")],
+        vec![("Referer", "http://evil.example/page")],
+        vec![],
+    ] {
+        let r = post(&bad);
+        assert_eq!(r.status, 403, "{bad:?}: {r:?}");
+        assert_eq!(r.json()["type"], "urn:forkd:problem:cross-site-request");
+    }
+    assert_eq!(
+        api.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before
+    );
+    assert_eq!(post(&[("Origin", "http://localhost")]).status, 200);
+    assert_eq!(post(&[("Referer", "http://localhost/form")]).status, 200);
+    assert_eq!(post(&[("X-Requested-With", "fetch")]).status, 200);
+    // A bearer token needs no such check.
+    let r = request(
+        f.port,
+        "POST",
+        "/app/form",
+        &[
+            ("Authorization", &bearer(&token)),
+            ("Origin", "http://evil.example"),
+        ],
+        b"x=1",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // A new login ends the session the browser had (no fixation), and
+    // logout clears the cookie.
+    let again = request(
+        f.port,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/json"), ("Cookie", &cookie)],
+        serde_json::json!({"username": "carol", "password": PW})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(again.status, 200, "{again:?}");
+    let fresh = cookie_of(&again);
+    assert_ne!(fresh, cookie);
+    let r = request(f.port, "GET", "/app/page", &[("Cookie", &cookie)], b"").unwrap();
+    assert_eq!(r.status, 401, "the old session still works: {r:?}");
+    let r = request(
+        f.port,
+        "POST",
+        "/logout",
+        &[("Cookie", &fresh), ("Origin", "http://evil.example")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "a cross-site logout: {r:?}");
+    let r = request(
+        f.port,
+        "POST",
+        "/logout",
+        &[("Cookie", &fresh), ("X-Requested-With", "x")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 204, "{r:?}");
+    assert!(
+        r.header("set-cookie").unwrap().contains("Max-Age=0"),
+        "{r:?}"
+    );
+    let r = request(f.port, "GET", "/app/page", &[("Cookie", &fresh)], b"").unwrap();
+    assert_eq!(r.status, 401);
+
+    // Secure can be turned off for plain-HTTP development.
+    let g = Forkd::start("workers = 1\n[auth]\ncookie = true\ncookie_secure = false\n");
+    g.add_user("carol", PW);
+    let r = login(g.port, "carol", PW);
+    assert!(!r.header("set-cookie").unwrap().contains("Secure"), "{r:?}");
+}
+
+fn profile_with(port: u16, headers: &[(&str, &str)]) -> Response {
+    request(port, "GET", "/profile", headers, b"").unwrap()
 }

@@ -83,6 +83,20 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Look at or reset one bucket of a [rate_limit.policy] (in Redis).
+    Limit {
+        #[command(subcommand)]
+        command: LimitCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LimitCommand {
+    /// What is left in a bucket. BUCKET: user:NAME, client:ADDRESS (either
+    /// with :/ROUTE after it for a user+route policy) or header:NAME:VALUE.
+    Show { policy: String, bucket: String },
+    /// Make a bucket whole again.
+    Reset { policy: String, bucket: String },
 }
 
 #[derive(Debug, Subcommand)]

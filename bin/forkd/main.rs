@@ -8,11 +8,13 @@
 //! - `settings`: the configuration mapped onto each crate's settings;
 //! - `worker`: the program the supervisor forks;
 //! - `users`: `forkd user ...`;
+//! - `limits`: `forkd limit ...`;
 //! - `logging`: the log format;
 //! - `manpage`: forkd(1) and the per-command pages.
 #![forbid(unsafe_code)]
 
 mod cli;
+mod limits;
 mod logging;
 mod manpage;
 mod settings;
@@ -65,7 +67,10 @@ fn main() -> ExitCode {
         overrides: cli.command.overrides(),
     };
     let result = match cli.command {
-        Command::Start { .. } | Command::CheckConfig { .. } | Command::User { .. } => {
+        Command::Start { .. }
+        | Command::CheckConfig { .. }
+        | Command::User { .. }
+        | Command::Limit { .. } => {
             let config = match source.load() {
                 Ok(c) => c,
                 Err(e) => {
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
                 }
                 Command::Start { .. } => cli::start_daemon(&source, &config),
                 Command::User { command } => users::run(&config, command),
+                Command::Limit { command } => limits::run(&config, command),
                 _ => {
                     check_config(&source, config);
                     Ok(())
@@ -114,7 +120,9 @@ fn main() -> ExitCode {
                 Command::Status { json } => cli::status(&target, json),
                 Command::Scale { workers } => cli::scale(&target, workers),
                 Command::Upgrade => cli::upgrade(&target),
-                Command::User { .. } | Command::UpgradeProbe => unreachable!(),
+                Command::User { .. } | Command::Limit { .. } | Command::UpgradeProbe => {
+                    unreachable!()
+                }
                 Command::Completions { .. } | Command::Manpage { .. } => unreachable!(),
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
             }

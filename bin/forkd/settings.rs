@@ -174,6 +174,10 @@ pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
                 limit: c.auth.login_host_limit,
                 window: c.auth.login_host_window,
             },
+            cookie: c.auth.cookie.then(|| forkd_app::CookieSettings {
+                name: c.auth.cookie_name.clone(),
+                secure: c.auth.cookie_secure,
+            }),
         },
         profile: forkd_app::ProfileSettings {
             origin: (!c.profile.origin.is_empty())

@@ -96,7 +96,7 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     })
 }
 
-async fn connect(config: &Config) -> anyhow::Result<Store> {
+pub(crate) async fn connect(config: &Config) -> anyhow::Result<Store> {
     let store = Store::new(&crate::settings::store_config(config))?;
     let wait = config.redis.connect_timeout + Duration::from_secs(2);
     if let Err(e) = store.connect_within(wait).await {

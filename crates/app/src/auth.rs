@@ -12,8 +12,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use forkd_store::{Policy, User};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{
+    HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, SET_COOKIE,
+    WWW_AUTHENTICATE,
+};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::LoggedUser;
@@ -38,6 +41,15 @@ pub(crate) async fn login(
     peer: SocketAddr,
 ) -> Response<Body> {
     let ip = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
+    // The session this browser had: ended once the new one is made, so a
+    // cookie planted before the login is worth nothing after it.
+    let before = st
+        .settings
+        .auth
+        .cookie
+        .as_ref()
+        .and_then(|c| crate::cookie::read(req.headers(), &c.name))
+        .and_then(secrets::parse_token);
     let (username, password) = match credentials(req, st).await {
         Ok(c) => c,
         Err(r) => return r,
@@ -75,7 +87,13 @@ pub(crate) async fn login(
     if let Some(phc) = rehash {
         store_rehash(st, &user, &phc).await;
     }
-    start_session(st, &user).await
+    let r = start_session(st, &user).await;
+    if let (Some((uid, hash)), true) = (before, r.status() == StatusCode::OK) {
+        if let Err(e) = st.store.end_session(&uid, &hash).await {
+            log::warn!("cannot end the session a login replaced: {e}");
+        }
+    }
+    r
 }
 
 /// The username and password of the body, checked before anything costs.
@@ -306,6 +324,12 @@ async fn start_session(st: &State, user: &User) -> Response<Body> {
         StatusCode::OK,
         &serde_json::json!({"token": token, "token_type": "Bearer", "expires_in": expires}),
     ));
+    if let Some(c) = &auth.cookie {
+        r.headers_mut().insert(
+            SET_COOKIE,
+            crate::cookie::set(c, &token, auth.session_absolute),
+        );
+    }
     r.extensions_mut().insert(LoggedUser(user.name.clone()));
     r
 }
@@ -407,8 +431,8 @@ fn unauthorized_bearer(error: Option<&str>, detail: &str) -> Response<Body> {
 }
 
 /// The bearer token's (uid, hash), or the 401 to answer.
-pub(crate) fn bearer(req: &Request<Incoming>) -> Result<(String, String), Response<Body>> {
-    let Some(value) = req.headers().get(AUTHORIZATION) else {
+fn bearer_in(h: &HeaderMap) -> Result<(String, String), Response<Body>> {
+    let Some(value) = h.get(AUTHORIZATION) else {
         return Err(unauthorized_bearer(None, "A bearer token is required."));
     };
     let token = value
@@ -435,19 +459,74 @@ pub(crate) fn invalid_token() -> Response<Body> {
     )
 }
 
-/// `POST /logout`: the session ends on every worker and host at once.
+/// `POST /logout`: the session ends on every worker and host at once (and
+/// the cookie, when sessions are cookies too, is cleared).
 pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Response<Body> {
-    let (uid, hash) = match bearer(&req) {
+    let t = match session_token(req.headers(), req.method(), st) {
         Ok(t) => t,
         Err(r) => return r,
     };
-    match st.store.end_session(&uid, &hash).await {
+    let mut r = match st.store.end_session(&t.uid, &t.hash).await {
         Ok(true) => {
             let mut r = Response::new(Body::default());
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
         Ok(false) => invalid_token(),
-        Err(e) => st.redis_down(&e),
+        Err(e) => return st.redis_down(&e),
+    };
+    if let Some(c) = &st.settings.auth.cookie {
+        r.headers_mut().insert(SET_COOKIE, crate::cookie::clear(c));
     }
+    r
+}
+
+/// A session's token as a request carries it.
+pub(crate) struct Token {
+    pub(crate) uid: String,
+    pub(crate) hash: String,
+}
+
+/// Whether the request carries a session at all: a bearer token, or the
+/// session cookie when sessions are cookies too.
+pub(crate) fn has_credentials(h: &HeaderMap, st: &State) -> bool {
+    h.contains_key(AUTHORIZATION)
+        || st
+            .settings
+            .auth
+            .cookie
+            .as_ref()
+            .is_some_and(|c| crate::cookie::read(h, &c.name).is_some())
+}
+
+/// The session token: the bearer token, else the session cookie (when
+/// `auth.cookie`). A request authenticated by the cookie with a state-changing
+/// `method` must come from the site itself, else 403 (CSRF).
+pub(crate) fn session_token(
+    h: &HeaderMap,
+    method: &Method,
+    st: &State,
+) -> Result<Token, Response<Body>> {
+    let cookie = st.settings.auth.cookie.as_ref();
+    if h.contains_key(AUTHORIZATION) || cookie.is_none() {
+        let (uid, hash) = bearer_in(h)?;
+        return Ok(Token { uid, hash });
+    }
+    let Some(value) = cookie.and_then(|c| crate::cookie::read(h, &c.name)) else {
+        return Err(unauthorized_bearer(
+            None,
+            "A bearer token or the session cookie is required.",
+        ));
+    };
+    let Some((uid, hash)) = secrets::parse_token(value) else {
+        return Err(invalid_token());
+    };
+    if crate::cookie::state_changing(method) && !crate::cookie::same_site(h) {
+        return Err(problem(
+            StatusCode::FORBIDDEN,
+            "cross-site-request",
+            "A request authenticated by the session cookie must come from this site (Origin or Referer), or carry X-Requested-With.",
+        ));
+    }
+    Ok(Token { uid, hash })
 }

@@ -9,6 +9,8 @@
 //! - `state`: what every handler of one worker shares.
 //! - `response`: problem+json and the other responses every route shares.
 //! - `auth`: login (limits, verify, session), logout, bearer tokens.
+//! - `cookie`: the session cookie and its CSRF check.
+//! - [`buckets`]: whose rate-limit bucket a request counts in.
 //! - `profile`: `/profile`, its cache fill and rate-limit headers.
 //! - `health`: `/healthz`, `/readyz`, `/metrics`.
 //! - `client`: the client address (X-Forwarded-For through trusted proxies).
@@ -36,8 +38,10 @@
 mod access;
 mod auth;
 mod body;
+pub mod buckets;
 mod client;
 mod conns;
+mod cookie;
 mod head_limit;
 mod health;
 mod inflight;
@@ -220,6 +224,15 @@ pub struct AuthSettings {
     pub login_user_all: Policy,
     /// Every login of this host, shared out among its workers.
     pub login_host: Policy,
+    /// Sessions also as a cookie (`auth.cookie`).
+    pub cookie: Option<CookieSettings>,
+}
+
+/// The session cookie.
+#[derive(Debug, Clone)]
+pub struct CookieSettings {
+    pub name: String,
+    pub secure: bool,
 }
 
 /// `GET /profile` settings.
@@ -278,4 +291,22 @@ pub struct Worker {
     pub listener: TcpListener,
     pub settings: Settings,
     pub host: Arc<dyn Host>,
+}
+
+/// Helpers for the unit tests of several modules.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+
+    /// A header map from (name, value) pairs, repeats appended.
+    pub(crate) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
 }

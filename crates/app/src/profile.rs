@@ -10,7 +10,7 @@ use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 
 use crate::access::LoggedUser;
-use crate::auth::{bearer, invalid_token};
+use crate::auth::{invalid_token, session_token};
 use crate::origin::{self, OriginError};
 use crate::response::{
     ceil_secs, json_text, not_found, problem, unavailable, with_header, Body, RATELIMIT,
@@ -29,8 +29,8 @@ pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body
 }
 
 async fn profile_answer(req: Request<Incoming>, st: &State) -> Response<Body> {
-    let (uid, hash) = match bearer(&req) {
-        Ok(t) => t,
+    let (uid, hash) = match session_token(req.headers(), req.method(), st) {
+        Ok(t) => (t.uid, t.hash),
         Err(r) => return r,
     };
     let policy = st.settings.profile.limit;

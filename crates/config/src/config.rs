@@ -68,6 +68,11 @@ pub struct Auth {
     pub login_host_limit: u32,
     #[serde(serialize_with = "secs")]
     pub login_host_window: Duration,
+    /// Sessions also as a cookie, for browsers.
+    pub cookie: bool,
+    pub cookie_name: String,
+    /// The cookie's `Secure` attribute (off only for plain-HTTP development).
+    pub cookie_secure: bool,
 }
 
 /// Profile settings of a validated config.

@@ -155,6 +155,9 @@ pub struct RawAuth {
     pub login_user_all_window: f64,
     pub login_host_limit: i64,
     pub login_host_window: f64,
+    pub cookie: bool,
+    pub cookie_name: String,
+    pub cookie_secure: bool,
 }
 
 impl Default for RawAuth {
@@ -175,6 +178,9 @@ impl Default for RawAuth {
             login_user_all_window: 60.0,
             login_host_limit: 100,
             login_host_window: 1.0,
+            cookie: false,
+            cookie_name: "forkd_session".into(),
+            cookie_secure: true,
         }
     }
 }

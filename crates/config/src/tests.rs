@@ -155,7 +155,7 @@ fn every_key_can_be_set() {
     for key in keys() {
         let value = match *key {
             "listener" => "reuseport",
-            "http.keepalive" => "true",
+            "http.keepalive" | "auth.cookie" | "auth.cookie_secure" => "true",
             "runtime_dir" | "log_file" | "access_log_file" => "/tmp/x",
             "access_log" => "json",
             "recycle.max_rss" => "64",
@@ -166,7 +166,8 @@ fn every_key_can_be_set() {
             | "redis.prefix"
             | "redis.server"
             | "profile.origin"
-            | "http.trusted_proxies" => continue,
+            | "http.trusted_proxies"
+            | "auth.cookie_name" => continue,
             "redis.data_dir" => "/tmp/y",
             "redis.password_file" => "/tmp/pw",
             _ => "7",

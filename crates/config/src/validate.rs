@@ -292,7 +292,23 @@ impl RawAuth {
             )?,
             login_host_limit: limit("auth.login_host_limit", self.login_host_limit)?,
             login_host_window: window("auth.login_host_window", self.login_host_window)?,
+            cookie: self.cookie,
+            cookie_name: self.cookie_name.clone(),
+            cookie_secure: self.cookie_secure,
         };
+        // An RFC 6265 cookie-name: a token.
+        let name_ok = (1..=64).contains(&auth.cookie_name.len())
+            && auth
+                .cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !name_ok {
+            return Err(bad(
+                "auth.cookie_name",
+                &auth.cookie_name,
+                "expected 1 to 64 letters, digits or !#$%&'*+-.^_`|~",
+            ));
+        }
         if auth.argon2_memory_kib < 8 * auth.argon2_parallelism {
             return Err(bad(
                 "auth.argon2_memory_kib",

@@ -53,6 +53,69 @@ pub struct SessionRef<'a> {
 }
 
 impl Store {
+    /// The Redis key of a bucket; `uid` is the user's tag for a user's.
+    fn bucket_key(&self, policy_name: &str, bucket: &Bucket, uid: Option<&str>) -> String {
+        match (bucket, uid) {
+            (Bucket::User { scope }, Some(uid)) => {
+                self.tagged(uid, &format!("rl:{policy_name}:u{scope}"))
+            }
+            (Bucket::User { scope }, None) => format!("{}rl:{policy_name}:u{scope}", self.prefix),
+            (Bucket::Other { group, name }, _) => {
+                format!("{}{{{group}}}:rl:{policy_name}:{name}", self.prefix)
+            }
+        }
+    }
+
+    /// What is left in a bucket now (`forkd limit show`): None when it is
+    /// whole (never used, or used long enough ago).
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn peek_bucket(
+        &self,
+        policy_name: &str,
+        bucket: &Bucket,
+        uid: Option<&str>,
+        policy: Policy,
+    ) -> Result<Option<Decision>> {
+        let key = self.bucket_key(policy_name, bucket, uid);
+        let reply: Vec<Value> = self.run(scripts::peek(), vec![key], vec![]).await?;
+        let now = reply.get(1).and_then(Value::as_i64).unwrap_or(0) as f64;
+        let Some(tat) = reply
+            .first()
+            .and_then(Value::as_string)
+            .and_then(|t| t.parse::<f64>().ok())
+        else {
+            return Ok(None);
+        };
+        if tat <= now {
+            return Ok(None);
+        }
+        let window = policy.window.as_millis() as f64;
+        let emission = window / f64::from(policy.limit.max(1));
+        let left = ((now + window - tat) / emission).floor().max(0.0) as i64;
+        Ok(Some(decision(left > 0, left, (tat - now).ceil() as i64, 0)))
+    }
+
+    /// Makes a bucket whole again (`forkd limit reset`); whether it held
+    /// anything.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn reset_bucket(
+        &self,
+        policy_name: &str,
+        bucket: &Bucket,
+        uid: Option<&str>,
+    ) -> Result<bool> {
+        self.ready()?;
+        let n: i64 = self
+            .client
+            .del(self.bucket_key(policy_name, bucket, uid))
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Checks `session` (when given) and applies `limits`.
     ///
     /// # Errors
@@ -62,17 +125,7 @@ impl Store {
         session: Option<&SessionRef<'_>>,
         limits: &[Limit],
     ) -> Result<RouteCheck> {
-        let key = |l: &Limit| match (&l.bucket, session) {
-            (Bucket::User { scope }, Some(s)) => {
-                self.tagged(s.uid, &format!("rl:{}:u{scope}", l.policy_name))
-            }
-            (Bucket::User { scope }, None) => {
-                format!("{}rl:{}:u{scope}", self.prefix, l.policy_name)
-            }
-            (Bucket::Other { group, name }, _) => {
-                format!("{}{{{group}}}:rl:{}:{name}", self.prefix, l.policy_name)
-            }
-        };
+        let key = |l: &Limit| self.bucket_key(&l.policy_name, &l.bucket, session.map(|s| s.uid));
         // Calls: the session with the user's buckets first, then one per
         // other slot group (all in the first on a single Redis).
         let clustered = self.client.client_config().server.is_clustered();

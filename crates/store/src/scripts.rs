@@ -230,6 +230,17 @@ return out
     )
 );
 
+// KEYS: a bucket. Returns {its value or "", Redis' clock in ms}.
+script!(
+    peek,
+    concat!(
+        prelude!(),
+        r#"
+return {redis.call('GET', KEYS[1]) or '', now_ms()}
+"#
+    )
+);
+
 // KEYS: session, index. ARGV: token hash. Returns 1 if it existed.
 script!(
     end_session,

@@ -4,15 +4,15 @@
 
 use std::net::SocketAddr;
 
-use forkd_store::{Bucket, Limit, RouteCheck, SessionRef};
+use forkd_store::{Limit, RouteCheck, SessionRef};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER};
-use hyper::{Request, Response, StatusCode};
-use sha2::{Digest, Sha256};
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
 
 use super::pool::Route;
-use crate::auth::{bearer, invalid_token};
-use crate::client::{client_ip, client_key};
+use crate::auth::{has_credentials, invalid_token, session_token};
+use crate::buckets;
+use crate::client::client_ip;
 use crate::response::{ceil_secs, problem, Body, RATELIMIT, RATELIMIT_POLICY};
 use crate::state::State;
 use crate::{metrics, PolicyBucket, RouteAuth};
@@ -37,68 +37,48 @@ impl Checked {
 /// The session id the upstream sees: a hash of the token's hash, so it is
 /// neither the token nor the key Redis keeps the session under.
 pub(crate) fn session_id(token_hash: &str) -> String {
-    hex16(format!("forkd-session:{token_hash}").as_bytes())
-}
-
-fn hex16(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::buckets::hex16(format!("forkd-session:{token_hash}").as_bytes())
 }
 
 /// Checks the request against `route` (or, with none, requires a session
 /// and applies no policy); Err is the answer to send instead.
+///
+/// `method` is the one the session cookie's CSRF check looks at: the
+/// request's, or for forward-auth the original request's.
 pub(crate) async fn check(
     req: &Request<Incoming>,
+    method: &Method,
     st: &State,
     route: Option<&Route>,
     peer: SocketAddr,
 ) -> Result<Checked, Response<Body>> {
     let auth = route.map_or(RouteAuth::Required, |r| r.cfg.auth);
     let policies = route.map_or(&[][..], |r| &r.cfg.policies[..]);
-    let anonymous = !req.headers().contains_key(AUTHORIZATION);
+    let anonymous = !has_credentials(req.headers(), st);
     let token = if auth == RouteAuth::None || (auth == RouteAuth::Optional && anonymous) {
         None
     } else {
-        Some(bearer(req)?)
+        let t = session_token(req.headers(), method, st)?;
+        Some((t.uid, t.hash))
     };
     if token.is_none() && policies.is_empty() {
         return Ok(Checked::default());
     }
-    let client = client_key(client_ip(
-        peer.ip(),
-        req.headers(),
-        st.settings.trusted_proxy.as_ref(),
-    ));
+    let client = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
     let prefix = route.map_or("", |r| r.cfg.prefix.as_str());
-    let by_client = |scope: &str| Bucket::Other {
-        group: format!("c:{client}"),
-        name: format!("c:{client}{scope}"),
-    };
+    let by_client = |scope: &str| buckets::client(client, scope);
     let limits: Vec<Limit> = policies
         .iter()
         .map(|p| Limit {
             policy_name: p.name.clone(),
             policy: p.policy,
             bucket: match &p.key {
-                PolicyBucket::User if token.is_some() => Bucket::User {
-                    scope: String::new(),
-                },
-                PolicyBucket::UserRoute if token.is_some() => Bucket::User {
-                    scope: format!(":{prefix}"),
-                },
+                PolicyBucket::User if token.is_some() => buckets::user(""),
+                PolicyBucket::UserRoute if token.is_some() => buckets::user(&format!(":{prefix}")),
                 PolicyBucket::User | PolicyBucket::Client => by_client(""),
                 PolicyBucket::UserRoute => by_client(&format!(":{prefix}")),
                 PolicyBucket::Header(h) => match req.headers().get(h) {
-                    Some(v) => {
-                        let hash = hex16(v.as_bytes());
-                        Bucket::Other {
-                            group: format!("h:{hash}"),
-                            name: format!("h:{}:{hash}", h.as_str()),
-                        }
-                    }
+                    Some(v) => buckets::header(h.as_str(), v.as_bytes()),
                     None => by_client(""),
                 },
             },

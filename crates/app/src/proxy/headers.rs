@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, TE, TRAILER,
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, COOKIE, HOST, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 
@@ -124,6 +124,8 @@ pub(crate) struct Identity<'a> {
     /// (user, role, session), on an authenticated request.
     pub(crate) values: Option<[&'a str; 3]>,
     pub(crate) pass_authorization: bool,
+    /// forkd's session cookie, which is a token too.
+    pub(crate) cookie_name: Option<&'a str>,
 }
 
 /// Removes whatever a client sent under the identity headers' names (every
@@ -134,6 +136,9 @@ pub(crate) fn set_identity(h: &mut HeaderMap, id: &Identity<'_>) {
     }
     if !id.pass_authorization {
         h.remove(AUTHORIZATION);
+        if let Some(name) = id.cookie_name {
+            drop_cookie(h, name);
+        }
     }
     if let Some(values) = id.values {
         for (name, value) in id.names.iter().zip(values) {
@@ -147,20 +152,35 @@ pub(crate) fn set_identity(h: &mut HeaderMap, id: &Identity<'_>) {
     }
 }
 
+/// Removes cookie `name` from every `Cookie` header, and a header left
+/// empty.
+fn drop_cookie(h: &mut HeaderMap, name: &str) {
+    let kept: Vec<String> = h
+        .get_all(COOKIE)
+        .iter()
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(';')
+                .map(str::trim)
+                .filter(|pair| pair.split_once('=').is_none_or(|(k, _)| k.trim() != name))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|v| !v.is_empty())
+        .collect();
+    h.remove(COOKIE);
+    for v in kept {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.append(COOKIE, v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::test_util::headers as map;
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_go() {
@@ -242,6 +262,7 @@ mod tests {
             names: [&u, &r, &s],
             values: None,
             pass_authorization: false,
+            cookie_name: None,
         };
         set_identity(&mut h, &anonymous);
         assert!(h.is_empty(), "{h:?}");
@@ -250,11 +271,27 @@ mod tests {
             names: [&u, &r, &s],
             values: Some(["alice", "user", "abc"]),
             pass_authorization: true,
+            cookie_name: Some("forkd_session"),
         };
         set_identity(&mut h, &alice);
         assert_eq!(h.get_all("x-forkd-user").iter().count(), 1);
         assert_eq!(h["x-forkd-user"], "alice");
         assert_eq!(h["x-forkd-session"], "abc");
         assert_eq!(h["authorization"], "Bearer t");
+    }
+
+    #[test]
+    fn the_session_cookie_stays_with_forkd() {
+        let mut h = map(&[
+            ("cookie", "a=1; forkd_session=T.S; b=2"),
+            ("cookie", "forkd_session=x"),
+        ]);
+        drop_cookie(&mut h, "forkd_session");
+        let left: Vec<&str> = h
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(left, ["a=1; b=2"]);
     }
 }

@@ -52,7 +52,8 @@ pub(crate) async fn forward(
     if ambiguous(req.uri().path()) {
         return bad_request("The path has a dot segment or an escaped '.', '/' or '\\'.");
     }
-    let checked = match check::check(&req, st, Some(route), peer).await {
+    let method = req.method().clone();
+    let checked = match check::check(&req, &method, st, Some(route), peer).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -95,6 +96,7 @@ pub(crate) async fn forward(
             names: [&routes.names[0], &routes.names[1], &routes.names[2]],
             values,
             pass_authorization: route.cfg.pass_authorization,
+            cookie_name: st.settings.auth.cookie.as_ref().map(|c| c.name.as_str()),
         },
     );
     if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
@@ -179,7 +181,12 @@ pub(crate) async fn forward_auth(
         return bad_request("The original path has a dot segment or an escaped '.', '/' or '\\'.");
     }
     let route = original.and_then(|p| st.routes.find(p));
-    let checked = match check::check(&req, st, route, peer).await {
+    let method = ["x-original-method", "x-forwarded-method"]
+        .iter()
+        .find_map(|n| req.headers().get(*n))
+        .and_then(|v| hyper::Method::from_bytes(v.as_bytes()).ok())
+        .unwrap_or(hyper::Method::GET);
+    let checked = match check::check(&req, &method, st, route, peer).await {
         Ok(c) => c,
         Err(r) => return r,
     };
