@@ -518,7 +518,9 @@ def main():
         up_port, via_port = free_port(), free_port()
         upstream = Nginx(tmp, "nginx-upstream",
                          f'    server {{ listen 127.0.0.1:{up_port}; '
-                         f'location / {{ return 200 "ok\\n"; }} }}', 1)
+                         f'location / {{ return 200 "ok\\n"; }} '
+                         f'location /cacheable {{ add_header Cache-Control "private, max-age=600"; '
+                         f'return 200 "ok\\n"; }} }}', 1)
         nginxes.append(upstream)
         upstream.wait(up_port)
         via = Nginx(tmp, "nginx-proxy",
@@ -535,6 +537,8 @@ def main():
             "[rate_limit.profile]",
             f'[[route]]\nprefix = "/open"\nupstream = "http://127.0.0.1:{up_port}"\nauth = "none"\n'
             f'[[route]]\nprefix = "/app"\nupstream = "http://127.0.0.1:{up_port}"\n'
+            f'[[route]]\nprefix = "/kept"\nupstream = "http://127.0.0.1:{up_port}"\n'
+            'strip_prefix = true\ncache = true\n'
             '[redis]\nprefix = "proxy:"\n[rate_limit.profile]'))
         started.append(p)
         p.cli("user", "add", "bench", "--password-stdin", stdin=PASSWORD + "\n")
@@ -543,6 +547,10 @@ def main():
                             lambda: wrk(p.url("/open/x"), secs), secs))
         rows.append(measure("forkd proxy, session auth", p, redis, lambda: wrk(
             p.url("/app/x"), secs, headers=[f"Authorization: Bearer {pt}"]), secs))
+        status, _ = http("GET", p.port, "/kept/cacheable", headers={"Authorization": f"Bearer {pt}"})
+        assert status == 200, status
+        rows.append(measure("forkd proxy, cached authenticated GET", p, redis, lambda: wrk(
+            p.url("/kept/cacheable"), secs, headers=[f"Authorization: Bearer {pt}"]), secs))
         p.stop()
         started.remove(p)
     finally:
@@ -668,14 +676,18 @@ def report(rows, notes, cores, args):
     ]
     direct, via = by["upstream direct (nginx, 1 worker)"], by["nginx proxy_pass, keep-alive upstream"]
     anon, authed = by["forkd proxy, anonymous"], by["forkd proxy, session auth"]
+    kept = by["forkd proxy, cached authenticated GET"]
     print(f"  proxying one trivial upstream ({direct['rps']:.0f} req/s direct): nginx proxy_pass "
           f"{via['rps']:.0f}, forkd anonymous {anon['rps']:.0f}, forkd with a session check "
-          f"{authed['rps']:.0f} req/s ({authed['evalsha_per_req']:.2f} Redis round trips per request)")
+          f"{authed['rps']:.0f} req/s ({authed['evalsha_per_req']:.2f} Redis round trips per request); "
+          f"a cached authenticated GET {kept['rps']:.0f} req/s ({kept['evalsha_per_req']:.2f} round trips)")
     targets += [
         ("forkd anonymous proxying >= nginx proxy_pass", anon["rps"] >= via["rps"],
          f"{anon['rps'] / max(via['rps'], 1):.2f} x"),
         ("forkd proxying with session auth >= 0.8 x anonymous", authed["rps"] >= 0.8 * anon["rps"],
          f"{authed['rps'] / max(anon['rps'], 1):.2f} x"),
+        ("cached authenticated GET >= 0.5 x forkd's /healthz", kept["rps"] >= 0.5 * h["rps"],
+         f"{kept['rps'] / max(h['rps'], 1):.2f} x"),
     ]
     print()
     print("targets:")

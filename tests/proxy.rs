@@ -802,3 +802,99 @@ fn cookie_sessions_for_browsers_with_a_csrf_check() {
 fn profile_with(port: u16, headers: &[(&str, &str)]) -> Response {
     request(port, "GET", "/profile", headers, b"").unwrap()
 }
+
+#[test]
+fn the_cache_keeps_what_the_upstream_allows_per_user_and_shared() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 2\n\
+         [[route]]\nprefix = \"/c\"\nupstream = \"{0}\"\nauth = \"none\"\nstrip_prefix = true\ncache = true\n\
+         [[route]]\nprefix = \"/u\"\nupstream = \"{0}\"\nstrip_prefix = true\ncache = true\n",
+        api.url()
+    ));
+    f.add_user("alice", PW);
+    f.add_user("bob", PW);
+    let (ta, tb) = (token(f.port, "alice", PW), token(f.port, "bob", PW));
+    let calls = || api.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let fetch = |path: &str, headers: &[(&str, &str)]| {
+        let r = request(f.port, "GET", path, headers, b"").unwrap();
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        (
+            r.header("x-cache").unwrap_or("").to_owned(),
+            r.json()["n"].as_u64(),
+            r,
+        )
+    };
+
+    // max-age: the second answer is the first one, from the cache.
+    let c0 = calls();
+    let (x1, n1, _) = fetch("/c/a?cc=max-age%3D60", &[]);
+    let (x2, n2, r2) = fetch("/c/a?cc=max-age%3D60", &[]);
+    assert_eq!((x1.as_str(), x2.as_str()), ("miss", "hit"));
+    assert_eq!(n1, n2, "a hit is the stored answer");
+    assert!(r2.header("age").is_some(), "{r2:?}");
+    assert_eq!(calls() - c0, 1);
+
+    // no-store (the upstream's default here), and private in the shared
+    // cache: asked every time.
+    for path in ["/c/b", "/c/p?cc=private%2Cmax-age%3D60"] {
+        let c0 = calls();
+        let (x1, _, _) = fetch(path, &[]);
+        let (x2, _, _) = fetch(path, &[]);
+        assert_eq!((x1.as_str(), x2.as_str()), ("miss", "miss"), "{path}");
+        assert_eq!(calls() - c0, 2, "{path}");
+    }
+
+    // Vary: one entry per value of the header it names.
+    let v = "/c/v?cc=max-age%3D60&vary=Accept-Language";
+    let seq: Vec<String> = ["fr", "fr", "de", "fr", "de"]
+        .iter()
+        .map(|l| fetch(v, &[("Accept-Language", l)]).0)
+        .collect();
+    assert_eq!(seq, ["miss", "hit", "miss", "hit", "hit"]);
+
+    // A request with credentials never gets the shared cache's answer.
+    let (x, _, _) = fetch("/c/a?cc=max-age%3D60", &[("Authorization", &bearer(&ta))]);
+    assert_ne!(x, "hit");
+
+    // Per user: alice's answer is hers alone.
+    let me = "/u/me?cc=private%2Cmax-age%3D60";
+    let (x1, _, _) = fetch(me, &[("Authorization", &bearer(&ta))]);
+    let (x2, _, r2) = fetch(me, &[("Authorization", &bearer(&ta))]);
+    assert_eq!((x1.as_str(), x2.as_str()), ("miss", "hit"));
+    assert_eq!(one(&seen(&r2), "x-forkd-user"), Some("alice"));
+    let (x3, _, r3) = fetch(me, &[("Authorization", &bearer(&tb))]);
+    assert_eq!(x3, "miss");
+    assert_eq!(one(&seen(&r3), "x-forkd-user"), Some("bob"));
+
+    // Single flight: concurrent misses of one URL make one upstream call.
+    let c0 = calls();
+    let port = f.port;
+    let answers = concurrently(8, move |_| {
+        request(port, "GET", "/c/slow/400?cc=max-age%3D60", &[], b"")
+    });
+    for r in &answers {
+        assert_eq!(r.as_ref().unwrap().status, 200, "{r:?}");
+    }
+    assert_eq!(calls() - c0, 1, "single flight");
+
+    // Purge: by path prefix, then asked again.
+    let out = f.cli(&["cache", "purge", "/c/a"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("purged 1 "),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fetch("/c/a?cc=max-age%3D60", &[]).0, "miss");
+    assert_eq!(
+        fetch(
+            "/c/v?cc=max-age%3D60&vary=Accept-Language",
+            &[("Accept-Language", "fr")]
+        )
+        .0,
+        "hit"
+    );
+    let out = f.cli(&["cache", "purge", "c"]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -83,11 +83,23 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Manage the response cache of GET routes (in Redis).
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Look at or reset one bucket of a [rate_limit.policy] (in Redis).
     Limit {
         #[command(subcommand)]
         command: LimitCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CacheCommand {
+    /// Delete every cached answer (every user's and the shared ones) whose
+    /// path starts with PREFIX ("/" for all).
+    Purge { prefix: String },
 }
 
 #[derive(Debug, Subcommand)]

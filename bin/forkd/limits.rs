@@ -1,5 +1,6 @@
 //! `forkd limit show|reset POLICY BUCKET`: one `[rate_limit.policy]`
-//! bucket, straight in Redis, as the workers count it.
+//! bucket, straight in Redis, as the workers count it; and
+//! `forkd cache purge PREFIX`.
 //!
 //! BUCKET is `user:NAME`, `client:ADDRESS`, either with `:/ROUTE` after it
 //! for a `user+route` policy, or `header:NAME:VALUE`.
@@ -10,7 +11,22 @@ use anyhow::{bail, Context};
 use forkd_config::{Config, PolicyKey};
 use forkd_store::Bucket;
 
-use crate::cli::LimitCommand;
+use crate::cli::{CacheCommand, LimitCommand};
+
+/// `forkd cache purge PREFIX`.
+pub(crate) fn purge(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
+    let CacheCommand::Purge { prefix } = cmd;
+    if !prefix.starts_with('/') {
+        bail!("'{prefix}': expected a path prefix starting with '/'");
+    }
+    let rt = crate::users::runtime()?;
+    rt.block_on(async {
+        let store = crate::users::connect(config).await?;
+        let n = store.cache_purge(&prefix).await?;
+        println!("purged {n} cached answer(s) under {prefix}");
+        Ok(())
+    })
+}
 
 pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
     let (LimitCommand::Show { policy, bucket } | LimitCommand::Reset { policy, bucket }) = &cmd;
@@ -32,10 +48,7 @@ pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
         );
     };
     let target = parse(&bucket, &p.key)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
+    let rt = crate::users::runtime()?;
     rt.block_on(async {
         let store = crate::users::connect(config).await?;
         let uid = match &target {

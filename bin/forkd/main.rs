@@ -8,7 +8,7 @@
 //! - `settings`: the configuration mapped onto each crate's settings;
 //! - `worker`: the program the supervisor forks;
 //! - `users`: `forkd user ...`;
-//! - `limits`: `forkd limit ...`;
+//! - `limits`: `forkd limit ...` and `forkd cache purge`;
 //! - `logging`: the log format;
 //! - `manpage`: forkd(1) and the per-command pages.
 #![forbid(unsafe_code)]
@@ -70,7 +70,8 @@ fn main() -> ExitCode {
         Command::Start { .. }
         | Command::CheckConfig { .. }
         | Command::User { .. }
-        | Command::Limit { .. } => {
+        | Command::Limit { .. }
+        | Command::Cache { .. } => {
             let config = match source.load() {
                 Ok(c) => c,
                 Err(e) => {
@@ -93,6 +94,7 @@ fn main() -> ExitCode {
                 Command::Start { .. } => cli::start_daemon(&source, &config),
                 Command::User { command } => users::run(&config, command),
                 Command::Limit { command } => limits::run(&config, command),
+                Command::Cache { command } => limits::purge(&config, command),
                 _ => {
                     check_config(&source, config);
                     Ok(())
@@ -120,7 +122,10 @@ fn main() -> ExitCode {
                 Command::Status { json } => cli::status(&target, json),
                 Command::Scale { workers } => cli::scale(&target, workers),
                 Command::Upgrade => cli::upgrade(&target),
-                Command::User { .. } | Command::Limit { .. } | Command::UpgradeProbe => {
+                Command::User { .. }
+                | Command::Limit { .. }
+                | Command::Cache { .. }
+                | Command::UpgradeProbe => {
                     unreachable!()
                 }
                 Command::Completions { .. } | Command::Manpage { .. } => unreachable!(),

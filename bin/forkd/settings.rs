@@ -233,6 +233,10 @@ fn route(
         connect_timeout: r.connect_timeout,
         timeout: r.timeout,
         pass_authorization: r.pass_authorization,
+        cache: r.cache.then_some(forkd_app::RouteCache {
+            max_ttl: r.cache_max_ttl,
+            max_bytes: r.cache_max_bytes,
+        }),
         policies: r
             .policies
             .iter()

@@ -41,10 +41,7 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         }
         UserCommand::List => None,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
+    let rt = runtime()?;
     rt.block_on(async move {
         let store = connect(config).await?;
         let cost = crate::settings::hash_cost(config);
@@ -94,6 +91,14 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The small runtime of a CLI command that talks to Redis.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")
 }
 
 pub(crate) async fn connect(config: &Config) -> anyhow::Result<Store> {

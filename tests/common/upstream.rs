@@ -6,7 +6,9 @@
 //! - `POST /count`: the request body's length (Content-Length or chunked);
 //! - `/slow/MS`: answers after MS milliseconds;
 //! - `/reset`: closes the connection without an answer;
-//! - `/ws`: `101 Switching Protocols`, then echoes every byte back.
+//! - `/ws`: `101 Switching Protocols`, then echoes every byte back;
+//! - `?cc=VALUE&vary=NAMES` on the echo: its `Cache-Control` (else
+//!   `no-store`) and `Vary`; the echo's `n` counts the requests so far.
 //!
 //! It counts the connections it accepted and the requests it answered.
 
@@ -154,6 +156,20 @@ fn serve(
             if let Some(ms) = path.strip_prefix("/slow/") {
                 std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
             }
+            // ?cc=CACHE-CONTROL&vary=NAMES, %-escapes for '=' and ','.
+            let query = |k: &str| {
+                target.split_once('?').and_then(|(_, q)| {
+                    q.split('&').find_map(|kv| {
+                        let (a, b) = kv.split_once('=')?;
+                        (a == k)
+                            .then(|| b.replace("%3D", "=").replace("%2C", ",").replace('+', " "))
+                    })
+                })
+            };
+            let cache_control = query("cc").unwrap_or_else(|| "no-store".into());
+            let vary = query("vary")
+                .map(|v| format!("Vary: {v}\r\n"))
+                .unwrap_or_default();
             let ok = if let Some(n) = path.strip_prefix("/big/") {
                 big(&mut w, n.parse().unwrap_or(0))
             } else {
@@ -165,11 +181,12 @@ fn serve(
                         "target": target,
                         "headers": headers,
                         "body_bytes": body_len,
+                        "n": reqs.load(Ordering::Relaxed),
                     })
                     .to_string()
                 };
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nKeep-Alive: timeout=60\r\nX-Upstream: yes\r\nCache-Control: no-store\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nKeep-Alive: timeout=60\r\nX-Upstream: yes\r\nCache-Control: {cache_control}\r\n{vary}\r\n",
                     body.len()
                 );
                 w.write_all(head.as_bytes())

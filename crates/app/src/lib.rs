@@ -144,6 +144,17 @@ pub struct RouteSettings {
     pub pass_authorization: bool,
     /// Checked in the same Redis call as the session.
     pub policies: Vec<RoutePolicy>,
+    /// The response cache of GET requests, when on.
+    pub cache: Option<RouteCache>,
+}
+
+/// A route's response cache.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteCache {
+    /// An upstream's `max-age` is cut to this.
+    pub max_ttl: Duration,
+    /// Larger answers (or ones without `Content-Length`) are not kept.
+    pub max_bytes: u64,
 }
 
 /// One `[rate_limit.policy.NAME]` of a route.

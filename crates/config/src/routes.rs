@@ -42,6 +42,9 @@ pub struct RawRoute {
     pub timeout: f64,
     pub pass_authorization: bool,
     pub policies: Vec<String>,
+    pub cache: bool,
+    pub cache_max_ttl: f64,
+    pub cache_max_bytes: i64,
 }
 
 impl Default for RawRoute {
@@ -55,6 +58,9 @@ impl Default for RawRoute {
             timeout: 30.0,
             pass_authorization: false,
             policies: Vec::new(),
+            cache: false,
+            cache_max_ttl: 300.0,
+            cache_max_bytes: 1024 * 1024,
         }
     }
 }
@@ -123,6 +129,11 @@ pub struct Route {
     pub pass_authorization: bool,
     /// Names of `[rate_limit.policy.NAME]` tables.
     pub policies: Vec<String>,
+    /// Keep GET answers the upstream allows to be kept.
+    pub cache: bool,
+    #[serde(serialize_with = "secs")]
+    pub cache_max_ttl: Duration,
+    pub cache_max_bytes: u64,
 }
 
 impl Route {
@@ -244,6 +255,17 @@ impl RawRoute {
             timeout: secs_in(key("timeout"), self.timeout, 0.001, 3600.0)?,
             pass_authorization: self.pass_authorization,
             policies: self.policies.clone(),
+            cache: self.cache,
+            cache_max_ttl: secs_in(key("cache_max_ttl"), self.cache_max_ttl, 1.0, 86_400.0)?,
+            cache_max_bytes: if (1..=64 * 1024 * 1024).contains(&self.cache_max_bytes) {
+                self.cache_max_bytes as u64
+            } else {
+                return Err(bad(
+                    key("cache_max_bytes"),
+                    self.cache_max_bytes,
+                    "expected 1 to 67108864 bytes",
+                ));
+            },
         })
     }
 }

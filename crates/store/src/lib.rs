@@ -27,9 +27,14 @@
 //! | `P{UID}:rl:POLICY` | string | GCRA theoretical arrival time (ms) |
 //! | `P` `rl:POLICY:KEY` | string | GCRA state of an anonymous limit (login by IP, by name) |
 //! | `P{UID}:rl:POLICY:uSCOPE` | string | a `[rate_limit.policy]` bucket of a user (SCOPE "" or a route) |
+//! | `P{TAG}:cache:TARGET#VARIANT` | string | a cached response of a GET route (TAG: the user's, or `s:` and a hash of the URL) |
+//! | `P{TAG}:cachevary:TARGET` | string | the header names that URL's responses vary on |
+//! | `P{TAG}:cachelock:TARGET#VARIANT` | string | the single-flight lock of an entry |
+//! | `P{cacheindex}:entries` | sorted set | every entry key, by expiry, for `forkd cache purge` |
 //! | `P{GROUP}:rl:POLICY:NAME` | string | a policy bucket of a client (`c:ADDR`) or a header value (`h:HASH`) |
 #![forbid(unsafe_code)]
 
+mod cache;
 mod connection;
 mod limits;
 mod profile;
@@ -40,6 +45,7 @@ mod users;
 
 use std::time::Duration;
 
+pub use cache::{CacheLookup, CacheScope, CacheUrl};
 pub use routes::{Bucket, Limit, RouteCheck, SessionRef};
 
 use fred::prelude::*;

@@ -230,6 +230,47 @@ return out
     )
 );
 
+// KEYS: a URL's cache spec, one of its entries. Returns {spec or nil,
+// entry or nil, the entry's ms left}.
+script!(
+    cache_get,
+    r#"
+local spec = redis.call('GET', KEYS[1])
+local entry = redis.call('GET', KEYS[2])
+local ttl = 0
+if entry then ttl = redis.call('PTTL', KEYS[2]) end
+return {spec, entry, ttl}
+"#
+);
+
+// KEYS: spec, entry. ARGV: spec, entry, ttl ms. The spec lives as long as
+// its longest-lived entry.
+script!(
+    cache_put,
+    r#"
+local ttl = tonumber(ARGV[3])
+local left = redis.call('PTTL', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', math.max(ttl, left))
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+return redis.status_reply('OK')
+"#
+);
+
+// KEYS: the entry index. ARGV: entry key, ttl ms. Lists an entry by its
+// expiry and drops the expired ones.
+script!(
+    cache_index,
+    concat!(
+        prelude!(),
+        r#"
+local now = now_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"#
+    )
+);
+
 // KEYS: a bucket. Returns {its value or "", Redis' clock in ms}.
 script!(
     peek,

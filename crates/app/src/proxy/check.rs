@@ -22,6 +22,8 @@ use crate::{metrics, PolicyBucket, RouteAuth};
 #[derive(Default)]
 pub(crate) struct Checked {
     pub(crate) who: Option<[String; 3]>,
+    /// The session's user tag, when there is one.
+    pub(crate) uid: Option<String>,
     pub(crate) rate: Option<(HeaderValue, HeaderValue)>,
 }
 
@@ -101,7 +103,11 @@ pub(crate) async fn check(
         .zip(token.as_ref())
         .map(|((user, role), (_, hash))| [user, role, session_id(hash)]);
     let Some(policy) = route.and_then(|r| r.policy_header.clone()) else {
-        return Ok(Checked { who, rate: None });
+        return Ok(Checked {
+            uid: who.as_ref().and(token.map(|(uid, _)| uid)),
+            who,
+            rate: None,
+        });
     };
     let state: Vec<String> = policies
         .iter()
@@ -117,6 +123,7 @@ pub(crate) async fn check(
         })
         .collect();
     let checked = Checked {
+        uid: who.as_ref().and(token.map(|(uid, _)| uid)),
         who,
         rate: HeaderValue::from_str(&state.join(", "))
             .ok()

@@ -5,10 +5,12 @@
 //!
 //! - `check`: the session and the route's rate-limit policies, in one
 //!   Redis call;
+//! - `cache`: the response cache of GET routes;
 //! - `pool`: the routes of a worker and their pooled clients;
 //! - `connect`: TCP or unix socket, with the connect timeout;
 //! - `headers`: hop-by-hop, forwarding and identity headers.
 
+mod cache;
 mod check;
 mod connect;
 mod headers;
@@ -16,8 +18,10 @@ pub(crate) mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
@@ -59,6 +63,21 @@ pub(crate) async fn forward(
     };
     let who = &checked.who;
     let upgrade = headers::wants_upgrade(req.headers());
+    // The cache: a user's on an authenticated request; the shared one for
+    // a request without credentials (never for one with them).
+    let cacheable = route.cfg.cache.is_some()
+        && method == hyper::Method::GET
+        && !upgrade
+        && (checked.uid.is_some() || !crate::auth::has_credentials(req.headers(), st));
+    let mut filling = None;
+    if cacheable {
+        match from_cache(st, route, &checked, &req).await {
+            Ok(Ok(hit)) => return hit,
+            Ok(Err(fill)) => filling = fill,
+            Err(r) => return r,
+        }
+    }
+    let request_headers = filling.as_ref().map(|_| req.headers().clone());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path();
@@ -145,12 +164,131 @@ pub(crate) async fn forward(
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switching && upgrade);
-    let mut r = Response::from_parts(parts, Body::Stream(body));
+    let mut r = match (filling, request_headers) {
+        (Some(fill), Some(h)) => {
+            let r = fill_cache(st, route, &fill, &h, parts, body).await;
+            if let Err(e) = st
+                .store
+                .cache_unlock(&fill.0.url, &fill.0.variant, &fill.1)
+                .await
+            {
+                log::debug!("cannot release a cache lock: {e}");
+            }
+            r
+        }
+        _ => {
+            let mut r = Response::from_parts(parts, Body::Stream(body));
+            if cacheable {
+                r.headers_mut()
+                    .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
+            }
+            r
+        }
+    };
     if let Some([user, ..]) = who {
         r.extensions_mut().insert(LoggedUser(user.clone()));
     }
     checked.add_headers(&mut r);
     r
+}
+
+/// A cached answer, or the place to fill (with the lock's owner) when this
+/// request took the single-flight lock; `Ok(Err(None))` for a miss that
+/// another request is filling and that did not arrive in time.
+async fn from_cache(
+    st: &State,
+    route: &Route,
+    checked: &check::Checked,
+    req: &Request<Incoming>,
+) -> Result<Result<Response<Body>, Option<(cache::Place, String)>>, Response<Body>> {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uid = checked.uid.as_deref();
+    let hit = |mut r: Response<Body>| {
+        checked.add_headers(&mut r);
+        if let Some([user, ..]) = &checked.who {
+            r.extensions_mut().insert(LoggedUser(user.clone()));
+        }
+        r
+    };
+    let place = match cache::lookup(st, &route.specs, uid, target, req.headers()).await? {
+        Ok(r) => return Ok(Ok(hit(r))),
+        Err(p) => p,
+    };
+    let owner = crate::secrets::nonce();
+    let lock_ttl = route.cfg.timeout + Duration::from_secs(1);
+    let wait_until = tokio::time::Instant::now() + route.cfg.timeout.min(Duration::from_secs(3));
+    match st
+        .store
+        .cache_lock(&place.url, &place.variant, &owner, lock_ttl)
+        .await
+    {
+        Ok(true) => return Ok(Err(Some((place, owner)))),
+        Ok(false) => {}
+        Err(e) => return Err(st.redis_down(&e)),
+    }
+    // Another request is asking the upstream: wait (bounded) for its
+    // answer, then ask the upstream ourselves.
+    while tokio::time::Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(r) = cache::lookup(st, &route.specs, uid, target, req.headers()).await? {
+            return Ok(Ok(hit(r)));
+        }
+    }
+    Ok(Err(None))
+}
+
+/// The upstream's answer to a request that took the cache lock: stored
+/// when it may be and fits, and answered either way (`x-cache: miss`).
+async fn fill_cache(
+    st: &State,
+    route: &Route,
+    fill: &(cache::Place, String),
+    request_headers: &hyper::HeaderMap,
+    parts: hyper::http::response::Parts,
+    body: Incoming,
+) -> Response<Body> {
+    let limits = route.cfg.cache.expect("a cached route");
+    let miss = |mut r: Response<Body>| {
+        r.headers_mut()
+            .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
+        r
+    };
+    let length = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let keep = cache::storable(parts.status, &parts.headers, fill.0.shared, limits.max_ttl)
+        .filter(|_| length.is_some_and(|n| n <= limits.max_bytes));
+    let Some((ttl, spec)) = keep else {
+        return miss(Response::from_parts(parts, Body::Stream(body)));
+    };
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        limits.max_bytes as usize,
+    ));
+    let bytes = match tokio::time::timeout(route.cfg.timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            st.host.count(metrics::UPSTREAM_FAILED, 1);
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                "bad-gateway",
+                "The upstream service broke off its answer.",
+            );
+        }
+    };
+    cache::store(
+        st,
+        &route.specs,
+        &fill.0,
+        &spec,
+        request_headers,
+        (&parts.status, &parts.headers, &bytes),
+        ttl,
+    )
+    .await;
+    miss(Response::from_parts(parts, Body::new(bytes)))
 }
 
 /// The original request a forward-auth call asks about: nginx sends

@@ -1,6 +1,9 @@
 //! The routes of one worker, longest prefix first, each with its pooled
 //! clients (connected on first use).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use hyper::body::Incoming;
 use hyper::header::HeaderName;
 use hyper_util::client::legacy::Client;
@@ -23,6 +26,8 @@ pub(crate) struct Route {
     pub(crate) once: Pool,
     /// `RateLimit-Policy` of its policies (None without any).
     pub(crate) policy_header: Option<hyper::header::HeaderValue>,
+    /// The cache specs this worker has seen for the route's URLs.
+    pub(crate) specs: Specs,
 }
 
 /// Every route of this worker, longest prefix first.
@@ -92,11 +97,40 @@ impl Route {
             policy_header: (!policies.is_empty())
                 .then(|| hyper::header::HeaderValue::from_str(&policies.join(", ")).ok())
                 .flatten(),
+            specs: Specs::default(),
             cfg: cfg.clone(),
             authority,
             retrying: pool(true),
             once: pool(false),
         }
+    }
+}
+
+/// The specs this worker has seen, so that a hit is one call: a URL's spec
+/// names the headers its variants differ by.
+#[derive(Default)]
+pub(crate) struct Specs(Mutex<HashMap<String, String>>);
+
+const MAX_SPECS: usize = 10_000;
+
+impl Specs {
+    pub(crate) fn get(&self, url: &str) -> String {
+        let m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(url).cloned().unwrap_or_default()
+    }
+
+    pub(crate) fn set(&self, url: &str, spec: &str) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() >= MAX_SPECS {
+            m.clear();
+        }
+        m.insert(url.to_owned(), spec.to_owned());
     }
 }
 

@@ -1,0 +1,315 @@
+//! The response cache of a GET route (`cache = true`): per user on an
+//! authenticated request, shared otherwise; an entry per URL and variant;
+//! what the upstream's `Cache-Control` and `Vary` allow (RFC 9111, the
+//! part a cache in front of one app needs); single flight across workers
+//! and hosts through a Redis lock.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use forkd_store::{CacheScope, CacheUrl};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, SET_COOKIE, VARY};
+use hyper::{Response, StatusCode};
+
+use super::pool::Specs;
+use crate::response::Body;
+use crate::state::State;
+
+pub(crate) const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const AGE: HeaderName = HeaderName::from_static("age");
+
+/// The variant of a request under `spec` (comma-separated header names):
+/// a hash of those headers' values ("" for no spec).
+fn variant(spec: &str, h: &HeaderMap) -> String {
+    if spec.is_empty() {
+        return String::new();
+    }
+    let mut text = String::new();
+    for name in spec.split(',') {
+        text.push_str(name);
+        text.push('=');
+        for v in h.get_all(name) {
+            text.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            text.push(',');
+        }
+        text.push('\n');
+    }
+    crate::buckets::hex16(text.as_bytes())
+}
+
+/// One request's place in the cache.
+pub(crate) struct Place {
+    pub(crate) url: CacheUrl,
+    pub(crate) variant: String,
+    spec_key: String,
+    pub(crate) shared: bool,
+}
+
+/// Looks the request up: the answer on a hit, else its place.
+pub(crate) async fn lookup(
+    st: &State,
+    specs: &Specs,
+    uid: Option<&str>,
+    target: &str,
+    h: &HeaderMap,
+) -> Result<Result<Response<Body>, Place>, Response<Body>> {
+    let scope = match uid {
+        Some(uid) => CacheScope::User(uid.to_owned()),
+        None => CacheScope::Shared(crate::buckets::hex16(target.as_bytes())),
+    };
+    let url = st.store.cache_url(&scope, target);
+    let spec_key = format!("{}|{target}", uid.unwrap_or(""));
+    let mut spec = specs.get(&spec_key);
+    for _ in 0..2 {
+        let v = variant(&spec, h);
+        let found = st
+            .store
+            .cache_get(&url, &v)
+            .await
+            .map_err(|e| st.redis_down(&e))?;
+        let stored = found.spec.unwrap_or_default();
+        if stored != spec {
+            // Another worker or host learnt the spec: ask again with it.
+            specs.set(&spec_key, &stored);
+            spec = stored;
+            continue;
+        }
+        if let Some((entry, left_ms)) = found.entry {
+            if let Some(r) = decode(&entry, left_ms) {
+                return Ok(Ok(r));
+            }
+        }
+        return Ok(Err(Place {
+            url,
+            variant: v,
+            spec_key,
+            shared: uid.is_none(),
+        }));
+    }
+    let v = variant(&spec, h);
+    Ok(Err(Place {
+        url,
+        variant: v,
+        spec_key,
+        shared: uid.is_none(),
+    }))
+}
+
+/// How long the upstream's answer may be kept, and the headers it varies
+/// on; None when it may not be stored: not a 200, `no-store`, `no-cache`,
+/// `private` in a shared cache, no `max-age` (`s-maxage` first in a shared
+/// cache), `Vary: *`, or a `Set-Cookie`.
+pub(crate) fn storable(
+    status: StatusCode,
+    h: &HeaderMap,
+    shared: bool,
+    max_ttl: Duration,
+) -> Option<(Duration, String)> {
+    if status != StatusCode::OK || h.contains_key(SET_COOKIE) {
+        return None;
+    }
+    let mut max_age = None;
+    let mut s_maxage = None;
+    for v in h.get_all(CACHE_CONTROL) {
+        for d in v.to_str().ok()?.split(',') {
+            let d = d.trim().to_ascii_lowercase();
+            match d.split_once('=') {
+                None if d == "no-store" || d == "no-cache" => return None,
+                None if d == "private" && shared => return None,
+                Some(("max-age", n)) => max_age = n.trim_matches('"').parse::<u64>().ok(),
+                Some(("s-maxage", n)) => s_maxage = n.trim_matches('"').parse::<u64>().ok(),
+                Some(("no-cache", _)) => return None,
+                _ => {}
+            }
+        }
+    }
+    let secs = if shared {
+        s_maxage.or(max_age)
+    } else {
+        max_age
+    }?;
+    if secs == 0 {
+        return None;
+    }
+    let mut names: Vec<String> = Vec::new();
+    for v in h.get_all(VARY) {
+        for n in v.to_str().ok()?.split(',') {
+            let n = n.trim().to_ascii_lowercase();
+            if n == "*" {
+                return None;
+            }
+            if !n.is_empty() && !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    names.sort();
+    Some((Duration::from_secs(secs).min(max_ttl), names.join(",")))
+}
+
+/// Stores an answer and its spec; `specs` learns the spec.
+pub(crate) async fn store(
+    st: &State,
+    specs: &Specs,
+    place: &Place,
+    spec: &str,
+    h: &HeaderMap,
+    r: (&StatusCode, &HeaderMap, &Bytes),
+    ttl: Duration,
+) {
+    specs.set(&place.spec_key, spec);
+    // The variant of the spec the answer came with.
+    let v = variant(spec, h);
+    let entry = encode(r.0, r.1, r.2, ttl);
+    if let Err(e) = st.store.cache_put(&place.url, spec, &v, &entry, ttl).await {
+        log::warn!("cannot cache an answer: {e}");
+    }
+}
+
+/// status, then the headers as JSON, then the ttl in ms, each on a line;
+/// then the body.
+fn encode(status: &StatusCode, h: &HeaderMap, body: &Bytes, ttl: Duration) -> Vec<u8> {
+    let pairs: Vec<(&str, String)> = h
+        .iter()
+        .filter(|(k, _)| *k != AGE && *k != X_CACHE)
+        .map(|(k, v)| {
+            (
+                k.as_str(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut out = format!(
+        "{}\n{}\n{}\n",
+        status.as_u16(),
+        serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into()),
+        ttl.as_millis()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// An entry as an answer, with `Age`; None for one that does not parse.
+fn decode(entry: &[u8], left_ms: i64) -> Option<Response<Body>> {
+    let mut parts = entry.splitn(4, |&b| b == b'\n');
+    let status: u16 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let pairs: Vec<(String, String)> = serde_json::from_slice(parts.next()?).ok()?;
+    let ttl: i64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let body = Bytes::copy_from_slice(parts.next().unwrap_or_default());
+    let mut r = Response::new(Body::new(body));
+    *r.status_mut() = StatusCode::from_u16(status).ok()?;
+    for (k, v) in pairs {
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            r.headers_mut().append(k, v);
+        }
+    }
+    let age = (ttl - left_ms.max(0)).max(0) / 1000;
+    r.headers_mut().insert(AGE, HeaderValue::from(age as u64));
+    r.headers_mut()
+        .insert(X_CACHE, HeaderValue::from_static("hit"));
+    Some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::headers;
+
+    #[test]
+    fn cache_control_decides() {
+        let max = Duration::from_secs(300);
+        let ok = |p: &[(&str, &str)], shared| storable(StatusCode::OK, &headers(p), shared, max);
+        assert_eq!(
+            ok(&[("cache-control", "max-age=60")], true),
+            Some((Duration::from_secs(60), String::new()))
+        );
+        assert_eq!(
+            ok(&[("cache-control", "max-age=6000")], false).unwrap().0,
+            max
+        );
+        assert_eq!(
+            ok(&[("cache-control", "public, s-maxage=5, max-age=60")], true)
+                .unwrap()
+                .0,
+            Duration::from_secs(5)
+        );
+        assert_eq!(ok(&[("cache-control", "private, max-age=60")], true), None);
+        assert!(ok(&[("cache-control", "private, max-age=60")], false).is_some());
+        assert_eq!(
+            ok(&[("cache-control", "no-store, max-age=60")], false),
+            None
+        );
+        assert_eq!(ok(&[("cache-control", "no-cache")], false), None);
+        assert_eq!(ok(&[], false), None);
+        assert_eq!(
+            storable(
+                StatusCode::NOT_FOUND,
+                &headers(&[("cache-control", "max-age=9")]),
+                false,
+                max
+            ),
+            None
+        );
+        assert_eq!(
+            ok(&[("cache-control", "max-age=60"), ("vary", "*")], false),
+            None
+        );
+        assert_eq!(
+            ok(
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+                false
+            ),
+            None
+        );
+        assert_eq!(
+            ok(
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("vary", "Accept-Language, accept"),
+                    ("vary", "Accept")
+                ],
+                false
+            )
+            .unwrap()
+            .1,
+            "accept,accept-language"
+        );
+    }
+
+    #[test]
+    fn variants_differ_by_the_named_headers_only() {
+        let a = headers(&[("accept-language", "fr"), ("user-agent", "x")]);
+        let b = headers(&[("accept-language", "fr"), ("user-agent", "y")]);
+        let c = headers(&[("accept-language", "de")]);
+        assert_eq!(
+            variant("accept-language", &a),
+            variant("accept-language", &b)
+        );
+        assert_ne!(
+            variant("accept-language", &a),
+            variant("accept-language", &c)
+        );
+        assert_eq!(variant("", &a), "");
+    }
+
+    #[test]
+    fn an_entry_round_trips() {
+        let h = headers(&[("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")]);
+        let e = encode(
+            &StatusCode::OK,
+            &h,
+            &Bytes::from_static(b"hi\nthere"),
+            Duration::from_secs(10),
+        );
+        let r = decode(&e, 7_000).unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["age"], "3");
+        assert_eq!(r.headers()["x-cache"], "hit");
+        assert_eq!(r.headers().get_all("x-a").iter().count(), 2);
+        assert!(decode(b"garbage", 0).is_none());
+    }
+}

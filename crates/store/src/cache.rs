@@ -1,0 +1,190 @@
+//! The response cache of GET routes: one entry per URL and variant (the
+//! request's values of the headers the response's `Vary` names), the
+//! variant spec per URL, a single-flight lock per entry, and an index of
+//! entries for `forkd cache purge`.
+//!
+//! A user's entries carry the user's tag (their slot); a shared entry's
+//! tag is a hash of its URL, so an entry, its spec and its lock share a
+//! slot. Entry keys hold the URL in clear after `:cache:`, and the index
+//! (one sorted set, scored by expiry) lists them all.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+use crate::{scripts, Result, Store};
+
+/// Whose cache an entry is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheScope {
+    /// A user's (the tag of a session's user).
+    User(String),
+    /// Everyone's; the tag is a hash of the URL, made by the caller.
+    Shared(String),
+}
+
+/// One URL in one scope: where its spec, entries and lock live.
+#[derive(Debug, Clone)]
+pub struct CacheUrl {
+    tag: String,
+    /// Path and query.
+    target: String,
+}
+
+/// What a lookup found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheLookup {
+    /// The header names the URL's responses vary on, as stored (None when
+    /// nothing is cached for the URL).
+    pub spec: Option<String>,
+    /// The entry for the variant asked for, and the ms it has left.
+    pub entry: Option<(Vec<u8>, i64)>,
+}
+
+impl Store {
+    pub fn cache_url(&self, scope: &CacheScope, target: &str) -> CacheUrl {
+        let tag = match scope {
+            CacheScope::User(uid) => uid.clone(),
+            CacheScope::Shared(hash) => format!("s:{hash}"),
+        };
+        CacheUrl {
+            tag,
+            target: target.to_owned(),
+        }
+    }
+
+    fn cache_keys(&self, url: &CacheUrl, variant: &str) -> [String; 3] {
+        let base = format!("{}{{{}}}", self.prefix, url.tag);
+        [
+            format!("{base}:cachevary:{}", url.target),
+            format!("{base}:cache:{}#{variant}", url.target),
+            format!("{base}:cachelock:{}#{variant}", url.target),
+        ]
+    }
+
+    fn cache_index(&self) -> String {
+        format!("{}{{cacheindex}}:entries", self.prefix)
+    }
+
+    /// The URL's spec and the entry of `variant`, in one call.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn cache_get(&self, url: &CacheUrl, variant: &str) -> Result<CacheLookup> {
+        let [spec, entry, _] = self.cache_keys(url, variant);
+        let reply: Vec<Value> = self
+            .run(scripts::cache_get(), vec![spec, entry], vec![])
+            .await?;
+        let spec = reply
+            .first()
+            .and_then(Value::as_string)
+            .filter(|_| reply.first().is_some_and(|v| !v.is_null()));
+        let entry = match reply.get(1) {
+            Some(Value::Bytes(b)) => Some(b.to_vec()),
+            Some(Value::String(s)) => Some(s.as_bytes().to_vec()),
+            _ => None,
+        };
+        let ttl = reply.get(2).and_then(Value::as_i64).unwrap_or(0);
+        Ok(CacheLookup {
+            spec,
+            entry: entry.map(|e| (e, ttl)),
+        })
+    }
+
+    /// Stores an entry and its URL's spec for `ttl`, and lists it for
+    /// purges.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn cache_put(
+        &self,
+        url: &CacheUrl,
+        spec: &str,
+        variant: &str,
+        entry: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        let [spec_key, entry_key, _] = self.cache_keys(url, variant);
+        let ms = ttl.as_millis().max(1) as i64;
+        let _: () = self
+            .run(
+                scripts::cache_put(),
+                vec![spec_key, entry_key.clone()],
+                vec![spec.into(), Value::Bytes(entry.to_vec().into()), ms.into()],
+            )
+            .await?;
+        let _: i64 = self
+            .run(
+                scripts::cache_index(),
+                vec![self.cache_index()],
+                vec![entry_key.into(), ms.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes the single-flight lock of an entry for `ttl`.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn cache_lock(
+        &self,
+        url: &CacheUrl,
+        variant: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool> {
+        self.ready()?;
+        let [_, _, lock] = self.cache_keys(url, variant);
+        let set: Option<String> = self
+            .client
+            .set(
+                lock,
+                owner,
+                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases the lock if `owner` holds it.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn cache_unlock(&self, url: &CacheUrl, variant: &str, owner: &str) -> Result<()> {
+        let [_, _, lock] = self.cache_keys(url, variant);
+        let _: i64 = self
+            .run(scripts::unlock(), vec![lock], vec![owner.into()])
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes every cached entry whose path starts with `prefix`, in
+    /// every scope; how many.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn cache_purge(&self, prefix: &str) -> Result<usize> {
+        self.ready()?;
+        let index = self.cache_index();
+        let entries: Vec<String> = self
+            .client
+            .zrange(&index, 0, -1, None, false, None, false)
+            .await?;
+        let mut purged = 0;
+        for key in entries {
+            let Some((_, url)) = key.split_once(":cache:") else {
+                continue;
+            };
+            if !url.starts_with(prefix) {
+                continue;
+            }
+            let n: i64 = self.client.del(&key).await?;
+            let _: i64 = self.client.zrem(&index, &key).await?;
+            purged += usize::from(n > 0);
+        }
+        Ok(purged)
+    }
+}
