@@ -34,9 +34,5 @@ pub fn user(scope: &str) -> Bucket {
 
 /// The first 16 bytes of a SHA-256, in hex.
 pub(crate) fn hex16(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::secrets::hex(&Sha256::digest(data)[..16])
 }

@@ -32,7 +32,7 @@ impl RequestIds {
             seed = (t ^ u64::from(std::process::id()) << 40).to_le_bytes();
         }
         RequestIds {
-            prefix: seed.iter().map(|b| format!("{b:02x}")).collect(),
+            prefix: crate::secrets::hex(&seed),
             next: AtomicU64::new(1),
         }
     }

@@ -83,7 +83,7 @@ impl Default for RawProxy {
             user_header: "X-Forkd-User".into(),
             role_header: "X-Forkd-Role".into(),
             session_header: "X-Forkd-Session".into(),
-            max_idle_per_upstream: 32,
+            max_idle_per_upstream: 256,
             idle_timeout: 60.0,
             forward_auth_path: "/auth".into(),
         }
