@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -231,48 +230,20 @@ fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
     // Fill the cache and load the script.
     assert_eq!(profile(f.port, &t).unwrap().header("x-cache"), Some("miss"));
     assert_eq!(profile(f.port, &t).unwrap().header("x-cache"), Some("hit"));
-    // MONITOR shows every command a client sends, and the commands a
-    // script runs marked "lua"; count what the worker itself sent.
-    let mut monitor = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "monitor"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines =
-        std::io::BufRead::lines(std::io::BufReader::new(monitor.stdout.take().unwrap()));
-    assert_eq!(lines.next().unwrap().unwrap(), "OK");
+    let mut monitor = Monitor::start(&redis);
     let r = profile(f.port, &t).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-cache"), Some("hit"));
-    redis.cli(&["ECHO", "end-of-request"]);
+    let sent = monitor.sent_before_marker("end-of-request");
     // And a well-formed token that is no session: one round trip too.
     let bogus = format!("{}.{}", "A".repeat(12), "A".repeat(43));
     assert_eq!(profile(f.port, &bogus).unwrap().status, 401);
-    redis.cli(&["ECHO", "end-of-bogus"]);
-    // What the worker sent (not its scripts' commands) up to `marker`.
-    let mut sent_until = |marker: &str| {
-        let mut sent = Vec::new();
-        for line in lines.by_ref().take(1000) {
-            let line = line.unwrap();
-            if line.contains(marker) {
-                break;
-            }
-            if !line.contains(" lua]") {
-                sent.push(line);
-            }
-        }
-        sent
-    };
-    let sent = sent_until("end-of-request");
-    let bogus_sent = sent_until("end-of-bogus");
+    let bogus_sent = monitor.sent_before_marker("end-of-bogus");
     assert_eq!(
         bogus_sent.len(),
         1,
         "round trips for a bogus token: {bogus_sent:?}"
     );
-    let _ = monitor.kill();
-    let _ = monitor.wait();
     assert_eq!(
         sent.len(),
         1,

@@ -898,3 +898,47 @@ fn the_cache_keeps_what_the_upstream_allows_per_user_and_shared() {
     let out = f.cli(&["cache", "purge", "c"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// The promise of the pattern: a routed, authenticated GET that its cache
+/// answers is the session, its policies and the cache entry in one Redis
+/// call, on a URL whose answers vary by a header too.
+#[test]
+fn a_cached_authenticated_get_with_a_policy_is_one_redis_call() {
+    let redis = RedisServer::start();
+    let api = Upstream::tcp();
+    let f = Forkd::start_with_redis(
+        &redis,
+        &format!(
+            "workers = 1\n\
+             [rate_limit.policy.per-user]\nlimit = 1000\nwindow = 60\nkey = \"user\"\n\
+             [rate_limit.policy.per-route]\nlimit = 1000\nwindow = 60\nkey = \"user+route\"\n\
+             [[route]]\nprefix = \"/u\"\nupstream = \"{}\"\nstrip_prefix = true\ncache = true\n\
+             policies = [\"per-user\", \"per-route\"]\n",
+            api.url()
+        ),
+    );
+    f.add_user("alice", PW);
+    let t = bearer(&token(f.port, "alice", PW));
+    let path = "/u/me?cc=private%2Cmax-age%3D60&vary=Accept-Language";
+    let get = || {
+        let r = request(
+            f.port,
+            "GET",
+            path,
+            &[("Authorization", &t), ("Accept-Language", "fr")],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.header("ratelimit").is_some(), "{r:?}");
+        r.header("x-cache").unwrap_or("").to_owned()
+    };
+    // The miss fills the entry and teaches this worker the URL's spec.
+    assert_eq!(get(), "miss");
+    assert_eq!(get(), "hit");
+    let mut monitor = Monitor::start(&redis);
+    assert_eq!(get(), "hit");
+    let sent = monitor.sent_before_marker("end-of-hit");
+    assert_eq!(sent.len(), 1, "Redis calls for one cached GET: {sent:?}");
+    assert!(sent[0].to_lowercase().contains("evalsha"), "{sent:?}");
+}

@@ -126,6 +126,62 @@ impl Drop for RedisServer {
     }
 }
 
+/// `redis-cli monitor` on a test's server: what clients send, marked off
+/// by `ECHO` markers. Killed when dropped.
+pub struct Monitor {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    port: u16,
+}
+
+impl Monitor {
+    pub fn start(redis: &RedisServer) -> Monitor {
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "monitor"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redis-cli runs");
+        let mut lines = BufReader::new(child.stdout.take().expect("a pipe")).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("OK"));
+        Monitor {
+            child,
+            lines,
+            port: redis.port,
+        }
+    }
+
+    /// Sends a marker, then returns what clients sent before it: MONITOR
+    /// shows the commands a script runs too, marked "lua", which are left
+    /// out.
+    pub fn sent_before_marker(&mut self, marker: &str) -> Vec<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ECHO", marker])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success());
+        let mut sent = Vec::new();
+        for line in self.lines.by_ref().take(10_000) {
+            let line = line.expect("monitor output");
+            if line.contains(marker) {
+                return sent;
+            }
+            if !line.contains(" lua]") {
+                sent.push(line);
+            }
+        }
+        panic!("no marker {marker} in the monitor's output: {sent:?}");
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A Redis Cluster of 3 primaries and 3 replicas on free loopback ports,
 /// with a 1 s node timeout so that failovers take seconds; every node is
 /// killed when dropped.

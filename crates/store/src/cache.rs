@@ -41,6 +41,33 @@ pub struct CacheLookup {
     pub entry: Option<(Vec<u8>, i64)>,
 }
 
+impl CacheLookup {
+    /// From a script's {spec or nil, entry or nil, the entry's ms left}.
+    pub(crate) fn from_reply(reply: &[Value]) -> Self {
+        let spec = reply
+            .first()
+            .filter(|v| !v.is_null())
+            .and_then(Value::as_string);
+        let entry = match reply.get(1) {
+            Some(Value::Bytes(b)) => Some(b.to_vec()),
+            Some(Value::String(s)) => Some(s.as_bytes().to_vec()),
+            _ => None,
+        };
+        let ttl = reply.get(2).and_then(Value::as_i64).unwrap_or(0);
+        CacheLookup {
+            spec,
+            entry: entry.map(|e| (e, ttl)),
+        }
+    }
+}
+
+impl CacheUrl {
+    /// Whether the URL's keys share the slot of user `uid`'s keys.
+    pub(crate) fn in_slot_of(&self, uid: &str) -> bool {
+        self.tag == uid
+    }
+}
+
 impl Store {
     pub fn cache_url(&self, scope: &CacheScope, target: &str) -> CacheUrl {
         let tag = match scope {
@@ -53,7 +80,7 @@ impl Store {
         }
     }
 
-    fn cache_keys(&self, url: &CacheUrl, variant: &str) -> [String; 3] {
+    pub(crate) fn cache_keys(&self, url: &CacheUrl, variant: &str) -> [String; 3] {
         let base = format!("{}{{{}}}", self.prefix, url.tag);
         [
             format!("{base}:cachevary:{}", url.target),
@@ -75,20 +102,7 @@ impl Store {
         let reply: Vec<Value> = self
             .run(scripts::cache_get(), vec![spec, entry], vec![])
             .await?;
-        let spec = reply
-            .first()
-            .and_then(Value::as_string)
-            .filter(|_| reply.first().is_some_and(|v| !v.is_null()));
-        let entry = match reply.get(1) {
-            Some(Value::Bytes(b)) => Some(b.to_vec()),
-            Some(Value::String(s)) => Some(s.as_bytes().to_vec()),
-            _ => None,
-        };
-        let ttl = reply.get(2).and_then(Value::as_i64).unwrap_or(0);
-        Ok(CacheLookup {
-            spec,
-            entry: entry.map(|e| (e, ttl)),
-        })
+        Ok(CacheLookup::from_reply(&reply))
     }
 
     /// Stores an entry and its URL's spec for `ttl`, and lists it for

@@ -46,7 +46,7 @@ mod users;
 use std::time::Duration;
 
 pub use cache::{CacheLookup, CacheScope, CacheUrl};
-pub use routes::{Bucket, Limit, RouteCheck, SessionRef};
+pub use routes::{Bucket, CacheProbe, Limit, RouteCheck, SessionRef};
 
 use fred::prelude::*;
 use fred::types::scripts::Script;

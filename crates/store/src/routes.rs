@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use fred::prelude::*;
 
-use crate::{decision, scripts, Decision, Policy, Result, Store, StoreError};
+use crate::{
+    decision, scripts, CacheLookup, CacheUrl, Decision, Policy, Result, Store, StoreError,
+};
 
 /// Whose bucket a limit counts in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +44,18 @@ pub enum RouteCheck {
     Checked {
         identity: Option<(String, String)>,
         decisions: Vec<Option<Decision>>,
+        /// What the probe found, when it could be read in the first call
+        /// and every limit allowed.
+        probed: Option<CacheLookup>,
     },
+}
+
+/// A cache entry to read in the same call once the limits allow: on a
+/// single Redis always; on Redis Cluster only a user's entry, which shares
+/// the session's slot.
+pub struct CacheProbe<'a> {
+    pub url: &'a CacheUrl,
+    pub variant: &'a str,
 }
 
 /// A session to check: the token's (uid, hash), and the idle timeout.
@@ -124,6 +137,7 @@ impl Store {
         &self,
         session: Option<&SessionRef<'_>>,
         limits: &[Limit],
+        probe: Option<&CacheProbe<'_>>,
     ) -> Result<RouteCheck> {
         let key = |l: &Limit| self.bucket_key(&l.policy_name, &l.bucket, session.map(|s| s.uid));
         // Calls: the session with the user's buckets first, then one per
@@ -141,12 +155,16 @@ impl Store {
                 None => calls.push((group, vec![i])),
             }
         }
+        let probe =
+            probe.filter(|p| !clustered || session.is_some_and(|s| p.url.in_slot_of(s.uid)));
         let mut identity = None;
+        let mut probed = None;
         let mut decisions = vec![None; limits.len()];
         let mut taken: Vec<(String, Policy)> = Vec::new();
         for (n, (_, members)) in calls.iter().enumerate() {
             let with_session = n == 0 && session.is_some();
-            if members.is_empty() && !with_session {
+            let probing = probe.filter(|_| n == 0);
+            if members.is_empty() && !with_session && probing.is_none() {
                 continue;
             }
             let mut keys = Vec::with_capacity(3 + members.len());
@@ -171,6 +189,14 @@ impl Store {
                 args.push((limits[i].policy.window.as_millis() as i64).into());
             }
             let limit_keys = keys[first_limit..].to_vec();
+            match probing {
+                Some(p) => {
+                    let [spec, entry, _] = self.cache_keys(p.url, p.variant);
+                    keys.extend([spec, entry]);
+                    args.push(2i64.into());
+                }
+                None => args.push(0i64.into()),
+            }
             let reply: Vec<Value> = self.run(scripts::route_check(), keys, args).await?;
             let int = |i: usize| reply.get(i).and_then(Value::as_i64).unwrap_or(0);
             match int(0) {
@@ -208,10 +234,15 @@ impl Store {
             for (k, &i) in members.iter().enumerate() {
                 taken.push((limit_keys[k].clone(), limits[i].policy));
             }
+            if probing.is_some() {
+                let at = 3 + 4 * members.len();
+                probed = Some(CacheLookup::from_reply(&reply[at.min(reply.len())..]));
+            }
         }
         Ok(RouteCheck::Checked {
             identity,
             decisions,
+            probed,
         })
     }
 }

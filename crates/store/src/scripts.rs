@@ -181,7 +181,10 @@ return 1
 // only when all allow. ARGV: has session, idle ms, token hash, the number
 // of limits, then limit and window ms of each. Returns {0} for no valid
 // session, else {1 (allowed) or 2 (limited), user, role, then allowed,
-// remaining, reset ms, retry ms for each limit}.
+// remaining, reset ms, retry ms for each limit}. After the limits, ARGV
+// has the number of cache keys to read once all allow (0 to 2: a URL's
+// spec, then an entry), the last of KEYS; an allowed reply then ends with
+// their values (false for none) and the last one's ms left.
 script!(
     route_check,
     concat!(
@@ -224,6 +227,15 @@ if not all then
 end
 for i = 1, n do
   redis.call('SET', KEYS[base + i], string.format('%.3f', tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
+end
+local m = tonumber(ARGV[5 + 2 * n]) or 0
+if m > 0 then
+  local v
+  for j = 1, m do
+    v = redis.call('GET', KEYS[base + n + j])
+    out[#out + 1] = v
+  end
+  if v then out[#out + 1] = redis.call('PTTL', KEYS[base + n + m]) else out[#out + 1] = 0 end
 end
 return out
 "#

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use forkd_store::{CacheScope, CacheUrl};
+use forkd_store::{CacheLookup, CacheScope, CacheUrl};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, SET_COOKIE, VARY};
 use hyper::{Response, StatusCode};
 
@@ -41,8 +41,34 @@ fn variant(spec: &str, h: &HeaderMap) -> String {
 pub(crate) struct Place {
     pub(crate) url: CacheUrl,
     pub(crate) variant: String,
+    /// The spec `variant` was made under.
+    spec: String,
     spec_key: String,
     pub(crate) shared: bool,
+}
+
+/// Where the request is in the cache under the spec this worker knows for
+/// its URL: the user's (`uid`) or the shared cache.
+pub(crate) fn place(
+    specs: &Specs,
+    st: &State,
+    uid: Option<&str>,
+    target: &str,
+    h: &HeaderMap,
+) -> Place {
+    let scope = match uid {
+        Some(uid) => CacheScope::User(uid.to_owned()),
+        None => CacheScope::Shared(crate::buckets::hex16(target.as_bytes())),
+    };
+    let spec_key = format!("{}|{target}", uid.unwrap_or(""));
+    let spec = specs.get(&spec_key);
+    Place {
+        url: st.store.cache_url(&scope, target),
+        variant: variant(&spec, h),
+        spec,
+        spec_key,
+        shared: uid.is_none(),
+    }
 }
 
 /// Looks the request up: the answer on a hit, else its place.
@@ -53,46 +79,56 @@ pub(crate) async fn lookup(
     target: &str,
     h: &HeaderMap,
 ) -> Result<Result<Response<Body>, Place>, Response<Body>> {
-    let scope = match uid {
-        Some(uid) => CacheScope::User(uid.to_owned()),
-        None => CacheScope::Shared(crate::buckets::hex16(target.as_bytes())),
-    };
-    let url = st.store.cache_url(&scope, target);
-    let spec_key = format!("{}|{target}", uid.unwrap_or(""));
-    let mut spec = specs.get(&spec_key);
-    for _ in 0..2 {
-        let v = variant(&spec, h);
-        let found = st
-            .store
-            .cache_get(&url, &v)
-            .await
-            .map_err(|e| st.redis_down(&e))?;
-        let stored = found.spec.unwrap_or_default();
-        if stored != spec {
-            // Another worker or host learnt the spec: ask again with it.
-            specs.set(&spec_key, &stored);
-            spec = stored;
-            continue;
-        }
-        if let Some((entry, left_ms)) = found.entry {
-            if let Some(r) = decode(&entry, left_ms) {
-                return Ok(Ok(r));
+    lookup_at(st, specs, place(specs, st, uid, target, h), h).await
+}
+
+/// Looks `place` up.
+pub(crate) async fn lookup_at(
+    st: &State,
+    specs: &Specs,
+    place: Place,
+    h: &HeaderMap,
+) -> Result<Result<Response<Body>, Place>, Response<Body>> {
+    let found = st
+        .store
+        .cache_get(&place.url, &place.variant)
+        .await
+        .map_err(|e| st.redis_down(&e))?;
+    resolve(st, specs, place, found, h).await
+}
+
+/// What a read of `place` found: the answer on a hit, else the place to
+/// fill. When the URL's stored spec is not the one the variant was made
+/// under (another worker or host learnt it), asks once more with it.
+pub(crate) async fn resolve(
+    st: &State,
+    specs: &Specs,
+    mut place: Place,
+    mut found: CacheLookup,
+    h: &HeaderMap,
+) -> Result<Result<Response<Body>, Place>, Response<Body>> {
+    for again in [true, false] {
+        let stored = found.spec.take().unwrap_or_default();
+        if stored == place.spec {
+            if let Some((entry, left_ms)) = &found.entry {
+                if let Some(r) = decode(entry, *left_ms) {
+                    return Ok(Ok(r));
+                }
             }
+            break;
         }
-        return Ok(Err(Place {
-            url,
-            variant: v,
-            spec_key,
-            shared: uid.is_none(),
-        }));
+        specs.set(&place.spec_key, &stored);
+        place.variant = variant(&stored, h);
+        place.spec = stored;
+        if again {
+            found = st
+                .store
+                .cache_get(&place.url, &place.variant)
+                .await
+                .map_err(|e| st.redis_down(&e))?;
+        }
     }
-    let v = variant(&spec, h);
-    Ok(Err(Place {
-        url,
-        variant: v,
-        spec_key,
-        shared: uid.is_none(),
-    }))
+    Ok(Err(place))
 }
 
 /// How long the upstream's answer may be kept, and the headers it varies

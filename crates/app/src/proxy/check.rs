@@ -4,12 +4,13 @@
 
 use std::net::SocketAddr;
 
-use forkd_store::{Limit, RouteCheck, SessionRef};
+use forkd_store::{CacheProbe, Limit, RouteCheck, SessionRef};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::pool::Route;
+use super::cache::{self, Place};
+use super::pool::{Route, Specs};
 use crate::auth::{has_credentials, invalid_token, session_token};
 use crate::buckets;
 use crate::client::client_ip;
@@ -25,6 +26,10 @@ pub(crate) struct Checked {
     /// The session's user tag, when there is one.
     pub(crate) uid: Option<String>,
     pub(crate) rate: Option<(HeaderValue, HeaderValue)>,
+    /// When the cache was asked: the answer on a hit, else the place to
+    /// fill, read in the same call as the session and limits where it can
+    /// be.
+    pub(crate) cache: Option<Result<Response<Body>, Place>>,
 }
 
 impl Checked {
@@ -46,13 +51,17 @@ pub(crate) fn session_id(token_hash: &str) -> String {
 /// and applies no policy); Err is the answer to send instead.
 ///
 /// `method` is the one the session cookie's CSRF check looks at: the
-/// request's, or for forward-auth the original request's.
+/// request's, or for forward-auth the original request's. With `cache`
+/// (the route's specs, for a GET that its cache may answer), the request's
+/// cache entry is looked up too: the user's on an authenticated request,
+/// the shared one for a request without credentials, none otherwise.
 pub(crate) async fn check(
     req: &Request<Incoming>,
     method: &Method,
     st: &State,
     route: Option<&Route>,
     peer: SocketAddr,
+    cache: Option<&Specs>,
 ) -> Result<Checked, Response<Body>> {
     let auth = route.map_or(RouteAuth::Required, |r| r.cfg.auth);
     let policies = route.map_or(&[][..], |r| &r.cfg.policies[..]);
@@ -63,8 +72,21 @@ pub(crate) async fn check(
         let t = session_token(req.headers(), method, st)?;
         Some((t.uid, t.hash))
     };
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let place = cache.and_then(|specs| match &token {
+        Some((uid, _)) => Some(cache::place(specs, st, Some(uid), target, req.headers())),
+        None if anonymous => Some(cache::place(specs, st, None, target, req.headers())),
+        None => None,
+    });
     if token.is_none() && policies.is_empty() {
-        return Ok(Checked::default());
+        let cache = match (place, cache) {
+            (Some(p), Some(specs)) => Some(cache::lookup_at(st, specs, p, req.headers()).await?),
+            _ => None,
+        };
+        return Ok(Checked {
+            cache,
+            ..Checked::default()
+        });
     }
     let client = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
     let prefix = route.map_or("", |r| r.cfg.prefix.as_str());
@@ -91,43 +113,52 @@ pub(crate) async fn check(
         token_hash: hash,
         idle: st.settings.auth.session_idle,
     });
-    let (identity, decisions) = match st.store.route_check(session.as_ref(), &limits).await {
+    let probe = place.as_ref().map(|p| CacheProbe {
+        url: &p.url,
+        variant: &p.variant,
+    });
+    let checked = st
+        .store
+        .route_check(session.as_ref(), &limits, probe.as_ref())
+        .await;
+    let (identity, decisions, probed) = match checked {
         Err(e) => return Err(st.redis_down(&e)),
         Ok(RouteCheck::Unauthenticated) => return Err(invalid_token()),
         Ok(RouteCheck::Checked {
             identity,
             decisions,
-        }) => (identity, decisions),
+            probed,
+        }) => (identity, decisions, probed),
     };
     let who = identity
         .zip(token.as_ref())
         .map(|((user, role), (_, hash))| [user, role, session_id(hash)]);
-    let Some(policy) = route.and_then(|r| r.policy_header.clone()) else {
-        return Ok(Checked {
-            uid: who.as_ref().and(token.map(|(uid, _)| uid)),
-            who,
-            rate: None,
+    let uid = who.as_ref().and(token.map(|(uid, _)| uid));
+    let rate = route
+        .and_then(|r| r.policy_header.clone())
+        .and_then(|policy| {
+            let state: Vec<String> = policies
+                .iter()
+                .zip(&decisions)
+                .filter_map(|(p, d)| {
+                    let d = d.as_ref()?;
+                    Some(format!(
+                        "\"{}\";r={};t={}",
+                        p.name,
+                        d.remaining,
+                        d.reset.as_millis().div_ceil(1000)
+                    ))
+                })
+                .collect();
+            HeaderValue::from_str(&state.join(", "))
+                .ok()
+                .map(|s| (policy, s))
         });
-    };
-    let state: Vec<String> = policies
-        .iter()
-        .zip(&decisions)
-        .filter_map(|(p, d)| {
-            let d = d.as_ref()?;
-            Some(format!(
-                "\"{}\";r={};t={}",
-                p.name,
-                d.remaining,
-                d.reset.as_millis().div_ceil(1000)
-            ))
-        })
-        .collect();
-    let checked = Checked {
-        uid: who.as_ref().and(token.map(|(uid, _)| uid)),
+    let mut checked = Checked {
+        uid,
         who,
-        rate: HeaderValue::from_str(&state.join(", "))
-            .ok()
-            .map(|s| (policy, s)),
+        rate,
+        cache: None,
     };
     let refused = decisions.iter().flatten().filter(|d| !d.allowed);
     if let Some(wait) = refused.map(|d| d.retry_after).max() {
@@ -142,6 +173,14 @@ pub(crate) async fn check(
         checked.add_headers(&mut r);
         return Err(r);
     }
+    // Read in the same call, or (on Redis Cluster, a shared entry) now.
+    checked.cache = match (place, cache, probed) {
+        (Some(p), Some(specs), Some(found)) => {
+            Some(cache::resolve(st, specs, p, found, req.headers()).await?)
+        }
+        (Some(p), Some(specs), None) => Some(cache::lookup_at(st, specs, p, req.headers()).await?),
+        _ => None,
+    };
     Ok(checked)
 }
 

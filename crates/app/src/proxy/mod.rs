@@ -57,26 +57,26 @@ pub(crate) async fn forward(
         return bad_request("The path has a dot segment or an escaped '.', '/' or '\\'.");
     }
     let method = req.method().clone();
-    let checked = match check::check(&req, &method, st, Some(route), peer).await {
+    let upgrade = headers::wants_upgrade(req.headers());
+    let specs = (route.cfg.cache.is_some() && method == hyper::Method::GET && !upgrade)
+        .then_some(&route.specs);
+    let mut checked = match check::check(&req, &method, st, Some(route), peer, specs).await {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let who = &checked.who;
-    let upgrade = headers::wants_upgrade(req.headers());
     // The cache: a user's on an authenticated request; the shared one for
     // a request without credentials (never for one with them).
-    let cacheable = route.cfg.cache.is_some()
-        && method == hyper::Method::GET
-        && !upgrade
-        && (checked.uid.is_some() || !crate::auth::has_credentials(req.headers(), st));
+    let first = checked.cache.take();
+    let cacheable = first.is_some();
     let mut filling = None;
-    if cacheable {
-        match from_cache(st, route, &checked, &req).await {
+    if let Some(first) = first {
+        match from_cache(st, route, &checked, &req, first).await {
             Ok(Ok(hit)) => return hit,
             Ok(Err(fill)) => filling = fill,
             Err(r) => return r,
         }
     }
+    let who = &checked.who;
     let request_headers = filling.as_ref().map(|_| req.headers().clone());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -194,12 +194,14 @@ pub(crate) async fn forward(
 
 /// A cached answer, or the place to fill (with the lock's owner) when this
 /// request took the single-flight lock; `Ok(Err(None))` for a miss that
-/// another request is filling and that did not arrive in time.
+/// another request is filling and that did not arrive in time. `first` is
+/// what the check's lookup found.
 async fn from_cache(
     st: &State,
     route: &Route,
     checked: &check::Checked,
     req: &Request<Incoming>,
+    first: Result<Response<Body>, cache::Place>,
 ) -> Result<Result<Response<Body>, Option<(cache::Place, String)>>, Response<Body>> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let uid = checked.uid.as_deref();
@@ -210,7 +212,7 @@ async fn from_cache(
         }
         r
     };
-    let place = match cache::lookup(st, &route.specs, uid, target, req.headers()).await? {
+    let place = match first {
         Ok(r) => return Ok(Ok(hit(r))),
         Err(p) => p,
     };
@@ -324,7 +326,7 @@ pub(crate) async fn forward_auth(
         .find_map(|n| req.headers().get(*n))
         .and_then(|v| hyper::Method::from_bytes(v.as_bytes()).ok())
         .unwrap_or(hyper::Method::GET);
-    let checked = match check::check(&req, &method, st, route, peer).await {
+    let checked = match check::check(&req, &method, st, route, peer, None).await {
         Ok(c) => c,
         Err(r) => return r,
     };
