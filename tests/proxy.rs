@@ -942,3 +942,107 @@ fn a_cached_authenticated_get_with_a_policy_is_one_redis_call() {
     assert_eq!(sent.len(), 1, "Redis calls for one cached GET: {sent:?}");
     assert!(sent[0].to_lowercase().contains("evalsha"), "{sent:?}");
 }
+
+/// The login limits and `/profile`'s limit are policies too: named in
+/// their `RateLimit` headers, shown and reset by `forkd limit`, and their
+/// names taken by no `[rate_limit.policy]`.
+#[test]
+fn the_built_in_policies_are_named_and_forkd_limit_reaches_them() {
+    let f = Forkd::start(
+        "workers = 2\n[auth]\nlogin_ip_limit = 2\nlogin_user_limit = 5\nlogin_user_all_limit = 7\n\
+         [rate_limit.profile]\nlimit = 4\nwindow = 600\n",
+    );
+    f.add_user("alice", PW);
+    let text = |o: std::process::Output| {
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let show = |policy: &str, bucket: &str| text(f.cli(&["limit", "show", policy, bucket]));
+    let attempt = |from: &str| {
+        let body = serde_json::json!({"username": "alice", "password": "wrong"}).to_string();
+        request_from(
+            from,
+            f.port,
+            "POST",
+            "/login",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .unwrap()
+    };
+    // Two failures from one client; the third is refused, by name.
+    assert_eq!(attempt("127.0.0.5").status, 401);
+    assert_eq!(attempt("127.0.0.5").status, 401);
+    let r = attempt("127.0.0.5");
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"login-ip\";q=2;w=60"));
+    assert!(
+        r.header("ratelimit")
+            .is_some_and(|v| v.starts_with("\"login-ip\";r=0;t=")),
+        "{r:?}"
+    );
+    let (code, out) = show("login-ip", "client:127.0.0.5");
+    assert!(
+        code == Some(0) && out.contains(": 0 left, whole again in"),
+        "{out}"
+    );
+    let (code, out) = show("login-user", "user:alice,client:127.0.0.5");
+    assert!(code == Some(0) && out.contains(": 3 left"), "{out}");
+    let (code, out) = show("login-user-all", "user:alice");
+    assert!(code == Some(0) && out.contains(": 5 left"), "{out}");
+    // Another client's bucket is whole; a reset makes this one whole.
+    let (code, out) = show("login-ip", "client:127.0.0.6");
+    assert!(code == Some(0) && out.contains(": 2 left (whole)"), "{out}");
+    let (code, out) = text(f.cli(&["limit", "reset", "login-ip", "client:127.0.0.5"]));
+    assert!(code == Some(0) && out.contains("reset"), "{out}");
+    let good = serde_json::json!({"username": "alice", "password": PW}).to_string();
+    let r = request_from(
+        "127.0.0.5",
+        f.port,
+        "POST",
+        "/login",
+        &[("Content-Type", "application/json")],
+        good.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let t = r.json()["token"].as_str().unwrap().to_owned();
+
+    // /profile's limit: one request takes one place of alice's.
+    let (_, out) = show("profile", "user:alice");
+    assert!(out.contains(": 4 left (whole)"), "{out}");
+    let r = profile_with(f.port, &[("Authorization", &bearer(&t))]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("ratelimit-policy"), Some("\"profile\";q=4;w=600"));
+    let (code, out) = show("profile", "user:alice");
+    assert!(code == Some(0) && out.contains(": 3 left"), "{out}");
+    let (code, out) = text(f.cli(&["limit", "reset", "profile", "user:alice"]));
+    assert!(code == Some(0) && out.contains("reset"), "{out}");
+    assert!(show("profile", "user:alice").1.contains(": 4 left (whole)"));
+
+    // Buckets that are not the policy's, and the names listed.
+    for (policy, bucket, says) in [
+        ("login-ip", "user:alice", "not one of its buckets"),
+        ("login-user", "user:alice", "not one of its buckets"),
+        ("profile", "client:127.0.0.1", "not one of its buckets"),
+        ("login-user", "user:alice,client:nope", "not an IP address"),
+        (
+            "nope",
+            "user:alice",
+            "login-ip, login-user, login-user-all, profile",
+        ),
+    ] {
+        let (code, out) = show(policy, bucket);
+        assert_eq!(code, Some(1), "{policy} {bucket}: {out}");
+        assert!(out.contains(says), "{policy} {bucket}: {out}");
+    }
+    let g = Forkd::configure("[rate_limit.policy.profile]\nlimit = 5\n");
+    let (code, out) = text(g.cli(&["check-config"]));
+    assert_eq!(code, Some(64), "{out}");
+    assert!(
+        out.contains("rate_limit.policy.profile") && out.contains("built-in"),
+        "{out}"
+    );
+}

@@ -1,13 +1,16 @@
-//! `forkd limit show|reset POLICY BUCKET`: one `[rate_limit.policy]`
-//! bucket, straight in Redis, as the workers count it; and
-//! `forkd cache purge PREFIX`.
+//! `forkd limit show|reset POLICY BUCKET`: one bucket of a
+//! `[rate_limit.policy]` or a built-in policy (`login-ip`, `login-user`,
+//! `login-user-all`, `profile`), straight in Redis, as the workers count
+//! it; and `forkd cache purge PREFIX`.
 //!
 //! BUCKET is `user:NAME`, `client:ADDRESS`, either with `:/ROUTE` after it
-//! for a `user+route` policy, or `header:NAME:VALUE`.
+//! for a `user+route` policy, `header:NAME:VALUE`, or for `login-user`
+//! `user:NAME,client:ADDRESS`.
 
 use std::net::IpAddr;
 
 use anyhow::{bail, Context};
+use forkd_app::buckets;
 use forkd_config::{Config, PolicyKey};
 use forkd_store::Bucket;
 
@@ -28,58 +31,107 @@ pub(crate) fn purge(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
     })
 }
 
-pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
-    let (LimitCommand::Show { policy, bucket } | LimitCommand::Reset { policy, bucket }) = &cmd;
-    let (policy, bucket) = (policy.clone(), bucket.clone());
-    let Some(p) = config.rate_limit.policy.get(&policy) else {
-        let known: Vec<&str> = config
-            .rate_limit
-            .policy
-            .keys()
-            .map(String::as_str)
-            .collect();
-        bail!(
-            "no policy '{policy}' in the configuration (policies: {})",
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        );
+/// What a policy counts by: a `[rate_limit.policy]`'s key, or one of the
+/// built-in policies' buckets.
+enum Counts {
+    Route(PolicyKey),
+    /// `login-ip`.
+    LoginClient,
+    /// `login-user`: the login name at one client.
+    LoginNameClient,
+    /// `login-user-all`: the login name at every client.
+    LoginName,
+    /// `profile`: the session's user.
+    Profile,
+}
+
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Counts::Route(k) => write!(f, "{k}"),
+            Counts::LoginClient => f.write_str("client"),
+            Counts::LoginNameClient => f.write_str("login name and client"),
+            Counts::LoginName => f.write_str("login name"),
+            Counts::Profile => f.write_str("user"),
+        }
+    }
+}
+
+/// A policy of the configuration by name: its limit, window and what it
+/// counts by.
+fn policy(config: &Config, name: &str) -> anyhow::Result<(u64, std::time::Duration, Counts)> {
+    let a = &config.auth;
+    let builtin = match name {
+        buckets::LOGIN_CLIENT => Some((a.login_ip_limit, a.login_ip_window, Counts::LoginClient)),
+        buckets::LOGIN_NAME_CLIENT => Some((
+            a.login_user_limit,
+            a.login_user_window,
+            Counts::LoginNameClient,
+        )),
+        buckets::LOGIN_NAME => Some((
+            a.login_user_all_limit,
+            a.login_user_all_window,
+            Counts::LoginName,
+        )),
+        buckets::PROFILE => Some((
+            config.rate_limit.profile.limit,
+            config.rate_limit.profile.window,
+            Counts::Profile,
+        )),
+        _ => None,
     };
-    let target = parse(&bucket, &p.key)?;
+    if let Some((limit, window, counts)) = builtin {
+        return Ok((u64::from(limit), window, counts));
+    }
+    if let Some(p) = config.rate_limit.policy.get(name) {
+        return Ok((p.limit, p.window, Counts::Route(p.key.clone())));
+    }
+    let known: Vec<&str> = forkd_config::BUILTIN_POLICIES
+        .into_iter()
+        .chain(config.rate_limit.policy.keys().map(String::as_str))
+        .collect();
+    bail!(
+        "no policy '{name}' in the configuration (policies: {})",
+        known.join(", ")
+    );
+}
+
+pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
+    let (LimitCommand::Show {
+        policy: name,
+        bucket: text,
+    }
+    | LimitCommand::Reset {
+        policy: name,
+        bucket: text,
+    }) = &cmd;
+    let (limit, window, counts) = policy(config, name)?;
+    let (bucket, user) = parse(text, &counts)?;
     let rt = crate::users::runtime()?;
     rt.block_on(async {
         let store = crate::users::connect(config).await?;
-        let uid = match &target {
-            Target::User(name, _) => Some(
+        let uid = match &user {
+            Some(name) => Some(
                 store
                     .user(name)
                     .await?
                     .with_context(|| format!("no user '{name}'"))?
                     .uid,
             ),
-            _ => None,
+            None => None,
         };
-        let b = target.bucket();
         match cmd {
             LimitCommand::Show { .. } => {
-                let policy = forkd_store::Policy {
-                    limit: p.limit as u32,
-                    window: p.window,
+                let p = forkd_store::Policy {
+                    limit: limit as u32,
+                    window,
                 };
                 let head = format!(
-                    "policy {policy_name}: {} per {} s, by {}; bucket {bucket}",
-                    p.limit,
-                    p.window.as_secs_f64(),
-                    p.key,
-                    policy_name = policy_name(&cmd),
+                    "policy {name}: {limit} per {} s, by {counts}; bucket {text}",
+                    window.as_secs_f64(),
                 );
-                match store
-                    .peek_bucket(policy_name(&cmd), &b, uid.as_deref(), policy)
-                    .await?
-                {
-                    None => println!("{head}: {} left (whole)", p.limit),
+                match store.peek_bucket(name, &bucket, uid.as_deref(), p).await? {
+                    None => println!("{head}: {limit} left (whole)"),
                     Some(d) => println!(
                         "{head}: {} left, whole again in {} s",
                         d.remaining,
@@ -88,12 +140,9 @@ pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
                 }
             }
             LimitCommand::Reset { .. } => {
-                let held = store
-                    .reset_bucket(policy_name(&cmd), &b, uid.as_deref())
-                    .await?;
+                let held = store.reset_bucket(name, &bucket, uid.as_deref()).await?;
                 println!(
-                    "bucket {bucket} of policy {}: {}",
-                    policy_name(&cmd),
+                    "bucket {text} of policy {name}: {}",
                     if held { "reset" } else { "was already whole" }
                 );
             }
@@ -102,51 +151,85 @@ pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
     })
 }
 
-fn policy_name(cmd: &LimitCommand) -> &str {
-    match cmd {
-        LimitCommand::Show { policy, .. } | LimitCommand::Reset { policy, .. } => policy,
-    }
-}
-
+/// BUCKET as written.
 enum Target {
     User(String, String),
     Client(IpAddr, String),
     Header(String, String),
+    /// `user:NAME,client:ADDRESS`.
+    UserAtClient(String, IpAddr),
 }
 
-impl Target {
-    fn bucket(&self) -> Bucket {
-        match self {
-            Target::User(_, scope) => forkd_app::buckets::user(scope),
-            Target::Client(ip, scope) => forkd_app::buckets::client(*ip, scope),
-            Target::Header(name, value) => forkd_app::buckets::header(name, value.as_bytes()),
+/// BUCKET, checked against what the policy counts by: the bucket, and
+/// the user whose tag it needs, if any.
+fn parse(text: &str, counts: &Counts) -> anyhow::Result<(Bucket, Option<String>)> {
+    let target = read(text)?;
+    let route = |k: &PolicyKey| match k {
+        PolicyKey::User => Some(false),
+        PolicyKey::UserRoute => Some(true),
+        _ => None,
+    };
+    // A client's bucket also holds anonymous requests of a user policy
+    // and requests without the header of a header policy.
+    let found = match (target, counts) {
+        (Target::User(n, s), Counts::Route(k)) if route(k) == Some(!s.is_empty()) => {
+            Some((buckets::user(&s), Some(n)))
         }
-    }
+        (Target::Client(ip, s), Counts::Route(k)) if s.is_empty() != (route(k) == Some(true)) => {
+            Some((buckets::client(ip, &s), None))
+        }
+        (Target::Header(n, v), Counts::Route(PolicyKey::Header(h))) if &n == h => {
+            Some((buckets::header(&n, v.as_bytes()), None))
+        }
+        (Target::Client(ip, s), Counts::LoginClient) if s.is_empty() => {
+            Some((plain(buckets::login_client(ip)), None))
+        }
+        (Target::UserAtClient(n, ip), Counts::LoginNameClient) => {
+            Some((plain(buckets::login_name_client(&n, ip)), None))
+        }
+        (Target::User(n, s), Counts::LoginName) if s.is_empty() => Some((plain(n), None)),
+        (Target::User(n, s), Counts::Profile) if s.is_empty() => Some((buckets::user(""), Some(n))),
+        _ => None,
+    };
+    found.with_context(|| {
+        format!("policy counts by {counts}: bucket '{text}' is not one of its buckets")
+    })
 }
 
-/// BUCKET, checked against what the policy counts by.
-fn parse(text: &str, key: &PolicyKey) -> anyhow::Result<Target> {
+fn plain(name: String) -> Bucket {
+    Bucket::Plain { name }
+}
+
+fn read(text: &str) -> anyhow::Result<Target> {
     let (kind, rest) = text.split_once(':').unwrap_or((text, ""));
     // An optional ":/ROUTE" scope (for user+route).
     let scoped = |rest: &str| match rest.split_once(":/") {
         Some((who, route)) => (who.to_owned(), format!(":/{route}")),
         None => (rest.to_owned(), String::new()),
     };
-    let target = match kind {
-        "user" => {
-            let (name, scope) = scoped(rest);
-            if !forkd_store::valid_username(&name) {
-                bail!("'{name}' is not a user name");
-            }
-            Target::User(name, scope)
+    let ip = |addr: &str| {
+        addr.parse::<IpAddr>()
+            .map_err(|_| anyhow::anyhow!("'{addr}' is not an IP address"))
+    };
+    let name = |name: String| {
+        if forkd_store::valid_username(&name) {
+            Ok(name)
+        } else {
+            Err(anyhow::anyhow!("'{name}' is not a user name"))
         }
+    };
+    Ok(match kind {
+        "user" => match rest.split_once(",client:") {
+            Some((who, addr)) => Target::UserAtClient(name(who.to_owned())?, ip(addr)?),
+            None => {
+                let (who, scope) = scoped(rest);
+                Target::User(name(who)?, scope)
+            }
+        },
         "client" => {
             // An IPv6 address holds ':', so the scope is what follows ":/".
             let (addr, scope) = scoped(rest);
-            let ip = addr
-                .parse::<IpAddr>()
-                .map_err(|_| anyhow::anyhow!("'{addr}' is not an IP address"))?;
-            Target::Client(ip, scope)
+            Target::Client(ip(&addr)?, scope)
         }
         "header" => {
             let Some((name, value)) = rest.split_once(':') else {
@@ -155,20 +238,25 @@ fn parse(text: &str, key: &PolicyKey) -> anyhow::Result<Target> {
             Target::Header(name.to_ascii_lowercase(), value.to_owned())
         }
         _ => bail!(
-            "'{text}': expected user:NAME[:/ROUTE], client:ADDRESS[:/ROUTE] or header:NAME:VALUE"
+            "'{text}': expected user:NAME[:/ROUTE], client:ADDRESS[:/ROUTE], \
+             user:NAME,client:ADDRESS or header:NAME:VALUE"
         ),
-    };
-    // A client's bucket also holds anonymous requests of a user policy
-    // and requests without the header of a header policy.
-    let fits = match (&target, key) {
-        (Target::User(_, s) | Target::Client(_, s), PolicyKey::UserRoute) => !s.is_empty(),
-        (Target::User(_, s), PolicyKey::User) => s.is_empty(),
-        (Target::Client(_, s), _) => s.is_empty(),
-        (Target::Header(n, _), PolicyKey::Header(h)) => n == h,
-        _ => false,
-    };
-    if !fits {
-        bail!("policy counts by {key}: bucket '{text}' is not one of its buckets");
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_built_in_policy_names_are_the_workers() {
+        use forkd_app::buckets;
+        assert_eq!(
+            forkd_config::BUILTIN_POLICIES,
+            [
+                buckets::LOGIN_CLIENT,
+                buckets::LOGIN_NAME_CLIENT,
+                buckets::LOGIN_NAME,
+                buckets::PROFILE
+            ]
+        );
     }
-    Ok(target)
 }

@@ -20,13 +20,14 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::LoggedUser;
-use crate::client::{client_ip, client_key};
+use crate::client::client_ip;
 use crate::response::{
-    bad_request, json, no_store, problem, too_many, unavailable, with_header, Body,
+    bad_request, json, no_store, policy_header, problem, rate_state, too_many, unavailable,
+    with_header, Body, RATELIMIT, RATELIMIT_POLICY,
 };
 use crate::secrets;
 use crate::state::State;
-use crate::{metrics, OnRedisError};
+use crate::{buckets, metrics, OnRedisError};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -137,15 +138,22 @@ struct Taken {
 /// flood from many addresses gets 429s, not the hash queue.
 async fn take_places(st: &State, ip: IpAddr, username: &str) -> Result<Vec<Taken>, Response<Body>> {
     let auth = &st.settings.auth;
-    let client = client_key(ip);
     let limits = [
-        ("login-ip", client.clone(), auth.login_ip),
         (
-            "login-user",
-            format!("{username}|{client}"),
+            buckets::LOGIN_CLIENT,
+            buckets::login_client(ip),
+            auth.login_ip,
+        ),
+        (
+            buckets::LOGIN_NAME_CLIENT,
+            buckets::login_name_client(username, ip),
             auth.login_user,
         ),
-        ("login-user-all", username.to_owned(), auth.login_user_all),
+        (
+            buckets::LOGIN_NAME,
+            username.to_owned(),
+            auth.login_user_all,
+        ),
     ];
     let mut taken = Vec::new();
     for (name, key, policy) in limits {
@@ -165,10 +173,14 @@ async fn take_places(st: &State, ip: IpAddr, username: &str) -> Result<Vec<Taken
         };
         if !decision.allowed {
             st.host.count(metrics::RATE_LIMITED, 1);
-            return Err(too_many(
-                "Too many login attempts; try again later.",
-                decision,
-            ));
+            // The policy that refused, by its name for `forkd limit`.
+            let mut r = too_many("Too many login attempts; try again later.", decision);
+            let h = r.headers_mut();
+            h.insert(RATELIMIT_POLICY, policy_header(name, policy));
+            if let Some(v) = rate_state(name, &decision) {
+                h.insert(RATELIMIT, v);
+            }
+            return Err(r);
         }
         taken.push(Taken {
             name,

@@ -32,6 +32,25 @@ pub fn user(scope: &str) -> Bucket {
     }
 }
 
+/// The built-in policies: the login limits (by client, by (name,
+/// client), by name over all clients) and `/profile`'s (by user). They are
+/// set by `[auth] login_*` and `[rate_limit.profile]`, and their names are
+/// no `[rate_limit.policy]`'s.
+pub const LOGIN_CLIENT: &str = "login-ip";
+pub const LOGIN_NAME_CLIENT: &str = "login-user";
+pub const LOGIN_NAME: &str = "login-user-all";
+pub const PROFILE: &str = "profile";
+
+/// The key of a client's bucket in the login limits (`Bucket::Plain`).
+pub fn login_client(ip: IpAddr) -> String {
+    crate::client::client_key(ip)
+}
+
+/// The key of (a login name, a client)'s bucket in the login limits.
+pub fn login_name_client(name: &str, ip: IpAddr) -> String {
+    format!("{name}|{}", crate::client::client_key(ip))
+}
+
 /// The first 16 bytes of a SHA-256, in hex.
 pub(crate) fn hex16(data: &[u8]) -> String {
     crate::secrets::hex(&Sha256::digest(data)[..16])

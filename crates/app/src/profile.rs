@@ -13,8 +13,8 @@ use crate::access::LoggedUser;
 use crate::auth::{invalid_token, session_token};
 use crate::origin::{self, OriginError};
 use crate::response::{
-    ceil_secs, json_text, not_found, problem, unavailable, with_header, Body, RATELIMIT,
-    RATELIMIT_POLICY,
+    ceil_secs, json_text, not_found, problem, rate_state, unavailable, with_header, Body,
+    RATELIMIT, RATELIMIT_POLICY,
 };
 use crate::state::State;
 use crate::{metrics, secrets};
@@ -37,7 +37,7 @@ async fn profile_answer(req: Request<Incoming>, st: &State) -> Response<Body> {
     let idle = st.settings.auth.session_idle;
     let check = match st
         .store
-        .profile_check(&uid, &hash, idle, "profile", policy)
+        .profile_check(&uid, &hash, idle, crate::buckets::PROFILE, policy)
         .await
     {
         Ok(c) => c,
@@ -187,8 +187,7 @@ async fn load(st: &State, uid: &str, user: &str) -> Result<String, Response<Body
 fn rate_headers(mut r: Response<Body>, st: &State, d: Decision) -> Response<Body> {
     let h = r.headers_mut();
     h.insert(RATELIMIT_POLICY, st.profile_policy.clone());
-    let reset = d.reset.as_millis().div_ceil(1000);
-    if let Ok(v) = HeaderValue::from_str(&format!("\"profile\";r={};t={reset}", d.remaining)) {
+    if let Some(v) = rate_state(crate::buckets::PROFILE, &d) {
         h.insert(RATELIMIT, v);
     }
     if !d.allowed {

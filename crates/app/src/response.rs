@@ -110,6 +110,12 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     )
 }
 
+/// `RateLimit` of one policy's decision.
+pub(crate) fn rate_state(name: &str, d: &Decision) -> Option<HeaderValue> {
+    let reset = d.reset.as_millis().div_ceil(1000);
+    HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", d.remaining)).ok()
+}
+
 /// `RateLimit-Policy` of a policy: fixed, so made once per worker.
 pub(crate) fn policy_header(name: &str, policy: Policy) -> HeaderValue {
     let window = ceil_secs(policy.window);

@@ -82,7 +82,7 @@ impl State {
             host,
             hashes: Arc::new(Semaphore::new(settings.auth.max_concurrent_hashes)),
             dummy: Arc::new(DummyHash::new(settings.auth.cost)),
-            profile_policy: policy_header("profile", settings.profile.limit),
+            profile_policy: policy_header(crate::buckets::PROFILE, settings.profile.limit),
             settings,
             store,
             local_limits: LocalLimiter::new(),

@@ -43,7 +43,7 @@ pub use raw::{
 };
 pub use routes::{
     NamedPolicy, PolicyKey, Proxy, RawNamedPolicy, RawProxy, RawRoute, Route, RouteAuth, Upstream,
-    BUILT_IN_PATHS,
+    BUILTIN_POLICIES, BUILT_IN_PATHS,
 };
 
 /// The largest number of workers one instance may run.

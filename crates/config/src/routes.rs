@@ -448,6 +448,11 @@ pub struct NamedPolicy {
     pub key: PolicyKey,
 }
 
+/// The names of the built-in policies: the login limits (set by `[auth]`
+/// `login_*`) and `/profile`'s (`[rate_limit.profile]`). `forkd limit`
+/// knows them; no `[rate_limit.policy]` may take them.
+pub const BUILTIN_POLICIES: [&str; 4] = ["login-ip", "login-user", "login-user-all", "profile"];
+
 /// Every `[rate_limit.policy.NAME]`, checked.
 pub(crate) fn validate_policies(
     raw: &BTreeMap<String, RawNamedPolicy>,
@@ -464,6 +469,13 @@ pub(crate) fn validate_policies(
                 format!("rate_limit.policy.{name}"),
                 name,
                 "expected a name of 1 to 32 lower-case letters, digits, '_' or '-'",
+            ));
+        }
+        if BUILTIN_POLICIES.contains(&name.as_str()) {
+            return Err(bad(
+                format!("rate_limit.policy.{name}"),
+                name,
+                "the name of a built-in policy (set the login limits in [auth], /profile's in [rate_limit.profile])",
             ));
         }
         if !(1..=1_000_000_000).contains(&p.limit) {

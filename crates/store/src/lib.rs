@@ -24,9 +24,8 @@
 //! | `P{UID}:sessions` | sorted set | the user's session hashes, scored by absolute expiry |
 //! | `P{UID}:profile` | string | cached profile JSON, TTL with jitter |
 //! | `P{UID}:profile:lock` | string | single-flight lock (SET NX PX) |
-//! | `P{UID}:rl:POLICY` | string | GCRA theoretical arrival time (ms) |
-//! | `P` `rl:POLICY:KEY` | string | GCRA state of an anonymous limit (login by IP, by name) |
-//! | `P{UID}:rl:POLICY:uSCOPE` | string | a `[rate_limit.policy]` bucket of a user (SCOPE "" or a route) |
+//! | `P` `rl:POLICY:KEY` | string | GCRA state of a login limit (by client, by name) |
+//! | `P{UID}:rl:POLICY:uSCOPE` | string | a policy bucket of a user (SCOPE "" or a route; `/profile`'s is `rl:profile:u`) |
 //! | `P{TAG}:cache:TARGET#VARIANT` | string | a cached response of a GET route (TAG: the user's, or `s:` and a hash of the URL) |
 //! | `P{TAG}:cachevary:TARGET` | string | the header names that URL's responses vary on |
 //! | `P{TAG}:cachelock:TARGET#VARIANT` | string | the single-flight lock of an entry |

@@ -3,7 +3,7 @@
 
 use fred::prelude::*;
 
-use crate::{decision, scripts, Decision, Policy, Result, Store};
+use crate::{decision, scripts, Bucket, Decision, Policy, Result, Store};
 
 impl Store {
     /// One GCRA step for `key` under `policy_name`.
@@ -35,7 +35,13 @@ impl Store {
         policy: Policy,
     ) -> (Vec<String>, Vec<Value>) {
         (
-            vec![format!("{}rl:{policy_name}:{key}", self.prefix)],
+            vec![self.bucket_key(
+                policy_name,
+                &Bucket::Plain {
+                    name: key.to_owned(),
+                },
+                None,
+            )],
             vec![
                 (policy.limit as i64).into(),
                 (policy.window.as_millis() as i64).into(),

@@ -24,7 +24,13 @@ impl Store {
         let keys = vec![
             self.session_key(uid, token_hash),
             self.index_key(uid),
-            self.tagged(uid, &format!("rl:{policy_name}")),
+            self.bucket_key(
+                policy_name,
+                &crate::Bucket::User {
+                    scope: String::new(),
+                },
+                Some(uid),
+            ),
             self.profile_key(uid),
             self.epoch_key(uid),
         ];

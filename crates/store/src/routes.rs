@@ -22,6 +22,8 @@ pub enum Bucket {
     /// Anything else: a client address, a header's value. Buckets with
     /// the same `group` share a hash slot.
     Other { group: String, name: String },
+    /// A bucket of the login limits (by client, by name), in no slot group.
+    Plain { name: String },
 }
 
 /// One limit to apply.
@@ -67,12 +69,18 @@ pub struct SessionRef<'a> {
 
 impl Store {
     /// The Redis key of a bucket; `uid` is the user's tag for a user's.
-    fn bucket_key(&self, policy_name: &str, bucket: &Bucket, uid: Option<&str>) -> String {
+    pub(crate) fn bucket_key(
+        &self,
+        policy_name: &str,
+        bucket: &Bucket,
+        uid: Option<&str>,
+    ) -> String {
         match (bucket, uid) {
             (Bucket::User { scope }, Some(uid)) => {
                 self.tagged(uid, &format!("rl:{policy_name}:u{scope}"))
             }
             (Bucket::User { scope }, None) => format!("{}rl:{policy_name}:u{scope}", self.prefix),
+            (Bucket::Plain { name }, _) => format!("{}rl:{policy_name}:{name}", self.prefix),
             (Bucket::Other { group, name }, _) => {
                 format!("{}{{{group}}}:rl:{policy_name}:{name}", self.prefix)
             }
@@ -148,6 +156,9 @@ impl Store {
             let group = match &l.bucket {
                 Bucket::Other { group, .. } if clustered => Some(group.clone()),
                 Bucket::User { .. } if clustered && session.is_none() => Some(String::new()),
+                Bucket::Plain { name } if clustered => {
+                    Some(format!("plain:{}:{name}", l.policy_name))
+                }
                 _ => None,
             };
             match calls.iter_mut().find(|(g, _)| *g == group) {
