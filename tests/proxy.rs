@@ -1046,3 +1046,30 @@ fn the_built_in_policies_are_named_and_forkd_limit_reaches_them() {
         "{out}"
     );
 }
+
+/// `/profile` is a route of the same mechanism: `profile.origin` is its
+/// upstream, reached through the route's pooled client, so profile loads
+/// reuse one kept-alive connection.
+#[test]
+fn the_profile_origin_is_reached_through_the_pooled_client() {
+    let origin = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[profile]\norigin = \"{}\"\n",
+        origin.url()
+    ));
+    let users = ["ann", "ben", "cai"];
+    for u in users {
+        f.add_user(u, PW);
+    }
+    for u in users {
+        let t = token(f.port, u, PW);
+        let r = profile_with(f.port, &[("Authorization", &bearer(&t))]);
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-cache"), Some("miss"));
+        assert_eq!(r.json()["target"], format!("/users/{u}"), "{r:?}");
+        assert_eq!(r.header("ratelimit-policy"), Some("\"profile\";q=10;w=60"));
+    }
+    let count = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(&origin.requests), 3);
+    assert_eq!(count(&origin.connections), 1, "one kept-alive connection");
+}

@@ -119,6 +119,9 @@ pub enum UpstreamAddr {
     /// `HOST:PORT`.
     Tcp(String),
     Unix(std::path::PathBuf),
+    /// None: a built-in route (`/profile` without `profile.origin`) that
+    /// answers itself.
+    None,
 }
 
 impl std::fmt::Display for UpstreamAddr {
@@ -126,6 +129,7 @@ impl std::fmt::Display for UpstreamAddr {
         match self {
             UpstreamAddr::Tcp(a) => write!(f, "http://{a}"),
             UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            UpstreamAddr::None => f.write_str("none"),
         }
     }
 }

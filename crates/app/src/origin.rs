@@ -1,12 +1,12 @@
-//! The HTTP profile origin: `GET http://HOST:PORT/users/NAME` with hyper's
-//! client, bounded by a timeout; the answer must be a JSON object.
+//! The HTTP profile origin: `GET http://HOST:PORT/users/NAME` through the
+//! `/profile` route's pooled client (keep-alive), bounded by
+//! `profile.origin_timeout`; the answer must be a JSON object.
 
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
+
+use crate::body::Body;
+use crate::proxy::pool::Route;
 
 /// Why the origin gave no profile.
 #[derive(Debug)]
@@ -18,35 +18,22 @@ pub(crate) enum OriginError {
 
 const MAX_BODY: usize = 64 * 1024;
 
-pub(crate) async fn fetch(
-    host: &str,
-    user: &str,
-    timeout: Duration,
-) -> Result<String, OriginError> {
-    match tokio::time::timeout(timeout, fetch_inner(host, user)).await {
+pub(crate) async fn fetch(route: &Route, user: &str) -> Result<String, OriginError> {
+    let timeout = route.cfg.timeout;
+    match tokio::time::timeout(timeout, fetch_inner(route, user)).await {
         Ok(r) => r,
         Err(_) => Err(OriginError::Failed(format!("no answer within {timeout:?}"))),
     }
 }
 
-async fn fetch_inner(host: &str, user: &str) -> Result<String, OriginError> {
+async fn fetch_inner(route: &Route, user: &str) -> Result<String, OriginError> {
     let failed = |e: &dyn std::fmt::Display| OriginError::Failed(e.to_string());
-    let stream = tokio::net::TcpStream::connect(host)
-        .await
-        .map_err(|e| failed(&e))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| failed(&e))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = Request::get(format!("/users/{}", encode(user)))
-        .header(hyper::header::HOST, host)
+    let req = Request::get(format!("http://{}/users/{}", route.authority, encode(user)))
+        .header(hyper::header::HOST, &route.authority)
         .header(hyper::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
+        .body(Body::default())
         .map_err(|e| failed(&e))?;
-    let resp = sender.send_request(req).await.map_err(|e| failed(&e))?;
+    let resp = route.retrying.request(req).await.map_err(|e| failed(&e))?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => return Err(OriginError::NotFound),

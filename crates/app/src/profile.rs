@@ -1,97 +1,70 @@
-//! `GET /profile`: the one-round-trip check (session, limit, cache), the
-//! cache fill with single flight across workers and hosts, the load from
-//! the origin or the user record, and the rate-limit headers.
+//! `GET /profile`: the built-in route of `[[route]]`'s mechanism (a
+//! session required, the policy `profile`, `profile.origin` through the
+//! route's pooled client), with its own cache: the one-round-trip check
+//! (session, limit, cached profile), the cache fill with single flight
+//! across workers and hosts, and the load from the origin or the user
+//! record.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use forkd_store::{Decision, ProfileCheck};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, RETRY_AFTER};
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL};
+use hyper::{Method, Request, Response, StatusCode};
 
 use crate::access::LoggedUser;
-use crate::auth::{invalid_token, session_token};
+use crate::auth::invalid_token;
 use crate::origin::{self, OriginError};
-use crate::response::{
-    ceil_secs, json_text, not_found, problem, rate_state, unavailable, with_header, Body,
-    RATELIMIT, RATELIMIT_POLICY,
-};
+use crate::proxy::check::{check, Lookup};
+use crate::proxy::pool::Route;
+use crate::response::{json_text, not_found, problem, unavailable, with_header, Body};
 use crate::state::State;
 use crate::{metrics, secrets};
 
 /// `GET /profile`: every answer is the user's alone, never for a cache.
-pub(crate) async fn profile(req: Request<Incoming>, st: &State) -> Response<Body> {
+pub(crate) async fn profile(
+    req: Request<Incoming>,
+    st: &State,
+    peer: SocketAddr,
+) -> Response<Body> {
     with_header(
-        profile_answer(req, st).await,
+        profile_answer(req, st, peer).await,
         CACHE_CONTROL,
         HeaderValue::from_static("private, no-store"),
     )
 }
 
-async fn profile_answer(req: Request<Incoming>, st: &State) -> Response<Body> {
-    let (uid, hash) = match session_token(req.headers(), req.method(), st) {
-        Ok(t) => (t.uid, t.hash),
+async fn profile_answer(req: Request<Incoming>, st: &State, peer: SocketAddr) -> Response<Body> {
+    let route = &st.routes.profile;
+    let checked = match check(&req, &Method::GET, st, Some(route), peer, Lookup::Profile).await {
+        Ok(c) => c,
         Err(r) => return r,
     };
-    let policy = st.settings.profile.limit;
-    let idle = st.settings.auth.session_idle;
-    let check = match st
-        .store
-        .profile_check(&uid, &hash, idle, crate::buckets::PROFILE, policy)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => return st.redis_down(&e),
+    let (Some([user, ..]), Some(uid)) = (&checked.who, &checked.uid) else {
+        return invalid_token();
     };
-    match check {
-        ProfileCheck::Unauthenticated => invalid_token(),
-        ProfileCheck::Limited { decision, .. } => {
-            st.host.count(metrics::RATE_LIMITED, 1);
-            rate_headers(
-                problem(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too-many-requests",
-                    "Too many requests; see Retry-After.",
-                ),
-                st,
-                decision,
-            )
-        }
-        ProfileCheck::Allowed {
-            decision,
-            cached: Some(p),
-            user,
-        } => {
+    let mut r = match &checked.profile {
+        Some(p) => {
             st.host.count(metrics::CACHE_HITS, 1);
-            let mut r = rate_headers(
-                cache_header(json_text(StatusCode::OK, p), true),
-                st,
-                decision,
-            );
-            r.extensions_mut().insert(LoggedUser(user));
-            r
+            cache_header(json_text(StatusCode::OK, p.clone()), true)
         }
-        ProfileCheck::Allowed {
-            user,
-            decision,
-            cached: None,
-        } => {
+        None => {
             st.host.count(metrics::CACHE_MISSES, 1);
-            let r = match fill(st, &uid, &user).await {
+            match fill(st, route, uid, user).await {
                 Ok(p) => cache_header(json_text(StatusCode::OK, p), false),
                 Err(r) => r,
-            };
-            let mut r = rate_headers(r, st, decision);
-            r.extensions_mut().insert(LoggedUser(user));
-            r
+            }
         }
-    }
+    };
+    checked.add_headers(&mut r);
+    r.extensions_mut().insert(LoggedUser(user.clone()));
+    r
 }
 
 /// Cache-aside with single flight across every worker and host: one
 /// request takes the Redis lock and fills the cache; the others wait
 /// (bounded) for its result.
-async fn fill(st: &State, uid: &str, user: &str) -> Result<String, Response<Body>> {
+async fn fill(st: &State, route: &Route, uid: &str, user: &str) -> Result<String, Response<Body>> {
     let cfg = &st.settings.profile;
     let owner = secrets::nonce();
     let deadline = tokio::time::Instant::now() + cfg.lock_wait;
@@ -99,7 +72,7 @@ async fn fill(st: &State, uid: &str, user: &str) -> Result<String, Response<Body
     loop {
         match st.store.lock_profile(uid, &owner, cfg.lock_timeout).await {
             Ok(true) => {
-                let result = load(st, uid, user).await;
+                let result = load(st, route, uid, user).await;
                 if let Ok(p) = &result {
                     if let Err(e) = st
                         .store
@@ -145,22 +118,19 @@ fn jittered(ttl: Duration) -> Duration {
 }
 
 /// The slow path: the profile from the origin or the user record.
-async fn load(st: &State, uid: &str, user: &str) -> Result<String, Response<Body>> {
-    let cfg = &st.settings.profile;
-    if let Some(host) = &cfg.origin {
-        return origin::fetch(host, user, cfg.origin_timeout)
-            .await
-            .map_err(|e| match e {
-                OriginError::NotFound => not_found("There is no profile for this user."),
-                OriginError::Failed(why) => {
-                    log::warn!("profile origin failed for '{user}': {why}");
-                    problem(
-                        StatusCode::BAD_GATEWAY,
-                        "bad-gateway",
-                        "The profile service did not answer properly.",
-                    )
-                }
-            });
+async fn load(st: &State, route: &Route, uid: &str, user: &str) -> Result<String, Response<Body>> {
+    if st.settings.profile.origin.is_some() {
+        return origin::fetch(route, user).await.map_err(|e| match e {
+            OriginError::NotFound => not_found("There is no profile for this user."),
+            OriginError::Failed(why) => {
+                log::warn!("profile origin failed for '{user}': {why}");
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    "bad-gateway",
+                    "The profile service did not answer properly.",
+                )
+            }
+        });
     }
     let record = match st.store.user(user).await {
         // The session belongs to the user of its tag: a user deleted and
@@ -182,18 +152,6 @@ async fn load(st: &State, uid: &str, user: &str) -> Result<String, Response<Body
         "active_sessions": sessions,
     })
     .to_string())
-}
-
-fn rate_headers(mut r: Response<Body>, st: &State, d: Decision) -> Response<Body> {
-    let h = r.headers_mut();
-    h.insert(RATELIMIT_POLICY, st.profile_policy.clone());
-    if let Some(v) = rate_state(crate::buckets::PROFILE, &d) {
-        h.insert(RATELIMIT, v);
-    }
-    if !d.allowed {
-        h.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(d.retry_after)));
-    }
-    r
 }
 
 fn cache_header(r: Response<Body>, hit: bool) -> Response<Body> {

@@ -124,7 +124,7 @@ async fn route(
         "/login" if post => auth::login(req, st, peer).await,
         "/logout" if post => auth::logout(req, st).await,
         "/login" | "/logout" => method_not_allowed("POST"),
-        "/profile" if get => profile::profile(req, st).await,
+        "/profile" if get => profile::profile(req, st, peer).await,
         "/profile" => method_not_allowed("GET"),
         path if path == st.settings.proxy.forward_auth_path => {
             if read {

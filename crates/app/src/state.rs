@@ -16,7 +16,7 @@ use crate::local_limit::LocalLimiter;
 use crate::log_gate::LogGate;
 use crate::proxy::pool::Routes;
 use crate::request_id::RequestIds;
-use crate::response::{policy_header, unavailable, Body};
+use crate::response::{unavailable, Body};
 use crate::secrets::DummyHash;
 use crate::{metrics, Host, Settings};
 
@@ -40,8 +40,6 @@ pub(crate) struct State {
     pub(crate) dummy: Arc<DummyHash>,
     /// Used for rate limits while Redis cannot answer them.
     pub(crate) local_limits: LocalLimiter,
-    /// The `RateLimit-Policy` header of /profile.
-    pub(crate) profile_policy: HeaderValue,
     /// Redis errors are logged at most once a second.
     pub(crate) redis_warnings: LogGate,
     pub(crate) request_ids: RequestIds,
@@ -73,7 +71,7 @@ impl State {
             connections: AtomicU64::new(0),
             hash_waiting: AtomicU64::new(0),
             conns: Conns::new(),
-            routes: Routes::new(&settings.routes, &settings.proxy),
+            routes: Routes::new(&settings.routes, &settings.proxy, &settings.profile),
             slot,
             generation,
             pid,
@@ -82,7 +80,6 @@ impl State {
             host,
             hashes: Arc::new(Semaphore::new(settings.auth.max_concurrent_hashes)),
             dummy: Arc::new(DummyHash::new(settings.auth.cost)),
-            profile_policy: policy_header(crate::buckets::PROFILE, settings.profile.limit),
             settings,
             store,
             local_limits: LocalLimiter::new(),

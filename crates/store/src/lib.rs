@@ -139,21 +139,6 @@ pub struct Decision {
     pub retry_after: Duration,
 }
 
-/// What the one-round-trip profile check found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProfileCheck {
-    /// No such session, or it expired.
-    Unauthenticated,
-    /// The session is valid but the user is over the limit.
-    Limited { user: String, decision: Decision },
-    /// Valid and allowed; `cached` is the profile when the cache has it.
-    Allowed {
-        user: String,
-        decision: Decision,
-        cached: Option<String>,
-    },
-}
-
 /// Whether `name` is a valid user name: 1 to 64 of ASCII letters, digits,
 /// '.', '_', '-' and '@'. Checked before a name reaches a key (a `{` would
 /// steer Redis Cluster's hash slot) or a password hash is computed.

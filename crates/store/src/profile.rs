@@ -1,65 +1,13 @@
-//! The profile route's one round trip for a cache hit (session, limit,
-//! cache), the single-flight lock, and the cache itself.
+//! The profile's cache and its single-flight lock (its one round trip for
+//! a hit is [`Store::route_check`] with [`crate::CacheProbe::Profile`]).
 
 use std::time::Duration;
 
 use fred::prelude::*;
 
-use crate::{decision, scripts, Policy, ProfileCheck, Result, Store, StoreError};
+use crate::{scripts, Result, Store};
 
 impl Store {
-    /// Session check (renewing its idle timeout), the user's rate limit
-    /// under `policy_name`, and the cached profile, in one script.
-    ///
-    /// # Errors
-    /// Redis is unreachable.
-    pub async fn profile_check(
-        &self,
-        uid: &str,
-        token_hash: &str,
-        idle: Duration,
-        policy_name: &str,
-        policy: Policy,
-    ) -> Result<ProfileCheck> {
-        let keys = vec![
-            self.session_key(uid, token_hash),
-            self.index_key(uid),
-            self.bucket_key(
-                policy_name,
-                &crate::Bucket::User {
-                    scope: String::new(),
-                },
-                Some(uid),
-            ),
-            self.profile_key(uid),
-            self.epoch_key(uid),
-        ];
-        let args: Vec<Value> = vec![
-            (idle.as_millis() as i64).into(),
-            token_hash.into(),
-            (policy.limit as i64).into(),
-            (policy.window.as_millis() as i64).into(),
-        ];
-        let reply: Vec<Value> = self.run(scripts::profile_check(), keys, args).await?;
-        let int = |i: usize| reply.get(i).and_then(|v| v.as_i64()).unwrap_or(0);
-        let text = |i: usize| reply.get(i).and_then(|v| v.as_string());
-        match int(0) {
-            0 => Ok(ProfileCheck::Unauthenticated),
-            1 => Ok(ProfileCheck::Allowed {
-                user: text(1).unwrap_or_default(),
-                decision: decision(true, int(2), int(3), 0),
-                cached: text(4),
-            }),
-            2 => Ok(ProfileCheck::Limited {
-                user: text(1).unwrap_or_default(),
-                decision: decision(false, 0, int(3), int(4)),
-            }),
-            other => Err(StoreError::Protocol(format!(
-                "profile check returned {other}"
-            ))),
-        }
-    }
-
     /// Takes the single-flight lock for filling `uid`'s profile.
     ///
     /// # Errors

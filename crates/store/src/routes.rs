@@ -53,11 +53,13 @@ pub enum RouteCheck {
 }
 
 /// A cache entry to read in the same call once the limits allow: on a
-/// single Redis always; on Redis Cluster only a user's entry, which shares
-/// the session's slot.
-pub struct CacheProbe<'a> {
-    pub url: &'a CacheUrl,
-    pub variant: &'a str,
+/// single Redis always; on Redis Cluster only a user's, which shares the
+/// session's slot.
+pub enum CacheProbe<'a> {
+    /// A route's entry of one variant, with its URL's spec.
+    Entry { url: &'a CacheUrl, variant: &'a str },
+    /// The session's user's cached profile (as `entry`, no spec).
+    Profile,
 }
 
 /// A session to check: the token's (uid, hash), and the idle timeout.
@@ -166,8 +168,12 @@ impl Store {
                 None => calls.push((group, vec![i])),
             }
         }
-        let probe =
-            probe.filter(|p| !clustered || session.is_some_and(|s| p.url.in_slot_of(s.uid)));
+        let probe = probe.filter(|p| match p {
+            CacheProbe::Entry { url, .. } => {
+                !clustered || session.is_some_and(|s| url.in_slot_of(s.uid))
+            }
+            CacheProbe::Profile => session.is_some(),
+        });
         let mut identity = None;
         let mut probed = None;
         let mut decisions = vec![None; limits.len()];
@@ -200,13 +206,17 @@ impl Store {
                 args.push((limits[i].policy.window.as_millis() as i64).into());
             }
             let limit_keys = keys[first_limit..].to_vec();
-            match probing {
-                Some(p) => {
-                    let [spec, entry, _] = self.cache_keys(p.url, p.variant);
+            match (probing, session) {
+                (Some(CacheProbe::Entry { url, variant }), _) => {
+                    let [spec, entry, _] = self.cache_keys(url, variant);
                     keys.extend([spec, entry]);
                     args.push(2i64.into());
                 }
-                None => args.push(0i64.into()),
+                (Some(CacheProbe::Profile), Some(s)) => {
+                    keys.push(self.profile_key(s.uid));
+                    args.push(1i64.into());
+                }
+                _ => args.push(0i64.into()),
             }
             let reply: Vec<Value> = self.run(scripts::route_check(), keys, args).await?;
             let int = |i: usize| reply.get(i).and_then(Value::as_i64).unwrap_or(0);
@@ -245,10 +255,14 @@ impl Store {
             for (k, &i) in members.iter().enumerate() {
                 taken.push((limit_keys[k].clone(), limits[i].policy));
             }
-            if probing.is_some() {
-                let at = 3 + 4 * members.len();
-                probed = Some(CacheLookup::from_reply(&reply[at.min(reply.len())..]));
-            }
+            let rest = &reply[(3 + 4 * members.len()).min(reply.len())..];
+            probed = match probing {
+                Some(CacheProbe::Entry { .. }) => Some(CacheLookup::from_reply(rest)),
+                Some(CacheProbe::Profile) => {
+                    Some(CacheLookup::from_reply(&[&[Value::Null], rest].concat()))
+                }
+                None => probed,
+            };
         }
         Ok(RouteCheck::Checked {
             identity,

@@ -358,34 +358,3 @@ return 1
 "#
     )
 );
-
-// KEYS: session, index, limit state, profile, epoch. ARGV: idle ms, token
-// hash, limit, window ms. Returns {0} unauthenticated; {2, user, 0, reset ms,
-// retry ms} limited; {1, user, remaining, reset ms, profile or nil}.
-//
-// The hot path of a cache hit, in four commands: TIME, the session's
-// fields, one MGET for the epoch, the limit state and the profile, and the
-// limit's SET. The session's idle timeout is renewed only when a tenth of
-// it has passed since the last renewal (field `r`), so that most hits
-// write one key, not two.
-script!(
-    profile_check,
-    concat!(
-        prelude!(),
-        r#"
-local now = now_ms()
-local s = redis.call('HMGET', KEYS[1], 'user', 'abs', 'gen', 'r')
-if not s[1] then return {0} end
-local m = redis.call('MGET', KEYS[5], KEYS[3], KEYS[4])
-if not session_alive(s, m[1], ARGV[2], now) then return {0} end
-local idle = tonumber(ARGV[1])
-if now - (tonumber(s[4]) or 0) >= idle / 10 then
-  renew(idle, tonumber(s[2]), now)
-  redis.call('HSET', KEYS[1], 'r', string.format('%d', now))
-end
-local a, r, t, w = gcra_with(KEYS[3], m[2], tonumber(ARGV[3]), tonumber(ARGV[4]), now)
-if a == 0 then return {2, s[1], 0, t, w} end
-return {1, s[1], r, t, m[3]}
-"#
-    )
-);

@@ -26,10 +26,23 @@ pub(crate) struct Checked {
     /// The session's user tag, when there is one.
     pub(crate) uid: Option<String>,
     pub(crate) rate: Option<(HeaderValue, HeaderValue)>,
-    /// When the cache was asked: the answer on a hit, else the place to
-    /// fill, read in the same call as the session and limits where it can
-    /// be.
+    /// When a route's cache was asked: the answer on a hit, else the
+    /// place to fill, read in the same call as the session and limits
+    /// where it can be.
     pub(crate) cache: Option<Result<Response<Body>, Place>>,
+    /// When the profile was asked: the cached one, if any.
+    pub(crate) profile: Option<String>,
+}
+
+/// What a check reads of the cache in the same call.
+#[derive(Clone, Copy)]
+pub(crate) enum Lookup<'a> {
+    Nothing,
+    /// The route's cache, with the specs this worker knows: for a GET that
+    /// it may answer.
+    Route(&'a Specs),
+    /// The session's user's cached profile.
+    Profile,
 }
 
 impl Checked {
@@ -51,18 +64,22 @@ pub(crate) fn session_id(token_hash: &str) -> String {
 /// and applies no policy); Err is the answer to send instead.
 ///
 /// `method` is the one the session cookie's CSRF check looks at: the
-/// request's, or for forward-auth the original request's. With `cache`
-/// (the route's specs, for a GET that its cache may answer), the request's
-/// cache entry is looked up too: the user's on an authenticated request,
-/// the shared one for a request without credentials, none otherwise.
+/// request's, or for forward-auth the original request's. With a route's
+/// cache to look in, the request's entry is looked up too: the user's on
+/// an authenticated request, the shared one for a request without
+/// credentials, none otherwise.
 pub(crate) async fn check(
     req: &Request<Incoming>,
     method: &Method,
     st: &State,
     route: Option<&Route>,
     peer: SocketAddr,
-    cache: Option<&Specs>,
+    lookup: Lookup<'_>,
 ) -> Result<Checked, Response<Body>> {
+    let cache = match lookup {
+        Lookup::Route(specs) => Some(specs),
+        _ => None,
+    };
     let auth = route.map_or(RouteAuth::Required, |r| r.cfg.auth);
     let policies = route.map_or(&[][..], |r| &r.cfg.policies[..]);
     let anonymous = !has_credentials(req.headers(), st);
@@ -113,10 +130,14 @@ pub(crate) async fn check(
         token_hash: hash,
         idle: st.settings.auth.session_idle,
     });
-    let probe = place.as_ref().map(|p| CacheProbe {
-        url: &p.url,
-        variant: &p.variant,
-    });
+    let probe = match (&place, lookup) {
+        (Some(p), _) => Some(CacheProbe::Entry {
+            url: &p.url,
+            variant: &p.variant,
+        }),
+        (None, Lookup::Profile) => Some(CacheProbe::Profile),
+        _ => None,
+    };
     let checked = st
         .store
         .route_check(session.as_ref(), &limits, probe.as_ref())
@@ -159,6 +180,7 @@ pub(crate) async fn check(
         who,
         rate,
         cache: None,
+        profile: None,
     };
     let refused = decisions.iter().flatten().filter(|d| !d.allowed);
     if let Some(wait) = refused.map(|d| d.retry_after).max() {
@@ -172,6 +194,12 @@ pub(crate) async fn check(
             .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
         checked.add_headers(&mut r);
         return Err(r);
+    }
+    if let Lookup::Profile = lookup {
+        checked.profile = probed
+            .and_then(|c| c.entry)
+            .map(|(json, _)| String::from_utf8_lossy(&json).into_owned());
+        return Ok(checked);
     }
     // Read in the same call, or (on Redis Cluster, a shared entry) now.
     checked.cache = match (place, cache, probed) {

@@ -63,6 +63,10 @@ impl tower_service::Service<Uri> for Connector {
                         let s = tokio::net::UnixStream::connect(PathBuf::from(path)).await?;
                         Ok(Stream::Unix(TokioIo::new(s)))
                     }
+                    UpstreamAddr::None => Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "the route has no upstream",
+                    )),
                 }
             };
             match tokio::time::timeout(timeout, connect).await {

@@ -11,7 +11,7 @@
 //! - `headers`: hop-by-hop, forwarding and identity headers.
 
 mod cache;
-mod check;
+pub(crate) mod check;
 mod connect;
 mod headers;
 pub(crate) mod pool;
@@ -30,6 +30,7 @@ use crate::metrics;
 use crate::response::{bad_request, problem, Body};
 use crate::state::State;
 
+use check::Lookup;
 use headers::{Forwarding, Identity};
 use pool::{Route, Routes};
 
@@ -58,9 +59,12 @@ pub(crate) async fn forward(
     }
     let method = req.method().clone();
     let upgrade = headers::wants_upgrade(req.headers());
-    let specs = (route.cfg.cache.is_some() && method == hyper::Method::GET && !upgrade)
-        .then_some(&route.specs);
-    let mut checked = match check::check(&req, &method, st, Some(route), peer, specs).await {
+    let lookup = if route.cfg.cache.is_some() && method == hyper::Method::GET && !upgrade {
+        Lookup::Route(&route.specs)
+    } else {
+        Lookup::Nothing
+    };
+    let mut checked = match check::check(&req, &method, st, Some(route), peer, lookup).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -124,7 +128,7 @@ pub(crate) async fn forward(
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     let idempotent = parts.method.is_idempotent();
-    let out = Request::from_parts(parts, body);
+    let out = Request::from_parts(parts, Body::Stream(body));
     let pool = if idempotent {
         &route.retrying
     } else {
@@ -326,7 +330,7 @@ pub(crate) async fn forward_auth(
         .find_map(|n| req.headers().get(*n))
         .and_then(|v| hyper::Method::from_bytes(v.as_bytes()).ok())
         .unwrap_or(hyper::Method::GET);
-    let checked = match check::check(&req, &method, st, route, peer, None).await {
+    let checked = match check::check(&req, &method, st, route, peer, Lookup::Nothing).await {
         Ok(c) => c,
         Err(r) => return r,
     };

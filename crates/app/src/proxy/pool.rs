@@ -4,15 +4,18 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use hyper::body::Incoming;
 use hyper::header::HeaderName;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::connect::Connector;
-use crate::{ProxySettings, RouteSettings, UpstreamAddr};
+use crate::body::Body;
+use crate::{
+    PolicyBucket, ProfileSettings, ProxySettings, RouteAuth, RoutePolicy, RouteSettings,
+    UpstreamAddr,
+};
 
-pub(crate) type Pool = Client<Connector, Incoming>;
+pub(crate) type Pool = Client<Connector, Body>;
 
 /// One route of this worker, with its clients.
 pub(crate) struct Route {
@@ -33,17 +36,43 @@ pub(crate) struct Route {
 /// Every route of this worker, longest prefix first.
 pub(crate) struct Routes {
     routes: Vec<Route>,
+    /// `/profile`: a session required, the policy `profile`, and
+    /// `profile.origin` as its upstream (or none).
+    pub(crate) profile: Route,
     /// The identity headers: user, role, session.
     pub(crate) names: [HeaderName; 3],
 }
 
 impl Routes {
     /// The clients are made here but connect on first use.
-    pub(crate) fn new(routes: &[RouteSettings], proxy: &ProxySettings) -> Self {
+    pub(crate) fn new(
+        routes: &[RouteSettings],
+        proxy: &ProxySettings,
+        profile: &ProfileSettings,
+    ) -> Self {
         let mut routes: Vec<Route> = routes.iter().map(|r| Route::new(r, proxy)).collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));
+        let profile = RouteSettings {
+            prefix: "/profile".into(),
+            upstream: profile
+                .origin
+                .clone()
+                .map_or(UpstreamAddr::None, UpstreamAddr::Tcp),
+            auth: RouteAuth::Required,
+            strip_prefix: false,
+            connect_timeout: profile.origin_timeout,
+            timeout: profile.origin_timeout,
+            pass_authorization: false,
+            policies: vec![RoutePolicy {
+                name: crate::buckets::PROFILE.into(),
+                policy: profile.limit,
+                key: PolicyBucket::User,
+            }],
+            cache: None,
+        };
         Routes {
             routes,
+            profile: Route::new(&profile, proxy),
             names: [
                 proxy.user_header.clone(),
                 proxy.role_header.clone(),
@@ -70,7 +99,7 @@ impl Route {
     fn new(cfg: &RouteSettings, proxy: &ProxySettings) -> Self {
         let authority = match &cfg.upstream {
             UpstreamAddr::Tcp(a) => a.clone(),
-            UpstreamAddr::Unix(_) => "localhost".to_owned(),
+            UpstreamAddr::Unix(_) | UpstreamAddr::None => "localhost".to_owned(),
         };
         let pool = |retry: bool| {
             Client::builder(TokioExecutor::new())
