@@ -537,15 +537,17 @@ def main():
             "[rate_limit.profile]",
             f'[[route]]\nprefix = "/open"\nupstream = "http://127.0.0.1:{up_port}"\nauth = "none"\n'
             f'[[route]]\nprefix = "/app"\nupstream = "http://127.0.0.1:{up_port}"\n'
+            'policies = ["bench"]\n'
             f'[[route]]\nprefix = "/kept"\nupstream = "http://127.0.0.1:{up_port}"\n'
             'strip_prefix = true\ncache = true\n'
+            '[rate_limit.policy.bench]\nlimit = 1000000000\nwindow = 60\nkey = "user"\n'
             '[redis]\nprefix = "proxy:"\n[rate_limit.profile]'))
         started.append(p)
         p.cli("user", "add", "bench", "--password-stdin", stdin=PASSWORD + "\n")
         pt = login_token(p, "bench")
         rows.append(measure("forkd proxy, anonymous", p, redis,
                             lambda: wrk(p.url("/open/x"), secs), secs))
-        rows.append(measure("forkd proxy, session auth", p, redis, lambda: wrk(
+        rows.append(measure("forkd proxy, session auth and a policy", p, redis, lambda: wrk(
             p.url("/app/x"), secs, headers=[f"Authorization: Bearer {pt}"]), secs))
         status, _ = http("GET", p.port, "/kept/cacheable", headers={"Authorization": f"Bearer {pt}"})
         assert status == 200, status
@@ -675,10 +677,10 @@ def report(rows, notes, cores, args):
         for fmt_ in ("json", "combined")
     ]
     direct, via = by["upstream direct (nginx, 1 worker)"], by["nginx proxy_pass, keep-alive upstream"]
-    anon, authed = by["forkd proxy, anonymous"], by["forkd proxy, session auth"]
+    anon, authed = by["forkd proxy, anonymous"], by["forkd proxy, session auth and a policy"]
     kept = by["forkd proxy, cached authenticated GET"]
     print(f"  proxying one trivial upstream ({direct['rps']:.0f} req/s direct): nginx proxy_pass "
-          f"{via['rps']:.0f}, forkd anonymous {anon['rps']:.0f}, forkd with a session check "
+          f"{via['rps']:.0f}, forkd anonymous {anon['rps']:.0f}, forkd with a session check and a policy "
           f"{authed['rps']:.0f} req/s ({authed['evalsha_per_req']:.2f} Redis round trips per request); "
           f"a cached authenticated GET {kept['rps']:.0f} req/s ({kept['evalsha_per_req']:.2f} round trips)")
     targets += [
