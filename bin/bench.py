@@ -21,6 +21,8 @@ import tempfile
 import threading
 import time
 
+import bench_tls
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORKD = os.path.join(ROOT, "target", "release", "forkd")
 PASSWORD = "bench-password"
@@ -396,6 +398,9 @@ def main():
         http("GET", f.port, "/profile", headers={"Authorization": f"Bearer {token}"})
         rows.append(measure("profile cache hit", f, redis, lambda: wrk(
             f.url("/profile"), secs, headers=[f"Authorization: Bearer {token}"]), secs))
+        # HTTPS and HTTP/2 (bench_tls.py): the same Redis and sessions.
+        bench_tls.run(sys.modules[__name__], tmp, redis, secs, high, token, rows, started,
+                      nginxes)
 
         login_lua = os.path.join(tmp, "login.lua")
         with open(login_lua, "w") as lua:
@@ -575,6 +580,12 @@ def fmt(v, digits=2):
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def at_least(name, row, base, factor=1.0):
+    """A target: `row` makes at least `factor` x the req/s of `base`."""
+    return (name, row["rps"] >= factor * base["rps"],
+            f"{row['rps'] / max(base['rps'], 1):.2f} x")
+
+
 def report(rows, notes, cores, args):
     print(f"forkd bench: {cores} cores, wrk 2 threads x 64 connections unless noted, "
           f"{'quick' if args.quick else '10 s'} per scenario")
@@ -684,13 +695,11 @@ def report(rows, notes, cores, args):
           f"{authed['rps']:.0f} req/s ({authed['evalsha_per_req']:.2f} Redis round trips per request); "
           f"a cached authenticated GET {kept['rps']:.0f} req/s ({kept['evalsha_per_req']:.2f} round trips)")
     targets += [
-        ("forkd anonymous proxying >= nginx proxy_pass", anon["rps"] >= via["rps"],
-         f"{anon['rps'] / max(via['rps'], 1):.2f} x"),
-        ("forkd proxying with session auth >= 0.8 x anonymous", authed["rps"] >= 0.8 * anon["rps"],
-         f"{authed['rps'] / max(anon['rps'], 1):.2f} x"),
-        ("cached authenticated GET >= 0.5 x forkd's /healthz", kept["rps"] >= 0.5 * h["rps"],
-         f"{kept['rps'] / max(h['rps'], 1):.2f} x"),
+        at_least("forkd anonymous proxying >= nginx proxy_pass", anon, via),
+        at_least("forkd proxying with session auth >= 0.8 x anonymous", authed, anon, 0.8),
+        at_least("cached authenticated GET >= 0.5 x forkd's /healthz", kept, h, 0.5),
     ]
+    bench_tls.report(sys.modules[__name__], by, targets)
     print()
     print("targets:")
     for name, met, value in targets:

@@ -220,6 +220,15 @@ pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     if let Some((slot, why)) = &s.recycling {
         println!("recycling slot {slot} now ({why})");
     }
+    for c in &s.certificates {
+        println!(
+            "certificate {}: {} (serial {}), expires {}",
+            c.file,
+            c.subject,
+            c.serial,
+            crate::settings::date(c.not_after)
+        );
+    }
     println!(
         "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>8} {:>6} {:>10} {:>8} {:>9}",
         "SLOT",

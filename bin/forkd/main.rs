@@ -85,8 +85,26 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(&config.log_level);
+            // Read at start, while this process may still be root: the
+            // workers inherit the pair, so a key only root can read works
+            // with `user`. A bad pair is a bad configuration.
+            let tls = match cli.command {
+                Command::Start { .. } | Command::CheckConfig { .. } => {
+                    match settings::load_tls(&config) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            if let Some(h) = inherited {
+                                return give_back(h, &e);
+                            }
+                            eprintln!("forkd: {e}");
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    }
+                }
+                _ => None,
+            };
             match cli.command {
-                Command::Start { daemon: false, .. } => start(source, config, inherited),
+                Command::Start { daemon: false, .. } => start(source, config, tls, inherited),
                 _ if inherited.is_some() => {
                     let h = inherited.expect("checked");
                     return give_back(h, "an upgrade must execute `forkd start`");
@@ -96,7 +114,7 @@ fn main() -> ExitCode {
                 Command::Limit { command } => limits::run(&config, command),
                 Command::Cache { command } => limits::purge(&config, command),
                 _ => {
-                    check_config(&source, config);
+                    check_config(&source, config, tls.as_deref());
                     Ok(())
                 }
             }
@@ -168,6 +186,7 @@ fn upgrade_probe() -> ExitCode {
             overrides: cli.command.overrides(),
         };
         let config = source.load()?;
+        settings::load_tls(&config).map_err(anyhow::Error::msg)?;
         preflight(&config)
     };
     match checked() {
@@ -191,10 +210,20 @@ fn program_exists(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
-fn check_config(source: &ConfigSource, config: Config) {
+fn check_config(source: &ConfigSource, config: Config, tls: Option<&forkd_app::Identity>) {
     match source.file() {
         Some(p) => println!("# configuration OK: {} with overrides applied", p.display()),
         None => println!("# configuration OK: built-in defaults with overrides applied"),
+    }
+    if let Some(id) = tls {
+        let i = &id.info;
+        println!(
+            "# certificate OK: {} (serial {}), valid {} to {}",
+            i.subject,
+            i.serial,
+            settings::date(i.not_before),
+            settings::date(i.not_after)
+        );
     }
     print!("{}", config.to_toml());
 }
@@ -216,6 +245,7 @@ fn preflight(config: &Config) -> anyhow::Result<()> {
 fn start(
     source: ConfigSource,
     config: Config,
+    tls: Option<std::sync::Arc<forkd_app::Identity>>,
     inherited: Option<forkd_supervisor::InheritedState>,
 ) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() && config.user.is_none() && inherited.is_none() {
@@ -246,10 +276,11 @@ fn start(
     {
         std::env::set_var(forkd_config::env_name("redis.data_dir"), dir);
     }
-    let settings = supervisor_settings(&config);
+    let settings = supervisor_settings(&config, tls.as_deref());
     let program = Forkd {
         source,
         config,
+        tls,
         previous: None,
     };
     forkd_supervisor::run(settings, program, inherited).context("cannot start")

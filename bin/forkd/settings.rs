@@ -51,7 +51,41 @@ pub(crate) fn policy(p: forkd_config::Policy) -> forkd_app::Policy {
     }
 }
 
-pub(crate) fn supervisor_settings(c: &Config) -> Settings {
+/// Reads the TLS certificate and key, when the config names them: at
+/// start before the privileges are dropped, and at each reload.
+///
+/// # Errors
+/// A message naming the file and what is wrong with it.
+pub(crate) fn load_tls(c: &Config) -> Result<Option<Arc<forkd_app::Identity>>, String> {
+    let Some((cert, key)) = c.tls.files() else {
+        return Ok(None);
+    };
+    let id = forkd_app::Identity::load(cert, key).map_err(|e| format!("tls: {e}"))?;
+    let now = jiff::Timestamp::now().as_second();
+    if id.info.not_after < now {
+        log::warn!(
+            "tls: the certificate in {} (serial {}) expired at {}",
+            cert.display(),
+            id.info.serial,
+            date(id.info.not_after)
+        );
+    } else if id.info.not_before > now {
+        log::warn!(
+            "tls: the certificate in {} (serial {}) is not valid before {}",
+            cert.display(),
+            id.info.serial,
+            date(id.info.not_before)
+        );
+    }
+    Ok(Some(Arc::new(id)))
+}
+
+/// A time for messages, as RFC 3339 in UTC.
+pub(crate) fn date(secs: i64) -> String {
+    jiff::Timestamp::from_second(secs).map_or_else(|_| secs.to_string(), |t| t.to_string())
+}
+
+pub(crate) fn supervisor_settings(c: &Config, tls: Option<&forkd_app::Identity>) -> Settings {
     Settings {
         fixed: forkd_supervisor::Fixed {
             instance: c.instance.clone(),
@@ -90,6 +124,19 @@ pub(crate) fn supervisor_settings(c: &Config) -> Settings {
                 max_rss_bytes: c.recycle.max_rss_mib << 20,
                 max_age_ms: c.recycle.max_age.as_millis() as u64,
             },
+            certificates: tls
+                .map(|id| {
+                    let i = &id.info;
+                    forkd_supervisor::control::CertificateStatus {
+                        file: i.file.display().to_string(),
+                        subject: i.subject.clone(),
+                        serial: i.serial.clone(),
+                        not_before: i.not_before,
+                        not_after: i.not_after,
+                    }
+                })
+                .into_iter()
+                .collect(),
         },
     }
 }
@@ -133,7 +180,10 @@ pub(crate) fn matcher(nets: Vec<forkd_config::Cidr>) -> forkd_app::TrustedProxy 
     Arc::new(move |ip| nets.iter().any(|n| n.contains(ip)))
 }
 
-pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
+pub(crate) fn app_settings(
+    c: &Config,
+    tls: Option<&Arc<forkd_app::Identity>>,
+) -> forkd_app::Settings {
     forkd_app::Settings {
         header_read_timeout: c.http.header_read_timeout,
         max_header_bytes: c.http.max_header_bytes,
@@ -211,7 +261,29 @@ pub(crate) fn app_settings(c: &Config) -> forkd_app::Settings {
             idle_timeout: c.proxy.idle_timeout,
             forward_auth_path: c.proxy.forward_auth_path.clone(),
         },
+        tls: tls.map(|id| forkd_app::TlsSettings {
+            identity: id.clone(),
+            hsts: hsts(c),
+            handshake_timeout: c.tls.handshake_timeout,
+        }),
+        http2: forkd_app::Http2Settings {
+            enabled: c.http2.enabled,
+            h2c: c.http2.h2c,
+            max_concurrent_streams: c.http2.max_concurrent_streams,
+        },
     }
+}
+
+/// The `Strict-Transport-Security` value, when `tls.hsts_max_age` is set.
+fn hsts(c: &Config) -> Option<forkd_app::HeaderValue> {
+    if c.tls.hsts_max_age == 0 {
+        return None;
+    }
+    let mut v = format!("max-age={}", c.tls.hsts_max_age);
+    if c.tls.hsts_include_subdomains {
+        v.push_str("; includeSubDomains");
+    }
+    forkd_app::HeaderValue::from_str(&v).ok()
 }
 
 fn route(

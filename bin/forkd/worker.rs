@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use forkd_app::Identity;
 use forkd_config::Config;
 use forkd_supervisor::{Program, Settings, WorkerCell, WorkerContext};
 
 use crate::logging;
-use crate::settings::{app_settings, supervisor_settings};
+use crate::settings::{app_settings, load_tls, supervisor_settings};
 use crate::source::ConfigSource;
 
 /// The program the supervisor forks: the HTTP worker, with reloadable
@@ -16,7 +17,9 @@ use crate::source::ConfigSource;
 pub(crate) struct Forkd {
     pub(crate) source: ConfigSource,
     pub(crate) config: Config,
-    pub(crate) previous: Option<Config>,
+    /// The certificate and key, read by this process, inherited by workers.
+    pub(crate) tls: Option<Arc<Identity>>,
+    pub(crate) previous: Option<(Config, Option<Arc<Identity>>)>,
 }
 
 impl Program for Forkd {
@@ -26,7 +29,7 @@ impl Program for Forkd {
             slot: ctx.slot,
             generation: ctx.generation,
             listener: ctx.listener,
-            settings: app_settings(&self.config),
+            settings: app_settings(&self.config, self.tls.as_ref()),
             host: Arc::new(CellHost {
                 cell: ctx.cell,
                 log_file: ctx.log_file,
@@ -36,14 +39,20 @@ impl Program for Forkd {
 
     fn reload(&mut self) -> Result<Settings, String> {
         let new = self.source.load().map_err(|e| e.to_string())?;
-        let settings = supervisor_settings(&new);
-        self.previous = Some(std::mem::replace(&mut self.config, new));
+        // A bad certificate or key refuses the whole reload: the workers
+        // keep serving the pair they have.
+        let tls = load_tls(&new)?;
+        let settings = supervisor_settings(&new, tls.as_deref());
+        let config = std::mem::replace(&mut self.config, new);
+        let tls = std::mem::replace(&mut self.tls, tls);
+        self.previous = Some((config, tls));
         Ok(settings)
     }
 
     fn abandon_reload(&mut self) {
-        if let Some(old) = self.previous.take() {
-            self.config = old;
+        if let Some((config, tls)) = self.previous.take() {
+            self.config = config;
+            self.tls = tls;
         }
     }
 }

@@ -54,8 +54,10 @@ pub(crate) fn metrics(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> 
             "Metrics are not available from this address.",
         );
     }
+    let cert = st.settings.tls.as_ref().map(|t| &t.identity.info);
     let mut r = Response::new(Body::new(Bytes::from(crate::metrics::render(
         st.host.as_ref(),
+        cert,
     ))));
     r.headers_mut().insert(
         CONTENT_TYPE,

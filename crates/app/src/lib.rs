@@ -17,6 +17,7 @@
 //! - `origin`: the HTTP profile backend.
 //! - `proxy`: `[[route]]`s forwarded to upstream services.
 //! - `body`: the response body, whole or streamed from an upstream.
+//! - `connection`: one connection: TLS, HTTP/1.1 or HTTP/2, its drain.
 //! - `conns`: open connections and tunnels, and their graceful end.
 //! - `head_limit`: the problem+json answer to a request head too large.
 //! - `local_limit`: the in-memory limiter (the host limit, and the
@@ -26,6 +27,8 @@
 //! - `access`: the access log and its writer thread.
 //! - `request_id`: request ids, kept from the client or made.
 //! - `inflight`: requests in flight, and the oldest, for forensics.
+//! - `tls`: the certificate and key ([`Identity`], loaded by the
+//!   supervisor, inherited across fork) and each worker's rustls config.
 //! - [`secrets`]: argon2id password hashes, the dummy hash, bearer tokens.
 //!
 //! The worker knows nothing of the supervisor: it reports through the
@@ -40,6 +43,7 @@ mod auth;
 mod body;
 pub mod buckets;
 mod client;
+mod connection;
 mod conns;
 mod cookie;
 mod head_limit;
@@ -57,6 +61,7 @@ mod routes;
 pub mod secrets;
 mod server;
 mod state;
+mod tls;
 
 use std::net::{IpAddr, TcpListener};
 use std::sync::Arc;
@@ -64,9 +69,10 @@ use std::time::Duration;
 
 pub use access::{AccessFormat, AccessSettings};
 pub use forkd_store::{Policy, StoreConfig};
-pub use hyper::header::HeaderName;
+pub use hyper::header::{HeaderName, HeaderValue};
 pub use metrics::USED as COUNTERS_USED;
 pub use server::run;
+pub use tls::{CertificateInfo, Identity};
 
 /// Decides whether an address is a trusted proxy.
 pub type TrustedProxy = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
@@ -103,6 +109,26 @@ pub struct Settings {
     pub access_log: Option<AccessSettings>,
     pub routes: Vec<RouteSettings>,
     pub proxy: ProxySettings,
+    /// None: the listener speaks plain HTTP.
+    pub tls: Option<TlsSettings>,
+    pub http2: Http2Settings,
+}
+
+/// HTTPS on the listener.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub identity: Arc<Identity>,
+    /// The `Strict-Transport-Security` value, when HSTS is on.
+    pub hsts: Option<hyper::header::HeaderValue>,
+    pub handshake_timeout: Duration,
+}
+
+/// HTTP/2: by ALPN on TLS, by prior knowledge on plain TCP.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Settings {
+    pub enabled: bool,
+    pub h2c: bool,
+    pub max_concurrent_streams: u32,
 }
 
 /// Who may use a route.

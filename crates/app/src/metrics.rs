@@ -29,8 +29,9 @@ pub(crate) const CONNECTIONS_REFUSED: usize = HEADS_TOO_LARGE + 1;
 pub(crate) const ACCESS_LINES_DROPPED: usize = CONNECTIONS_REFUSED + 1;
 pub(crate) const UPSTREAM_FAILED: usize = ACCESS_LINES_DROPPED + 1;
 pub(crate) const UPSTREAM_TIMEOUTS: usize = UPSTREAM_FAILED + 1;
+pub(crate) const TLS_HANDSHAKE_FAILURES: usize = UPSTREAM_TIMEOUTS + 1;
 /// Counters used; the scoreboard must have at least this many.
-pub const USED: usize = UPSTREAM_TIMEOUTS + 1;
+pub const USED: usize = TLS_HANDSHAKE_FAILURES + 1;
 
 /// Reads one gauge of a worker.
 type Gauge = fn(&WorkerGauges) -> u64;
@@ -57,7 +58,7 @@ pub(crate) fn record(host: &dyn Host, route: usize, status: u16, took: Duration)
 }
 
 /// The text exposition format (version 0.0.4).
-pub(crate) fn render(host: &dyn Host) -> String {
+pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> String {
     let c = host.totals();
     let get = |k: usize| c.get(k).copied().unwrap_or(0);
     let mut out = String::with_capacity(4096);
@@ -150,6 +151,12 @@ pub(crate) fn render(host: &dyn Host) -> String {
             get(UPSTREAM_TIMEOUTS),
         ),
         (
+            "forkd_tls_handshake_failures_total",
+            "counter",
+            "TLS connections closed before a request: the handshake failed or timed out.",
+            get(TLS_HANDSHAKE_FAILURES),
+        ),
+        (
             "forkd_access_log_lines_dropped_total",
             "counter",
             "Access log lines dropped because the log could not be written fast enough.",
@@ -194,6 +201,21 @@ pub(crate) fn render(host: &dyn Host) -> String {
             "forkd_worker_recycles_total{{reason=\"{reason}\"}} {n}"
         );
     }
+    if let Some(c) = cert {
+        let name = "forkd_tls_certificate_expiry_timestamp_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} When the certificate this worker serves expires (notAfter), in seconds since the epoch."
+        );
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(
+            out,
+            "{name}{{file=\"{}\",serial=\"{}\"}} {}",
+            label(&c.file.display().to_string()),
+            c.serial,
+            c.not_after
+        );
+    }
     let mut workers = host.workers();
     workers.sort_by_key(|w| (w.slot, w.pid));
     let gauges: [(&str, &str, Gauge); 3] = [
@@ -227,4 +249,11 @@ pub(crate) fn render(host: &dyn Host) -> String {
         }
     }
     out
+}
+
+/// A label value with backslashes, quotes and newlines escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -32,6 +32,11 @@ pub(crate) async fn handle(
         .enter(req.method().as_str(), req.uri().path(), &id);
     // What the access line needs of the request, which the handler takes.
     let logged = st.access.as_ref().map(|_| Logged::of(&req, &st, peer));
+    let hsts = req
+        .extensions()
+        .get::<crate::tls::OverTls>()
+        .and(st.settings.tls.as_ref())
+        .and_then(|t| t.hsts.clone());
     let mut resp = crate::response::REQUEST_ID
         .scope(id.clone(), route(req, &st, peer, &id))
         .await;
@@ -63,6 +68,9 @@ pub(crate) async fn handle(
         headers.insert(X_REQUEST_ID, v);
     }
     headers.insert("x-forkd-pid", st.pid_header.clone());
+    if let Some(v) = hsts {
+        headers.insert(hyper::header::STRICT_TRANSPORT_SECURITY, v);
+    }
     if st.draining.load(Relaxed) {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }

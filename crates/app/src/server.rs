@@ -4,15 +4,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, Instant};
 
 use crate::access::AccessLog;
-use crate::routes;
 use crate::state::State;
 use crate::Worker;
 
@@ -119,9 +115,18 @@ async fn serve(w: Worker) -> i32 {
         log::error!("cannot install signal handlers: {e}");
         return 1;
     }
+    // This worker's TLS configuration (and session-ticket keys), made
+    // after the fork.
+    let protocols = match crate::connection::Protocols::new(&settings) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            log::error!("{e}");
+            return 1;
+        }
+    };
     host.ready();
     log::debug!("accepting connections");
-    let stop = accept_loop(listener, &state, stop_rx).await;
+    let stop = accept_loop(listener, protocols, &state, stop_rx).await;
     // The listener is closed: queued connections go to the other workers.
     state.draining.store(true, Relaxed);
     host.draining();
@@ -184,16 +189,12 @@ fn spawn_heartbeat(state: &State, every: Duration) {
 /// so that it is closed when this returns.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
+    protocols: Arc<crate::connection::Protocols>,
     state: &Arc<State>,
     mut stop_rx: watch::Receiver<Option<Stop>>,
 ) -> Option<Stop> {
     let settings = &state.settings;
     let host = &state.host;
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes)
-        .keep_alive(settings.keepalive);
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let per_client = crate::client::PerClient::new(settings.max_connections_per_client);
     let mut accept_pause = Duration::from_millis(10);
@@ -233,32 +234,13 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let open = state.connections.fetch_add(1, Relaxed) + 1;
-        host.set_connections(open);
+        let open = crate::connection::Open::new(state.clone());
+        let watcher = state.conns.watcher();
+        let protocols = protocols.clone();
         let st = state.clone();
-        let counted = state.clone();
-        let conn = http
-            .serve_connection(
-                TokioIo::new(crate::head_limit::HeadLimit::new(stream, host.clone())),
-                service_fn(move |req| routes::handle(req, st.clone(), peer)),
-            )
-            .with_upgrades();
-        let mut watcher = state.conns.watcher();
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            let ended = tokio::select! {
-                r = conn.as_mut() => r,
-                () = watcher.stopping() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = ended {
-                log::debug!("connection ended: {e}");
-            }
-            drop(watcher);
-            let open = counted.connections.fetch_sub(1, Relaxed) - 1;
-            counted.host.set_connections(open);
+            protocols.serve(stream, peer, st, watcher).await;
+            drop(open);
             drop(slot);
             drop(permit);
         });

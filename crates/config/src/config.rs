@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::check::secs;
 use crate::routes::{NamedPolicy, Proxy, Route};
 use crate::{AccessLogFormat, Cidr, ListenerMode};
 
@@ -157,6 +158,8 @@ pub struct Config {
     pub metrics: Metrics,
     pub rate_limit: RateLimit,
     pub proxy: Proxy,
+    pub tls: crate::tls::Tls,
+    pub http2: crate::tls::Http2,
     /// Last: TOML writes arrays of tables after the plain keys.
     pub route: Vec<Route>,
 }
@@ -177,10 +180,6 @@ pub struct Recycle {
 pub struct Metrics {
     /// Who may read /metrics.
     pub allow: Vec<Cidr>,
-}
-
-pub(crate) fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
 }
 
 impl Config {

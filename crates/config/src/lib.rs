@@ -11,6 +11,8 @@
 //!   forked before it has succeeded.
 //! - `routes`: `[[route]]` (a prefix forwarded to an upstream) and
 //!   `[proxy]`, as written and validated.
+//! - `tls`: `[tls]` (the certificate and key files, HSTS) and `[http2]`.
+//! - `check`: the value checks the tables share.
 //! - `cidr`: IP networks for the allow-lists.
 //! - `location`: the lenient read the client commands use.
 //!
@@ -18,6 +20,7 @@
 //! other I/O.
 #![forbid(unsafe_code)]
 
+mod check;
 mod cidr;
 mod config;
 mod location;
@@ -26,6 +29,7 @@ mod raw;
 mod routes;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod validate;
 
 use std::path::PathBuf;
@@ -45,6 +49,7 @@ pub use routes::{
     NamedPolicy, PolicyKey, Proxy, RawNamedPolicy, RawProxy, RawRoute, Route, RouteAuth, Upstream,
     BUILTIN_POLICIES, BUILT_IN_PATHS,
 };
+pub use tls::{Http2, RawHttp2, RawTls, Tls};
 
 /// The largest number of workers one instance may run.
 pub const MAX_WORKERS: usize = 512;

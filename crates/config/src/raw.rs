@@ -292,6 +292,8 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     pub rate_limit: RawRateLimit,
     pub proxy: RawProxy,
+    pub tls: crate::tls::RawTls,
+    pub http2: crate::tls::RawHttp2,
     /// `[[route]]` tables, in the file's order. Not a key of its own for
     /// overrides: a route is set in the file only.
     pub route: Vec<RawRoute>,
@@ -325,6 +327,8 @@ impl Default for RawConfig {
             metrics: RawMetrics::default(),
             rate_limit: RawRateLimit::default(),
             proxy: RawProxy::default(),
+            tls: crate::tls::RawTls::default(),
+            http2: crate::tls::RawHttp2::default(),
             route: Vec::new(),
         }
     }

@@ -155,7 +155,13 @@ fn every_key_can_be_set() {
     for key in keys() {
         let value = match *key {
             "listener" => "reuseport",
-            "http.keepalive" | "auth.cookie" | "auth.cookie_secure" => "true",
+            "http.keepalive"
+            | "auth.cookie"
+            | "auth.cookie_secure"
+            | "http2.enabled"
+            | "http2.h2c"
+            | "tls.hsts_include_subdomains" => "true",
+            "tls.cert_file" | "tls.key_file" => "/tmp/z",
             "runtime_dir" | "log_file" | "access_log_file" => "/tmp/x",
             "access_log" => "json",
             "recycle.max_rss" => "64",

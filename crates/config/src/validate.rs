@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::check::{bad, count, seconds};
 use crate::config::{
     Auth, Config, Http, Metrics, OnRedisError, Policy, Profile, RateLimit, Recycle, Redis,
 };
@@ -13,33 +14,6 @@ use crate::raw::{
     RawRedis, Workers,
 };
 use crate::{Cidr, ConfigError, ListenerMode, MAX_WORKERS};
-
-fn bad(key: &str, value: impl ToString, expected: &str) -> ConfigError {
-    ConfigError::Value {
-        key: key.to_owned(),
-        origin: String::new(),
-        value: value.to_string(),
-        expected: expected.to_owned(),
-    }
-}
-
-/// `v` seconds, from `min` to a day.
-fn seconds(key: &str, v: f64, min: f64) -> Result<Duration, ConfigError> {
-    if v.is_finite() && (min..=86_400.0).contains(&v) {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(bad(key, v, &format!("expected {min} to 86400 seconds")))
-    }
-}
-
-/// A whole number from `min` to `max`.
-fn count<T: TryFrom<i64>>(key: &str, v: i64, min: i64, max: i64) -> Result<T, ConfigError> {
-    if (min..=max).contains(&v) {
-        T::try_from(v).map_err(|_| bad(key, v, "out of range"))
-    } else {
-        Err(bad(key, v, &format!("expected {min} to {max}")))
-    }
-}
 
 fn cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     list.iter()
@@ -110,6 +84,8 @@ impl RawConfig {
         let profile = self.profile.validate()?;
         let metrics = self.metrics.validate()?;
         let proxy = self.proxy.validate()?;
+        let tls = self.tls.validate()?;
+        let http2 = self.http2.validate()?;
         let route = crate::routes::validate_routes(&self.route, &proxy, &rate_limit.policy)?;
         if !(self.watchdog_quorum.is_finite() && (0.0..=1.0).contains(&self.watchdog_quorum)) {
             return Err(bad(
@@ -145,6 +121,8 @@ impl RawConfig {
             metrics,
             rate_limit,
             proxy,
+            tls,
+            http2,
             route,
         })
     }

@@ -114,6 +114,21 @@ pub struct Status {
     /// The slot being recycled now, and why.
     #[serde(default)]
     pub recycling: Option<(usize, String)>,
+    /// The TLS certificates that new workers serve.
+    #[serde(default)]
+    pub certificates: Vec<CertificateStatus>,
+}
+
+/// A TLS certificate in a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    pub file: String,
+    pub subject: String,
+    /// Hexadecimal.
+    pub serial: String,
+    /// Seconds since the epoch.
+    pub not_before: i64,
+    pub not_after: i64,
 }
 
 /// The managed redis-server in a status report.

@@ -136,6 +136,9 @@ pub struct Live {
     /// and the drain.
     pub shutdown_delay: Duration,
     pub recycling: plan::Recycling,
+    /// What `forkd status` shows of the TLS certificates (read by the
+    /// program, which also hands them to its workers).
+    pub certificates: Vec<control::CertificateStatus>,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.

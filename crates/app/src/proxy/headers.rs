@@ -71,6 +71,8 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) trusted: bool,
     /// The upstream's authority, for a request without `Host`.
     pub(crate) upstream_host: &'a str,
+    /// The client reached forkd over TLS.
+    pub(crate) tls: bool,
 }
 
 /// `X-Forwarded-For`/`-Proto`/`-Host` and `Forwarded`: a trusted proxy's
@@ -96,7 +98,8 @@ pub(crate) fn set_forwarding(h: &mut HeaderMap, f: &Forwarding<'_>) {
         h.insert(X_FORWARDED_FOR, v);
     }
     if !f.trusted || !h.contains_key(X_FORWARDED_PROTO) {
-        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let proto = if f.tls { "https" } else { "http" };
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !f.trusted || !h.contains_key(X_FORWARDED_HOST) {
         match h.get(HOST).cloned() {
@@ -219,6 +222,7 @@ mod tests {
             peer: "127.0.0.9".parse().unwrap(),
             trusted: false,
             upstream_host: "up:1",
+            tls: false,
         };
         set_forwarding(&mut h, &f);
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
@@ -238,6 +242,7 @@ mod tests {
             peer: "10.0.0.1".parse().unwrap(),
             trusted: true,
             upstream_host: "up:1",
+            tls: false,
         };
         set_forwarding(&mut h, &f);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");

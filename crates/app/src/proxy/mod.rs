@@ -83,6 +83,7 @@ pub(crate) async fn forward(
     let who = &checked.who;
     let request_headers = filling.as_ref().map(|_| req.headers().clone());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let tls = req.extensions().get::<crate::tls::OverTls>().is_some();
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path();
     let path = if route.cfg.strip_prefix && route.cfg.prefix != "/" {
@@ -108,6 +109,7 @@ pub(crate) async fn forward(
             peer: peer.ip(),
             trusted: (st.settings.trusted_proxy)(peer.ip()),
             upstream_host: &route.authority,
+            tls,
         },
     );
     let values = who

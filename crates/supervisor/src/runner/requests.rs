@@ -210,6 +210,7 @@ impl<P: Program> Supervisor<P> {
                 .plan
                 .recycling_now()
                 .map(|(s, why)| (s, why.to_owned())),
+            certificates: self.settings.live.certificates.clone(),
         }
     }
 }

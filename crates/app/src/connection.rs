@@ -1,0 +1,216 @@
+//! One accepted connection: the TLS handshake when the listener speaks
+//! HTTPS, then HTTP/1.1 or HTTP/2 through hyper-util's auto builder (h2 by
+//! ALPN on TLS; by prior knowledge on plain TCP when `http2.h2c` is on),
+//! and its graceful end when the worker drains: HTTP/1.1 finishes the
+//! request in flight, HTTP/2 sends GOAWAY and lets open streams finish.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::header::{HeaderValue, HOST};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::conns::Watcher;
+use crate::head_limit::HeadLimit;
+use crate::state::State;
+use crate::{routes, Settings};
+
+/// How this worker speaks on its connections.
+pub(crate) struct Protocols {
+    /// HTTP/1.1 only: an HTTP/2 preface is a bad request.
+    http1: http1::Builder,
+    /// Either, by the client's first bytes (hyper-util's upgradeable auto
+    /// connection always reads them, so it never serves as HTTP/1.1 only).
+    either: auto::Builder<TokioExecutor>,
+    tls: Option<(TlsAcceptor, Duration)>,
+    h2c: bool,
+}
+
+/// The builder for one connection.
+#[derive(Clone, Copy)]
+enum Speak<'a> {
+    Http1(&'a http1::Builder),
+    Either(&'a auto::Builder<TokioExecutor>),
+}
+
+impl Protocols {
+    /// The builders and, for HTTPS, this worker's rustls configuration.
+    ///
+    /// # Errors
+    /// The certificate and key cannot make a rustls configuration (the
+    /// supervisor checked them, so this is not expected).
+    pub(crate) fn new(s: &Settings) -> Result<Protocols, String> {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout)
+            .max_buf_size(s.max_header_bytes)
+            .keep_alive(s.keepalive);
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout)
+            .max_buf_size(s.max_header_bytes)
+            .keep_alive(s.keepalive);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(s.http2.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+            // A client that resets streams as fast as it opens them
+            // ("rapid reset") is cut off rather than served forever.
+            .max_pending_accept_reset_streams(Some(s.http2.max_concurrent_streams as usize))
+            .keep_alive_interval(Some(s.header_read_timeout))
+            .keep_alive_timeout(s.header_read_timeout);
+        let tls = match &s.tls {
+            Some(t) => {
+                let config = crate::tls::server_config(&t.identity, s.http2.enabled)
+                    .map_err(|e| format!("cannot use the TLS certificate: {e}"))?;
+                Some((TlsAcceptor::from(config), t.handshake_timeout))
+            }
+            None => None,
+        };
+        Ok(Protocols {
+            http1: h1,
+            either: b,
+            tls,
+            h2c: s.http2.h2c,
+        })
+    }
+
+    /// Serves one connection to its end, or to a graceful end once the
+    /// worker drains.
+    pub(crate) async fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        state: Arc<State>,
+        mut watcher: Watcher,
+    ) {
+        let host = state.host.clone();
+        let Some((acceptor, timeout)) = &self.tls else {
+            let builder = if self.h2c {
+                Speak::Either(&self.either)
+            } else {
+                Speak::Http1(&self.http1)
+            };
+            let io = HeadLimit::new(stream, host);
+            return run(builder, io, state, peer, false, watcher).await;
+        };
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(*timeout, acceptor.accept(stream)) => r,
+            () = watcher.stopping() => return,
+        };
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                host.count(crate::metrics::TLS_HANDSHAKE_FAILURES, 1);
+                log::debug!("TLS handshake with {peer} failed: {e}");
+                return;
+            }
+            Err(_) => {
+                host.count(crate::metrics::TLS_HANDSHAKE_FAILURES, 1);
+                log::debug!("TLS handshake with {peer} timed out");
+                return;
+            }
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let builder = if h2 {
+            Speak::Either(&self.either)
+        } else {
+            Speak::Http1(&self.http1)
+        };
+        run(
+            builder,
+            HeadLimit::new(tls, host),
+            state,
+            peer,
+            true,
+            watcher,
+        )
+        .await;
+    }
+}
+
+/// Drives a connection until it ends, or gracefully ends it (GOAWAY on
+/// HTTP/2) once the worker drains.
+macro_rules! drive {
+    ($conn:expr, $watcher:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r.map_err(|e| e.to_string()),
+            () = $watcher.stopping() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await.map_err(|e| e.to_string())
+            }
+        }
+    }};
+}
+
+async fn run<I>(
+    builder: Speak<'_>,
+    io: I,
+    state: Arc<State>,
+    peer: SocketAddr,
+    tls: bool,
+    mut watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |mut req| {
+        if tls {
+            req.extensions_mut().insert(crate::tls::OverTls);
+        }
+        with_host(&mut req);
+        routes::handle(req, state.clone(), peer)
+    });
+    let io = TokioIo::new(io);
+    let ended = match builder {
+        Speak::Http1(b) => drive!(b.serve_connection(io, service).with_upgrades(), watcher),
+        Speak::Either(b) => drive!(b.serve_connection_with_upgrades(io, service), watcher),
+    };
+    if let Err(e) = ended {
+        log::debug!("connection ended: {e}");
+    }
+}
+
+/// An HTTP/2 request names its authority in the URI, not in `Host`: give
+/// it the header, so that every handler sees requests alike on h1 and h2.
+fn with_host<B>(req: &mut hyper::Request<B>) {
+    if req.headers().contains_key(HOST) {
+        return;
+    }
+    let Some(v) = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    else {
+        return;
+    };
+    req.headers_mut().insert(HOST, v);
+}
+
+/// Counts the connection open while it lives.
+pub(crate) struct Open(pub(crate) Arc<State>);
+
+impl Open {
+    pub(crate) fn new(state: Arc<State>) -> Open {
+        let open = state.connections.fetch_add(1, Relaxed) + 1;
+        state.host.set_connections(open);
+        Open(state)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let open = self.0.connections.fetch_sub(1, Relaxed) - 1;
+        self.0.host.set_connections(open);
+    }
+}

@@ -1,0 +1,150 @@
+//! HTTPS: the certificate and key, read by the supervisor (at start while
+//! it may still be root, and again at each reload) and inherited by the
+//! workers across fork, and the rustls configuration each worker builds
+//! from them after the fork (so that its session-ticket keys are its own).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::ServerSessionMemoryCache;
+use rustls::ServerConfig;
+
+/// No PEM file of a certificate chain or key is this large.
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Resumption state each worker keeps for clients that come back.
+const SESSION_CACHE_ENTRIES: usize = 4096;
+
+/// A request that came over TLS (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OverTls;
+
+/// A certificate chain and its key, checked to belong together.
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    pub info: CertificateInfo,
+}
+
+/// What `forkd status` and /metrics say of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateInfo {
+    pub file: PathBuf,
+    pub subject: String,
+    /// Hexadecimal, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// Seconds since the epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Identity")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl Identity {
+    /// Reads and checks a certificate file (PEM: the certificate, then its
+    /// chain) and its key file (PEM: PKCS#8, PKCS#1 or SEC1).
+    ///
+    /// # Errors
+    /// A message naming the file: unreadable, not PEM, no certificate, no
+    /// key, a key of a kind rustls cannot use, or a key that is not the
+    /// certificate's.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Identity, String> {
+        let cert_pem = read_capped(cert_file)?;
+        let key_pem = read_capped(key_file)?;
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert_file.display()))?;
+        let Some(leaf) = chain.first() else {
+            return Err(format!(
+                "{}: no CERTIFICATE block in the file",
+                cert_file.display()
+            ));
+        };
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            format!(
+                "{}: no usable private key (PKCS#8, RSA or EC PEM): {e}",
+                key_file.display()
+            )
+        })?;
+        let info = describe(cert_file, leaf)?;
+        let id = Identity { chain, key, info };
+        server_config(&id, true).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => format!(
+                "{} is not the key of the certificate in {}",
+                key_file.display(),
+                cert_file.display()
+            ),
+            e => format!("{} and {}: {e}", cert_file.display(), key_file.display()),
+        })?;
+        Ok(id)
+    }
+}
+
+fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    f.take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if out.len() as u64 > MAX_PEM_BYTES {
+        return Err(format!(
+            "{}: larger than {MAX_PEM_BYTES} bytes; not a certificate or key file",
+            path.display()
+        ));
+    }
+    Ok(out)
+}
+
+fn describe(file: &Path, leaf: &CertificateDer<'_>) -> Result<CertificateInfo, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| {
+        format!(
+            "{}: the first certificate cannot be parsed: {e}",
+            file.display()
+        )
+    })?;
+    let serial = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<String>();
+    Ok(CertificateInfo {
+        file: file.to_owned(),
+        subject: cert.subject().to_string(),
+        serial,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// The rustls configuration of one worker: TLS 1.2 and 1.3, ALPN `h2`
+/// (when `h2`) and `http/1.1`, resumption by this worker's session cache
+/// and session tickets under keys made in this process.
+///
+/// # Errors
+/// The key is not the certificate's, or of a kind rustls cannot use.
+pub(crate) fn server_config(id: &Identity, h2: bool) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut c = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    c.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    c.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+    c.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    Ok(Arc::new(c))
+}
