@@ -4,7 +4,6 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -198,25 +197,7 @@ fn watchdog_is_fed_at_half_the_interval_only_while_workers_beat() {
 fn socket_activation_serves_on_the_passed_socket_and_binds_nothing() {
     let mut f = Forkd::configure("workers = 2\n");
     let passed = free_port();
-    let log = std::fs::File::create(&f.log).unwrap();
-    let data = f.dir.path().join("data");
-    let child = Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(format!("127.0.0.1:{passed}"))
-        .arg("-E")
-        .arg("PATH")
-        .arg("-E")
-        .arg(format!("FORKD_REDIS_DATA_DIR={}", data.display()))
-        .arg(BIN)
-        .arg("--config")
-        .arg(&f.config)
-        .arg("start")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("systemd-socket-activate runs (bin/test installs systemd)");
-    f.adopt(child);
+    f.socket_activated(&[passed]);
     // systemd-socket-activate starts forkd on the first connection.
     let r = poll(PATIENCE, || get(passed, "/healthz").ok()).expect("served on the passed socket");
     assert_eq!(r.status, 200);

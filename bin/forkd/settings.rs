@@ -89,7 +89,7 @@ pub(crate) fn supervisor_settings(c: &Config, tls: Option<&forkd_app::Identity>)
     Settings {
         fixed: forkd_supervisor::Fixed {
             instance: c.instance.clone(),
-            listen: c.listen,
+            listen: c.listen.iter().map(|l| l.address).collect(),
             backlog: c.backlog,
             listener: match c.listener {
                 ListenerMode::Shared => forkd_supervisor::ListenerMode::Shared,
@@ -261,6 +261,7 @@ pub(crate) fn app_settings(
             idle_timeout: c.proxy.idle_timeout,
             forward_auth_path: c.proxy.forward_auth_path.clone(),
         },
+        listeners: listener_settings(c),
         tls: tls.map(|id| forkd_app::TlsSettings {
             identity: id.clone(),
             hsts: hsts(c),
@@ -272,6 +273,20 @@ pub(crate) fn app_settings(
             max_concurrent_streams: c.http2.max_concurrent_streams,
         },
     }
+}
+
+/// How each listener speaks; a redirecting one sends clients to the first
+/// TLS listener's port.
+fn listener_settings(c: &Config) -> Vec<forkd_app::ListenerSettings> {
+    let https_port = c.listen.iter().find(|l| l.tls).map(|l| l.address.port());
+    c.listen
+        .iter()
+        .map(|l| forkd_app::ListenerSettings {
+            tls: l.tls,
+            proxy_protocol: l.proxy_protocol,
+            redirect_https: if l.redirect_https { https_port } else { None },
+        })
+        .collect()
 }
 
 /// The `Strict-Transport-Security` value, when `tls.hsts_max_age` is set.

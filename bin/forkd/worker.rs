@@ -28,7 +28,7 @@ impl Program for Forkd {
         forkd_app::run(forkd_app::Worker {
             slot: ctx.slot,
             generation: ctx.generation,
-            listener: ctx.listener,
+            listeners: ctx.listeners,
             settings: app_settings(&self.config, self.tls.as_ref()),
             host: Arc::new(CellHost {
                 cell: ctx.cell,
@@ -39,6 +39,18 @@ impl Program for Forkd {
 
     fn reload(&mut self) -> Result<Settings, String> {
         let new = self.source.load().map_err(|e| e.to_string())?;
+        // The sockets stay as they were bound, and each listener's protocol
+        // (TLS, PROXY, redirect) belongs to its address: a reload cannot
+        // move one to another.
+        let addrs = |c: &Config| c.listen.iter().map(|l| l.address).collect::<Vec<_>>();
+        if addrs(&new) != addrs(&self.config) {
+            return Err(format!(
+                "`listen` changed ({} -> {}): restart forkd to apply it; \
+                 the workers keep their listeners",
+                describe_listen(&self.config),
+                describe_listen(&new)
+            ));
+        }
         // A bad certificate or key refuses the whole reload: the workers
         // keep serving the pair they have.
         let tls = load_tls(&new)?;
@@ -55,6 +67,14 @@ impl Program for Forkd {
             self.tls = tls;
         }
     }
+}
+
+fn describe_listen(c: &Config) -> String {
+    c.listen
+        .iter()
+        .map(|l| l.address.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A worker's view of its scoreboard cell.

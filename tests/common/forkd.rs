@@ -126,6 +126,31 @@ impl Forkd {
         self.child = Some(child);
     }
 
+    /// Starts the supervisor through `systemd-socket-activate`, which
+    /// binds 127.0.0.1 on `ports` (in that order), passes them as
+    /// LISTEN_FDS and execs forkd on the first connection.
+    pub fn socket_activated(&mut self, ports: &[u16]) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let data = self.dir.path().join("data");
+        let mut cmd = Command::new("systemd-socket-activate");
+        for p in ports {
+            cmd.arg("-l").arg(format!("127.0.0.1:{p}"));
+        }
+        let child = cmd
+            .args(["-E", "PATH", "-E"])
+            .arg(format!("FORKD_REDIS_DATA_DIR={}", data.display()))
+            .arg(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("start")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("systemd-socket-activate runs (bin/test installs systemd)");
+        self.adopt(child);
+    }
+
     /// Runs `forkd --config CONFIG ARGS...`.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_input(args, None)

@@ -103,6 +103,15 @@ pub fn raw(port: u16, request: &str) -> std::io::Result<Response> {
     read_response(&mut BufReader::new(s), request.starts_with("HEAD "))
 }
 
+/// Sends raw bytes (say, a PROXY protocol header, then a request) on a
+/// new connection from the loopback address `source`, and reads one
+/// response.
+pub fn raw_bytes_from(source: &str, port: u16, bytes: &[u8]) -> std::io::Result<Response> {
+    let mut s = connect_from(source, port)?;
+    s.write_all(bytes)?;
+    read_response(&mut BufReader::new(s), false)
+}
+
 /// `GET path` on a new connection.
 pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
     raw(

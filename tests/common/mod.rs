@@ -6,6 +6,7 @@
 //! - `forkd`: one forkd instance under test;
 //! - `http`: the HTTP client and the API calls;
 //! - `load`: a background request loop;
+//! - `pki`: a test CA, HTTPS forkd instances and curl;
 //! - `redis`: a redis-server or Redis Cluster of the test's own;
 //! - `upstream`: an HTTP service for the proxy tests, on threads.
 //!
@@ -15,12 +16,14 @@
 mod forkd;
 mod http;
 mod load;
+mod pki;
 mod redis;
 mod upstream;
 
 pub use forkd::*;
 pub use http::*;
 pub use load::*;
+pub use pki::*;
 pub use redis::*;
 pub use upstream::*;
 

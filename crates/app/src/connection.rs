@@ -1,5 +1,5 @@
-//! One accepted connection: the TLS handshake when the listener speaks
-//! HTTPS, then HTTP/1.1 or HTTP/2 through hyper-util's auto builder (h2 by
+//! One accepted connection: the PROXY protocol header when the listener
+//! takes one, the TLS handshake when it speaks HTTPS, then HTTP/1.1 or HTTP/2 through hyper-util's auto builder (h2 by
 //! ALPN on TLS; by prior knowledge on plain TCP when `http2.h2c` is on),
 //! and its graceful end when the worker drains: HTTP/1.1 finishes the
 //! request in flight, HTTP/2 sends GOAWAY and lets open streams finish.
@@ -20,8 +20,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::conns::Watcher;
 use crate::head_limit::HeadLimit;
+use crate::proxy_protocol::{Prefixed, Refused};
 use crate::state::State;
-use crate::{routes, Settings};
+use crate::{routes, ListenerSettings, Settings};
 
 /// How this worker speaks on its connections.
 pub(crate) struct Protocols {
@@ -85,23 +86,58 @@ impl Protocols {
     }
 
     /// Serves one connection to its end, or to a graceful end once the
-    /// worker drains.
+    /// worker drains: the PROXY header first where the listener takes one,
+    /// then the TLS handshake where it speaks TLS.
     pub(crate) async fn serve(
         &self,
-        stream: TcpStream,
-        peer: SocketAddr,
+        mut stream: TcpStream,
+        mut peer: SocketAddr,
         state: Arc<State>,
         mut watcher: Watcher,
+        listener: ListenerSettings,
     ) {
         let host = state.host.clone();
-        let Some((acceptor, timeout)) = &self.tls else {
+        let mut before = Vec::new();
+        if listener.proxy_protocol {
+            let read = crate::proxy_protocol::read_header(&mut stream, peer);
+            let header = tokio::select! {
+                r = tokio::time::timeout(state.settings.header_read_timeout, read) => r,
+                () = watcher.stopping() => return,
+            };
+            match header.unwrap_or(Err(Refused::TimedOut)) {
+                Ok((client, rest)) => {
+                    peer = client;
+                    before = rest;
+                }
+                Err(e) => {
+                    host.count(crate::metrics::PROXY_HEADERS_REFUSED, 1);
+                    log::debug!("connection from {peer} refused: {e}");
+                    return;
+                }
+            }
+        }
+        let stream = Prefixed::new(before, stream);
+        let to_https = listener.redirect_https;
+        let tls = match (&self.tls, listener.tls) {
+            (_, false) => None,
+            (Some(t), true) => Some(t),
+            (None, true) => {
+                log::error!("a TLS listener without a certificate; closing the connection");
+                return;
+            }
+        };
+        let Some((acceptor, timeout)) = tls else {
             let builder = if self.h2c {
                 Speak::Either(&self.either)
             } else {
                 Speak::Http1(&self.http1)
             };
             let io = HeadLimit::new(stream, host);
-            return run(builder, io, state, peer, false, watcher).await;
+            let how = How {
+                tls: false,
+                to_https,
+            };
+            return run(builder, io, state, peer, how, watcher).await;
         };
         let handshake = tokio::select! {
             r = tokio::time::timeout(*timeout, acceptor.accept(stream)) => r,
@@ -126,16 +162,28 @@ impl Protocols {
         } else {
             Speak::Http1(&self.http1)
         };
+        let how = How {
+            tls: true,
+            to_https: None,
+        };
         run(
             builder,
             HeadLimit::new(tls, host),
             state,
             peer,
-            true,
+            how,
             watcher,
         )
         .await;
     }
+}
+
+/// What every request of a connection is marked with.
+#[derive(Clone, Copy)]
+struct How {
+    tls: bool,
+    /// A redirecting listener: the HTTPS port.
+    to_https: Option<u16>,
 }
 
 /// Drives a connection until it ends, or gracefully ends it (GOAWAY on
@@ -159,14 +207,17 @@ async fn run<I>(
     io: I,
     state: Arc<State>,
     peer: SocketAddr,
-    tls: bool,
+    how: How,
     mut watcher: Watcher,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |mut req| {
-        if tls {
+        if how.tls {
             req.extensions_mut().insert(crate::tls::OverTls);
+        }
+        if let Some(port) = how.to_https {
+            req.extensions_mut().insert(crate::redirect::ToHttps(port));
         }
         with_host(&mut req);
         routes::handle(req, state.clone(), peer)

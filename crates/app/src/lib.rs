@@ -1,8 +1,8 @@
 //! The forkd worker: what runs in each forked process.
 //!
 //! - [`run`] builds a current-thread tokio runtime (after the fork, never
-//!   before), connects to Redis, serves HTTP/1.1 through hyper on the
-//!   inherited listener, beats its heartbeat from inside the runtime, and
+//!   before), connects to Redis, serves HTTP through hyper on the
+//!   inherited listeners, beats its heartbeat from inside the runtime, and
 //!   drains on SIGTERM.
 //! - `server`: the runtime, the accept loop, the heartbeat and the drain.
 //! - `routes`: dispatch only.
@@ -18,6 +18,9 @@
 //! - `proxy`: `[[route]]`s forwarded to upstream services.
 //! - `body`: the response body, whole or streamed from an upstream.
 //! - `connection`: one connection: TLS, HTTP/1.1 or HTTP/2, its drain.
+//! - `proxy_protocol`: the PROXY protocol header a trusted proxy sends
+//!   first, and the stream that replays what was read past it.
+//! - `redirect`: the plain-to-HTTPS redirect of a redirecting listener.
 //! - `conns`: open connections and tunnels, and their graceful end.
 //! - `head_limit`: the problem+json answer to a request head too large.
 //! - `local_limit`: the in-memory limiter (the host limit, and the
@@ -55,6 +58,8 @@ mod metrics;
 mod origin;
 mod profile;
 mod proxy;
+mod proxy_protocol;
+mod redirect;
 mod request_id;
 mod response;
 mod routes;
@@ -109,12 +114,26 @@ pub struct Settings {
     pub access_log: Option<AccessSettings>,
     pub routes: Vec<RouteSettings>,
     pub proxy: ProxySettings,
-    /// None: the listener speaks plain HTTP.
+    /// How each listener speaks, in the order of the worker's listeners.
+    pub listeners: Vec<ListenerSettings>,
+    /// The certificate, for the listeners that speak TLS.
     pub tls: Option<TlsSettings>,
     pub http2: Http2Settings,
 }
 
-/// HTTPS on the listener.
+/// How one listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerSettings {
+    pub tls: bool,
+    /// Every connection starts with a PROXY protocol header (v1 or v2),
+    /// and only trusted proxies may connect.
+    pub proxy_protocol: bool,
+    /// Answer with a redirect to HTTPS on this port (but `/healthz` and
+    /// `/readyz`).
+    pub redirect_https: Option<u16>,
+}
+
+/// HTTPS on the TLS listeners.
 #[derive(Clone)]
 pub struct TlsSettings {
     pub identity: Arc<Identity>,
@@ -329,7 +348,8 @@ pub trait Host: Send + Sync {
 pub struct Worker {
     pub slot: usize,
     pub generation: u64,
-    pub listener: TcpListener,
+    /// One per `Settings::listeners`, in the same order.
+    pub listeners: Vec<TcpListener>,
     pub settings: Settings,
     pub host: Arc<dyn Host>,
 }

@@ -30,8 +30,9 @@ pub(crate) const ACCESS_LINES_DROPPED: usize = CONNECTIONS_REFUSED + 1;
 pub(crate) const UPSTREAM_FAILED: usize = ACCESS_LINES_DROPPED + 1;
 pub(crate) const UPSTREAM_TIMEOUTS: usize = UPSTREAM_FAILED + 1;
 pub(crate) const TLS_HANDSHAKE_FAILURES: usize = UPSTREAM_TIMEOUTS + 1;
+pub(crate) const PROXY_HEADERS_REFUSED: usize = TLS_HANDSHAKE_FAILURES + 1;
 /// Counters used; the scoreboard must have at least this many.
-pub const USED: usize = TLS_HANDSHAKE_FAILURES + 1;
+pub const USED: usize = PROXY_HEADERS_REFUSED + 1;
 
 /// Reads one gauge of a worker.
 type Gauge = fn(&WorkerGauges) -> u64;
@@ -155,6 +156,13 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
             "counter",
             "TLS connections closed before a request: the handshake failed or timed out.",
             get(TLS_HANDSHAKE_FAILURES),
+        ),
+        (
+            "forkd_proxy_protocol_refused_total",
+            "counter",
+            "Connections to a PROXY protocol listener closed before a request: from an \
+             untrusted peer, or without a valid header.",
+            get(PROXY_HEADERS_REFUSED),
         ),
         (
             "forkd_access_log_lines_dropped_total",

@@ -121,6 +121,11 @@ async fn route(
     peer: SocketAddr,
     id: &str,
 ) -> Response<Body> {
+    if let Some(to) = req.extensions().get::<crate::redirect::ToHttps>() {
+        if !crate::redirect::served(req.uri().path()) {
+            return crate::redirect::to_https(&req, to.0);
+        }
+    }
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let post = *req.method() == Method::POST;
     let get = *req.method() == Method::GET;

@@ -10,7 +10,7 @@ use tokio::time::{sleep, Instant};
 
 use crate::access::AccessLog;
 use crate::state::State;
-use crate::Worker;
+use crate::{ListenerSettings, Worker};
 
 /// After SIGTERM, how long kept-alive connections may send one more
 /// request (answered with `Connection: close`) before idle ones are closed.
@@ -18,7 +18,8 @@ use crate::Worker;
 /// sending on it; this window makes that race practically vanish.
 const LINGER: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered: a fast stop outranks a graceful one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stop {
     Graceful,
     Fast,
@@ -71,16 +72,12 @@ async fn serve(w: Worker) -> i32 {
     let Worker {
         slot,
         generation,
-        listener,
+        listeners,
         settings,
         host,
     } = w;
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("cannot use the listening socket: {e}");
-            return 1;
-        }
+    let Some(listeners) = listeners_of(listeners, &settings.listeners) else {
+        return 1;
     };
     let access = match settings
         .access_log
@@ -126,8 +123,8 @@ async fn serve(w: Worker) -> i32 {
     };
     host.ready();
     log::debug!("accepting connections");
-    let stop = accept_loop(listener, protocols, &state, stop_rx).await;
-    // The listener is closed: queued connections go to the other workers.
+    let stop = accept_all(listeners, protocols, &state, stop_rx).await;
+    // The listeners are closed: queued connections go to the other workers.
     state.draining.store(true, Relaxed);
     host.draining();
     drain(&state.conns, stop, settings.shutdown_timeout).await;
@@ -184,19 +181,91 @@ fn spawn_heartbeat(state: &State, every: Duration) {
     });
 }
 
-/// Accepts and serves connections until a stop signal, within
-/// `http.max_connections` and the per-client cap. Consumes the listener,
-/// so that it is closed when this returns.
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
+/// The inherited sockets as tokio listeners, each with how it speaks.
+fn listeners_of(
+    listeners: Vec<std::net::TcpListener>,
+    how: &[ListenerSettings],
+) -> Option<Vec<(tokio::net::TcpListener, ListenerSettings)>> {
+    if listeners.len() != how.len() {
+        log::error!(
+            "{} listening socket(s) for {} configured listener(s)",
+            listeners.len(),
+            how.len()
+        );
+        return None;
+    }
+    let mut out = Vec::with_capacity(how.len());
+    for (l, how) in listeners.into_iter().zip(how) {
+        match tokio::net::TcpListener::from_std(l) {
+            Ok(l) => out.push((l, *how)),
+            Err(e) => {
+                log::error!("cannot use a listening socket: {e}");
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// One accept loop per listener, sharing the connection limits; returns
+/// once every loop has seen the stop.
+async fn accept_all(
+    listeners: Vec<(tokio::net::TcpListener, ListenerSettings)>,
     protocols: Arc<crate::connection::Protocols>,
     state: &Arc<State>,
+    stop_rx: watch::Receiver<Option<Stop>>,
+) -> Option<Stop> {
+    let limits = Limits {
+        total: Arc::new(Semaphore::new(state.settings.max_connections)),
+        per_client: crate::client::PerClient::new(state.settings.max_connections_per_client),
+    };
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|(listener, how)| {
+            tokio::spawn(accept_loop(
+                listener,
+                how,
+                protocols.clone(),
+                state.clone(),
+                limits.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    let mut stop = None;
+    for l in loops {
+        if let Ok(s) = l.await {
+            stop = stop.max(s);
+        }
+    }
+    stop
+}
+
+/// The connection limits every listener of a worker shares.
+#[derive(Clone)]
+struct Limits {
+    total: Arc<Semaphore>,
+    per_client: Arc<crate::client::PerClient>,
+}
+
+/// Accepts and serves connections until a stop signal, within
+/// `http.max_connections` and the per-client cap. Consumes the listener,
+/// so that it is closed when this returns. A PROXY protocol listener
+/// takes connections from trusted proxies only.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    how: ListenerSettings,
+    protocols: Arc<crate::connection::Protocols>,
+    state: Arc<State>,
+    limits: Limits,
     mut stop_rx: watch::Receiver<Option<Stop>>,
 ) -> Option<Stop> {
     let settings = &state.settings;
     let host = &state.host;
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
-    let per_client = crate::client::PerClient::new(settings.max_connections_per_client);
+    let Limits {
+        total: limit,
+        per_client,
+    } = limits;
     let mut accept_pause = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -220,9 +289,16 @@ async fn accept_loop(
             },
         };
         accept_pause = Duration::from_millis(10);
+        let trusted = (settings.trusted_proxy)(peer.ip());
+        if how.proxy_protocol && !trusted {
+            // Its header would name any address it liked.
+            host.count(crate::metrics::PROXY_HEADERS_REFUSED, 1);
+            log::debug!("PROXY protocol listener: refused {peer}, not a trusted proxy");
+            continue;
+        }
         // One client may not hold every place; a trusted proxy speaks for
         // many clients, so it is not capped.
-        let slot = if (settings.trusted_proxy)(peer.ip()) {
+        let slot = if trusted {
             None
         } else {
             match per_client.enter(peer.ip()) {
@@ -239,7 +315,7 @@ async fn accept_loop(
         let protocols = protocols.clone();
         let st = state.clone();
         tokio::spawn(async move {
-            protocols.serve(stream, peer, st, watcher).await;
+            protocols.serve(stream, peer, st, watcher, how).await;
             drop(open);
             drop(slot);
             drop(permit);

@@ -1,7 +1,6 @@
 //! The validated configuration: every value in range, durations as
 //! [`Duration`], networks as [`Cidr`]. What `forkd check-config` prints.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -124,7 +123,9 @@ pub struct RateLimit {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub instance: String,
-    pub listen: SocketAddr,
+    /// One or more, in the file's order.
+    #[serde(serialize_with = "crate::listen::serialize")]
+    pub listen: Vec<crate::listen::Listen>,
     pub backlog: u32,
     pub listener: ListenerMode,
     /// Resolved: `"auto"` has become the machine's available parallelism.

@@ -11,6 +11,8 @@
 //!   forked before it has succeeded.
 //! - `routes`: `[[route]]` (a prefix forwarded to an upstream) and
 //!   `[proxy]`, as written and validated.
+//! - `listen`: one address, or several listeners (plain, TLS, PROXY
+//!   protocol, redirect to HTTPS).
 //! - `tls`: `[tls]` (the certificate and key files, HSTS) and `[http2]`.
 //! - `check`: the value checks the tables share.
 //! - `cidr`: IP networks for the allow-lists.
@@ -23,6 +25,7 @@
 mod check;
 mod cidr;
 mod config;
+mod listen;
 mod location;
 mod overrides;
 mod raw;
@@ -39,6 +42,7 @@ pub use config::{
     redact_url, Auth, Config, Http, Metrics, OnRedisError, Policy, Profile, RateLimit, Recycle,
     Redis,
 };
+pub use listen::{Listen, RawListen, RawListener, MAX_LISTENERS};
 pub use location::Location;
 pub use overrides::keys;
 pub use raw::{

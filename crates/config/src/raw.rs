@@ -268,7 +268,7 @@ impl Default for RawRateLimit {
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     pub instance: String,
-    pub listen: String,
+    pub listen: crate::listen::RawListen,
     pub backlog: i64,
     pub listener: ListenerMode,
     pub workers: Workers,
@@ -303,7 +303,7 @@ impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
             instance: "forkd".into(),
-            listen: "127.0.0.1:8080".into(),
+            listen: crate::listen::RawListen::One("127.0.0.1:8080".into()),
             backlog: 1024,
             listener: ListenerMode::Shared,
             workers: Workers::Auto,

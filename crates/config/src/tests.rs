@@ -72,7 +72,7 @@ fn reuseport_with_a_user_to_drop_to_is_refused() {
 fn defaults_validate() {
     let c = RawConfig::default().validate(4).unwrap();
     assert_eq!(c.workers, 4);
-    assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(c.listen[0].address, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(c.listener, ListenerMode::Shared);
 }
 
@@ -325,4 +325,111 @@ fn a_non_finite_number_in_the_file_is_named_and_never_blamed_on_an_override() {
     }
     let mut c = parse("shutdown_timeout = 5\n").unwrap();
     c.set("listen", "127.0.0.1:1").unwrap();
+}
+
+const TLS_FILES: &str = "[tls]\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/k.pem\"\n";
+
+#[test]
+fn listen_takes_one_address_or_a_list_of_listeners() {
+    // One address: TLS when [tls] names a certificate, as always.
+    let c = parse(&format!("listen = \"127.0.0.1:8443\"\n{TLS_FILES}"))
+        .unwrap()
+        .validate(1)
+        .unwrap();
+    assert_eq!(c.listen.len(), 1);
+    assert!(c.listen[0].tls);
+    let text = format!(
+        "listen = [\"127.0.0.1:8443\", {{ address = \"127.0.0.1:8080\", tls = false }},\n\
+         {{ address = \"[::1]:8081\", redirect_https = true }},\n\
+         {{ address = \"127.0.0.1:9000\", tls = false, proxy_protocol = true }}]\n\
+         [http]\ntrusted_proxies = [\"10.0.0.0/8\"]\n{TLS_FILES}"
+    );
+    let c = parse(&text).unwrap().validate(1).unwrap();
+    let got: Vec<_> = c
+        .listen
+        .iter()
+        .map(|l| (l.address.port(), l.tls, l.proxy_protocol, l.redirect_https))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (8443, true, false, false),
+            (8080, false, false, false),
+            (8081, false, false, true),
+            (9000, false, true, false),
+        ]
+    );
+    // check-config prints what it validated, and that reads back the same.
+    let shown = c.to_toml();
+    let again = parse(&shown).unwrap().validate(1).unwrap();
+    assert_eq!(again.listen, c.listen, "{shown}");
+    // An override sets one plain address.
+    let mut raw = parse(&text).unwrap();
+    raw.set("listen", "127.0.0.1:1").unwrap();
+    let c = raw.validate(1).unwrap();
+    assert_eq!(c.listen.len(), 1);
+}
+
+#[test]
+fn a_listener_that_cannot_work_is_refused_naming_it() {
+    let cases = [
+        ("listen = []\n", "`listen`", "1 to 16"),
+        (
+            "listen = [\"127.0.0.1:1\", \"localhost:2\"]\n",
+            "`listen[1]`",
+            "IP:PORT",
+        ),
+        (
+            "listen = [\"127.0.0.1:1\", { address = \"127.0.0.1:2\", tsl = true }]\n",
+            "listen[1]",
+            "tsl",
+        ),
+        ("listen = [\"127.0.0.1:1\", 7]\n", "listen[1]", "an address"),
+        (
+            "listen = [{ address = \"127.0.0.1:1\", tls = true }]\n",
+            "`listen[0].tls`",
+            "tls.cert_file",
+        ),
+        (
+            "listen = [{ address = \"127.0.0.1:1\", proxy_protocol = true }]\n",
+            "`listen[0].proxy_protocol`",
+            "trusted_proxies",
+        ),
+        (
+            "listen = [{ address = \"127.0.0.1:1\", redirect_https = true }]\n",
+            "`listen`",
+            "TLS listener",
+        ),
+        (
+            "listen = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
+            "`listen[1]`",
+            "same address",
+        ),
+    ];
+    for (text, key, why) in cases {
+        let e = parse(text)
+            .and_then(|r| r.validate(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains(why), "{text}: {e}");
+    }
+    let e = parse(&format!(
+        "listen = [{{ address = \"127.0.0.1:1\", tls = true, redirect_https = true }}]\n{TLS_FILES}"
+    ))
+    .unwrap()
+    .validate(1)
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("redirect_https") && e.contains("tls = false"),
+        "{e}"
+    );
+    let e = parse(&format!(
+        "listen = [{{ address = \"127.0.0.1:1\", tls = false }}]\n{TLS_FILES}"
+    ))
+    .unwrap()
+    .validate(1)
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no listener speaks TLS"), "{e}");
 }

@@ -2,7 +2,6 @@
 //! (`RawHttp::validate` and so on), and the top level checks its keys and
 //! what spans tables.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::check::{bad, count, seconds};
@@ -50,13 +49,6 @@ impl RawConfig {
                 "expected 1 to 64 letters, digits, '-' or '_'",
             ));
         }
-        let listen: SocketAddr = self.listen.parse().map_err(|_| {
-            bad(
-                "listen",
-                &self.listen,
-                "expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
-            )
-        })?;
         let backlog = count("backlog", self.backlog, 1, 65_535)?;
         let workers = match self.workers {
             Workers::Auto => parallelism.clamp(1, MAX_WORKERS),
@@ -86,6 +78,9 @@ impl RawConfig {
         let proxy = self.proxy.validate()?;
         let tls = self.tls.validate()?;
         let http2 = self.http2.validate()?;
+        let listen = self
+            .listen
+            .validate(tls.files().is_some(), !http.trusted_proxies.is_empty())?;
         let route = crate::routes::validate_routes(&self.route, &proxy, &rate_limit.policy)?;
         if !(self.watchdog_quorum.is_finite() && (0.0..=1.0).contains(&self.watchdog_quorum)) {
             return Err(bad(

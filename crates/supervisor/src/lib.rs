@@ -97,7 +97,8 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fixed {
     pub instance: String,
-    pub listen: SocketAddr,
+    /// One or more addresses, in the configured order.
+    pub listen: Vec<SocketAddr>,
     pub backlog: u32,
     pub listener: ListenerMode,
     pub runtime_dir: PathBuf,
@@ -153,8 +154,9 @@ pub struct ManagedRedis {
 pub struct WorkerContext {
     pub slot: usize,
     pub generation: u64,
-    /// The socket to accept on (non-blocking), owned by this process.
-    pub listener: TcpListener,
+    /// The sockets to accept on (non-blocking), owned by this process, one
+    /// per `listen` address in the configured order.
+    pub listeners: Vec<TcpListener>,
     /// This worker's scoreboard cell.
     pub cell: WorkerCell,
     pub log_file: Option<PathBuf>,

@@ -19,7 +19,6 @@ mod upgrade;
 
 pub use start::run;
 
-use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::panic::AssertUnwindSafe;
@@ -72,9 +71,8 @@ pub(crate) struct Supervisor<P: Program> {
     program: P,
     pub(crate) plan: Plan,
     pub(crate) board: Scoreboard,
-    /// Shared mode: one socket. Reuseport mode: one per slot.
-    pub(crate) listeners: Vec<TcpListener>,
-    listen_addr: SocketAddr,
+    /// Per listen address: one socket, or (reuseport) one per slot.
+    pub(crate) sockets: listen::Sockets,
     signals: Signals,
     pub(crate) control: UnixListener,
     pub(crate) conns: Vec<Conn>,
@@ -197,21 +195,14 @@ impl<P: Program> Supervisor<P> {
         exit
     }
 
-    fn listener_for(&mut self, slot: usize) -> Result<&TcpListener, Error> {
-        if self.settings.fixed.listener == ListenerMode::Shared {
-            return Ok(&self.listeners[0]);
-        }
-        while self.listeners.len() <= slot {
-            let l = listen::bind(self.listen_addr, self.settings.fixed.backlog)?;
-            self.listeners.push(l);
-        }
-        Ok(&self.listeners[slot])
-    }
-
     fn spawn(&mut self, slot: usize, generation: u64) -> Vec<Action> {
         let now = now_ms();
-        let listener = match self.listener_for(slot) {
-            Ok(l) => l.as_raw_fd(),
+        let per_slot = self.settings.fixed.listener == ListenerMode::Reuseport;
+        let listeners = match self
+            .sockets
+            .for_slot(slot, per_slot, self.settings.fixed.backlog)
+        {
+            Ok(fds) => fds,
             Err(e) => {
                 log::error!("slot {slot}: {e}");
                 return self.plan.spawn_failed(slot, generation, now);
@@ -222,7 +213,7 @@ impl<P: Program> Supervisor<P> {
             return self.plan.spawn_failed(slot, generation, now);
         };
         match sys::fork() {
-            Ok(nix::unistd::ForkResult::Child) => self.child(slot, generation, cell, listener),
+            Ok(nix::unistd::ForkResult::Child) => self.child(slot, generation, cell, &listeners),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 self.board.set_pid(cell, child.as_raw());
                 self.plan
@@ -239,7 +230,7 @@ impl<P: Program> Supervisor<P> {
     }
 
     /// The child side of a fork. Never returns.
-    fn child(&self, slot: usize, generation: u64, cell: usize, listener_fd: i32) -> ! {
+    fn child(&self, slot: usize, generation: u64, cell: usize, listener_fds: &[i32]) -> ! {
         crate::signals::unblock_all();
         // Die with the supervisor, even when it is SIGKILLed, so that no
         // orphan keeps the port; then make sure it had not died already.
@@ -247,15 +238,21 @@ impl<P: Program> Supervisor<P> {
         if nix::unistd::getppid().as_raw() != self.pid {
             sys::exit_now(1);
         }
-        let listener = self
-            .listeners
-            .iter()
-            .find(|l| l.as_raw_fd() == listener_fd)
-            .and_then(|l| l.try_clone().ok());
-        let Some(listener) = listener else {
-            sys::exit_now(1);
-        };
-        sys::close_fds_except(&[0, 1, 2, listener.as_raw_fd()]);
+        let mut listeners = Vec::with_capacity(listener_fds.len());
+        for fd in listener_fds {
+            let l = self
+                .sockets
+                .all()
+                .find(|l| l.as_raw_fd() == *fd)
+                .and_then(|l| l.try_clone().ok());
+            let Some(l) = l else {
+                sys::exit_now(1);
+            };
+            listeners.push(l);
+        }
+        let mut keep = vec![0, 1, 2];
+        keep.extend(listeners.iter().map(|l| l.as_raw_fd()));
+        sys::close_fds_except(&keep);
         // The worker faces the network: nothing that speaks for the service
         // to systemd, and no upgrade state.
         sys::scrub_environment(|k| {
@@ -266,7 +263,7 @@ impl<P: Program> Supervisor<P> {
         let ctx = WorkerContext {
             slot,
             generation,
-            listener,
+            listeners,
             cell: self.board.handle(cell),
             log_file: self.settings.live.log_file.clone(),
         };
@@ -346,7 +343,7 @@ impl<P: Program> Supervisor<P> {
         if self.settings.fixed.listener == ListenerMode::Reuseport {
             // The slot sockets of removed slots close here; their retiring
             // workers hold their own copies until they exit.
-            self.listeners.truncate(n.max(1));
+            self.sockets.truncate(n);
         }
         actions
     }
@@ -373,8 +370,8 @@ impl<P: Program> Supervisor<P> {
     /// Connections waiting in the listening sockets' accept queues, and
     /// their backlog, summed.
     pub(super) fn accept_queue(&self) -> (u64, u64) {
-        self.listeners
-            .iter()
+        self.sockets
+            .all()
             .filter_map(|l| sys::accept_queue(l.as_fd()))
             .fold((0, 0), |(q, b), (lq, lb)| (q + lq, b + lb))
     }

@@ -174,7 +174,7 @@ impl<P: Program> Supervisor<P> {
             pid: self.pid,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             build: self.settings.fixed.build.clone(),
-            listen: self.listen_addr.to_string(),
+            listen: crate::listen::describe(&self.sockets.addrs()),
             listener: self.settings.fixed.listener.name().to_owned(),
             generation: self.plan.generation(),
             phase: match (self.plan.phase(), self.plan.reloading()) {

@@ -3,7 +3,7 @@
 //! and goes back to the previous binary when it cannot. Both end in
 //! [`Supervisor::new`].
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use nix::sys::stat::{umask, Mode};
@@ -93,11 +93,8 @@ fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>
         // Its append-only file holds password hashes and sessions.
         PrivateDir::prepare(&r.dir, "redis data directory", account.as_ref(), true)?;
     }
-    let first = first_listener(&mut settings)?;
+    let sockets = listen::Sockets::new(first_listeners(&mut settings)?)?;
     let fixed = &settings.fixed;
-    let listen_addr = first
-        .local_addr()
-        .map_err(|e| Error::Bind(fixed.listen, e))?;
     let control_path = control_socket_path(&fixed.runtime_dir, &fixed.instance);
     let control = bind_control(&control_path)?;
     if let Some(acct) = &account {
@@ -128,7 +125,7 @@ fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>
         env!("CARGO_PKG_VERSION"),
         fixed.instance,
         settings.live.workers,
-        listen_addr,
+        crate::listen::describe(&sockets.addrs()),
         fixed.listener.name()
     );
     let mut plan = Plan::new(
@@ -143,8 +140,7 @@ fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>
         program,
         Parts {
             pidfile,
-            listeners: vec![first],
-            listen_addr,
+            sockets,
             control,
             board,
             signals,
@@ -155,25 +151,39 @@ fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>
     ))
 }
 
-/// The socket systemd passed (socket activation), or a new one bound to
-/// `listen` once nothing else serves it.
-fn first_listener(settings: &mut Settings) -> Result<TcpListener, Error> {
+/// The sockets systemd passed (socket activation), or new ones bound to
+/// each `listen` address once nothing else serves it.
+fn first_listeners(settings: &mut Settings) -> Result<Vec<TcpListener>, Error> {
     let fixed = &mut settings.fixed;
-    match sys::listen_fds().into_iter().next() {
-        Some(fd) => {
-            let l = listen::adopt(fd)?;
-            if fixed.listener == ListenerMode::Reuseport {
-                log::warn!("socket activation: serving on the passed socket in shared mode");
-                fixed.listener = ListenerMode::Shared;
-            }
+    let passed = sys::listen_fds();
+    if !passed.is_empty() {
+        let adopted = passed
+            .into_iter()
+            .map(listen::adopt)
+            .collect::<Result<Vec<_>, _>>()?;
+        let matched = listen::match_passed(adopted, &fixed.listen)?;
+        if fixed.listener == ListenerMode::Reuseport {
+            log::warn!("socket activation: serving on the passed sockets in shared mode");
+            fixed.listener = ListenerMode::Shared;
+        }
+        if matched.len() == 1 {
             log::info!("socket activation: adopted the socket passed by systemd");
-            Ok(l)
+        } else {
+            log::info!(
+                "socket activation: adopted the {} sockets passed by systemd",
+                matched.len()
+            );
         }
-        None => {
-            listen::ensure_free(fixed.listen)?;
-            listen::bind(fixed.listen, fixed.backlog)
-        }
+        return Ok(matched);
     }
+    for addr in &fixed.listen {
+        listen::ensure_free(*addr)?;
+    }
+    fixed
+        .listen
+        .iter()
+        .map(|addr| listen::bind(*addr, fixed.backlog))
+        .collect()
 }
 
 /// The control socket, made 0600 (the umask covers the bind itself).
@@ -192,8 +202,7 @@ fn bind_control(path: &std::path::Path) -> Result<UnixListener, Error> {
 /// What a fresh start and a resume both bring to the supervisor.
 pub(crate) struct Parts {
     pub(crate) pidfile: Pidfile,
-    pub(crate) listeners: Vec<TcpListener>,
-    pub(crate) listen_addr: SocketAddr,
+    pub(crate) sockets: listen::Sockets,
     pub(crate) control: UnixListener,
     pub(crate) board: Scoreboard,
     pub(crate) signals: Signals,
@@ -221,8 +230,7 @@ impl<P: Program> Supervisor<P> {
             settings,
             program,
             board: parts.board,
-            listeners: parts.listeners,
-            listen_addr: parts.listen_addr,
+            sockets: parts.sockets,
             signals: parts.signals,
             control: parts.control,
             conns: Vec::new(),
@@ -307,18 +315,22 @@ fn adopt<P: Program>(
             .adopt(fd)
             .map_err(sys_err("an inherited descriptor"))
     };
-    let mut listeners = Vec::new();
+    let mut passed = Vec::new();
     for fd in &h.listeners {
-        listeners.push(TcpListener::from(take(*fd)?));
+        passed.push(TcpListener::from(take(*fd)?));
     }
-    if listeners.len() > 1 {
+    let sockets = listen::Sockets::regroup(passed)?;
+    if sockets.addrs().len() != settings.fixed.listen.len() {
+        return Err(Error::Upgrade(format!(
+            "the running instance listens on {}, but this configuration names {} listener(s); \
+             a change of `listen` needs a restart",
+            listen::describe(&sockets.addrs()),
+            settings.fixed.listen.len()
+        )));
+    }
+    if sockets.per_slot() {
         settings.fixed.listener = ListenerMode::Reuseport;
     }
-    let listen_addr = listeners
-        .first()
-        .ok_or_else(|| Error::Upgrade("the upgrade state names no listening socket".into()))?
-        .local_addr()
-        .map_err(|e| Error::Bind(settings.fixed.listen, e))?;
     let control = UnixListener::from(take(h.control)?);
     control
         .set_nonblocking(true)
@@ -366,8 +378,7 @@ fn adopt<P: Program>(
         program,
         Parts {
             pidfile,
-            listeners,
-            listen_addr,
+            sockets,
             control,
             board,
             signals,

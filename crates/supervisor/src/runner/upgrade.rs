@@ -171,7 +171,7 @@ impl<P: Program> Supervisor<P> {
             image: image.map(|f| f.as_raw_fd()),
         };
         let payload = Payload {
-            listeners: self.listeners.iter().map(|l| l.as_raw_fd()).collect(),
+            listeners: self.sockets.all().map(|l| l.as_raw_fd()).collect(),
             pidfile: pidfile.fd().as_raw_fd(),
             control: self.control.as_raw_fd(),
             scoreboard: self.board.fd().as_raw_fd(),
@@ -234,7 +234,7 @@ impl<P: Program> Supervisor<P> {
         let Some(pidfile) = &self.pidfile else {
             return "no pidfile".into();
         };
-        let mut passed: Vec<BorrowedFd<'_>> = self.listeners.iter().map(|l| l.as_fd()).collect();
+        let mut passed: Vec<BorrowedFd<'_>> = self.sockets.all().map(|l| l.as_fd()).collect();
         passed.extend([self.control.as_fd(), self.board.fd(), pidfile.fd()]);
         passed.extend(self.waiting_upgrade());
         passed.extend(previous_exe.map(|f| f.as_fd()));
