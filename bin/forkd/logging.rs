@@ -12,6 +12,10 @@ static WORKER_SLOT: AtomicIsize = AtomicIsize::new(-1);
 pub(crate) fn init(level: &str) {
     let mut b = env_logger::Builder::new();
     b.parse_filters(level);
+    // rustls warns about what a client sent (an IP address as SNI, as
+    // OpenSSL-based clients send it): a line per connection that any
+    // client could make. Its errors stay; RUST_LOG can ask for more.
+    b.filter_module("rustls", log::LevelFilter::Error);
     if let Ok(spec) = std::env::var("RUST_LOG") {
         b.parse_filters(&spec);
     }

@@ -281,6 +281,7 @@ fn start(
         source,
         config,
         tls,
+        tickets: forkd_app::TicketKeys::generate().map_err(anyhow::Error::msg)?,
         previous: None,
     };
     forkd_supervisor::run(settings, program, inherited).context("cannot start")

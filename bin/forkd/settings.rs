@@ -183,6 +183,7 @@ pub(crate) fn matcher(nets: Vec<forkd_config::Cidr>) -> forkd_app::TrustedProxy 
 pub(crate) fn app_settings(
     c: &Config,
     tls: Option<&Arc<forkd_app::Identity>>,
+    tickets: &forkd_app::TicketKeys,
 ) -> forkd_app::Settings {
     forkd_app::Settings {
         header_read_timeout: c.http.header_read_timeout,
@@ -266,6 +267,7 @@ pub(crate) fn app_settings(
             identity: id.clone(),
             hsts: hsts(c),
             handshake_timeout: c.tls.handshake_timeout,
+            tickets: tickets.clone(),
         }),
         http2: forkd_app::Http2Settings {
             enabled: c.http2.enabled,

@@ -19,7 +19,10 @@ pub(crate) struct Forkd {
     pub(crate) config: Config,
     /// The certificate and key, read by this process, inherited by workers.
     pub(crate) tls: Option<Arc<Identity>>,
-    pub(crate) previous: Option<(Config, Option<Arc<Identity>>)>,
+    /// Session-ticket keys for every worker of this configuration; a
+    /// reload rotates them.
+    pub(crate) tickets: forkd_app::TicketKeys,
+    pub(crate) previous: Option<(Config, Option<Arc<Identity>>, forkd_app::TicketKeys)>,
 }
 
 impl Program for Forkd {
@@ -29,7 +32,7 @@ impl Program for Forkd {
             slot: ctx.slot,
             generation: ctx.generation,
             listeners: ctx.listeners,
-            settings: app_settings(&self.config, self.tls.as_ref()),
+            settings: app_settings(&self.config, self.tls.as_ref(), &self.tickets),
             host: Arc::new(CellHost {
                 cell: ctx.cell,
                 log_file: ctx.log_file,
@@ -54,17 +57,20 @@ impl Program for Forkd {
         // A bad certificate or key refuses the whole reload: the workers
         // keep serving the pair they have.
         let tls = load_tls(&new)?;
+        let tickets = self.tickets.rotate()?;
         let settings = supervisor_settings(&new, tls.as_deref());
         let config = std::mem::replace(&mut self.config, new);
         let tls = std::mem::replace(&mut self.tls, tls);
-        self.previous = Some((config, tls));
+        let tickets = std::mem::replace(&mut self.tickets, tickets);
+        self.previous = Some((config, tls, tickets));
         Ok(settings)
     }
 
     fn abandon_reload(&mut self) {
-        if let Some((config, tls)) = self.previous.take() {
+        if let Some((config, tls, tickets)) = self.previous.take() {
             self.config = config;
             self.tls = tls;
+            self.tickets = tickets;
         }
     }
 }

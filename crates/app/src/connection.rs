@@ -71,8 +71,9 @@ impl Protocols {
             .keep_alive_timeout(s.header_read_timeout);
         let tls = match &s.tls {
             Some(t) => {
-                let config = crate::tls::server_config(&t.identity, s.http2.enabled)
-                    .map_err(|e| format!("cannot use the TLS certificate: {e}"))?;
+                let config =
+                    crate::tls::server_config(&t.identity, s.http2.enabled, Some(&t.tickets))
+                        .map_err(|e| format!("cannot use the TLS certificate: {e}"))?;
                 Some((TlsAcceptor::from(config), t.handshake_timeout))
             }
             None => None,

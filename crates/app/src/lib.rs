@@ -32,6 +32,8 @@
 //! - `inflight`: requests in flight, and the oldest, for forensics.
 //! - `tls`: the certificate and key ([`Identity`], loaded by the
 //!   supervisor, inherited across fork) and each worker's rustls config.
+//! - `tickets`: session-ticket keys every worker shares ([`TicketKeys`],
+//!   made by the supervisor, rotated by a reload).
 //! - [`secrets`]: argon2id password hashes, the dummy hash, bearer tokens.
 //!
 //! The worker knows nothing of the supervisor: it reports through the
@@ -66,6 +68,7 @@ mod routes;
 pub mod secrets;
 mod server;
 mod state;
+mod tickets;
 mod tls;
 
 use std::net::{IpAddr, TcpListener};
@@ -77,6 +80,7 @@ pub use forkd_store::{Policy, StoreConfig};
 pub use hyper::header::{HeaderName, HeaderValue};
 pub use metrics::USED as COUNTERS_USED;
 pub use server::run;
+pub use tickets::TicketKeys;
 pub use tls::{CertificateInfo, Identity};
 
 /// Decides whether an address is a trusted proxy.
@@ -140,6 +144,8 @@ pub struct TlsSettings {
     /// The `Strict-Transport-Security` value, when HSTS is on.
     pub hsts: Option<hyper::header::HeaderValue>,
     pub handshake_timeout: Duration,
+    /// Session-ticket keys shared by every worker of this configuration.
+    pub tickets: TicketKeys,
 }
 
 /// HTTP/2: by ALPN on TLS, by prior knowledge on plain TCP.
