@@ -145,7 +145,14 @@ fn plain_tls_and_redirecting_listeners_serve_side_by_side() {
     expect(&curl(Some(&ca), tls, "/healthz", &[]), 200, "2");
     assert_eq!(curl(None, redirect, "/", &[]).status, 308);
 
-    // An upgrade hands every listener to the new image, plain and TLS alike.
+    // An upgrade hands every listener to the new image, plain and TLS
+    // alike, each to its own settings even when the file now lists them in
+    // another order.
+    let reordered = format!(
+        "[{{ address = \"127.0.0.1:{redirect}\", redirect_https = true }}, \"127.0.0.1:{tls}\", \
+         {{ address = \"127.0.0.1:{plain}\", tls = false }}]"
+    );
+    set_listen_text(&f, &good, &reordered);
     let out = f.cli(&["upgrade"]);
     assert!(
         out.status.success(),

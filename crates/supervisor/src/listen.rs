@@ -130,6 +130,37 @@ impl Sockets {
         Ok(Sockets { groups })
     }
 
+    /// Puts the groups in the order of `wanted` (the configuration's
+    /// `listen`), each matched as [`pick`] does, so that every listener's
+    /// settings reach its own socket.
+    ///
+    /// # Errors
+    /// The sockets do not match `wanted` one to one.
+    pub(crate) fn follow(&mut self, wanted: &[SocketAddr]) -> Result<(), Error> {
+        let differ = |have: &[SocketAddr]| {
+            Error::Upgrade(format!(
+                "the running instance listens on {}, but this configuration names {}; \
+                 a change of `listen` needs a restart",
+                describe(have),
+                describe(wanted)
+            ))
+        };
+        let have = self.addrs();
+        if have.len() != wanted.len() {
+            return Err(differ(&have));
+        }
+        let mut left = std::mem::take(&mut self.groups);
+        for want in wanted {
+            let addrs: Vec<SocketAddr> = left.iter().map(|g| g.addr).collect();
+            let Some(i) = pick(&addrs, *want) else {
+                self.groups.append(&mut left);
+                return Err(differ(&have));
+            };
+            self.groups.push(left.remove(i));
+        }
+        Ok(())
+    }
+
     /// The addresses, as bound.
     pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
         self.groups.iter().map(|g| g.addr).collect()
@@ -181,6 +212,24 @@ impl Sockets {
     }
 }
 
+/// Which of `bound` serves the configured address `want`: the one bound
+/// to it; else, for port 0 (any port), the only one on its IP; else the
+/// only one on its port (systemd binds `ListenStream=8443` on every
+/// address).
+fn pick(bound: &[SocketAddr], want: SocketAddr) -> Option<usize> {
+    let only = |keep: &dyn Fn(&SocketAddr) -> bool| {
+        let found: Vec<usize> = (0..bound.len()).filter(|&i| keep(&bound[i])).collect();
+        (found.len() == 1).then(|| found[0])
+    };
+    if let Some(i) = bound.iter().position(|a| *a == want) {
+        return Some(i);
+    }
+    if want.port() == 0 {
+        return only(&|a| a.ip() == want.ip());
+    }
+    only(&|a| a.port() == want.port())
+}
+
 /// The sockets systemd passed, matched to the configured addresses: one
 /// socket for one address as it comes; for several, each address takes
 /// the passed socket bound to it, or else the only one on its port.
@@ -206,14 +255,8 @@ pub(crate) fn match_passed(
         .collect::<Result<_, Error>>()?;
     let mut out = Vec::with_capacity(wanted.len());
     for want in wanted {
-        let exact = left.iter().position(|(a, _)| a == want);
-        let by_port = || {
-            let same: Vec<usize> = (0..left.len())
-                .filter(|&i| left[i].0.port() == want.port())
-                .collect();
-            (same.len() == 1).then(|| same[0])
-        };
-        let Some(i) = exact.or_else(by_port) else {
+        let addrs: Vec<SocketAddr> = left.iter().map(|(a, _)| *a).collect();
+        let Some(i) = pick(&addrs, *want) else {
             return Err(Error::Activation(format!(
                 "no passed socket for listen address {want} (passed: {})",
                 left.iter()
@@ -230,4 +273,45 @@ pub(crate) fn match_passed(
         )));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_configured_address_finds_its_socket() {
+        let bound = [a("127.0.0.1:8080"), a("0.0.0.0:8443"), a("127.0.0.2:41234")];
+        assert_eq!(pick(&bound, a("127.0.0.1:8080")), Some(0));
+        // systemd's ListenStream=8443 binds every address.
+        assert_eq!(pick(&bound, a("10.0.0.1:8443")), Some(1));
+        // Port 0: whatever port the kernel gave that address.
+        assert_eq!(pick(&bound, a("127.0.0.2:0")), Some(2));
+        assert_eq!(pick(&bound, a("127.0.0.1:9999")), None);
+        // Two on one port: only an exact match will do.
+        let two = [a("127.0.0.1:80"), a("127.0.0.2:80")];
+        assert_eq!(pick(&two, a("127.0.0.3:80")), None);
+        assert_eq!(pick(&two, a("127.0.0.2:80")), Some(1));
+    }
+
+    #[test]
+    fn an_upgrade_puts_the_sockets_in_the_configured_order() {
+        let l = |addr: &str| bind(a(addr), 16).unwrap();
+        let first = l("127.0.0.1:0");
+        let second = l("127.0.0.1:0");
+        let (p1, p2) = (first.local_addr().unwrap(), second.local_addr().unwrap());
+        let mut s = Sockets::regroup(vec![first, second]).unwrap();
+        s.follow(&[p2, p1]).unwrap();
+        assert_eq!(s.addrs(), vec![p2, p1]);
+        let e = s.follow(&[p1]).unwrap_err().to_string();
+        assert!(e.contains("needs a restart"), "{e}");
+        let e = s.follow(&[p1, a("127.0.0.1:1")]).unwrap_err().to_string();
+        assert!(e.contains("needs a restart"), "{e}");
+        // A refused order leaves the sockets as they were.
+        assert_eq!(s.addrs().len(), 2);
+    }
 }

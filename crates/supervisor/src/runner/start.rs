@@ -319,15 +319,8 @@ fn adopt<P: Program>(
     for fd in &h.listeners {
         passed.push(TcpListener::from(take(*fd)?));
     }
-    let sockets = listen::Sockets::regroup(passed)?;
-    if sockets.addrs().len() != settings.fixed.listen.len() {
-        return Err(Error::Upgrade(format!(
-            "the running instance listens on {}, but this configuration names {} listener(s); \
-             a change of `listen` needs a restart",
-            listen::describe(&sockets.addrs()),
-            settings.fixed.listen.len()
-        )));
-    }
+    let mut sockets = listen::Sockets::regroup(passed)?;
+    sockets.follow(&settings.fixed.listen)?;
     if sockets.per_slot() {
         settings.fixed.listener = ListenerMode::Reuseport;
     }
