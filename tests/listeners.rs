@@ -254,6 +254,15 @@ fn proxy_protocol_carries_the_client_address_and_refuses_everyone_else() {
     );
     let v2_7 = || v2(Some([203, 0, 113, 7]), pp);
     assert_eq!(send(with(v2_7(), &failed_login("u3"))).unwrap(), 429);
+    // A header that names no client (LOCAL) leaves the balancer as the
+    // peer: the X-Forwarded-For a client sent through it is not believed,
+    // though the balancer is a trusted proxy.
+    let spoof = failed_login("u5").replacen(
+        "Connection: close\r\n",
+        "Connection: close\r\nX-Forwarded-For: 203.0.113.7\r\n",
+        1,
+    );
+    assert_eq!(send(with(v2(None, pp), &spoof)).unwrap(), 401);
     // Another client behind the same balancer is not limited, nor is the
     // balancer itself on the plain listener.
     let v2_8 = v2(Some([203, 0, 113, 8]), pp);
@@ -300,13 +309,12 @@ fn proxy_protocol_carries_the_client_address_and_refuses_everyone_else() {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .map(|v| v["client"].as_str().unwrap_or("").to_owned())
             .collect();
-        clients
-            .iter()
-            .any(|c| c == "203.0.113.8")
+        let both = ["203.0.113.7", "203.0.113.8"];
+        both.iter()
+            .all(|b| clients.iter().any(|c| c == b))
             .then_some(clients)
     })
-    .expect("the access log names the client the header carried");
-    assert!(seen.iter().any(|c| c == "203.0.113.7"), "{seen:?}");
+    .expect("the access log names the clients the headers carried");
     assert!(!seen.iter().any(|c| c == "127.0.0.3"), "{seen:?}");
     let m = raw_bytes_from("127.0.0.1", plain, METRICS.as_bytes()).unwrap();
     let figures = parse_exposition(&m.body);
@@ -342,6 +350,63 @@ fn socket_activation_hands_several_listeners_over_by_address() {
         "{}",
         f.log_text()
     );
+    signal(f.pid(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(f.wait_exit(PATIENCE), Some(0));
+}
+
+/// Sends a PROXY v1 header naming `client` and one kept-alive /healthz on
+/// a new connection from the balancer 127.0.0.2; returns the open
+/// connection once its answer's status line came.
+fn held_connection(client: &str, port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut s = connect_from("127.0.0.2", port).unwrap();
+    s.write_all(&with(
+        v1(client, port),
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ))
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.windows(2).any(|w| w == b"\r\n") && got.len() < 4096 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    s
+}
+
+#[test]
+fn a_client_behind_a_proxy_protocol_balancer_keeps_to_its_connection_cap() {
+    let redis = RedisServer::start();
+    // One worker: the cap is per worker.
+    let mut f = Forkd::configure("workers = 1\n");
+    let pp = f.port;
+    set_listen(
+        &f,
+        &format!("[{{ address = \"127.0.0.1:{pp}\", proxy_protocol = true }}]"),
+        "[http]\ntrusted_proxies = [\"127.0.0.2/32\"]\nmax_connections_per_client = 2\n",
+    );
+    f.env.push(("FORKD_REDIS_URL".into(), redis.url()));
+    f.spawn(&[]);
+    f.wait_ready();
+    let held = [
+        held_connection("203.0.113.9", pp),
+        held_connection("203.0.113.9", pp),
+    ];
+    let healthz = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    // The balancer itself is never capped; the client it names is.
+    let third = with(v1("203.0.113.9", pp), healthz);
+    assert!(raw_bytes_from("127.0.0.2", pp, &third).is_err());
+    let other = with(v1("203.0.113.10", pp), healthz);
+    assert_eq!(raw_bytes_from("127.0.0.2", pp, &other).unwrap().status, 200);
+    drop(held);
+    let r = poll(PATIENCE, || raw_bytes_from("127.0.0.2", pp, &third).ok());
+    assert_eq!(r.expect("a place again once the two closed").status, 200);
     signal(f.pid(), nix::sys::signal::Signal::SIGTERM);
     assert_eq!(f.wait_exit(PATIENCE), Some(0));
 }

@@ -333,10 +333,12 @@ fn h2_streams_multiplex_and_a_reload_drains_them_with_goaway() {
 
     // Twenty streams in flight on one connection when its worker is
     // replaced, twice: the worker says GOAWAY and every stream completes.
+    // They last 10 s, so that they are still open when the rolling reload
+    // reaches their worker, on a loaded machine too.
     // (A client that keeps opening streams after a GOAWAY has them refused
     // as RFC 9113 says, safe to retry; h2load counts those as failed
     // without retrying, so it is not the judge here.)
-    let slow = format!("https://127.0.0.1:{}/slow/3000", f.port);
+    let slow = format!("https://127.0.0.1:{}/slow/10000", f.port);
     let nghttp = Command::new("nghttp")
         .args(["-nv", "-m", "20", &slow])
         .stdout(Stdio::piped())

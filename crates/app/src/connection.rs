@@ -96,18 +96,38 @@ impl Protocols {
         state: Arc<State>,
         mut watcher: Watcher,
         listener: ListenerSettings,
+        caps: &Arc<crate::client::PerClient>,
     ) {
         let host = state.host.clone();
         let mut before = Vec::new();
+        // A PROXY header that names no client (the balancer's own check):
+        // the peer is the balancer, whose trust must not extend to the
+        // forwarding headers a client sent through it.
+        let mut anonymous = false;
+        // The client a PROXY header names takes its place under the
+        // per-client cap, as one that connects directly does.
+        let mut _place = None;
         if listener.proxy_protocol {
-            let read = crate::proxy_protocol::read_header(&mut stream, peer);
+            let read = crate::proxy_protocol::read_header(&mut stream);
             let header = tokio::select! {
                 r = tokio::time::timeout(state.settings.header_read_timeout, read) => r,
                 () = watcher.stopping() => return,
             };
             match header.unwrap_or(Err(Refused::TimedOut)) {
                 Ok((client, rest)) => {
-                    peer = client;
+                    match client {
+                        Some(c) => peer = c,
+                        None => anonymous = true,
+                    }
+                    if client.is_some() && !(state.settings.trusted_proxy)(peer.ip()) {
+                        match caps.enter(peer.ip()) {
+                            Some(p) => _place = Some(p),
+                            None => {
+                                host.count(crate::metrics::CONNECTIONS_REFUSED, 1);
+                                return;
+                            }
+                        }
+                    }
                     before = rest;
                 }
                 Err(e) => {
@@ -137,6 +157,7 @@ impl Protocols {
             let how = How {
                 tls: false,
                 to_https,
+                anonymous,
             };
             return run(builder, io, state, peer, how, watcher).await;
         };
@@ -166,6 +187,7 @@ impl Protocols {
         let how = How {
             tls: true,
             to_https: None,
+            anonymous,
         };
         run(
             builder,
@@ -185,6 +207,8 @@ struct How {
     tls: bool,
     /// A redirecting listener: the HTTPS port.
     to_https: Option<u16>,
+    /// Forwarding headers are the client's own, never to be believed.
+    anonymous: bool,
 }
 
 /// Drives a connection until it ends, or gracefully ends it (GOAWAY on
@@ -220,6 +244,11 @@ async fn run<I>(
         if let Some(port) = how.to_https {
             req.extensions_mut().insert(crate::redirect::ToHttps(port));
         }
+        if how.anonymous {
+            for name in FORWARDING {
+                req.headers_mut().remove(name);
+            }
+        }
         with_host(&mut req);
         routes::handle(req, state.clone(), peer)
     });
@@ -232,6 +261,14 @@ async fn run<I>(
         log::debug!("connection ended: {e}");
     }
 }
+
+/// The headers through which a trusted proxy names the client.
+const FORWARDING: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
 
 /// An HTTP/2 request names its authority in the URI, not in `Host`: give
 /// it the header, so that every handler sees requests alike on h1 and h2.

@@ -48,12 +48,11 @@ impl std::fmt::Display for Refused {
 }
 
 /// Reads the header from `stream`. Returns the client address it names
-/// (the proxy's own, `peer`, for a v2 LOCAL or v1 UNKNOWN header: a health
-/// check of the proxy itself) and the bytes read past it.
+/// (None for a v2 LOCAL or v1 UNKNOWN header, the proxy's own health check,
+/// or one that names no IP client) and the bytes read past it.
 pub(crate) async fn read_header<S: AsyncRead + Unpin>(
     stream: &mut S,
-    peer: SocketAddr,
-) -> Result<(SocketAddr, Vec<u8>), Refused> {
+) -> Result<(Option<SocketAddr>, Vec<u8>), Refused> {
     let mut buf = vec![0u8; MAX_HEADER_BYTES];
     let mut have = 0;
     loop {
@@ -69,7 +68,7 @@ pub(crate) async fn read_header<S: AsyncRead + Unpin>(
             });
         }
         have += n;
-        if let Some(parsed) = parse(&buf[..have], peer)? {
+        if let Some(parsed) = parse(&buf[..have])? {
             let (client, len) = parsed;
             return Ok((client, buf[len..have].to_vec()));
         }
@@ -81,7 +80,7 @@ pub(crate) async fn read_header<S: AsyncRead + Unpin>(
 
 /// Some((client, header length)) once `bytes` hold a whole header; None
 /// while they may still become one.
-fn parse(bytes: &[u8], peer: SocketAddr) -> Result<Option<(SocketAddr, usize)>, Refused> {
+fn parse(bytes: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, Refused> {
     let starts = |prefix: &[u8]| {
         let n = bytes.len().min(prefix.len());
         bytes[..n] == prefix[..n]
@@ -97,26 +96,26 @@ fn parse(bytes: &[u8], peer: SocketAddr) -> Result<Option<(SocketAddr, usize)>, 
         HeaderResult::V1(Ok(h)) => {
             let client = match h.addresses {
                 ppp::v1::Addresses::Tcp4(a) => {
-                    SocketAddr::new(a.source_address.into(), a.source_port)
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
                 }
                 ppp::v1::Addresses::Tcp6(a) => {
-                    SocketAddr::new(a.source_address.into(), a.source_port)
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
                 }
-                ppp::v1::Addresses::Unknown => peer,
+                ppp::v1::Addresses::Unknown => None,
             };
             Ok(Some((client, h.header.len())))
         }
         HeaderResult::V2(Ok(h)) => {
             let client = match (h.command, h.addresses) {
                 (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => {
-                    SocketAddr::new(a.source_address.into(), a.source_port)
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
                 }
                 (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => {
-                    SocketAddr::new(a.source_address.into(), a.source_port)
+                    Some(SocketAddr::new(a.source_address.into(), a.source_port))
                 }
                 // LOCAL (the proxy's own health check), or an address family
-                // that names no IP client: the connection's own peer.
-                _ => peer,
+                // that names no IP client.
+                _ => None,
             };
             Ok(Some((client, h.len())))
         }
@@ -197,21 +196,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
 
-    fn peer() -> SocketAddr {
-        "127.0.0.2:40000".parse().unwrap()
-    }
-
     #[test]
     fn v1_tcp4_tcp6_and_unknown() {
         let h = b"PROXY TCP4 203.0.113.7 198.51.100.1 51234 443\r\nGET /";
-        let (client, len) = parse(h, peer()).unwrap().unwrap();
-        assert_eq!(client, "203.0.113.7:51234".parse().unwrap());
+        let (client, len) = parse(h).unwrap().unwrap();
+        assert_eq!(client, Some("203.0.113.7:51234".parse().unwrap()));
         assert_eq!(&h[len..], b"GET /");
         let h = b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 443\r\n";
-        let (client, _) = parse(h, peer()).unwrap().unwrap();
-        assert_eq!(client, "[2001:db8::1]:4000".parse().unwrap());
-        let (client, _) = parse(b"PROXY UNKNOWN\r\n", peer()).unwrap().unwrap();
-        assert_eq!(client, peer());
+        let (client, _) = parse(h).unwrap().unwrap();
+        assert_eq!(client, Some("[2001:db8::1]:4000".parse().unwrap()));
+        let (client, _) = parse(b"PROXY UNKNOWN\r\n").unwrap().unwrap();
+        assert_eq!(client, None);
     }
 
     #[test]
@@ -221,23 +216,23 @@ mod tests {
             0x21, 0x11, 0, 12, 203, 0, 113, 9, 198, 51, 100, 1, 0x1f, 0x90, 1, 187,
         ]);
         h.extend(b"rest");
-        let (client, len) = parse(&h, peer()).unwrap().unwrap();
-        assert_eq!(client, "203.0.113.9:8080".parse().unwrap());
+        let (client, len) = parse(&h).unwrap().unwrap();
+        assert_eq!(client, Some("203.0.113.9:8080".parse().unwrap()));
         assert_eq!(&h[len..], b"rest");
         let mut local = V2_PREFIX.to_vec();
         local.extend([0x20, 0x00, 0, 0]);
-        let (client, len) = parse(&local, peer()).unwrap().unwrap();
-        assert_eq!((client, len), (peer(), 16));
+        let (client, len) = parse(&local).unwrap().unwrap();
+        assert_eq!((client, len), (None, 16));
     }
 
     #[test]
     fn partial_missing_and_invalid() {
-        assert_eq!(parse(b"PROXY TCP4 203.0", peer()), Ok(None));
-        assert_eq!(parse(&V2_PREFIX[..7], peer()), Ok(None));
-        assert_eq!(parse(b"GET / HTTP/1.1\r\n", peer()), Err(Refused::Missing));
-        assert_eq!(parse(b"\x16\x03\x01", peer()), Err(Refused::Missing));
+        assert_eq!(parse(b"PROXY TCP4 203.0"), Ok(None));
+        assert_eq!(parse(&V2_PREFIX[..7]), Ok(None));
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(Refused::Missing));
+        assert_eq!(parse(b"\x16\x03\x01"), Err(Refused::Missing));
         assert!(matches!(
-            parse(b"PROXY TCP4 not-an-ip 1.2.3.4 1 2\r\n", peer()),
+            parse(b"PROXY TCP4 not-an-ip 1.2.3.4 1 2\r\n"),
             Err(Refused::Invalid(_))
         ));
     }

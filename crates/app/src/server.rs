@@ -314,8 +314,9 @@ async fn accept_loop(
         let watcher = state.conns.watcher();
         let protocols = protocols.clone();
         let st = state.clone();
+        let caps = per_client.clone();
         tokio::spawn(async move {
-            protocols.serve(stream, peer, st, watcher, how).await;
+            protocols.serve(stream, peer, st, watcher, how, &caps).await;
             drop(open);
             drop(slot);
             drop(permit);
