@@ -104,9 +104,6 @@ impl Protocols {
         // the peer is the balancer, whose trust must not extend to the
         // forwarding headers a client sent through it.
         let mut anonymous = false;
-        // The client a PROXY header names takes its place under the
-        // per-client cap, as one that connects directly does.
-        let mut _place = None;
         if listener.proxy_protocol {
             let read = crate::proxy_protocol::read_header(&mut stream);
             let header = tokio::select! {
@@ -119,15 +116,6 @@ impl Protocols {
                         Some(c) => peer = c,
                         None => anonymous = true,
                     }
-                    if client.is_some() && !(state.settings.trusted_proxy)(peer.ip()) {
-                        match caps.enter(peer.ip()) {
-                            Some(p) => _place = Some(p),
-                            None => {
-                                host.count(crate::metrics::CONNECTIONS_REFUSED, 1);
-                                return;
-                            }
-                        }
-                    }
                     before = rest;
                 }
                 Err(e) => {
@@ -137,6 +125,20 @@ impl Protocols {
                 }
             }
         }
+        // One client may not hold every place, whether it connected itself
+        // or a PROXY header names it; a trusted proxy speaks for many
+        // clients, so it is not capped.
+        let _place = if (state.settings.trusted_proxy)(peer.ip()) {
+            None
+        } else {
+            match caps.enter(peer.ip()) {
+                Some(p) => Some(p),
+                None => {
+                    host.count(crate::metrics::CONNECTIONS_REFUSED, 1);
+                    return;
+                }
+            }
+        };
         let stream = Prefixed::new(before, stream);
         let to_https = listener.redirect_https;
         let tls = match (&self.tls, listener.tls) {

@@ -296,19 +296,6 @@ async fn accept_loop(
             log::debug!("PROXY protocol listener: refused {peer}, not a trusted proxy");
             continue;
         }
-        // One client may not hold every place; a trusted proxy speaks for
-        // many clients, so it is not capped.
-        let slot = if trusted {
-            None
-        } else {
-            match per_client.enter(peer.ip()) {
-                Some(s) => Some(s),
-                None => {
-                    host.count(crate::metrics::CONNECTIONS_REFUSED, 1);
-                    continue;
-                }
-            }
-        };
         let _ = stream.set_nodelay(true);
         let open = crate::connection::Open::new(state.clone());
         let watcher = state.conns.watcher();
@@ -318,7 +305,6 @@ async fn accept_loop(
         tokio::spawn(async move {
             protocols.serve(stream, peer, st, watcher, how, &caps).await;
             drop(open);
-            drop(slot);
             drop(permit);
         });
     }

@@ -97,11 +97,17 @@ impl Secret {
         Ok(s)
     }
 
-    /// The name and key of `period` (HKDF-SHA256 over the secret).
-    fn derive(&self, period: u64) -> ([u8; NAME_LEN], LessSafeKey) {
+    /// The name of the key for `period`: this secret's id, then the period.
+    fn name(&self, period: u64) -> [u8; NAME_LEN] {
         let mut name = [0u8; NAME_LEN];
         name[..8].copy_from_slice(&self.id);
         name[8..].copy_from_slice(&period.to_be_bytes());
+        name
+    }
+
+    /// The name and key of `period` (HKDF-SHA256 over the secret).
+    fn derive(&self, period: u64) -> ([u8; NAME_LEN], LessSafeKey) {
+        let name = self.name(period);
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"forkd session tickets").extract(&self.bytes);
         let info = [name.as_slice()];
         let okm = prk
@@ -142,9 +148,7 @@ impl Sealer {
         f: impl FnOnce(&[u8; NAME_LEN], &LessSafeKey) -> T,
     ) -> T {
         let mut derived = self.derived.lock().unwrap_or_else(|e| e.into_inner());
-        let mut name = [0u8; NAME_LEN];
-        name[..8].copy_from_slice(&secret.id);
-        name[8..].copy_from_slice(&period.to_be_bytes());
+        let name = secret.name(period);
         let at = match derived.iter().position(|(n, _)| *n == name) {
             Some(at) => at,
             None => {
