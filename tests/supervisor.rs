@@ -50,6 +50,30 @@ fn two_workers_answer_from_two_pids_and_status_lists_both() {
 }
 
 #[test]
+fn a_burst_of_connections_is_spread_over_the_workers() {
+    let f = Forkd::start(TWO);
+    f.wait_ready();
+    // 64 connections opened at once, as wrk or a balancer's pool does:
+    // the kernel completes them all before any worker accepts, and every
+    // worker is woken for them. Which worker serves each one is the pid in
+    // its /healthz answer, asked once all are open.
+    let mut conns: Vec<_> = (0..64)
+        .map(|_| std::io::BufReader::new(connect_from("127.0.0.1", f.port).unwrap()))
+        .collect();
+    let mut per_worker = std::collections::HashMap::<i32, usize>::new();
+    for c in &mut conns {
+        let r = get_on(c, "/healthz").unwrap();
+        assert_eq!(r.status, 200);
+        *per_worker.entry(r.pid()).or_default() += 1;
+    }
+    // The first worker awake used to take the whole burst ([0, 64] and
+    // [11, 53] were common); a worker holding more than one and an eighth
+    // over another now leaves it the next connection.
+    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
+    assert!(per_worker.values().all(|&n| n >= 16), "{per_worker:?}");
+}
+
+#[test]
 fn kill_9_worker_is_replaced_within_a_second_and_the_other_is_untouched() {
     let f = Forkd::start(TWO);
     f.wait_ready();

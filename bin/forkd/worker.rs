@@ -32,6 +32,7 @@ impl Program for Forkd {
             slot: ctx.slot,
             generation: ctx.generation,
             listeners: ctx.listeners,
+            shared_listeners: ctx.shared_listeners,
             settings: app_settings(&self.config, self.tls.as_ref(), &self.tickets),
             host: Arc::new(CellHost {
                 cell: ctx.cell,
@@ -125,6 +126,9 @@ impl forkd_app::Host for CellHost {
     }
     fn set_connections(&self, n: u64) {
         self.cell.set_connections(n);
+    }
+    fn fewest_connections_elsewhere(&self, fresh_ms: u64) -> Option<u64> {
+        self.cell.fewest_connections_elsewhere(fresh_ms)
     }
     fn set_hash_queue(&self, n: u64) {
         self.cell.set_hash_queue(n);

@@ -112,6 +112,13 @@ pub fn raw_bytes_from(source: &str, port: u16, bytes: &[u8]) -> std::io::Result<
     read_response(&mut BufReader::new(s), false)
 }
 
+/// `GET path` on an open connection, kept alive.
+pub fn get_on(conn: &mut BufReader<TcpStream>, path: &str) -> std::io::Result<Response> {
+    conn.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())?;
+    read_response(conn, false)
+}
+
 /// `GET path` on a new connection.
 pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
     raw(

@@ -341,6 +341,9 @@ pub trait Host: Send + Sync {
     /// Requests in flight; the oldest is unchanged.
     fn set_in_flight_count(&self, n: u64);
     fn set_connections(&self, n: u64);
+    /// The fewest open connections of any other worker that accepts (ready,
+    /// its heartbeat at most `fresh_ms` old); None when there is none.
+    fn fewest_connections_elsewhere(&self, fresh_ms: u64) -> Option<u64>;
     /// Logins waiting for a password check.
     fn set_hash_queue(&self, n: u64);
     /// The supervisor is stopping: /readyz must fail.
@@ -356,6 +359,8 @@ pub struct Worker {
     pub generation: u64,
     /// One per `Settings::listeners`, in the same order.
     pub listeners: Vec<TcpListener>,
+    /// Whether every worker accepts on these same sockets.
+    pub shared_listeners: bool,
     pub settings: Settings,
     pub host: Arc<dyn Host>,
 }

@@ -73,6 +73,7 @@ async fn serve(w: Worker) -> i32 {
         slot,
         generation,
         listeners,
+        shared_listeners,
         settings,
         host,
     } = w;
@@ -123,7 +124,7 @@ async fn serve(w: Worker) -> i32 {
     };
     host.ready();
     log::debug!("accepting connections");
-    let stop = accept_all(listeners, protocols, &state, stop_rx).await;
+    let stop = accept_all(listeners, shared_listeners, protocols, &state, stop_rx).await;
     // The listeners are closed: queued connections go to the other workers.
     state.draining.store(true, Relaxed);
     host.draining();
@@ -211,6 +212,7 @@ fn listeners_of(
 /// once every loop has seen the stop.
 async fn accept_all(
     listeners: Vec<(tokio::net::TcpListener, ListenerSettings)>,
+    shared: bool,
     protocols: Arc<crate::connection::Protocols>,
     state: &Arc<State>,
     stop_rx: watch::Receiver<Option<Stop>>,
@@ -218,6 +220,8 @@ async fn accept_all(
     let limits = Limits {
         total: Arc::new(Semaphore::new(state.settings.max_connections)),
         per_client: crate::client::PerClient::new(state.settings.max_connections_per_client),
+        // A heartbeat older than two beats: that worker's loop is stuck.
+        balance: shared.then(|| 2 * state.settings.heartbeat_interval.as_millis() as u64 + 250),
     };
     let loops: Vec<_> = listeners
         .into_iter()
@@ -246,6 +250,28 @@ async fn accept_all(
 struct Limits {
     total: Arc<Semaphore>,
     per_client: Arc<crate::client::PerClient>,
+    /// On shared listeners: how fresh another worker's heartbeat must be
+    /// for this one to leave it connections (see [`give_way`]).
+    balance: Option<u64>,
+}
+
+/// How long a worker holding more than its share of connections waits
+/// before it takes the next one from a shared listener.
+const GIVE_WAY: Duration = Duration::from_millis(1);
+const GIVE_WAY_TRIES: usize = 4;
+
+/// Whether this worker should let another take the next connection: it
+/// holds more than another live, accepting worker, by more than one and
+/// an eighth. Every worker is woken for each connection on a shared
+/// listener, and without this the first one awake takes a whole burst
+/// (a load balancer's pool, wrk's 64 connections), which then runs on
+/// one core while the others idle.
+fn give_way(state: &State, fresh_ms: u64) -> bool {
+    let mine = state.connections.load(Relaxed);
+    state
+        .host
+        .fewest_connections_elsewhere(fresh_ms)
+        .is_some_and(|fewest| mine > fewest + 1 + mine / 8)
 }
 
 /// Accepts and serves connections until a stop signal, within
@@ -265,6 +291,7 @@ async fn accept_loop(
     let Limits {
         total: limit,
         per_client,
+        balance,
     } = limits;
     let mut accept_pause = Duration::from_millis(10);
     loop {
@@ -273,6 +300,19 @@ async fn accept_loop(
             _ = stop_rx.changed() => return *stop_rx.borrow(),
             p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
+        // A bounded wait, so that a slow peer (or one that cannot accept,
+        // out of file descriptors) delays a connection by GIVE_WAY_TRIES
+        // pauses at most.
+        for _ in 0..GIVE_WAY_TRIES {
+            if !balance.is_some_and(|fresh| give_way(&state, fresh)) {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = stop_rx.changed() => return *stop_rx.borrow(),
+                () = sleep(GIVE_WAY) => {}
+            }
+        }
         let (stream, peer) = tokio::select! {
             biased;
             _ = stop_rx.changed() => return *stop_rx.borrow(),

@@ -157,6 +157,9 @@ pub struct WorkerContext {
     /// The sockets to accept on (non-blocking), owned by this process, one
     /// per `listen` address in the configured order.
     pub listeners: Vec<TcpListener>,
+    /// Whether every worker accepts on these same sockets (the shared
+    /// listener), rather than each on sockets of its own (reuseport).
+    pub shared_listeners: bool,
     /// This worker's scoreboard cell.
     pub cell: WorkerCell,
     pub log_file: Option<PathBuf>,

@@ -402,6 +402,22 @@ impl WorkerCell {
         self.own_activity().connections.store(n, Relaxed);
     }
 
+    /// The fewest open connections of any other worker that accepts
+    /// (ready, its heartbeat at most `fresh_ms` old); None when there is
+    /// no such worker.
+    pub fn fewest_connections_elsewhere(&self, fresh_ms: u64) -> Option<u64> {
+        let now = now_ms();
+        (1..self.cells.len())
+            .filter(|&i| i != self.index)
+            .filter(|&i| {
+                let c = self.at(i);
+                c.state.load(Relaxed) == WorkerState::Ready as u32
+                    && now.saturating_sub(c.heartbeat_ms.load(Relaxed)) <= fresh_ms
+            })
+            .map(|i| self.activity.get(i).connections.load(Relaxed))
+            .min()
+    }
+
     /// Logins waiting for a password check in this worker.
     pub fn set_hash_queue(&self, n: u64) {
         self.own_activity().hash_queue.store(n, Relaxed);
@@ -447,4 +463,39 @@ pub fn now_ms() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
     t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fewest_connections_elsewhere_are_of_live_accepting_workers_only() {
+        let board = Scoreboard::new(4).unwrap();
+        let now = now_ms();
+        let cells: Vec<WorkerCell> = (0..4)
+            .map(|slot| board.handle(board.claim(slot, 1, now).unwrap()))
+            .collect();
+        let [me, busy, idle, draining] = &cells[..] else {
+            unreachable!()
+        };
+        // Starting workers do not accept yet.
+        assert_eq!(me.fewest_connections_elsewhere(1000), None);
+        for (c, n) in [(me, 9), (busy, 12), (idle, 3), (draining, 0)] {
+            c.set_ready();
+            c.heartbeat();
+            c.set_connections(n);
+        }
+        draining.set_draining();
+        assert_eq!(me.fewest_connections_elsewhere(1000), Some(3));
+        assert_eq!(idle.fewest_connections_elsewhere(1000), Some(9));
+        // A worker whose heartbeat is stale may be stuck: it is not left
+        // connections.
+        idle.cell()
+            .heartbeat_ms
+            .store(now.saturating_sub(5000), Relaxed);
+        assert_eq!(me.fewest_connections_elsewhere(1000), Some(12));
+        busy.set_draining();
+        assert_eq!(me.fewest_connections_elsewhere(1000), None);
+    }
 }

@@ -264,6 +264,7 @@ impl<P: Program> Supervisor<P> {
             slot,
             generation,
             listeners,
+            shared_listeners: self.settings.fixed.listener != ListenerMode::Reuseport,
             cell: self.board.handle(cell),
             log_file: self.settings.live.log_file.clone(),
         };
