@@ -9,8 +9,8 @@
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use ring::hkdf;
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use aws_lc_rs::hkdf;
 
 /// How long a ticket may be used, and how long one derived key makes
 /// tickets: every 6 hours (by the wall clock) each worker derives the same
@@ -80,7 +80,7 @@ impl TicketKeys {
         Sealer {
             keys: self.clone(),
             derived: Mutex::new(Vec::new()),
-            rng: ring::rand::SystemRandom::new(),
+            rng: aws_lc_rs::rand::SystemRandom::new(),
         }
     }
 }
@@ -124,7 +124,7 @@ struct Sealer {
     keys: TicketKeys,
     /// Keys derived so far (at most the two periods of two secrets).
     derived: Mutex<Vec<([u8; NAME_LEN], LessSafeKey)>>,
-    rng: ring::rand::SystemRandom,
+    rng: aws_lc_rs::rand::SystemRandom,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -164,7 +164,7 @@ impl Sealer {
     }
 
     fn seal_at(&self, plain: &[u8], now: u64) -> Option<Vec<u8>> {
-        use ring::rand::SecureRandom;
+        use aws_lc_rs::rand::SecureRandom;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
         let mut sealed = Vec::with_capacity(8 + plain.len() + AES_256_GCM.tag_len());

@@ -20,13 +20,13 @@ const SESSION_CACHE_ENTRIES: usize = 4096;
 
 /// The suites in the server's order of preference, AES-128-GCM with
 /// SHA-256 first: the suite browsers ask for first, and the cheaper one
-/// here, since *ring* hashes SHA-256 with the CPU's SHA extensions but
-/// SHA-384 in software (the TLS 1.3 key schedule hashes a lot: with
-/// OpenSSL clients, which ask for AES-256 first, SHA-384 was 11 % of a
-/// worker's time in a new-connection benchmark). Every suite is as strong
-/// as TLS 1.3 requires; a client is never refused for its order.
+/// (fewer AES rounds, and SHA-256 runs on the CPU's SHA extensions; the
+/// TLS 1.3 key schedule hashes a lot: with OpenSSL clients, which ask for
+/// AES-256 first, SHA-384 was 11 % of a worker's time in a new-connection
+/// benchmark under *ring*). Every suite is as strong as TLS 1.3 requires;
+/// a client is never refused for its order.
 static PREFERRED_SUITES: &[rustls::SupportedCipherSuite] = {
-    use rustls::crypto::ring::cipher_suite::*;
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
     &[
         TLS13_AES_128_GCM_SHA256,
         TLS13_AES_256_GCM_SHA384,
@@ -161,7 +161,7 @@ pub(crate) fn server_config(
     h2: bool,
     tickets: Option<&crate::TicketKeys>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites = PREFERRED_SUITES.to_vec();
     let mut c = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
