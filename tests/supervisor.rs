@@ -67,8 +67,8 @@ fn a_burst_of_connections_is_spread_over_the_workers() {
         *per_worker.entry(r.pid()).or_default() += 1;
     }
     // The first worker awake used to take the whole burst ([0, 64] and
-    // [11, 53] were common); a worker holding more than one and an eighth
-    // over another now leaves it the next connection.
+    // [11, 53] were common); a worker holding more than another, by more
+    // than an eighth of its own, now leaves it the next connection.
     assert_eq!(per_worker.len(), 2, "{per_worker:?}");
     assert!(per_worker.values().all(|&n| n >= 16), "{per_worker:?}");
 }

@@ -22,6 +22,8 @@
 //!   first, and the stream that replays what was read past it.
 //! - `redirect`: the plain-to-HTTPS redirect of a redirecting listener.
 //! - `conns`: open connections and tunnels, and their graceful end.
+//! - `balance`: spreading lasting connections over the workers of a
+//!   shared listener.
 //! - `head_limit`: the problem+json answer to a request head too large.
 //! - `local_limit`: the in-memory limiter (the host limit, and the
 //!   fallback while Redis cannot answer).
@@ -45,6 +47,7 @@
 
 mod access;
 mod auth;
+mod balance;
 mod body;
 pub mod buckets;
 mod client;

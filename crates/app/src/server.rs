@@ -9,6 +9,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, Instant};
 
 use crate::access::AccessLog;
+use crate::balance::{Balance, GIVE_WAY, GIVE_WAY_TRIES};
 use crate::state::State;
 use crate::{ListenerSettings, Worker};
 
@@ -251,27 +252,8 @@ struct Limits {
     total: Arc<Semaphore>,
     per_client: Arc<crate::client::PerClient>,
     /// On shared listeners: how fresh another worker's heartbeat must be
-    /// for this one to leave it connections (see [`give_way`]).
+    /// for this one to leave it connections (see `balance`).
     balance: Option<u64>,
-}
-
-/// How long a worker holding more than its share of connections waits
-/// before it takes the next one from a shared listener.
-const GIVE_WAY: Duration = Duration::from_millis(1);
-const GIVE_WAY_TRIES: usize = 4;
-
-/// Whether this worker should let another take the next connection: it
-/// holds more than another live, accepting worker, by more than one and
-/// an eighth. Every worker is woken for each connection on a shared
-/// listener, and without this the first one awake takes a whole burst
-/// (a load balancer's pool, wrk's 64 connections), which then runs on
-/// one core while the others idle.
-fn give_way(state: &State, fresh_ms: u64) -> bool {
-    let mine = state.connections.load(Relaxed);
-    state
-        .host
-        .fewest_connections_elsewhere(fresh_ms)
-        .is_some_and(|fewest| mine > fewest + 1 + mine / 8)
 }
 
 /// Accepts and serves connections until a stop signal, within
@@ -293,6 +275,7 @@ async fn accept_loop(
         per_client,
         balance,
     } = limits;
+    let mut balance = balance.map(Balance::new);
     let mut accept_pause = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -300,17 +283,16 @@ async fn accept_loop(
             _ = stop_rx.changed() => return *stop_rx.borrow(),
             p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        // A bounded wait, so that a slow peer (or one that cannot accept,
-        // out of file descriptors) delays a connection by GIVE_WAY_TRIES
-        // pauses at most.
-        for _ in 0..GIVE_WAY_TRIES {
-            if !balance.is_some_and(|fresh| give_way(&state, fresh)) {
-                break;
-            }
-            tokio::select! {
-                biased;
-                _ = stop_rx.changed() => return *stop_rx.borrow(),
-                () = sleep(GIVE_WAY) => {}
+        if let Some(b) = balance.as_mut() {
+            for _ in 0..GIVE_WAY_TRIES {
+                if !b.give_way(&state) {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop_rx.changed() => return *stop_rx.borrow(),
+                    () = sleep(GIVE_WAY) => {}
+                }
             }
         }
         let (stream, peer) = tokio::select! {
@@ -329,6 +311,9 @@ async fn accept_loop(
             },
         };
         accept_pause = Duration::from_millis(10);
+        if let Some(b) = balance.as_mut() {
+            b.accepted();
+        }
         let trusted = (settings.trusted_proxy)(peer.ip());
         if how.proxy_protocol && !trusted {
             // Its header would name any address it liked.
