@@ -373,6 +373,16 @@ fn an_upgrade_is_tunnelled_both_ways() {
         r.read_exact(&mut back).unwrap();
         assert_eq!(back, frame);
     }
+    // The tunnel still counts as an open connection (what spreading
+    // connections over the workers compares): it and the scrape, 2.
+    let open = || {
+        let m = parse_exposition(&get(f.port, "/metrics").ok()?.body);
+        m.iter()
+            .find(|(k, _)| k.starts_with("forkd_worker_connections{"))
+            .map(|(_, v)| *v)
+    };
+    poll(PATIENCE, || (open()? == 2.0).then_some(()))
+        .unwrap_or_else(|| panic!("open connections: {:?}", open()));
 }
 
 fn rewrite(f: &Forkd, extra: &str) {

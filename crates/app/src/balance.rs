@@ -13,16 +13,18 @@ use std::time::{Duration, Instant};
 
 use crate::state::State;
 
-/// How long a worker over its share waits before it takes the next
+/// How long a worker over its share waits before it takes a queued
 /// connection, and how many times at most: a slow peer, or one that cannot
-/// accept (out of file descriptors), delays a connection by 4 ms at most.
+/// accept (out of file descriptors), delays a connection by 4 pauses at
+/// most (each 1-2 ms: tokio's timer rounds up to its next tick).
 pub(crate) const GIVE_WAY: Duration = Duration::from_millis(1);
 pub(crate) const GIVE_WAY_TRIES: usize = 4;
 
 /// The window in which accepts are counted to tell churn from a burst.
 const WINDOW: Duration = Duration::from_millis(100);
 
-/// One accept loop's view: which peers count, and its recent accepts.
+/// A worker's view: which peers count, and its recent accepts (on all of
+/// its shared listeners, as its connection count covers them all).
 pub(crate) struct Balance {
     /// How fresh another worker's heartbeat must be for this one to leave
     /// it connections (a stale one may be stuck).

@@ -5,7 +5,6 @@
 //! request in flight, HTTP/2 sends GOAWAY and lets open streams finish.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -286,22 +285,4 @@ fn with_host<B>(req: &mut hyper::Request<B>) {
         return;
     };
     req.headers_mut().insert(HOST, v);
-}
-
-/// Counts the connection open while it lives.
-pub(crate) struct Open(pub(crate) Arc<State>);
-
-impl Open {
-    pub(crate) fn new(state: Arc<State>) -> Open {
-        let open = state.connections.fetch_add(1, Relaxed) + 1;
-        state.host.set_connections(open);
-        Open(state)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        let open = self.0.connections.fetch_sub(1, Relaxed) - 1;
-        self.0.host.set_connections(open);
-    }
 }

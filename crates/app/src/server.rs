@@ -1,9 +1,10 @@
 //! The worker's runtime, accept loop and graceful drain.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, Instant};
@@ -183,11 +184,15 @@ fn spawn_heartbeat(state: &State, every: Duration) {
     });
 }
 
-/// The inherited sockets as tokio listeners, each with how it speaks.
+/// A listening socket watched for readiness, so that a connection can be
+/// left to another worker before any is taken (see `balance`).
+type Listener = AsyncFd<std::net::TcpListener>;
+
+/// The inherited sockets, each with how it speaks.
 fn listeners_of(
     listeners: Vec<std::net::TcpListener>,
     how: &[ListenerSettings],
-) -> Option<Vec<(tokio::net::TcpListener, ListenerSettings)>> {
+) -> Option<Vec<(Listener, ListenerSettings)>> {
     if listeners.len() != how.len() {
         log::error!(
             "{} listening socket(s) for {} configured listener(s)",
@@ -198,7 +203,15 @@ fn listeners_of(
     }
     let mut out = Vec::with_capacity(how.len());
     for (l, how) in listeners.into_iter().zip(how) {
-        match tokio::net::TcpListener::from_std(l) {
+        // tokio 1.54 deprecates this constructor because a type could report
+        // a descriptor it does not own; a TcpListener owns its own and
+        // reports it for its whole life, which is all the replacement
+        // (`register_with_interest`, which this crate may not call) asks.
+        #[allow(deprecated)]
+        let registered = l
+            .set_nonblocking(true)
+            .and_then(|()| AsyncFd::with_interest(l, tokio::io::Interest::READABLE));
+        match registered {
             Ok(l) => out.push((l, *how)),
             Err(e) => {
                 log::error!("cannot use a listening socket: {e}");
@@ -212,7 +225,7 @@ fn listeners_of(
 /// One accept loop per listener, sharing the connection limits; returns
 /// once every loop has seen the stop.
 async fn accept_all(
-    listeners: Vec<(tokio::net::TcpListener, ListenerSettings)>,
+    listeners: Vec<(Listener, ListenerSettings)>,
     shared: bool,
     protocols: Arc<crate::connection::Protocols>,
     state: &Arc<State>,
@@ -222,7 +235,11 @@ async fn accept_all(
         total: Arc::new(Semaphore::new(state.settings.max_connections)),
         per_client: crate::client::PerClient::new(state.settings.max_connections_per_client),
         // A heartbeat older than two beats: that worker's loop is stuck.
-        balance: shared.then(|| 2 * state.settings.heartbeat_interval.as_millis() as u64 + 250),
+        balance: shared.then(|| {
+            Arc::new(Mutex::new(Balance::new(
+                2 * state.settings.heartbeat_interval.as_millis() as u64 + 250,
+            )))
+        }),
     };
     let loops: Vec<_> = listeners
         .into_iter()
@@ -251,9 +268,13 @@ async fn accept_all(
 struct Limits {
     total: Arc<Semaphore>,
     per_client: Arc<crate::client::PerClient>,
-    /// On shared listeners: how fresh another worker's heartbeat must be
-    /// for this one to leave it connections (see `balance`).
-    balance: Option<u64>,
+    /// On shared listeners, the accepts of every loop of this worker (see
+    /// `balance`).
+    balance: Option<Arc<Mutex<Balance>>>,
+}
+
+fn lock(b: &Mutex<Balance>) -> std::sync::MutexGuard<'_, Balance> {
+    b.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Accepts and serves connections until a stop signal, within
@@ -261,7 +282,7 @@ struct Limits {
 /// so that it is closed when this returns. A PROXY protocol listener
 /// takes connections from trusted proxies only.
 async fn accept_loop(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     how: ListenerSettings,
     protocols: Arc<crate::connection::Protocols>,
     state: Arc<State>,
@@ -275,7 +296,6 @@ async fn accept_loop(
         per_client,
         balance,
     } = limits;
-    let mut balance = balance.map(Balance::new);
     let mut accept_pause = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
@@ -283,9 +303,24 @@ async fn accept_loop(
             _ = stop_rx.changed() => return *stop_rx.borrow(),
             p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
-        if let Some(b) = balance.as_mut() {
+        // Once a connection is queued: on a shared listener, a worker over
+        // its share leaves it to another for a moment.
+        let mut queued = tokio::select! {
+            biased;
+            _ = stop_rx.changed() => return *stop_rx.borrow(),
+            r = listener.readable() => match r {
+                Ok(guard) => guard,
+                Err(e) => {
+                    log::warn!("listening socket: {e}; retrying in {accept_pause:?}");
+                    sleep(accept_pause).await;
+                    accept_pause = (accept_pause * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        if let Some(b) = &balance {
             for _ in 0..GIVE_WAY_TRIES {
-                if !b.give_way(&state) {
+                if !lock(b).give_way(&state) {
                     break;
                 }
                 tokio::select! {
@@ -295,24 +330,28 @@ async fn accept_loop(
                 }
             }
         }
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = stop_rx.changed() => return *stop_rx.borrow(),
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE, ENOBUFS and friends pass; back off and retry
-                    // rather than end the worker.
-                    log::warn!("accept failed: {e}; retrying in {accept_pause:?}");
-                    sleep(accept_pause).await;
-                    accept_pause = (accept_pause * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
+        let accepted = match queued.try_io(|l| l.get_ref().accept()) {
+            // Another worker took it.
+            Err(_would_block) => continue,
+            Ok(r) => r.and_then(|(s, peer)| {
+                s.set_nonblocking(true)?;
+                Ok((tokio::net::TcpStream::from_std(s)?, peer))
+            }),
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE, ENOBUFS and friends pass; back off and retry
+                // rather than end the worker.
+                log::warn!("accept failed: {e}; retrying in {accept_pause:?}");
+                sleep(accept_pause).await;
+                accept_pause = (accept_pause * 2).min(Duration::from_secs(1));
+                continue;
+            }
         };
         accept_pause = Duration::from_millis(10);
-        if let Some(b) = balance.as_mut() {
-            b.accepted();
+        if let Some(b) = &balance {
+            lock(b).accepted();
         }
         let trusted = (settings.trusted_proxy)(peer.ip());
         if how.proxy_protocol && !trusted {
@@ -322,7 +361,7 @@ async fn accept_loop(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let open = crate::connection::Open::new(state.clone());
+        let open = crate::state::Open::new(state.clone());
         let watcher = state.conns.watcher();
         let protocols = protocols.clone();
         let st = state.clone();

@@ -1,6 +1,6 @@
 //! What every request handler of one worker shares.
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,8 +45,9 @@ pub(crate) struct State {
     pub(crate) request_ids: RequestIds,
     pub(crate) in_flight: Arc<InFlight>,
     pub(crate) access: Option<AccessLog>,
-    /// Open connections, and logins waiting for a password check.
+    /// Open connections (upgrade tunnels included).
     pub(crate) connections: AtomicU64,
+    /// Logins waiting for a password check.
     pub(crate) hash_waiting: AtomicU64,
     /// Open connections and upgrade tunnels, for the drain.
     pub(crate) conns: Conns,
@@ -100,5 +101,23 @@ impl State {
             "The session store is unavailable; try again shortly.",
             REDIS_RETRY,
         )
+    }
+}
+
+/// Counts the connection open while it lives.
+pub(crate) struct Open(pub(crate) Arc<State>);
+
+impl Open {
+    pub(crate) fn new(state: Arc<State>) -> Open {
+        let open = state.connections.fetch_add(1, Relaxed) + 1;
+        state.host.set_connections(open);
+        Open(state)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let open = self.0.connections.fetch_sub(1, Relaxed) - 1;
+        self.0.host.set_connections(open);
     }
 }

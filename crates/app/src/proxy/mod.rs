@@ -356,8 +356,11 @@ pub(crate) async fn forward_auth(
 /// it up to `shutdown_timeout`.
 fn tunnel(st: &Arc<State>, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     let watcher = st.conns.watcher();
+    // The client's connection lives on as the tunnel: counted as open (for
+    // /metrics and for spreading connections over the workers).
+    let open = crate::state::Open::new(st.clone());
     tokio::spawn(async move {
-        let _open = watcher;
+        let _open = (watcher, open);
         let (client, upstream) = match tokio::join!(client, upstream) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
