@@ -305,38 +305,35 @@ async fn accept_loop(
         };
         // Once a connection is queued: on a shared listener, a worker over
         // its share leaves it to another for a moment.
-        let mut queued = tokio::select! {
+        let queued = tokio::select! {
             biased;
             _ = stop_rx.changed() => return *stop_rx.borrow(),
-            r = listener.readable() => match r {
-                Ok(guard) => guard,
-                Err(e) => {
-                    log::warn!("listening socket: {e}; retrying in {accept_pause:?}");
-                    sleep(accept_pause).await;
-                    accept_pause = (accept_pause * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
+            r = listener.readable() => r,
         };
-        if let Some(b) = &balance {
-            for _ in 0..GIVE_WAY_TRIES {
-                if !lock(b).give_way(&state) {
-                    break;
+        let accepted = match queued {
+            Err(e) => Err(e),
+            Ok(mut queued) => {
+                if let Some(b) = &balance {
+                    for _ in 0..GIVE_WAY_TRIES {
+                        if !lock(b).give_way(&state) {
+                            break;
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = stop_rx.changed() => return *stop_rx.borrow(),
+                            () = sleep(GIVE_WAY) => {}
+                        }
+                    }
                 }
-                tokio::select! {
-                    biased;
-                    _ = stop_rx.changed() => return *stop_rx.borrow(),
-                    () = sleep(GIVE_WAY) => {}
+                match queued.try_io(|l| l.get_ref().accept()) {
+                    // Another worker took it.
+                    Err(_would_block) => continue,
+                    Ok(r) => r.and_then(|(s, peer)| {
+                        s.set_nonblocking(true)?;
+                        Ok((tokio::net::TcpStream::from_std(s)?, peer))
+                    }),
                 }
             }
-        }
-        let accepted = match queued.try_io(|l| l.get_ref().accept()) {
-            // Another worker took it.
-            Err(_would_block) => continue,
-            Ok(r) => r.and_then(|(s, peer)| {
-                s.set_nonblocking(true)?;
-                Ok((tokio::net::TcpStream::from_std(s)?, peer))
-            }),
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
