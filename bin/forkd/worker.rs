@@ -9,7 +9,7 @@ use forkd_config::Config;
 use forkd_supervisor::{Program, Settings, WorkerCell, WorkerContext};
 
 use crate::logging;
-use crate::settings::{app_settings, load_tls, supervisor_settings};
+use crate::settings::{app_settings, heartbeat_interval, load_tls, supervisor_settings};
 use crate::source::ConfigSource;
 
 /// The program the supervisor forks: the HTTP worker, with reloadable
@@ -36,6 +36,7 @@ impl Program for Forkd {
             settings: app_settings(&self.config, self.tls.as_ref(), &self.tickets),
             host: Arc::new(CellHost {
                 cell: ctx.cell,
+                fresh_ms: forkd_supervisor::heartbeat_fresh_ms(heartbeat_interval(&self.config)),
                 log_file: ctx.log_file,
             }),
         })
@@ -87,6 +88,8 @@ fn describe_listen(c: &Config) -> String {
 /// A worker's view of its scoreboard cell.
 pub(crate) struct CellHost {
     cell: WorkerCell,
+    /// How old another worker's heartbeat may be for it to count as live.
+    fresh_ms: u64,
     log_file: Option<PathBuf>,
 }
 
@@ -127,8 +130,8 @@ impl forkd_app::Host for CellHost {
     fn set_connections(&self, n: u64) {
         self.cell.set_connections(n);
     }
-    fn fewest_connections_elsewhere(&self, fresh_ms: u64) -> Option<u64> {
-        self.cell.fewest_connections_elsewhere(fresh_ms)
+    fn fewest_connections_elsewhere(&self) -> Option<u64> {
+        self.cell.fewest_connections_elsewhere(self.fresh_ms)
     }
     fn set_hash_queue(&self, n: u64) {
         self.cell.set_hash_queue(n);

@@ -152,10 +152,7 @@ impl KeepAlive {
         if self.conn.is_none() {
             self.conn = Some(BufReader::new(connect(self.port)?));
         }
-        let c = self.conn.as_mut().unwrap();
-        c.get_mut()
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())?;
-        let resp = read_response(c, false)?;
+        let resp = get_on(self.conn.as_mut().unwrap(), path)?;
         if resp
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))

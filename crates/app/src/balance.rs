@@ -23,21 +23,17 @@ pub(crate) const GIVE_WAY_TRIES: usize = 4;
 /// The window in which accepts are counted to tell churn from a burst.
 const WINDOW: Duration = Duration::from_millis(100);
 
-/// A worker's view: which peers count, and its recent accepts (on all of
-/// its shared listeners, as its connection count covers them all).
+/// A worker's recent accepts (on all of its shared listeners, as its
+/// connection count covers them all).
 pub(crate) struct Balance {
-    /// How fresh another worker's heartbeat must be for this one to leave
-    /// it connections (a stale one may be stuck).
-    fresh_ms: u64,
     window_start: Instant,
     this_window: u64,
     last_window: u64,
 }
 
 impl Balance {
-    pub(crate) fn new(fresh_ms: u64) -> Self {
+    pub(crate) fn new() -> Self {
         Balance {
-            fresh_ms,
             window_start: Instant::now(),
             this_window: 0,
             last_window: 0,
@@ -68,7 +64,7 @@ impl Balance {
         self.roll();
         let mine = state.connections.load(std::sync::atomic::Ordering::Relaxed);
         over_share(mine, self.last_window, || {
-            state.host.fewest_connections_elsewhere(self.fresh_ms)
+            state.host.fewest_connections_elsewhere()
         })
     }
 }
@@ -102,7 +98,7 @@ mod tests {
 
     #[test]
     fn accepts_are_counted_per_window() {
-        let mut b = Balance::new(1000);
+        let mut b = Balance::new();
         b.accepted();
         b.accepted();
         assert_eq!((b.this_window, b.last_window), (2, 0));

@@ -345,8 +345,8 @@ pub trait Host: Send + Sync {
     fn set_in_flight_count(&self, n: u64);
     fn set_connections(&self, n: u64);
     /// The fewest open connections of any other worker that accepts (ready,
-    /// its heartbeat at most `fresh_ms` old); None when there is none.
-    fn fewest_connections_elsewhere(&self, fresh_ms: u64) -> Option<u64>;
+    /// its heartbeat fresh); None when there is none.
+    fn fewest_connections_elsewhere(&self) -> Option<u64>;
     /// Logins waiting for a password check.
     fn set_hash_queue(&self, n: u64);
     /// The supervisor is stopping: /readyz must fail.

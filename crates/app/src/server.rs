@@ -234,12 +234,7 @@ async fn accept_all(
     let limits = Limits {
         total: Arc::new(Semaphore::new(state.settings.max_connections)),
         per_client: crate::client::PerClient::new(state.settings.max_connections_per_client),
-        // A heartbeat older than two beats: that worker's loop is stuck.
-        balance: shared.then(|| {
-            Arc::new(Mutex::new(Balance::new(
-                2 * state.settings.heartbeat_interval.as_millis() as u64 + 250,
-            )))
-        }),
+        balance: shared.then(|| Arc::new(Mutex::new(Balance::new()))),
     };
     let loops: Vec<_> = listeners
         .into_iter()

@@ -52,8 +52,8 @@ use std::time::Duration;
 pub use control_files::{control_socket_path, pidfile_path};
 pub use runner::run;
 pub use scoreboard::{
-    now_ms, ActivityView, Oldest, SupervisorFigures, WorkerActivity, WorkerCell, WorkerState,
-    COUNTERS,
+    heartbeat_fresh_ms, now_ms, ActivityView, Oldest, SupervisorFigures, WorkerActivity,
+    WorkerCell, WorkerState, COUNTERS,
 };
 pub use signals::SignalEvent;
 pub use sys::spawn_detached;

@@ -458,6 +458,12 @@ impl WorkerCell {
     }
 }
 
+/// How old a worker's heartbeat may be, beating every `interval`, for its
+/// event loop to count as alive: two beats and a margin.
+pub fn heartbeat_fresh_ms(interval: std::time::Duration) -> u64 {
+    2 * interval.as_millis() as u64 + 250
+}
+
 /// CLOCK_MONOTONIC in milliseconds: one clock for every process on the host.
 pub fn now_ms() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)

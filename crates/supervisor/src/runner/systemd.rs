@@ -86,7 +86,7 @@ impl<P: Program> Supervisor<P> {
         }
         *due = now + every.as_millis() as u64;
         let live = &self.settings.live;
-        let fresh_ms = 2 * live.heartbeat_interval.as_millis() as u64 + 250;
+        let fresh_ms = crate::scoreboard::heartbeat_fresh_ms(live.heartbeat_interval);
         let fresh = self
             .plan
             .workers()
