@@ -148,19 +148,8 @@ impl Store {
         owner: &str,
         ttl: Duration,
     ) -> Result<bool> {
-        self.ready()?;
         let [_, _, lock] = self.cache_keys(url, variant);
-        let set: Option<String> = self
-            .client
-            .set(
-                lock,
-                owner,
-                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-        Ok(set.is_some())
+        self.lock(lock, owner, ttl).await
     }
 
     /// Releases the lock if `owner` holds it.
@@ -169,10 +158,7 @@ impl Store {
     /// Redis is unreachable.
     pub async fn cache_unlock(&self, url: &CacheUrl, variant: &str, owner: &str) -> Result<()> {
         let [_, _, lock] = self.cache_keys(url, variant);
-        let _: i64 = self
-            .run(scripts::unlock(), vec![lock], vec![owner.into()])
-            .await?;
-        Ok(())
+        self.unlock(lock, owner).await
     }
 
     /// Deletes every cached entry whose path starts with `prefix`, in

@@ -13,18 +13,7 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn lock_profile(&self, uid: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        self.ready()?;
-        let r: Option<String> = self
-            .client
-            .set(
-                self.lock_key(uid),
-                owner,
-                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-        Ok(r.is_some())
+        self.lock(self.lock_key(uid), owner, ttl).await
     }
 
     /// Releases the lock if `owner` still holds it.
@@ -32,12 +21,29 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn unlock_profile(&self, uid: &str, owner: &str) -> Result<()> {
-        let _: i64 = self
-            .run(
-                scripts::unlock(),
-                vec![self.lock_key(uid)],
-                vec![owner.into()],
+        self.unlock(self.lock_key(uid), owner).await
+    }
+
+    /// Takes a single-flight lock (`SET NX PX`) for `owner`.
+    pub(crate) async fn lock(&self, key: String, owner: &str, ttl: Duration) -> Result<bool> {
+        self.ready()?;
+        let set: Option<String> = self
+            .client
+            .set(
+                key,
+                owner,
+                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
+                Some(SetOptions::NX),
+                false,
             )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases a lock only if `owner` still holds it.
+    pub(crate) async fn unlock(&self, key: String, owner: &str) -> Result<()> {
+        let _: i64 = self
+            .run(scripts::unlock(), vec![key], vec![owner.into()])
             .await?;
         Ok(())
     }
