@@ -57,6 +57,10 @@ http {{
             proxy_set_header Content-Length "";
             proxy_set_header X-Original-URI $request_uri;
             proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Forwarded-Uri "";      # only nginx names the request
+            proxy_set_header X-Forwarded-Method "";
+            proxy_set_header X-Forwarded-Host $host;  # for the cookie's same-site check
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         }}
         location / {{
             auth_request /_forkd_auth;
@@ -145,6 +149,20 @@ fn nginx_auth_request_asks_forkd_and_passes_the_user() {
             "Authorization",
             "Bearer AAAAAAAAAAAAAAAAAAAAAA.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         )],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+    // A client naming an open path as the "original" one: nginx names the
+    // request itself, so this is still the closed path.
+    let r = request(
+        n.port,
+        "GET",
+        "/app/x",
+        &[
+            ("X-Forwarded-Uri", "/public/page"),
+            ("X-Original-URI", "/public/page"),
+        ],
         b"",
     )
     .unwrap();

@@ -98,12 +98,16 @@ fn routes_pass_the_identity_and_never_a_spoofed_one() {
             ("X-Request-Id", "proxy-test-1"),
             ("Connection", "close, X-Hop"),
             ("X-Hop", "secret"),
+            // Read as X-Forkd-User and X-Forwarded-For by CGI-style servers.
+            ("X_Forkd_User", "admin"),
+            ("X-Forwarded_For", "6.6.6.6"),
         ],
         b"",
     )
     .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
     let h = seen(&r);
+    assert!(h.iter().all(|(k, _)| !k.contains('_')), "{h:?}");
     assert_eq!(r.json()["target"], "/api/items?page=2");
     assert_eq!(one(&h, "x-forkd-user"), Some("alice"));
     assert_eq!(one(&h, "x-forkd-role"), Some("user"));
@@ -331,6 +335,10 @@ fn an_upgrade_is_tunnelled_both_ways() {
         "workers = 1\n[[route]]\nprefix = \"/ws\"\nupstream = \"{}\"\nauth = \"none\"\n",
         api.url()
     ));
+    // A switch the request did not ask for is the upstream's fault.
+    let r = request(f.port, "GET", "/ws", &[], b"").unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+
     let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(
@@ -760,6 +768,20 @@ fn cookie_sessions_for_browsers_with_a_csrf_check() {
     .unwrap();
     assert_eq!(r.status, 200, "{r:?}");
 
+    // A WebSocket handshake by cookie is a GET, checked as an unsafe
+    // method is (a sibling subdomain is the same site for SameSite=Lax).
+    let ws = |origin: &str| {
+        let h = [
+            ("Cookie", cookie.as_str()),
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Origin", origin),
+        ];
+        request(f.port, "GET", "/app/ws", &h, b"").unwrap().status
+    };
+    assert_eq!(ws("http://evil.localhost"), 403);
+    assert_ne!(ws("http://localhost"), 403);
+
     // A new login ends the session the browser had (no fixation), and
     // logout clears the cookie.
     let again = request(
@@ -809,6 +831,142 @@ fn cookie_sessions_for_browsers_with_a_csrf_check() {
     assert!(!r.header("set-cookie").unwrap().contains("Secure"), "{r:?}");
 }
 
+/// What could let a request skip its route's check is refused: a path an
+/// app would read as another route's (an escaped letter, `//`, `;params`,
+/// `..;`), by the proxy and by forward-auth; two different names for the
+/// original request in a forward-auth call (a client can add the header
+/// its proxy does not set). A cookie session asked about another request
+/// needs that request's method, and its same-site check compares with the
+/// original host (`X-Forwarded-Host`).
+#[test]
+fn paths_and_forward_auth_headers_that_could_skip_a_check_are_refused() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[auth]\ncookie = true\n\
+         [[route]]\nprefix = \"/\"\nupstream = \"{0}\"\nauth = \"none\"\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{0}\"\n",
+        api.url()
+    ));
+    f.add_user("dora", PW);
+    let calls = || api.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let c0 = calls();
+    for path in [
+        "/%61pi/x",
+        "//api/x",
+        "/api;v=1/x",
+        "/x/..;/api/y",
+        "/%2561pi",
+    ] {
+        let r = request(f.port, "GET", path, &[], b"").unwrap();
+        let want = if path == "/%2561pi" { 200 } else { 400 };
+        assert_eq!(r.status, want, "{path}: {r:?}");
+        if want == 400 {
+            assert!(r.body.contains("another route"), "{path}: {r:?}");
+        }
+    }
+    assert_eq!(
+        calls() - c0,
+        1,
+        "only the path that stays under / went upstream"
+    );
+    // An authority or `*` target names no path.
+    for target in ["localhost:80", "*"] {
+        let r = raw(
+            f.port,
+            &format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        )
+        .unwrap();
+        assert_eq!(r.status, 400, "{target}: {r:?}");
+    }
+    assert_eq!(calls() - c0, 1, "an authority target went upstream");
+    for path in ["/pub;x", "/%41BC/x", "/a//b", "/api"] {
+        let r = request(f.port, "GET", path, &[], b"").unwrap();
+        let want = if path == "/api" { 401 } else { 200 };
+        assert_eq!(r.status, want, "{path}: {r:?}");
+    }
+
+    let auth = |headers: &[(&str, &str)]| request(f.port, "GET", "/auth", headers, b"").unwrap();
+    let t = token(f.port, "dora", PW);
+    let b = bearer(&t);
+    let b = b.as_str();
+    for (want, headers) in [
+        (401, vec![("X-Forwarded-Uri", "/api/x")]),
+        (200, vec![("X-Original-URI", "/pub")]),
+        (
+            400,
+            vec![("X-Forwarded-Uri", "/api/x"), ("X-Original-URI", "/pub")],
+        ),
+        (
+            400,
+            vec![("X-Original-URI", "/pub"), ("X-Original-URI", "/api/x")],
+        ),
+        (
+            200,
+            vec![
+                ("X-Forwarded-Uri", "/api/x"),
+                ("X-Original-URI", "/api/x"),
+                ("Authorization", b),
+            ],
+        ),
+        (400, vec![("X-Forwarded-Uri", "/%61pi/x")]),
+        (400, vec![("X-Forwarded-Uri", "/x/..;/api/y")]),
+        (
+            400,
+            vec![
+                ("X-Original-URI", "/api/x"),
+                ("X-Original-Method", "GET"),
+                ("X-Forwarded-Method", "POST"),
+                ("Authorization", b),
+            ],
+        ),
+    ] {
+        let r = auth(&headers);
+        assert_eq!(r.status, want, "{headers:?}: {r:?}");
+    }
+
+    let r = login(f.port, "dora", PW);
+    let cookie = cookie_of(&r);
+    let c = cookie.as_str();
+    for (want, headers) in [
+        // Asked about another request without its method: refused, not
+        // taken for a GET.
+        (400, vec![("Cookie", c), ("X-Forwarded-Uri", "/api/x")]),
+        (
+            200,
+            vec![
+                ("Cookie", c),
+                ("X-Forwarded-Uri", "/api/x"),
+                ("X-Forwarded-Method", "GET"),
+            ],
+        ),
+        (
+            200,
+            vec![
+                ("Cookie", c),
+                ("X-Forwarded-Uri", "/api/x"),
+                ("X-Forwarded-Method", "POST"),
+                ("X-Forwarded-Host", "app.example"),
+                ("Origin", "https://app.example"),
+            ],
+        ),
+        (
+            403,
+            vec![
+                ("Cookie", c),
+                ("X-Forwarded-Uri", "/api/x"),
+                ("X-Forwarded-Method", "POST"),
+                ("X-Forwarded-Host", "app.example"),
+                ("Origin", "https://evil.example"),
+            ],
+        ),
+        // A page asking who it is, directly.
+        (200, vec![("Cookie", c)]),
+    ] {
+        let r = auth(&headers);
+        assert_eq!(r.status, want, "{headers:?}: {r:?}");
+    }
+}
+
 fn profile_with(port: u16, headers: &[(&str, &str)]) -> Response {
     request(port, "GET", "/profile", headers, b"").unwrap()
 }
@@ -847,7 +1005,11 @@ fn the_cache_keeps_what_the_upstream_allows_per_user_and_shared() {
 
     // no-store (the upstream's default here), and private in the shared
     // cache: asked every time.
-    for path in ["/c/b", "/c/p?cc=private%2Cmax-age%3D60"] {
+    for path in [
+        "/c/b",
+        "/c/p?cc=private%2Cmax-age%3D60",
+        "/c/q?cc=private%3D%22Set-Cookie%22%2Cmax-age%3D60",
+    ] {
         let c0 = calls();
         let (x1, _, _) = fetch(path, &[]);
         let (x2, _, _) = fetch(path, &[]);
@@ -862,6 +1024,28 @@ fn the_cache_keeps_what_the_upstream_allows_per_user_and_shared() {
         .map(|l| fetch(v, &[("Accept-Language", l)]).0)
         .collect();
     assert_eq!(seq, ["miss", "hit", "miss", "hit", "hit"]);
+
+    // The Host is in every entry's key: an answer made for another host
+    // (its links, say) is never served for this one.
+    let with_host = |host: &str| {
+        let r = raw(
+            f.port,
+            &format!(
+                "GET /c/h?cc=max-age%3D60 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let upstream_saw = one(&seen(&r), "host").unwrap_or("").to_owned();
+        (r.header("x-cache").unwrap_or("").to_owned(), upstream_saw)
+    };
+    let seq: Vec<(String, String)> = ["evil.example", "localhost", "evil.example", "localhost"]
+        .iter()
+        .map(|h| with_host(h))
+        .collect();
+    let x: Vec<&str> = seq.iter().map(|(x, _)| x.as_str()).collect();
+    assert_eq!(x, ["miss", "miss", "hit", "hit"]);
+    assert_eq!(seq[3].1, "localhost");
 
     // A request with credentials never gets the shared cache's answer.
     let (x, _, _) = fetch("/c/a?cc=max-age%3D60", &[("Authorization", &bearer(&ta))]);

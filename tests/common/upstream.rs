@@ -156,13 +156,17 @@ fn serve(
             if let Some(ms) = path.strip_prefix("/slow/") {
                 std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
             }
-            // ?cc=CACHE-CONTROL&vary=NAMES, %-escapes for '=' and ','.
+            // ?cc=CACHE-CONTROL&vary=NAMES, %-escapes for '=', ',' and '"'.
             let query = |k: &str| {
                 target.split_once('?').and_then(|(_, q)| {
                     q.split('&').find_map(|kv| {
                         let (a, b) = kv.split_once('=')?;
-                        (a == k)
-                            .then(|| b.replace("%3D", "=").replace("%2C", ",").replace('+', " "))
+                        (a == k).then(|| {
+                            b.replace("%3D", "=")
+                                .replace("%2C", ",")
+                                .replace("%22", "\"")
+                                .replace('+', " ")
+                        })
                     })
                 })
             };

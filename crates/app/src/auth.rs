@@ -533,7 +533,7 @@ pub(crate) fn session_token(
     let Some((uid, hash)) = secrets::parse_token(value) else {
         return Err(invalid_token());
     };
-    if crate::cookie::state_changing(method) && !crate::cookie::same_site(h) {
+    if crate::cookie::state_changing(method, h) && !crate::cookie::same_site(h) {
         return Err(problem(
             StatusCode::FORBIDDEN,
             "cross-site-request",

@@ -43,13 +43,16 @@ pub(crate) fn clear(c: &CookieSettings) -> HeaderValue {
     .expect("a validated cookie name")
 }
 
-/// Methods a cross-site page must not be able to make a browser send
-/// with the cookie.
-pub(crate) fn state_changing(m: &Method) -> bool {
+/// Requests a page of another site must not be able to make a browser
+/// send with the cookie: the methods that change state, and a switch of
+/// protocols (a WebSocket handshake is a GET, and `SameSite=Lax` still
+/// sends the cookie from a sibling subdomain; browsers always send
+/// `Origin` with it).
+pub(crate) fn state_changing(m: &Method, h: &HeaderMap) -> bool {
     !matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
+    ) || h.contains_key(hyper::header::UPGRADE)
 }
 
 /// The host (and port) part of an origin or URL: `http://a.example:8080/x`

@@ -3,7 +3,8 @@
 //! `431` and no body, then closes the connection. This wrapper of the
 //! connection's socket turns that one response into forkd's problem+json
 //! and counts it; everything else passes through untouched. forkd's own
-//! handlers never answer 431, so a response that starts so is hyper's.
+//! handlers never answer 431, and hyper writes its 431 as one bodiless
+//! head, so a write that is exactly that is hyper's.
 
 use std::io;
 use std::pin::Pin;
@@ -15,6 +16,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::Host;
 
 const HYPER_431: &[u8] = b"HTTP/1.1 431 ";
+
+/// Whether a write is hyper's own 431: a status line and headers, no body,
+/// in one short write. An app's answer or a tunnel's bytes that merely
+/// begin so are left alone.
+fn is_hyper_431(buf: &[u8]) -> bool {
+    buf.len() <= 1024
+        && buf.starts_with(HYPER_431)
+        && buf.ends_with(b"\r\n\r\n")
+        && buf.windows(4).filter(|w| *w == b"\r\n\r\n").count() == 1
+}
 
 /// A connection's socket, watched for hyper's 431.
 pub(crate) struct HeadLimit<S> {
@@ -96,7 +107,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
                 Poll::Pending => Poll::Pending,
             };
         }
-        if buf.starts_with(HYPER_431) {
+        if is_hyper_431(buf) {
             this.host.count(crate::metrics::HEADS_TOO_LARGE, 1);
             this.pending = problem_431();
             this.replaced = true;
@@ -123,5 +134,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_bodiless_431_head_is_hyper_s() {
+        let hyper =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        assert!(is_hyper_431(hyper));
+        // An app's 431 with a body, a body chunk or tunnel bytes that begin
+        // so, and a long write: someone else's.
+        assert!(!is_hyper_431(
+            b"HTTP/1.1 431 Too Large\r\ncontent-length: 2\r\n\r\nhi"
+        ));
+        assert!(!is_hyper_431(b"HTTP/1.1 431 is what the log says\n"));
+        assert!(!is_hyper_431(
+            b"HTTP/1.1 431 X\r\n\r\nHTTP/1.1 431 X\r\n\r\n"
+        ));
+        let mut long = b"HTTP/1.1 431 X\r\nx: ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 2000));
+        long.extend(b"\r\n\r\n");
+        assert!(!is_hyper_431(&long));
     }
 }

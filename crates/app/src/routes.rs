@@ -126,6 +126,11 @@ async fn route(
             return crate::redirect::to_https(&req, to.0);
         }
     }
+    // An authority (`GET host:80`) or `*` target names no path: nothing
+    // here, and no route's rules, applies to it.
+    if !req.uri().path().starts_with('/') {
+        return crate::response::bad_request("The request target must be a path.");
+    }
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let post = *req.method() == Method::POST;
     let get = *req.method() == Method::GET;
@@ -139,7 +144,7 @@ async fn route(
         "/login" | "/logout" => method_not_allowed("POST"),
         "/profile" if get => profile::profile(req, st, peer).await,
         "/profile" => method_not_allowed("GET"),
-        path if path == st.settings.proxy.forward_auth_path => {
+        path if !path.is_empty() && path == st.settings.proxy.forward_auth_path => {
             if read {
                 proxy::forward_auth(req, st, peer).await
             } else {

@@ -18,14 +18,14 @@ use crate::state::State;
 pub(crate) const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const AGE: HeaderName = HeaderName::from_static("age");
 
-/// The variant of a request under `spec` (comma-separated header names):
-/// a hash of those headers' values ("" for no spec).
+/// The variant of a request: a hash of its `Host` and `X-Forwarded-Host`
+/// (the upstream sees both, so its answer may differ by them: an answer
+/// built for another host must never be served for this one) and of the
+/// headers `spec` names (comma-separated, "" for none).
 fn variant(spec: &str, h: &HeaderMap) -> String {
-    if spec.is_empty() {
-        return String::new();
-    }
     let mut text = String::new();
-    for name in spec.split(',') {
+    let named = spec.split(',').filter(|n| !n.is_empty());
+    for name in ["host", "x-forwarded-host"].into_iter().chain(named) {
         text.push_str(name);
         text.push('=');
         for v in h.get_all(name) {
@@ -152,6 +152,9 @@ pub(crate) fn storable(
             match d.split_once('=') {
                 None if d == "no-store" || d == "no-cache" => return None,
                 None if d == "private" && shared => return None,
+                // `private="Set-Cookie"` names fields a shared cache must
+                // not keep; this cache keeps whole answers, so none of it.
+                Some(("private", _)) if shared => return None,
                 Some(("max-age", n)) => max_age = n.trim_matches('"').parse::<u64>().ok(),
                 Some(("s-maxage", n)) => s_maxage = n.trim_matches('"').parse::<u64>().ok(),
                 Some(("no-cache", _)) => return None,
@@ -159,11 +162,13 @@ pub(crate) fn storable(
             }
         }
     }
-    let secs = if shared {
+    let lifetime = if shared {
         s_maxage.or(max_age)
     } else {
         max_age
     }?;
+    // What the upstream (or a cache before it) already spent of it.
+    let secs = lifetime.saturating_sub(upstream_age(h));
     if secs == 0 {
         return None;
     }
@@ -183,6 +188,14 @@ pub(crate) fn storable(
     Some((Duration::from_secs(secs).min(max_ttl), names.join(",")))
 }
 
+/// The answer's `Age` in seconds (0 without a valid one).
+fn upstream_age(h: &HeaderMap) -> u64 {
+    h.get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Stores an answer and its spec; `specs` learns the spec.
 pub(crate) async fn store(
     st: &State,
@@ -196,7 +209,10 @@ pub(crate) async fn store(
     specs.set(&place.spec_key, spec);
     // The variant of the spec the answer came with.
     let v = variant(spec, h);
-    let entry = encode(r.0, r.1, r.2, ttl);
+    // The entry's lifetime counts the upstream's `Age`, so that the `Age`
+    // a hit answers with includes it.
+    let lifetime = ttl + Duration::from_secs(upstream_age(r.1));
+    let entry = encode(r.0, r.1, r.2, lifetime);
     if let Err(e) = st.store.cache_put(&place.url, spec, &v, &entry, ttl).await {
         log::warn!("cannot cache an answer: {e}");
     }
@@ -274,6 +290,31 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(ok(&[("cache-control", "private, max-age=60")], true), None);
+        assert_eq!(
+            ok(
+                &[("cache-control", "private=\"Set-Cookie\", max-age=60")],
+                true
+            ),
+            None
+        );
+        assert_eq!(
+            ok(&[("cache-control", "max-age=60, PRIVATE=\"a, b\"")], true),
+            None
+        );
+        assert_eq!(
+            ok(&[("cache-control", "max-age=60"), ("age", "50")], false),
+            Some((Duration::from_secs(10), String::new()))
+        );
+        assert_eq!(
+            ok(&[("cache-control", "max-age=60"), ("age", "60")], false),
+            None
+        );
+        assert_eq!(
+            ok(&[("cache-control", "max-age=60"), ("age", "x")], false)
+                .unwrap()
+                .0,
+            Duration::from_secs(60)
+        );
         assert!(ok(&[("cache-control", "private, max-age=60")], false).is_some());
         assert_eq!(
             ok(&[("cache-control", "no-store, max-age=60")], false),
@@ -329,7 +370,21 @@ mod tests {
             variant("accept-language", &a),
             variant("accept-language", &c)
         );
-        assert_eq!(variant("", &a), "");
+        assert_eq!(variant("", &a), variant("", &c));
+    }
+
+    #[test]
+    fn variants_differ_by_host() {
+        let a = headers(&[("host", "app.example")]);
+        let b = headers(&[("host", "evil.example")]);
+        let c = headers(&[
+            ("host", "app.example"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        assert_ne!(variant("", &a), variant("", &b));
+        assert_ne!(variant("", &a), variant("", &c));
+        assert_ne!(variant("accept", &a), variant("accept", &b));
+        assert_eq!(variant("", &a), variant("", &a.clone()));
     }
 
     #[test]

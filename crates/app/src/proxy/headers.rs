@@ -32,12 +32,12 @@ pub(crate) fn wants_upgrade(h: &HeaderMap) -> bool {
 /// Removes the hop-by-hop headers, those `Connection` names included. With
 /// `upgrade`, `Upgrade` is kept and `Connection: upgrade` set again.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // From the bytes: a value that is not text still names its headers.
     let named: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
     for name in named {
         if !(upgrade && name == UPGRADE) {
@@ -60,6 +60,21 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         h.remove(UPGRADE);
+    }
+}
+
+/// Removes every request header with an underscore in its name, as nginx
+/// does by default: app servers that read headers as CGI-style variables
+/// (`HTTP_X_FORKD_USER`) would take a client's `X_Forkd_User` or
+/// `X-Forwarded_For` for the headers forkd sets.
+pub(crate) fn drop_underscored(h: &mut HeaderMap) {
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        h.remove(name);
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
@@ -56,6 +56,9 @@ pub(crate) async fn forward(
 ) -> Response<Body> {
     if ambiguous(req.uri().path()) {
         return bad_request("The path has a dot segment or an escaped '.', '/' or '\\'.");
+    }
+    if routes.crosses_routes(req.uri().path()) {
+        return crosses_routes();
     }
     let method = req.method().clone();
     let upgrade = headers::wants_upgrade(req.headers());
@@ -103,6 +106,7 @@ pub(crate) async fn forward(
     };
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h, upgrade);
+    headers::drop_underscored(h);
     headers::set_forwarding(
         h,
         &Forwarding {
@@ -163,10 +167,16 @@ pub(crate) async fn forward(
     };
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
-        if let Some(client_side) = client_upgrade {
-            let upstream_side = hyper::upgrade::on(&mut resp);
-            tunnel(st, client_side, upstream_side);
-        }
+        let Some(client_side) = client_upgrade else {
+            st.host.count(metrics::UPSTREAM_FAILED, 1);
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                "bad-gateway",
+                "The upstream service switched protocols, which the request did not ask for.",
+            );
+        };
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        tunnel(st, client_side, upstream_side);
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, switching && upgrade);
@@ -299,16 +309,27 @@ async fn fill_cache(
     miss(Response::from_parts(parts, Body::new(bytes)))
 }
 
-/// The original request a forward-auth call asks about: nginx sends
-/// `X-Original-URI` (as configured), Traefik and others
-/// `X-Forwarded-Uri`; None when neither is there or it is not a path.
-fn original_path(h: &hyper::HeaderMap) -> Option<&str> {
-    ["x-original-uri", "x-forwarded-uri"]
-        .iter()
-        .find_map(|n| h.get(*n))
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split('?').next().unwrap_or(""))
-        .filter(|p| p.starts_with('/'))
+/// 400 for a path that an app could read as another route's.
+fn crosses_routes() -> Response<Body> {
+    bad_request(
+        "The path reads as another route's path once escaped letters are decoded, ';' parameters dropped and '//' or dot segments resolved.",
+    )
+}
+
+/// The one value a proxy gave under any of `names`: nginx sends
+/// `X-Original-*` (as configured), Traefik and others `X-Forwarded-*`.
+/// The client's own headers come along, so a client could add the name its
+/// proxy does not set: values that differ (or a name given twice with
+/// different values) are refused. Ok(None) when none is there.
+fn one_of<'a>(h: &'a HeaderMap, names: &[&str]) -> Result<Option<&'a HeaderValue>, ()> {
+    let mut found: Option<&HeaderValue> = None;
+    for v in names.iter().flat_map(|n| h.get_all(*n)) {
+        match found {
+            Some(f) if f != v => return Err(()),
+            _ => found = Some(v),
+        }
+    }
+    Ok(found)
 }
 
 /// `GET proxy.forward_auth_path`: whether the request a proxy in front
@@ -316,22 +337,58 @@ fn original_path(h: &hyper::HeaderMap) -> Option<&str> {
 /// about to pass on may go: 200 with the identity headers for a valid
 /// session, 401 otherwise, in one Redis call. When the original path
 /// (`X-Original-URI`, `X-Forwarded-Uri`) falls under a `[[route]]`, that
-/// route's `auth` applies; otherwise a session is required.
+/// route's `auth` applies; otherwise a session is required. The session
+/// cookie's same-site check compares with the original `Host`, which the
+/// proxy names in `X-Forwarded-Host`.
 pub(crate) async fn forward_auth(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     st: &Arc<State>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let original = original_path(req.headers());
+    let h = req.headers();
+    let (Ok(uri), Ok(method), Ok(host)) = (
+        one_of(h, &["x-original-uri", "x-forwarded-uri"]),
+        one_of(h, &["x-original-method", "x-forwarded-method"]),
+        one_of(h, &["x-forwarded-host"]),
+    ) else {
+        return bad_request(
+            "The original request is named twice, differently (X-Original-URI and X-Forwarded-Uri, X-Original-Method and X-Forwarded-Method, or X-Forwarded-Host).",
+        );
+    };
+    // Not a path (an absolute URI, say): no route's rules, a session required.
+    let original = uri
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split('?').next().unwrap_or(""))
+        .filter(|p| p.starts_with('/'));
     if original.is_some_and(ambiguous) {
         return bad_request("The original path has a dot segment or an escaped '.', '/' or '\\'.");
     }
+    if original.is_some_and(|p| st.routes.crosses_routes(p)) {
+        return crosses_routes();
+    }
+    let by_cookie = !h.contains_key(hyper::header::AUTHORIZATION)
+        && st
+            .settings
+            .auth
+            .cookie
+            .as_ref()
+            .is_some_and(|c| crate::cookie::read(h, &c.name).is_some());
+    let method = match method.map(|v| hyper::Method::from_bytes(v.as_bytes())) {
+        Some(Ok(m)) => m,
+        Some(Err(_)) => return bad_request("The original method is not an HTTP method."),
+        // Asked about another request whose method is unknown: a cookie
+        // session cannot be checked against cross-site use.
+        None if uri.is_some() && by_cookie => {
+            return bad_request(
+                "With the session cookie, forward-auth needs the original method (X-Original-Method or X-Forwarded-Method).",
+            )
+        }
+        None => hyper::Method::GET,
+    };
     let route = original.and_then(|p| st.routes.find(p));
-    let method = ["x-original-method", "x-forwarded-method"]
-        .iter()
-        .find_map(|n| req.headers().get(*n))
-        .and_then(|v| hyper::Method::from_bytes(v.as_bytes()).ok())
-        .unwrap_or(hyper::Method::GET);
+    if let Some(host) = host.cloned() {
+        req.headers_mut().insert(hyper::header::HOST, host);
+    }
     let checked = match check::check(&req, &method, st, route, peer, Lookup::Nothing).await {
         Ok(c) => c,
         Err(r) => return r,

@@ -85,6 +85,61 @@ impl Routes {
     pub(crate) fn find(&self, path: &str) -> Option<&Route> {
         self.routes.iter().find(|r| matches(&r.cfg.prefix, path))
     }
+
+    /// Whether an app that reads `path` the usual lenient way (escaped
+    /// letters and digits decoded, `;params` dropped, `//` and dot
+    /// segments resolved) would
+    /// read a path of another route than the one forkd matches: such a
+    /// request could skip its route's session check or policies.
+    pub(crate) fn crosses_routes(&self, path: &str) -> bool {
+        let lenient = lenient(path);
+        let prefix = |p: &str| self.find(p).map(|r| r.cfg.prefix.as_str());
+        lenient != path && prefix(path) != prefix(&lenient)
+    }
+}
+
+/// `path` as lenient servers read it: `%XX` escapes of letters, digits
+/// and `-._~` decoded, each segment cut at its first `;` (a path
+/// parameter), then empty and dot segments resolved (`/x/..;/api` is
+/// `/api` to them).
+fn lenient(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    decoded.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(b[i]);
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for s in decoded
+        .split('/')
+        .map(|s| s.split(';').next().unwrap_or(""))
+    {
+        match s {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = format!("/{}", segments.join("/"));
+    if path.ends_with('/') && out.len() > 1 {
+        out.push('/');
+    }
+    out
 }
 
 /// The prefix itself, or below it at a segment boundary.
@@ -173,5 +228,19 @@ mod tests {
         assert!(matches("/api", "/api/x"));
         assert!(!matches("/api", "/apix"));
         assert!(matches("/", "/anything"));
+    }
+
+    #[test]
+    fn lenient_reading_decodes_merges_and_cuts() {
+        assert_eq!(lenient("/%61pi/x"), "/api/x");
+        assert_eq!(lenient("//api//x"), "/api/x");
+        assert_eq!(lenient("/api;x/secret"), "/api/secret");
+        assert_eq!(lenient("/x/..;/api/y"), "/api/y");
+        assert_eq!(lenient("/../../api"), "/api");
+        assert_eq!(lenient("/api/x/"), "/api/x/");
+        assert_eq!(lenient("/a%20b/%2"), "/a%20b/%2");
+        assert_eq!(lenient("/%7e%2D"), "/~-");
+        assert_eq!(lenient("/"), "/");
+        assert_eq!(lenient("%"), "/%");
     }
 }
