@@ -89,7 +89,7 @@ pid_changed() { # UNIT OLD_PID: MainPID is a new, nonzero one
 declare -A load_pids
 load_start() {
     local name=$1 port=$2 max=$3 secs=$4
-    rm -f "$results/$name.stop" "$results/$name.err"
+    rm -f "$results/$name.stop" "$results/$name.err" "$results/$name.spans"
     echo "0 0 0" >"$results/$name.load"
     (
         ok=0 failed=0 slowest=0 end=$(($(now_ms) + secs * 1000))
@@ -106,6 +106,7 @@ load_start() {
             else
                 failed=$((failed + 1))
                 echo "request $i at $(date +%T.%N | cut -c1-12) after $t ms: http $code $(oneline <"$results/$name.curl")" >>"$results/$name.err"
+                echo "$t0 $((t0 + t))" >>"$results/$name.spans"
             fi
             echo "$ok $failed $slowest" >"$results/$name.load.tmp"
             mv "$results/$name.load.tmp" "$results/$name.load"
@@ -129,6 +130,21 @@ load_failed() {
         while IFS= read -r e; do bad "  $e"; done < <(head -n 3 "$results/$1.err")
     fi
     note "$load_good requests ok, $load_bad failed, the slowest took ${load_slowest:-?} ms"
+}
+
+# load_failed_across NAME FROM TO: like load_failed, but a SIGKILL sent
+# between FROM and TO (ms) may cost the one request then in flight: the
+# workers die with the supervisor, and the loop sends one at a time. So
+# one failed request is let pass if it overlaps that moment (TO plus
+# 500 ms, for the workers' death on a loaded machine).
+load_failed_across() {
+    local start end
+    if [ "$load_bad" = 1 ] && read -r start end <"$results/$1.spans" &&
+        [ "$start" -le $(($3 + 500)) ] && [ "$end" -ge "$2" ]; then
+        note "the one request in flight at the kill failed: $(head -n 1 "$results/$1.err")"
+        load_bad=0
+    fi
+    load_failed "$1"
 }
 
 write_journal() {
@@ -371,7 +387,7 @@ check_watchdog() {
 
 # 7. Socket activation: systemd holds the port across a kill of forkd.
 check_socket() {
-    local out rc mp nr t0 after
+    local out rc mp nr t0 after killed
     timeout 120 systemctl disable --now forkd.service >/dev/null 2>&1 || bad "systemctl disable --now forkd.service failed"
     wait_for 30 eval '! active forkd.service && ! healthz_ok' || bad "forkd.service still $(systemctl is-active forkd.service) / port 8080 still answering"
     out=$(timeout 60 systemctl enable --now forkd.socket 2>&1)
@@ -392,6 +408,7 @@ check_socket() {
     wait_for 10 load_at_least socket 20 || bad "the request loop got no answers before the kill"
     t0=$(now_ms)
     systemctl kill --kill-who=main -s KILL forkd.service || bad "systemctl kill failed"
+    killed=$(now_ms)
     if wait_for 60 eval 'pid_changed forkd.service "$mp" && active forkd.service'; then
         note "MainPID $mp -> $(main_pid) after $(($(now_ms) - t0)) ms, NRestarts $nr -> $(nrestarts)"
     else
@@ -400,7 +417,7 @@ check_socket() {
     after=$(load_ok socket)
     wait_for 30 load_at_least socket $((after + 40)) || bad "the request loop made no progress after the restart"
     load_stop socket
-    load_failed socket
+    load_failed_across socket "$t0" "$killed"
     [ "$(nrestarts)" -gt "$nr" ] || bad "NRestarts still $(nrestarts)"
     active forkd.socket || bad "forkd.socket is $(systemctl is-active forkd.socket) after the kill"
     healthz_ok || bad "/healthz after the restart: $(healthz)"
