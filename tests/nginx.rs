@@ -59,7 +59,8 @@ http {{
             proxy_set_header X-Original-Method $request_method;
             proxy_set_header X-Forwarded-Uri "";      # only nginx names the request
             proxy_set_header X-Forwarded-Method "";
-            proxy_set_header X-Forwarded-Host $host;  # for the cookie's same-site check
+            proxy_set_header X-Forwarded-Host $http_host;  # with its port, for the
+            proxy_set_header Upgrade $http_upgrade;         # cookie's same-site check
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         }}
         location / {{

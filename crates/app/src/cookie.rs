@@ -52,7 +52,11 @@ pub(crate) fn state_changing(m: &Method, h: &HeaderMap) -> bool {
     !matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    ) || h.contains_key(hyper::header::UPGRADE)
+    ) || h.get_all(hyper::header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .windows(9)
+            .any(|w| w.eq_ignore_ascii_case(b"websocket"))
+    })
 }
 
 /// The host (and port) part of an origin or URL: `http://a.example:8080/x`

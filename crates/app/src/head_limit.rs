@@ -18,14 +18,22 @@ use crate::Host;
 const HYPER_431: &[u8] = b"HTTP/1.1 431 ";
 
 /// Whether a write is hyper's own 431: a status line and headers, no body,
-/// in one short write. An app's answer or a tunnel's bytes that merely
-/// begin so are left alone.
+/// in one short write, without the `x-forkd-pid` of a handler's answer.
+/// An app's answer or a tunnel's bytes that merely begin so are left
+/// alone.
 fn is_hyper_431(buf: &[u8]) -> bool {
     buf.len() <= 1024
         && buf.starts_with(HYPER_431)
         && buf.ends_with(b"\r\n\r\n")
         && buf.windows(4).filter(|w| *w == b"\r\n\r\n").count() == 1
+        // Every answer a handler gives (an upstream's 431 with no body
+        // too) carries forkd's pid header; hyper's own has none.
+        && !buf
+            .windows(X_FORKD_PID.len())
+            .any(|w| w.eq_ignore_ascii_case(X_FORKD_PID))
 }
+
+const X_FORKD_PID: &[u8] = b"x-forkd-pid";
 
 /// A connection's socket, watched for hyper's 431.
 pub(crate) struct HeadLimit<S> {
@@ -152,6 +160,9 @@ mod tests {
             b"HTTP/1.1 431 Too Large\r\ncontent-length: 2\r\n\r\nhi"
         ));
         assert!(!is_hyper_431(b"HTTP/1.1 431 is what the log says\n"));
+        assert!(!is_hyper_431(
+            b"HTTP/1.1 431 X\r\ncontent-length: 0\r\nx-forkd-pid: 7\r\n\r\n"
+        ));
         assert!(!is_hyper_431(
             b"HTTP/1.1 431 X\r\n\r\nHTTP/1.1 431 X\r\n\r\n"
         ));

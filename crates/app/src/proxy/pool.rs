@@ -31,6 +31,8 @@ pub(crate) struct Route {
     pub(crate) policy_header: Option<hyper::header::HeaderValue>,
     /// The cache specs this worker has seen for the route's URLs.
     pub(crate) specs: Specs,
+    /// The prefix as lenient servers read it (see [`lenient`]).
+    lenient_prefix: String,
 }
 
 /// Every route of this worker, longest prefix first.
@@ -91,10 +93,20 @@ impl Routes {
     /// segments resolved) would
     /// read a path of another route than the one forkd matches: such a
     /// request could skip its route's session check or policies.
+    /// forkd's own `/profile` counts as a route too: its origin may be the
+    /// app behind an open route.
     pub(crate) fn crosses_routes(&self, path: &str) -> bool {
         let lenient = lenient(path);
-        let prefix = |p: &str| self.find(p).map(|r| r.cfg.prefix.as_str());
-        lenient != path && prefix(path) != prefix(&lenient)
+        if lenient == path {
+            return false;
+        }
+        let read_by_app = self
+            .routes
+            .iter()
+            .find(|r| matches(&r.lenient_prefix, &lenient))
+            .map(|r| r.cfg.prefix.as_str());
+        let read_by_forkd = self.find(path).map(|r| r.cfg.prefix.as_str());
+        read_by_app != read_by_forkd || lenient == self.profile.cfg.prefix
     }
 }
 
@@ -182,6 +194,7 @@ impl Route {
                 .then(|| hyper::header::HeaderValue::from_str(&policies.join(", ")).ok())
                 .flatten(),
             specs: Specs::default(),
+            lenient_prefix: lenient(&cfg.prefix),
             cfg: cfg.clone(),
             authority,
             retrying: pool(true),
