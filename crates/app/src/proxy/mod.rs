@@ -233,7 +233,9 @@ async fn from_cache(
         Err(p) => p,
     };
     let owner = crate::secrets::nonce();
-    let lock_ttl = route.cfg.timeout + Duration::from_secs(1);
+    // The fill may take `timeout` for the answer's head and as long again
+    // for its body (fill_cache); the lock is released when it ends.
+    let lock_ttl = route.cfg.timeout * 2 + Duration::from_secs(1);
     let wait_until = tokio::time::Instant::now() + route.cfg.timeout.min(Duration::from_secs(3));
     match st
         .store
