@@ -368,13 +368,9 @@ pub(crate) async fn forward_auth(
     if original.is_some_and(|p| st.routes.crosses_routes(p)) {
         return crosses_routes();
     }
-    let by_cookie = !h.contains_key(hyper::header::AUTHORIZATION)
-        && st
-            .settings
-            .auth
-            .cookie
-            .as_ref()
-            .is_some_and(|c| crate::cookie::read(h, &c.name).is_some());
+    // The credentials are the cookie when there is no bearer token.
+    let by_cookie =
+        !h.contains_key(hyper::header::AUTHORIZATION) && crate::auth::has_credentials(h, st);
     let method = match method.map(|v| hyper::Method::from_bytes(v.as_bytes())) {
         Some(Ok(m)) => m,
         Some(Err(_)) => return bad_request("The original method is not an HTTP method."),
