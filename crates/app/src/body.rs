@@ -1,8 +1,12 @@
-//! The response body: a whole one (every answer forkd makes itself), or an
-//! upstream's, streamed frame by frame as it arrives, so a large download
-//! passes through in hyper's bounded buffers.
+//! The bodies forkd sends: a whole one (every answer forkd makes itself),
+//! an upstream's, streamed frame by frame as it arrives, so a large
+//! download passes through in hyper's bounded buffers, or a client's on
+//! its way upstream, watched so that a client's fault is never blamed on
+//! the upstream.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,6 +16,57 @@ use hyper::body::{Frame, Incoming, SizeHint};
 pub(crate) enum Body {
     Full(Full<Bytes>),
     Stream(Incoming),
+    /// A client's request body, forwarded; a failure to read it is noted
+    /// in the fault.
+    Client(Incoming, Arc<ClientFault>),
+}
+
+/// How reading a client's request body failed, if it did.
+#[derive(Default)]
+pub(crate) struct ClientFault(AtomicU8);
+
+/// What went wrong with a client's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The body's framing is broken (a chunk size that is not hex, say):
+    /// the client's fault, 400.
+    Malformed,
+    /// The client closed or reset the connection before its body ended.
+    Gone,
+}
+
+impl ClientFault {
+    pub(crate) fn get(&self) -> Option<Fault> {
+        match self.0.load(Relaxed) {
+            1 => Some(Fault::Malformed),
+            2 => Some(Fault::Gone),
+            _ => None,
+        }
+    }
+
+    fn note(&self, e: &hyper::Error) {
+        let fault = if malformed(e) { 1 } else { 2 };
+        self.0.store(fault, Relaxed);
+    }
+}
+
+/// Whether a body error is a framing error of the client's (hyper reports
+/// a bad chunk line as invalid input), rather than a connection that ended.
+fn malformed(e: &hyper::Error) -> bool {
+    if e.is_parse() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl Body {
@@ -42,20 +97,27 @@ impl hyper::body::Body for Body {
                 Poll::Pending => Poll::Pending,
             },
             Body::Stream(s) => Pin::new(s).poll_frame(cx),
+            Body::Client(s, fault) => {
+                let polled = Pin::new(s).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled {
+                    fault.note(e);
+                }
+                polled
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(f) => f.is_end_stream(),
-            Body::Stream(s) => s.is_end_stream(),
+            Body::Stream(s) | Body::Client(s, _) => s.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(f) => f.size_hint(),
-            Body::Stream(s) => s.size_hint(),
+            Body::Stream(s) | Body::Client(s, _) => s.size_hint(),
         }
     }
 }

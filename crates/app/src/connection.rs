@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::{HeaderValue, HOST};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -48,21 +47,23 @@ impl Protocols {
     /// The certificate and key cannot make a rustls configuration (the
     /// supervisor checked them, so this is not expected).
     pub(crate) fn new(s: &Settings) -> Result<Protocols, String> {
+        // hyper's own cap on a head, above forkd's exact one.
+        let cap = crate::request_head::parser_cap(s.max_header_bytes);
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(s.header_read_timeout)
-            .max_buf_size(s.max_header_bytes)
+            .max_buf_size(cap)
             .keep_alive(s.keepalive);
         let mut b = auto::Builder::new(TokioExecutor::new());
         b.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(s.header_read_timeout)
-            .max_buf_size(s.max_header_bytes)
+            .max_buf_size(cap)
             .keep_alive(s.keepalive);
         b.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(s.http2.max_concurrent_streams)
-            .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+            .max_header_list_size(u32::try_from(cap).unwrap_or(u32::MAX))
             // A client that resets streams as fast as it opens them
             // ("rapid reset") is cut off rather than served forever.
             .max_pending_accept_reset_streams(Some(s.http2.max_concurrent_streams as usize))
@@ -250,7 +251,6 @@ async fn run<I>(
                 req.headers_mut().remove(name);
             }
         }
-        with_host(&mut req);
         routes::handle(req, state.clone(), peer)
     });
     let io = TokioIo::new(io);
@@ -270,19 +270,3 @@ const FORWARDING: [&str; 4] = [
     "x-forwarded-host",
     "forwarded",
 ];
-
-/// An HTTP/2 request names its authority in the URI, not in `Host`: give
-/// it the header, so that every handler sees requests alike on h1 and h2.
-fn with_host<B>(req: &mut hyper::Request<B>) {
-    if req.headers().contains_key(HOST) {
-        return;
-    }
-    let Some(v) = req
-        .uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    else {
-        return;
-    };
-    req.headers_mut().insert(HOST, v);
-}

@@ -16,7 +16,8 @@
 //! - `client`: the client address (X-Forwarded-For through trusted proxies).
 //! - `origin`: the HTTP profile backend.
 //! - `proxy`: `[[route]]`s forwarded to upstream services.
-//! - `body`: the response body, whole or streamed from an upstream.
+//! - `body`: bodies: whole, streamed from an upstream, or a client's on
+//!   its way upstream (watched for the client's own faults).
 //! - `connection`: one connection: TLS, HTTP/1.1 or HTTP/2, its drain.
 //! - `proxy_protocol`: the PROXY protocol header a trusted proxy sends
 //!   first, and the stream that replays what was read past it.
@@ -24,7 +25,9 @@
 //! - `conns`: open connections and tunnels, and their graceful end.
 //! - `balance`: spreading lasting connections over the workers of a
 //!   shared listener.
-//! - `head_limit`: the problem+json answer to a request head too large.
+//! - `head_limit`: the problem+json answer to a head too large for hyper.
+//! - `request_head`: what every request head must be (one valid `Host`,
+//!   no padded values, within `http.max_header_bytes` exactly).
 //! - `local_limit`: the in-memory limiter (the host limit, and the
 //!   fallback while Redis cannot answer).
 //! - `log_gate`: at most one Redis warning a second.
@@ -65,6 +68,7 @@ mod profile;
 mod proxy;
 mod proxy_protocol;
 mod redirect;
+mod request_head;
 mod request_id;
 mod response;
 mod routes;

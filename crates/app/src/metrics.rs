@@ -31,8 +31,9 @@ pub(crate) const UPSTREAM_FAILED: usize = ACCESS_LINES_DROPPED + 1;
 pub(crate) const UPSTREAM_TIMEOUTS: usize = UPSTREAM_FAILED + 1;
 pub(crate) const TLS_HANDSHAKE_FAILURES: usize = UPSTREAM_TIMEOUTS + 1;
 pub(crate) const PROXY_HEADERS_REFUSED: usize = TLS_HANDSHAKE_FAILURES + 1;
+pub(crate) const CLIENTS_GONE: usize = PROXY_HEADERS_REFUSED + 1;
 /// Counters used; the scoreboard must have at least this many.
-pub const USED: usize = PROXY_HEADERS_REFUSED + 1;
+pub const USED: usize = CLIENTS_GONE + 1;
 
 /// Reads one gauge of a worker.
 type Gauge = fn(&WorkerGauges) -> u64;
@@ -144,6 +145,13 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
             "counter",
             "Proxied requests answered 502: the upstream refused, reset or broke the connection.",
             get(UPSTREAM_FAILED),
+        ),
+        (
+            "forkd_client_aborts_total",
+            "counter",
+            "Proxied requests whose client closed the connection before its request body \
+             ended (logged with status 499); never counted as upstream failures.",
+            get(CLIENTS_GONE),
         ),
         (
             "forkd_upstream_timeouts_total",

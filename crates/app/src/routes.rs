@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, REFERER, USER_AGENT};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, REFERER, USER_AGENT};
 use hyper::{Method, Request, Response, Version};
 
 use crate::access::{Line, LoggedUser};
@@ -41,6 +41,12 @@ pub(crate) async fn handle(
         .scope(id.clone(), route(req, &st, peer, &id))
         .await;
     drop(running);
+    // A whole body's length is the body's own, whatever a header (a
+    // stored one, say) claims: hyper sets it from the body (RFC 9112
+    // section 6.3).
+    if let Body::Full(_) = resp.body() {
+        resp.headers_mut().remove(CONTENT_LENGTH);
+    }
     let took = started.elapsed();
     crate::metrics::record(st.host.as_ref(), route_index, resp.status().as_u16(), took);
     if let (Some(access), Some(l)) = (&st.access, &logged) {
@@ -116,11 +122,17 @@ impl Logged {
 }
 
 async fn route(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     st: &Arc<State>,
     peer: SocketAddr,
     id: &str,
 ) -> Response<Body> {
+    if let Err(r) = crate::request_head::check(&mut req, st.settings.max_header_bytes) {
+        if r.status() == hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
+            st.host.count(crate::metrics::HEADS_TOO_LARGE, 1);
+        }
+        return r;
+    }
     if let Some(to) = req.extensions().get::<crate::redirect::ToHttps>() {
         if !crate::redirect::served(req.uri().path()) {
             return crate::redirect::to_https(&req, to.0);

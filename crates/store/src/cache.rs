@@ -1,6 +1,7 @@
 //! The response cache of GET routes: one entry per URL and variant (the
 //! request's values of the headers the response's `Vary` names), the
-//! variant spec per URL, a single-flight lock per entry, and an index of
+//! variant spec per URL, the set of a URL's entries (so that a write to
+//! the URL ends them all), a single-flight lock per entry, and an index of
 //! entries for `forkd cache purge`.
 //!
 //! A user's entries carry the user's tag (their slot); a shared entry's
@@ -89,6 +90,14 @@ impl Store {
         ]
     }
 
+    /// The set of a URL's entry keys, for ending them all at once.
+    fn cache_variants(&self, url: &CacheUrl) -> String {
+        format!(
+            "{}{{{}}}:cachevariants:{}",
+            self.prefix, url.tag, url.target
+        )
+    }
+
     fn cache_index(&self) -> String {
         format!("{}{{cacheindex}}:entries", self.prefix)
     }
@@ -123,7 +132,7 @@ impl Store {
         let _: () = self
             .run(
                 scripts::cache_put(),
-                vec![spec_key, entry_key.clone()],
+                vec![spec_key, entry_key.clone(), self.cache_variants(url)],
                 vec![spec.into(), Value::Bytes(entry.to_vec().into()), ms.into()],
             )
             .await?;
@@ -132,6 +141,23 @@ impl Store {
                 scripts::cache_index(),
                 vec![self.cache_index()],
                 vec![entry_key.into(), ms.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Ends every entry of a URL (each variant) and its spec, in one call:
+    /// after an unsafe method succeeded on it (RFC 9111 section 4.4).
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn cache_invalidate(&self, url: &CacheUrl) -> Result<()> {
+        let [spec_key, _, _] = self.cache_keys(url, "");
+        let _: i64 = self
+            .run(
+                scripts::cache_invalidate(),
+                vec![spec_key, self.cache_variants(url)],
+                vec![],
             )
             .await?;
         Ok(())

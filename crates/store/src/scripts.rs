@@ -255,8 +255,8 @@ return {spec, entry, ttl}
 "#
 );
 
-// KEYS: spec, entry. ARGV: spec, entry, ttl ms. The spec lives as long as
-// its longest-lived entry.
+// KEYS: spec, entry, the URL's entry set. ARGV: spec, entry, ttl ms. The
+// spec and the set live as long as the longest-lived entry.
 script!(
     cache_put,
     r#"
@@ -264,7 +264,22 @@ local ttl = tonumber(ARGV[3])
 local left = redis.call('PTTL', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', math.max(ttl, left))
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ttl)
+local set_left = redis.call('PTTL', KEYS[3])
+redis.call('SADD', KEYS[3], KEYS[2])
+redis.call('PEXPIRE', KEYS[3], math.max(ttl, set_left))
 return redis.status_reply('OK')
+"#
+);
+
+// KEYS: a URL's spec, its entry set. Deletes every entry the set names,
+// the spec and the set; how many entries there were.
+script!(
+    cache_invalidate,
+    r#"
+local entries = redis.call('SMEMBERS', KEYS[2])
+for _, key in ipairs(entries) do redis.call('DEL', key) end
+redis.call('DEL', KEYS[1], KEYS[2])
+return #entries
 "#
 );
 

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use forkd_store::{CacheLookup, CacheScope, CacheUrl};
-use hyper::header::{HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, SET_COOKIE, VARY};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, SET_COOKIE,
+    TRANSFER_ENCODING, VARY,
+};
 use hyper::{Response, StatusCode};
 
 use super::pool::Specs;
@@ -188,12 +191,21 @@ pub(crate) fn storable(
     Some((Duration::from_secs(secs).min(max_ttl), names.join(",")))
 }
 
-/// The answer's `Age` in seconds (0 without a valid one).
+/// The answer's `Age` in seconds (0 without a valid one). A list
+/// (`Age: 7200, 0`, or the header twice) is read by its first member.
 fn upstream_age(h: &HeaderMap) -> u64 {
     h.get(AGE)
         .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Whether a header is stored with an entry: not the answer's framing,
+/// which a hit takes from the stored body (RFC 9112 section 6.3), nor
+/// what a hit sets afresh.
+fn kept(name: &HeaderName) -> bool {
+    *name != AGE && *name != X_CACHE && *name != CONTENT_LENGTH && *name != TRANSFER_ENCODING
 }
 
 /// Stores an answer and its spec; `specs` learns the spec.
@@ -223,7 +235,7 @@ pub(crate) async fn store(
 fn encode(status: &StatusCode, h: &HeaderMap, body: &Bytes, ttl: Duration) -> Vec<u8> {
     let pairs: Vec<(&str, String)> = h
         .iter()
-        .filter(|(k, _)| *k != AGE && *k != X_CACHE)
+        .filter(|(k, _)| kept(k))
         .map(|(k, v)| {
             (
                 k.as_str(),
@@ -256,7 +268,10 @@ fn decode(entry: &[u8], left_ms: i64) -> Option<Response<Body>> {
             HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
         ) {
-            r.headers_mut().append(k, v);
+            // An entry stored before framing headers were left out.
+            if kept(&k) {
+                r.headers_mut().append(k, v);
+            }
         }
     }
     let age = (ttl - left_ms.max(0)).max(0) / 1000;
@@ -308,6 +323,10 @@ mod tests {
         assert_eq!(
             ok(&[("cache-control", "max-age=60"), ("age", "60")], false),
             None
+        );
+        assert_eq!(
+            ok(&[("cache-control", "max-age=60"), ("age", "50, 0")], false),
+            Some((Duration::from_secs(10), String::new()))
         );
         assert_eq!(
             ok(&[("cache-control", "max-age=60"), ("age", "x")], false)
@@ -389,7 +408,13 @@ mod tests {
 
     #[test]
     fn an_entry_round_trips() {
-        let h = headers(&[("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")]);
+        let h = headers(&[
+            ("content-type", "text/plain"),
+            ("x-a", "1"),
+            ("x-a", "2"),
+            ("content-length", "3"),
+            ("transfer-encoding", "chunked"),
+        ]);
         let e = encode(
             &StatusCode::OK,
             &h,
@@ -401,6 +426,9 @@ mod tests {
         assert_eq!(r.headers()["age"], "3");
         assert_eq!(r.headers()["x-cache"], "hit");
         assert_eq!(r.headers().get_all("x-a").iter().count(), 2);
+        // The framing comes from the stored body, never a stored header.
+        assert!(!r.headers().contains_key("content-length"));
+        assert!(!r.headers().contains_key("transfer-encoding"));
         assert!(decode(b"garbage", 0).is_none());
     }
 }

@@ -14,7 +14,7 @@ use super::pool::{Route, Specs};
 use crate::auth::{has_credentials, invalid_token, session_token};
 use crate::buckets;
 use crate::client::client_ip;
-use crate::response::{ceil_secs, problem, Body, RATELIMIT, RATELIMIT_POLICY};
+use crate::response::{bad_request, ceil_secs, problem, Body, RATELIMIT, RATELIMIT_POLICY};
 use crate::state::State;
 use crate::{metrics, PolicyBucket, RouteAuth};
 
@@ -104,6 +104,18 @@ pub(crate) async fn check(
             cache,
             ..Checked::default()
         });
+    }
+    // A policy keyed on a header counts one value: a request that repeats
+    // the header could pass on a fresh first value while the app reads a
+    // spent last one.
+    for p in policies {
+        if let PolicyBucket::Header(h) = &p.key {
+            if req.headers().get_all(h).iter().nth(1).is_some() {
+                return Err(bad_request(&format!(
+                    "The request repeats the {h} header, which a rate limit counts by."
+                )));
+            }
+        }
     }
     let client = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
     let prefix = route.map_or("", |r| r.cfg.prefix.as_str());

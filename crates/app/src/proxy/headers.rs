@@ -6,8 +6,8 @@
 use std::net::IpAddr;
 
 use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, COOKIE, HOST, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, HOST,
+    TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -61,6 +61,44 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     } else {
         h.remove(UPGRADE);
     }
+}
+
+/// Makes an upstream's answer one forkd can pass on without mis-framing
+/// it (RFC 9112 section 6.3). hyper has read the body by the upstream's
+/// framing; what goes on to the client must say the same:
+///
+/// - a `Transfer-Encoding` other than `chunked` alone (`gzip, chunked`)
+///   is refused (Err): the client would get coded bytes it cannot know
+///   to decode;
+/// - with `chunked`, a `Content-Length` beside it is dropped (chunked
+///   wins), and hyper frames the body it streams itself;
+/// - a 1xx or 204 answer has no body, so it carries neither;
+/// - the answer goes on as HTTP/1.1 whatever the upstream spoke, so an
+///   HTTP/1.0 upstream does not close the client's connection.
+pub(crate) fn frame_upstream_answer<B>(r: &mut hyper::Response<B>) -> Result<(), ()> {
+    *r.version_mut() = hyper::Version::HTTP_11;
+    let status = r.status();
+    let h = r.headers_mut();
+    if h.contains_key(TRANSFER_ENCODING) {
+        let mut codings = h
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty());
+        let chunked = codings
+            .next()
+            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        if !chunked || codings.next().is_some() {
+            return Err(());
+        }
+        h.remove(TRANSFER_ENCODING);
+        h.remove(CONTENT_LENGTH);
+    }
+    if status.is_informational() || status == hyper::StatusCode::NO_CONTENT {
+        h.remove(CONTENT_LENGTH);
+    }
+    Ok(())
 }
 
 /// Removes every request header with an underscore in its name, as nginx

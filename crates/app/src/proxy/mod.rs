@@ -26,6 +26,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use crate::access::LoggedUser;
+use crate::body::{ClientFault, Fault};
 use crate::metrics;
 use crate::response::{bad_request, problem, Body};
 use crate::state::State;
@@ -84,6 +85,13 @@ pub(crate) async fn forward(
         }
     }
     let who = &checked.who;
+    // An unsafe method's target, whose cached answers a success ends.
+    let req_target = (route.cfg.cache.is_some() && !method.is_safe()).then(|| {
+        req.uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned()
+    });
     let request_headers = filling.as_ref().map(|_| req.headers().clone());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let tls = req.extensions().get::<crate::tls::OverTls>().is_some();
@@ -134,7 +142,8 @@ pub(crate) async fn forward(
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     let idempotent = parts.method.is_idempotent();
-    let out = Request::from_parts(parts, Body::Stream(body));
+    let fault = Arc::new(ClientFault::default());
+    let out = Request::from_parts(parts, Body::Client(body, fault.clone()));
     let pool = if idempotent {
         &route.retrying
     } else {
@@ -143,6 +152,9 @@ pub(crate) async fn forward(
     let sent = tokio::time::timeout(route.cfg.timeout, pool.request(out)).await;
     let mut resp = match sent {
         Ok(Ok(r)) => r,
+        Ok(Err(_)) if fault.get().is_some() => {
+            return client_fault(st, fault.get());
+        }
         Ok(Err(e)) => {
             st.host.count(metrics::UPSTREAM_FAILED, 1);
             log::debug!(
@@ -165,6 +177,22 @@ pub(crate) async fn forward(
             );
         }
     };
+    if headers::frame_upstream_answer(&mut resp).is_err() {
+        st.host.count(metrics::UPSTREAM_FAILED, 1);
+        log::debug!(
+            "upstream {} of {}: a transfer coding other than chunked",
+            route.cfg.upstream,
+            route.cfg.prefix
+        );
+        return problem(
+            StatusCode::BAD_GATEWAY,
+            "bad-gateway",
+            "The upstream service answered with a transfer coding other than chunked.",
+        );
+    }
+    if route.cfg.cache.is_some() && !method.is_safe() && resp.status().as_u16() < 400 {
+        invalidate(st, req_target.as_deref(), checked.uid.as_deref()).await;
+    }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_side) = client_upgrade else {
@@ -309,6 +337,42 @@ async fn fill_cache(
     )
     .await;
     miss(Response::from_parts(parts, Body::new(bytes)))
+}
+
+/// The answer to a request whose client broke off or garbled its body
+/// while it was forwarded: the client's fault, never the upstream's. A
+/// malformed body is 400; a client that went away is counted and logged
+/// as such, with nginx's 499 for the access log (nobody reads the answer).
+fn client_fault(st: &State, fault: Option<Fault>) -> Response<Body> {
+    if fault == Some(Fault::Malformed) {
+        return bad_request("The request body's framing is malformed.");
+    }
+    st.host.count(metrics::CLIENTS_GONE, 1);
+    log::debug!("a client went away before its request body ended");
+    problem(
+        StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        "client-closed-request",
+        "The client closed the connection before its request body ended.",
+    )
+}
+
+/// Ends the cached answers of `target` after an unsafe method succeeded
+/// on it (RFC 9111 section 4.4): the shared cache's, and the user's own
+/// (`uid`). Other users' private entries are their own caches and run
+/// out with their lifetime, as a browser's would.
+async fn invalidate(st: &State, target: Option<&str>, uid: Option<&str>) {
+    let Some(target) = target else { return };
+    let shared = forkd_store::CacheScope::Shared(crate::buckets::hex16(target.as_bytes()));
+    let mut urls = vec![st.store.cache_url(&shared, target)];
+    if let Some(uid) = uid {
+        let own = forkd_store::CacheScope::User(uid.to_owned());
+        urls.push(st.store.cache_url(&own, target));
+    }
+    for url in urls {
+        if let Err(e) = st.store.cache_invalidate(&url).await {
+            log::warn!("cannot end the cached answers of {target}: {e}");
+        }
+    }
 }
 
 /// 400 for a path that an app could read as another route's.

@@ -1,0 +1,275 @@
+//! What every request's head must be before any handler reads it, on
+//! HTTP/1 and HTTP/2 alike:
+//!
+//! - one valid `Host` (RFC 9112 section 3.2): none on an HTTP/1.1
+//!   request, two, or one that is not `host[:port]` (a path, a space, a
+//!   user `a@`) is 400. An absolute-form target's authority, and on
+//!   HTTP/2 `:authority`, is the `Host` handlers see; an HTTP/2 `Host`
+//!   that differs from `:authority` is 400 (RFC 9113 section 8.3.1);
+//! - no field value with leading or trailing white space (RFC 9113
+//!   section 8.2.1 calls such a request malformed; HTTP/1's parser trims
+//!   it, so this only ever refuses HTTP/2 requests);
+//! - a head no larger than `http.max_header_bytes`, counted from what was
+//!   parsed (the request line, then each field as `name: value` and CRLF,
+//!   then CRLF), so the same head gets the same answer however its bytes
+//!   were segmented. hyper's own read buffer stops a head at twice the
+//!   limit, before it is parsed; forkd answers that one 431 too.
+
+use hyper::header::{HeaderValue, CONNECTION, HOST};
+use hyper::{Request, Response, StatusCode, Version};
+
+use crate::response::{bad_request, problem, Body};
+
+/// hyper's read buffer (and HTTP/2's header list cap): twice the limit,
+/// so that every head this module counts as within it is parsed.
+pub(crate) fn parser_cap(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_mul(2)
+}
+
+/// Checks the head and gives the request the `Host` handlers read; Err
+/// is the answer to send instead.
+pub(crate) fn check<B>(
+    req: &mut Request<B>,
+    max_header_bytes: usize,
+) -> Result<(), Response<Body>> {
+    let mut size = head_line_len(req);
+    for (name, value) in req.headers() {
+        size += name.as_str().len() + value.len() + 4;
+        if let (Some(first), Some(last)) = (value.as_bytes().first(), value.as_bytes().last()) {
+            if matches!(first, b' ' | b'\t') || matches!(last, b' ' | b'\t') {
+                return Err(bad_request(
+                    "A header value begins or ends with white space.",
+                ));
+            }
+        }
+    }
+    if size + 2 > max_header_bytes {
+        return Err(too_large());
+    }
+    host(req)
+}
+
+/// The request line's length: method, target, version, each space and
+/// the CRLF (`HTTP/1.1` is as long as `HTTP/2.0`).
+fn head_line_len<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let target = match (req.version(), uri.scheme_str(), uri.authority()) {
+        // An absolute-form target came as written.
+        (Version::HTTP_10 | Version::HTTP_11, Some(s), Some(a)) => {
+            s.len() + 3 + a.as_str().len() + uri.path_and_query().map_or(0, |p| p.as_str().len())
+        }
+        (_, _, a) if req.method() == hyper::Method::CONNECT => a.map_or(0, |a| a.as_str().len()),
+        _ => uri.path_and_query().map_or(1, |p| p.as_str().len()),
+    };
+    req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1".len() + 2
+}
+
+/// 431 for a head over the limit; the connection closes after it.
+fn too_large() -> Response<Body> {
+    let mut r = problem(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request-header-too-large",
+        "The request head is larger than this server accepts.",
+    );
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// The `Host` rules above.
+fn host<B>(req: &mut Request<B>) -> Result<(), Response<Body>> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let given = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(bad_request("The request has more than one Host header."));
+    }
+    if let Some(h) = &given {
+        if !valid_authority(h.as_bytes()) {
+            return Err(bad_request(
+                "The Host header is not a host name or address with an optional port.",
+            ));
+        }
+    }
+    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+    match (req.version(), authority, given) {
+        (Version::HTTP_2, Some(a), Some(h)) if !a.as_bytes().eq_ignore_ascii_case(h.as_bytes()) => {
+            return Err(bad_request(
+                "The Host header names another authority than :authority.",
+            ));
+        }
+        // An absolute-form target, or HTTP/2's :authority: the Host.
+        (_, Some(a), _) => {
+            if !valid_authority(a.as_bytes()) {
+                return Err(bad_request(
+                    "The request target's authority is not a host name or address with an optional port.",
+                ));
+            }
+            if let Ok(v) = HeaderValue::from_str(&a) {
+                req.headers_mut().insert(HOST, v);
+            }
+        }
+        (Version::HTTP_11, None, None) => {
+            return Err(bad_request("An HTTP/1.1 request needs a Host header."));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `host [":" port]` (RFC 3986): a name or IPv4 address of unreserved,
+/// sub-delimiter and percent characters, or a bracketed IPv6 literal; a
+/// port of at most five digits. No user part, path or space.
+fn valid_authority(a: &[u8]) -> bool {
+    let (host, port) = if let Some(rest) = a.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => (literal, None),
+            [b':', port @ ..] => (literal, Some(port)),
+            _ => return false,
+        }
+    } else {
+        let (host, port) = match a.iter().rposition(|&b| b == b':') {
+            Some(i) => (&a[..i], Some(&a[i + 1..])),
+            None => (a, None),
+        };
+        let name_char = |b: &u8| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        };
+        if host.is_empty() || !host.iter().all(name_char) {
+            return false;
+        }
+        (host, port)
+    };
+    !host.is_empty() && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().version(version).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn status(r: &mut Request<()>, max: usize) -> u16 {
+        match check(r, max) {
+            Ok(()) => 200,
+            Err(resp) => resp.status().as_u16(),
+        }
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "a.example",
+            "a.example:8080",
+            "127.0.0.1:1",
+            "[::1]:80",
+            "[::1]",
+            "xn--bcher-kva.example",
+            "a_b",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example/x y",
+            "a@evil.example",
+            "a.example:80:80x",
+            "a.example:123456",
+            "a b",
+            "[::1",
+            "[::1]x",
+            "[zz]",
+            ":80",
+            "a/b",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_rules() {
+        let max = 32 * 1024;
+        let h11 = Version::HTTP_11;
+        assert_eq!(status(&mut req(h11, "/", &[("host", "a")]), max), 200);
+        assert_eq!(status(&mut req(h11, "/", &[]), max), 400);
+        assert_eq!(status(&mut req(Version::HTTP_10, "/", &[]), max), 200);
+        assert_eq!(
+            status(&mut req(h11, "/", &[("host", "a"), ("host", "b")]), max),
+            400
+        );
+        assert_eq!(
+            status(&mut req(h11, "/", &[("host", "a@evil.example")]), max),
+            400
+        );
+        // An absolute-form target's authority is the Host.
+        let mut r = req(h11, "http://b.example/x", &[("host", "a")]);
+        assert_eq!(status(&mut r, max), 200);
+        assert_eq!(r.headers()["host"], "b.example");
+        // HTTP/2: :authority gives the Host, and a different Host is 400.
+        let mut r = req(Version::HTTP_2, "http://b.example/x", &[]);
+        assert_eq!(status(&mut r, max), 200);
+        assert_eq!(r.headers()["host"], "b.example");
+        let mut r = req(Version::HTTP_2, "http://b.example/x", &[("host", "c")]);
+        assert_eq!(status(&mut r, max), 400);
+        let mut r = req(
+            Version::HTTP_2,
+            "http://b.example/x",
+            &[("host", "B.example")],
+        );
+        assert_eq!(status(&mut r, max), 200);
+    }
+
+    #[test]
+    fn white_space_around_a_value_is_refused() {
+        let max = 32 * 1024;
+        for v in [" x", "x\t", "\tx "] {
+            let mut r = req(Version::HTTP_2, "http://a/", &[("x-a", v)]);
+            assert_eq!(status(&mut r, max), 400, "{v:?}");
+        }
+        let mut r = req(Version::HTTP_2, "http://a/", &[("x-a", "a b")]);
+        assert_eq!(status(&mut r, max), 200);
+    }
+
+    #[test]
+    fn the_head_is_counted_as_written() {
+        // "GET /x HTTP/1.1\r\n" 17 + "host: a\r\n" 9 + "\r\n" 2 = 28.
+        let mut r = req(Version::HTTP_11, "/x", &[("host", "a")]);
+        assert_eq!(status(&mut r, 28), 200);
+        let mut r = req(Version::HTTP_11, "/x", &[("host", "a")]);
+        assert_eq!(status(&mut r, 27), 431);
+    }
+}
