@@ -164,20 +164,6 @@ fn seen_user(r: &Response) -> Option<String> {
     seen(r, "x-forkd-user")
 }
 
-/// `POST /login` from the loopback address `source`.
-fn login_from(source: &str, port: u16, user: &str, password: &str) -> Response {
-    let body = serde_json::json!({"username": user, "password": password}).to_string();
-    request_from(
-        source,
-        port,
-        "POST",
-        "/login",
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-    .expect("login answered")
-}
-
 #[test]
 fn nginx_auth_request_asks_forkd_and_passes_the_user() {
     let up = Upstream::tcp();

@@ -200,8 +200,14 @@ pub fn request_from(
 
 /// `POST /login` with a JSON body.
 pub fn login(port: u16, user: &str, password: &str) -> Response {
+    login_from("127.0.0.1", port, user, password)
+}
+
+/// `POST /login` from the loopback address `source`.
+pub fn login_from(source: &str, port: u16, user: &str, password: &str) -> Response {
     let body = serde_json::json!({"username": user, "password": password}).to_string();
-    request(
+    request_from(
+        source,
         port,
         "POST",
         "/login",

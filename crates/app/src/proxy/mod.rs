@@ -156,15 +156,10 @@ pub(crate) async fn forward(
             return client_fault(st, fault.get());
         }
         Ok(Err(e)) => {
-            st.host.count(metrics::UPSTREAM_FAILED, 1);
-            log::debug!(
-                "upstream {} of {}: {e:?}",
-                route.cfg.upstream,
-                route.cfg.prefix
-            );
-            return problem(
-                StatusCode::BAD_GATEWAY,
-                "bad-gateway",
+            return bad_gateway(
+                st,
+                route,
+                &format!("{e:?}"),
                 "The upstream service could not be reached or gave no answer.",
             );
         }
@@ -178,15 +173,10 @@ pub(crate) async fn forward(
         }
     };
     if headers::frame_upstream_answer(&mut resp).is_err() {
-        st.host.count(metrics::UPSTREAM_FAILED, 1);
-        log::debug!(
-            "upstream {} of {}: a transfer coding other than chunked",
-            route.cfg.upstream,
-            route.cfg.prefix
-        );
-        return problem(
-            StatusCode::BAD_GATEWAY,
-            "bad-gateway",
+        return bad_gateway(
+            st,
+            route,
+            "a transfer coding other than chunked",
             "The upstream service answered with a transfer coding other than chunked.",
         );
     }
@@ -196,10 +186,10 @@ pub(crate) async fn forward(
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_side) = client_upgrade else {
-            st.host.count(metrics::UPSTREAM_FAILED, 1);
-            return problem(
-                StatusCode::BAD_GATEWAY,
-                "bad-gateway",
+            return bad_gateway(
+                st,
+                route,
+                "an unrequested 101",
                 "The upstream service switched protocols, which the request did not ask for.",
             );
         };
@@ -318,10 +308,10 @@ async fn fill_cache(
     let bytes = match tokio::time::timeout(route.cfg.timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
         _ => {
-            st.host.count(metrics::UPSTREAM_FAILED, 1);
-            return problem(
-                StatusCode::BAD_GATEWAY,
-                "bad-gateway",
+            return bad_gateway(
+                st,
+                route,
+                "the answer broke off, or outlasted the timeout, during a cache fill",
                 "The upstream service broke off its answer.",
             );
         }
@@ -337,6 +327,17 @@ async fn fill_cache(
     )
     .await;
     miss(Response::from_parts(parts, Body::new(bytes)))
+}
+
+/// 502 for an upstream's own failure (`cause`, for the log), counted.
+fn bad_gateway(st: &State, route: &Route, cause: &str, detail: &str) -> Response<Body> {
+    st.host.count(metrics::UPSTREAM_FAILED, 1);
+    log::debug!(
+        "upstream {} of {}: {cause}",
+        route.cfg.upstream,
+        route.cfg.prefix
+    );
+    problem(StatusCode::BAD_GATEWAY, "bad-gateway", detail)
 }
 
 /// The answer to a request whose client broke off or garbled its body
