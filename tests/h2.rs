@@ -2,13 +2,15 @@
 //! h2 client that sends what curl and nghttp would not: a field value with
 //! leading or trailing white space (RFC 9113 section 8.2.1: malformed, never
 //! forwarded) and a `Host` beside a different `:authority` (section 8.3.1).
+//! A malformed request's stream is reset with PROTOCOL_ERROR (section
+//! 8.1.1), and it is counted as a 400.
 
 mod common;
 
 use common::*;
 
 /// Sends `GET uri` over h2c with `headers`; the status, or the stream's
-/// error as text.
+/// error as text (a reset: "RESET PROTOCOL_ERROR").
 fn h2_status(port: u16, uri: &str, headers: &[(&str, &str)]) -> Result<u16, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -35,7 +37,10 @@ fn h2_status(port: u16, uri: &str, headers: &[(&str, &str)]) -> Result<u16, Stri
         let resp = tokio::time::timeout(PATIENCE, resp)
             .await
             .map_err(|_| "no answer".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e.reason() {
+                Some(r) if e.is_reset() => format!("RESET {r:?}"),
+                _ => e.to_string(),
+            })?;
         Ok(resp.status().as_u16())
     })
 }
@@ -58,11 +63,11 @@ fn malformed_h2_requests_are_refused_before_the_upstream() {
         ("x-a", "\tboth "),
     ] {
         let r = h2_status(f.port, &format!("{base}/api/bad"), &[(name, value)]);
-        assert_eq!(r, Ok(400), "{value:?}");
+        assert_eq!(r, Err("RESET PROTOCOL_ERROR".into()), "{value:?}");
     }
     // A Host that names another authority than :authority.
     let r = h2_status(f.port, &format!("{base}/api/bad"), &[("host", "evil.test")]);
-    assert_eq!(r, Ok(400));
+    assert_eq!(r, Err("RESET PROTOCOL_ERROR".into()));
     // The same authority is fine.
     let host = format!("a.test:{}", f.port);
     let r = h2_status(f.port, &format!("{base}/api/ok"), &[("host", &host)]);

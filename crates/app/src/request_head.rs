@@ -9,6 +9,9 @@
 //! - no field value with leading or trailing white space (RFC 9113
 //!   section 8.2.1 calls such a request malformed; HTTP/1's parser trims
 //!   it, so this only ever refuses HTTP/2 requests);
+//! - a `CONNECT` that names no authority is 400;
+//! - on HTTP/2 such a refusal is a malformed request: counted and logged
+//!   as a 400, and the stream reset with PROTOCOL_ERROR;
 //! - a head no larger than `http.max_header_bytes`, counted from what was
 //!   parsed (the request line, then each field as `name: value` and CRLF,
 //!   then CRLF), so the same head gets the same answer however its bytes
@@ -26,12 +29,31 @@ pub(crate) fn parser_cap(max_header_bytes: usize) -> usize {
     max_header_bytes.saturating_mul(2)
 }
 
+/// Marks the 400 of a malformed HTTP/2 request, whose stream is then reset
+/// with PROTOCOL_ERROR (RFC 9113 section 8.1.1: a stream error; a 400 is
+/// only what a server may send first).
+#[derive(Clone, Copy)]
+pub(crate) struct Malformed;
+
 /// Checks the head and gives the request the `Host` handlers read; Err
 /// is the answer to send instead.
 pub(crate) fn check<B>(
     req: &mut Request<B>,
     max_header_bytes: usize,
 ) -> Result<(), Response<Body>> {
+    let h2 = req.version() == Version::HTTP_2;
+    checked(req, max_header_bytes).map_err(|mut r| {
+        if h2 && r.status() == StatusCode::BAD_REQUEST {
+            r.extensions_mut().insert(Malformed);
+        }
+        r
+    })
+}
+
+fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Response<Body>> {
+    if req.method() == hyper::Method::CONNECT && req.uri().authority().is_none() {
+        return Err(bad_request("A CONNECT request must name an authority."));
+    }
     let mut size = head_line_len(req);
     for (name, value) in req.headers() {
         size += name.as_str().len() + value.len() + 4;

@@ -3,7 +3,6 @@
 //! and on the way out metrics, the access log line, the worker's pid and
 //! `Connection: close` while draining.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -23,7 +22,7 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     st: Arc<State>,
     peer: SocketAddr,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, h2::Error> {
     let started = std::time::Instant::now();
     let route_index = crate::metrics::route_index(req.uri().path());
     let id = st.request_ids.for_request(req.headers());
@@ -81,6 +80,14 @@ pub(crate) async fn handle(
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     st.host.request_served();
+    // Counted and logged as the 400 it is; on HTTP/2 the stream is reset.
+    if resp
+        .extensions()
+        .get::<crate::request_head::Malformed>()
+        .is_some()
+    {
+        return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
+    }
     Ok(resp)
 }
 

@@ -170,8 +170,10 @@ pub(crate) fn storable(
     } else {
         max_age
     }?;
-    // What the upstream (or a cache before it) already spent of it.
-    let secs = lifetime.saturating_sub(upstream_age(h));
+    // What the upstream (or a cache before it) already spent of it; an
+    // `Age` that is not a whole number of seconds may hide any age, so
+    // such an answer is not kept.
+    let secs = lifetime.saturating_sub(upstream_age(h)?);
     if secs == 0 {
         return None;
     }
@@ -191,14 +193,20 @@ pub(crate) fn storable(
     Some((Duration::from_secs(secs).min(max_ttl), names.join(",")))
 }
 
-/// The answer's `Age` in seconds (0 without a valid one). A list
-/// (`Age: 7200, 0`, or the header twice) is read by its first member.
-fn upstream_age(h: &HeaderMap) -> u64 {
-    h.get(AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+/// The answer's `Age` in seconds: 0 without one, None for one that is
+/// not a whole number of seconds (`abc`, `-1`, `1.5`, `7200;p=1`). A list
+/// (`Age: 7200, 0`, or the header twice) is read by its first member
+/// (RFC 9111 section 5.1).
+fn upstream_age(h: &HeaderMap) -> Option<u64> {
+    let Some(v) = h.get(AGE) else {
+        return Some(0);
+    };
+    let first = v.to_str().ok()?.split(',').next()?.trim();
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Larger than can be counted: as old as can be.
+    Some(first.parse().unwrap_or(u64::MAX))
 }
 
 /// Whether a header is stored with an entry: not the answer's framing,
@@ -223,7 +231,7 @@ pub(crate) async fn store(
     let v = variant(spec, h);
     // The entry's lifetime counts the upstream's `Age`, so that the `Age`
     // a hit answers with includes it.
-    let lifetime = ttl + Duration::from_secs(upstream_age(r.1));
+    let lifetime = ttl + Duration::from_secs(upstream_age(r.1).unwrap_or(0));
     let entry = encode(r.0, r.1, r.2, lifetime);
     if let Err(e) = st.store.cache_put(&place.url, spec, &v, &entry, ttl).await {
         log::warn!("cannot cache an answer: {e}");
@@ -328,12 +336,13 @@ mod tests {
             ok(&[("cache-control", "max-age=60"), ("age", "50, 0")], false),
             Some((Duration::from_secs(10), String::new()))
         );
-        assert_eq!(
-            ok(&[("cache-control", "max-age=60"), ("age", "x")], false)
-                .unwrap()
-                .0,
-            Duration::from_secs(60)
-        );
+        for bad in ["x", "-1", "1.5", "7200;p=1", ""] {
+            assert_eq!(
+                ok(&[("cache-control", "max-age=60"), ("age", bad)], false),
+                None,
+                "{bad:?}"
+            );
+        }
         assert!(ok(&[("cache-control", "private, max-age=60")], false).is_some());
         assert_eq!(
             ok(&[("cache-control", "no-store, max-age=60")], false),

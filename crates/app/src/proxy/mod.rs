@@ -85,12 +85,14 @@ pub(crate) async fn forward(
         }
     }
     let who = &checked.who;
-    // An unsafe method's target, whose cached answers a success ends.
-    let req_target = (route.cfg.cache.is_some() && !method.is_safe()).then(|| {
-        req.uri()
+    // A writing method's target, whose cached answers a success ends.
+    let written = (route.cfg.cache.is_some() && !method.is_safe()).then(|| Written {
+        target: req
+            .uri()
             .path_and_query()
             .map_or("/", |p| p.as_str())
-            .to_owned()
+            .to_owned(),
+        host: req.headers().get(hyper::header::HOST).cloned(),
     });
     let request_headers = filling.as_ref().map(|_| req.headers().clone());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -180,8 +182,10 @@ pub(crate) async fn forward(
             "The upstream service answered with a transfer coding other than chunked.",
         );
     }
-    if route.cfg.cache.is_some() && !method.is_safe() && resp.status().as_u16() < 400 {
-        invalidate(st, req_target.as_deref(), checked.uid.as_deref()).await;
+    if let Some(w) = written.filter(|_| resp.status().as_u16() < 400) {
+        for target in w.targets(resp.headers()) {
+            invalidate(st, &target, checked.uid.as_deref()).await;
+        }
     }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -357,12 +361,51 @@ fn client_fault(st: &State, fault: Option<Fault>) -> Response<Body> {
     )
 }
 
-/// Ends the cached answers of `target` after an unsafe method succeeded
-/// on it (RFC 9111 section 4.4): the shared cache's, and the user's own
-/// (`uid`). Other users' private entries are their own caches and run
-/// out with their lifetime, as a browser's would.
-async fn invalidate(st: &State, target: Option<&str>, uid: Option<&str>) {
-    let Some(target) = target else { return };
+/// A request with a method that is not safe (RFC 9110 section 9.2.1) on
+/// a cached route: whose cached answers its success ends.
+struct Written {
+    /// Path and query.
+    target: String,
+    host: Option<HeaderValue>,
+}
+
+impl Written {
+    /// The request's target, and the `Location` and `Content-Location`
+    /// of the answer when they name a path on the same host (RFC 9111
+    /// section 4.4: never another host's).
+    fn targets(&self, answer: &HeaderMap) -> Vec<String> {
+        let mut out = vec![self.target.clone()];
+        for name in [hyper::header::LOCATION, hyper::header::CONTENT_LOCATION] {
+            let Some(v) = answer.get(name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let v = v.split('#').next().unwrap_or("");
+            let path = if v.starts_with('/') && !v.starts_with("//") {
+                Some(v.to_owned())
+            } else if let Ok(uri) = v.parse::<Uri>() {
+                let same_host = uri
+                    .authority()
+                    .zip(self.host.as_ref())
+                    .is_some_and(|(a, h)| a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()));
+                let web = matches!(uri.scheme_str(), Some("http" | "https"));
+                (same_host && web)
+                    .then(|| uri.path_and_query().map_or("/", |p| p.as_str()).to_owned())
+            } else {
+                None
+            };
+            if let Some(p) = path.filter(|p| !out.contains(p)) {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// Ends the cached answers of `target` (RFC 9111 section 4.4): the shared
+/// cache's, and the user's own (`uid`). Other users' private entries are
+/// their own caches and run out with their lifetime, as a browser's
+/// would.
+async fn invalidate(st: &State, target: &str, uid: Option<&str>) {
     let shared = forkd_store::CacheScope::Shared(crate::buckets::hex16(target.as_bytes()));
     let mut urls = vec![st.store.cache_url(&shared, target)];
     if let Some(uid) = uid {
@@ -502,6 +545,24 @@ fn tunnel(st: &Arc<State>, client: hyper::upgrade::OnUpgrade, upstream: hyper::u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_ends_its_own_and_its_same_host_locations() {
+        let w = Written {
+            target: "/api/a?x=1".into(),
+            host: Some(HeaderValue::from_static("app.test:8080")),
+        };
+        let h = crate::test_util::headers(&[
+            ("location", "/api/b#top"),
+            ("content-location", "http://app.test:8080/api/c?y"),
+        ]);
+        assert_eq!(w.targets(&h), ["/api/a?x=1", "/api/b", "/api/c?y"]);
+        let other = crate::test_util::headers(&[
+            ("location", "http://evil.test/api/b"),
+            ("content-location", "//evil.test/api/c"),
+        ]);
+        assert_eq!(w.targets(&other), ["/api/a?x=1"]);
+    }
 
     #[test]
     fn ambiguous_paths_are_refused() {
