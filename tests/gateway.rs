@@ -261,6 +261,15 @@ fn answers(target: &str) -> (Vec<u8>, bool) {
                 true,
             )
         }
+        "cl-list" => format!("HTTP/1.1 200 OK\r\n{cc}Content-Length: 5, 5\r\n\r\nhello"),
+        "status-999" => "HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok".to_owned(),
+        "bad-chunk" => {
+            return (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+                    .to_vec(),
+                true,
+            )
+        }
         "http10" => return (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi".to_vec(), true),
         "http10-eof" => return (b"HTTP/1.0 200 OK\r\n\r\nuntil the end".to_vec(), true),
         _ => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_owned(),
@@ -323,6 +332,13 @@ fn answers_are_framed_by_their_body_and_never_desync_the_client() {
             assert_eq!(r.status, 200, "{r:?}");
             assert_eq!(r.body, b"hel", "{r:?}");
         }
+        // A Content-Length list of one value goes on as that value.
+        let r = pipelined(f.port, &format!("{prefix}/cl-list"));
+        assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]), "{r:?}");
+        assert_eq!(r.header("content-length"), Some("5"), "{r:?}");
+        // A status outside 100-599 is the upstream's failure.
+        let r = pipelined(f.port, &format!("{prefix}/status-999"));
+        assert_eq!(r.status, 502, "{r:?}");
         // A body on 204 and 304 never reaches the client.
         for case in ["204", "304"] {
             let r = pipelined(f.port, &format!("{prefix}/{case}"));
@@ -416,6 +432,7 @@ fn host_must_be_one_valid_authority() {
         ("Host: evil.example/x y\r\n", "HTTP/1.1", 400),
         ("Host: a@evil.example\r\n", "HTTP/1.1", 400),
         ("Host: a.test:80x\r\n", "HTTP/1.1", 400),
+        ("Host: evil.example,good.example\r\n", "HTTP/1.1", 400),
         ("", "HTTP/1.0", 200),
         ("Host: a.test:8080\r\n", "HTTP/1.1", 200),
     ];
@@ -447,6 +464,10 @@ fn a_repeated_header_that_keys_a_policy_is_refused() {
     };
     assert_eq!(send(&["spent"]).status, 200);
     assert_eq!(send(&["spent"]).status, 429);
+    for keys in [&["fresh", "spent"][..], &["fresh,spent"][..]] {
+        let r = send(keys);
+        assert_eq!(r.status, 400, "{keys:?}: {r:?}");
+    }
     let r = send(&["fresh", "spent"]);
     assert_eq!(r.status, 400, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
@@ -478,6 +499,27 @@ fn a_client_s_broken_body_is_the_client_s_fault_not_the_upstream_s() {
     let r = read_framed(&mut c, false).unwrap();
     assert_eq!(r.status, 400, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    // A body coding other than chunked alone: 501, never sent upstream
+    // as unlabelled gzip bytes.
+    let mut c = connect(f.port);
+    c.get_mut()
+        .write_all(
+            b"POST /plain/gz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+        .unwrap();
+    let r = read_framed(&mut c, false).unwrap();
+    assert_eq!(r.status, 501, "{r:?}");
+    assert!(!strict.received().contains("/plain/gz"));
+    // A client that only half-closes reads a 499 with its name.
+    let mut c = connect(f.port);
+    c.get_mut()
+        .write_all(b"POST /plain/half HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123")
+        .unwrap();
+    c.get_mut().shutdown(std::net::Shutdown::Write).unwrap();
+    let mut line = String::new();
+    c.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "HTTP/1.1 499 Client Closed Request");
+    assert_eq!(counter(f.port, failures), 0.0);
     // A client that goes away after 1,000 of 100,000 bytes.
     let mut c = connect(f.port);
     c.get_mut()
@@ -490,9 +532,19 @@ fn a_client_s_broken_body_is_the_client_s_fault_not_the_upstream_s() {
     })
     .expect("the request went upstream");
     drop(c);
-    poll(PATIENCE, || (counter(f.port, aborts) >= 1.0).then_some(()))
+    poll(PATIENCE, || (counter(f.port, aborts) >= 2.0).then_some(()))
         .expect("the client's going away is counted as such");
     assert_eq!(counter(f.port, failures), 0.0);
+    // And the upstream's own failure after its head is counted as its.
+    let mut c = connect(f.port);
+    c.get_mut()
+        .write_all(get_req("/plain/bad-chunk").as_bytes())
+        .unwrap();
+    let _ = read_framed(&mut c, false);
+    poll(PATIENCE, || {
+        (counter(f.port, failures) >= 1.0).then_some(())
+    })
+    .expect("a body that breaks off is the upstream's failure");
 }
 
 #[test]
@@ -520,6 +572,20 @@ fn a_successful_write_ends_the_cached_answers_of_its_url() {
         assert_eq!(after.header("x-cache"), Some("miss"), "after {method}");
         assert!(n(&after) > n(&hit), "after {method}: a new answer");
     }
+    // A write on another host leaves this host's answers: the target URI
+    // includes its authority.
+    let _ = poll(PATIENCE, || {
+        let r = get(f.port, url).unwrap();
+        (r.header("x-cache") == Some("hit")).then_some(r)
+    })
+    .expect("a hit");
+    let other = raw(
+        f.port,
+        &format!("POST {url} HTTP/1.1\r\nHost: other.test\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"),
+    )
+    .unwrap();
+    assert_eq!(other.status, 200);
+    assert_eq!(get(f.port, url).unwrap().header("x-cache"), Some("hit"));
     // A write to another URL leaves this one cached.
     let _ = poll(PATIENCE, || {
         let r = get(f.port, url).unwrap();

@@ -78,3 +78,128 @@ fn malformed_h2_requests_are_refused_before_the_upstream() {
         "the refused requests never reached the upstream"
     );
 }
+
+/// Sends `GET uri` over h2c with `headers`; the upstream's JSON echo.
+fn h2_echo(port: u16, uri: &str, headers: &[(&str, &str)]) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let mut req = http::Request::get(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (resp, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+        let resp = tokio::time::timeout(PATIENCE, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            bytes.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&bytes).unwrap()
+    })
+}
+
+#[test]
+fn an_h2_request_reaches_an_http_1_1_upstream_as_http_1_1_would_send_it() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[http2]\nh2c = true\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        api.url()
+    ));
+    let uri = format!("http://a.test:{}/api/x", f.port);
+    let echo = h2_echo(f.port, &uri, &[("cookie", "a=1"), ("cookie", "b=2")]);
+    let seen: Vec<(String, String)> = echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_ascii_lowercase(),
+                p[1].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let of = |name: &str| -> Vec<&str> {
+        seen.iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    // One Cookie line (RFC 9113 section 8.2.3), and :authority as Host.
+    assert_eq!(of("cookie"), ["a=1; b=2"], "{seen:?}");
+    assert_eq!(
+        of("host"),
+        [format!("a.test:{}", f.port).as_str()],
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn an_h2_client_that_resets_its_stream_mid_body_is_counted_as_gone() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[http2]\nh2c = true\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        api.url()
+    ));
+    let counter = |name: &str| {
+        let m = parse_exposition(&get(f.port, "/metrics").unwrap().body);
+        m.get(&format!("{name}{{}}")).copied().unwrap_or(0.0)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post(format!("http://a.test:{}/api/upload", f.port))
+            .header("content-length", "100")
+            .body(())
+            .unwrap();
+        let (_resp, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"0123456789"), false)
+            .unwrap();
+        // Let the request reach the upstream before the reset.
+        let went = async {
+            while api.requests.load(std::sync::atomic::Ordering::SeqCst) == 0
+                && !api_seen_connection(&api)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout(PATIENCE, went).await;
+        body.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    });
+    poll(PATIENCE, || {
+        (counter("forkd_client_aborts_total") >= 1.0).then_some(())
+    })
+    .expect("the reset stream is counted as a client gone");
+    assert_eq!(counter("forkd_upstream_failures_total"), 0.0);
+}
+
+/// Whether the upstream has taken a connection (the request is on its way).
+fn api_seen_connection(api: &Upstream) -> bool {
+    api.connections.load(std::sync::atomic::Ordering::SeqCst) > 0
+}

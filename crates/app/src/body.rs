@@ -15,10 +15,21 @@ use hyper::body::{Frame, Incoming, SizeHint};
 
 pub(crate) enum Body {
     Full(Full<Bytes>),
-    Stream(Incoming),
+    /// An upstream's answer; a failure to read it is counted as the
+    /// upstream's.
+    Stream(Incoming, Arc<UpstreamBody>),
     /// A client's request body, forwarded; a failure to read it is noted
     /// in the fault.
     Client(Incoming, Arc<ClientFault>),
+}
+
+/// Who counts an upstream's body that breaks off after its head went out
+/// (a short body, a bad chunk): the head's status is already logged, so
+/// this is where the failure is counted and said.
+pub(crate) struct UpstreamBody {
+    pub(crate) host: Arc<dyn crate::Host>,
+    /// The route's prefix and upstream, for the log.
+    pub(crate) route: String,
 }
 
 /// How reading a client's request body failed, if it did.
@@ -96,7 +107,14 @@ impl hyper::body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Body::Stream(s) => Pin::new(s).poll_frame(cx),
+            Body::Stream(s, watch) => {
+                let polled = Pin::new(s).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled {
+                    watch.host.count(crate::metrics::UPSTREAM_FAILED, 1);
+                    log::debug!("upstream of {}: the answer broke off: {e}", watch.route);
+                }
+                polled
+            }
             Body::Client(s, fault) => {
                 let polled = Pin::new(s).poll_frame(cx);
                 if let Poll::Ready(Some(Err(e))) = &polled {
@@ -110,14 +128,14 @@ impl hyper::body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(f) => f.is_end_stream(),
-            Body::Stream(s) | Body::Client(s, _) => s.is_end_stream(),
+            Body::Stream(s, _) | Body::Client(s, _) => s.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(f) => f.size_hint(),
-            Body::Stream(s) | Body::Client(s, _) => s.size_hint(),
+            Body::Stream(s, _) | Body::Client(s, _) => s.size_hint(),
         }
     }
 }

@@ -149,8 +149,9 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
         (
             "forkd_client_aborts_total",
             "counter",
-            "Proxied requests whose client closed the connection before its request body \
-             ended (logged with status 499); never counted as upstream failures.",
+            "Requests whose client went away first: it closed the connection before its \
+             request body ended (logged with status 499), or reset its HTTP/2 stream or \
+             closed the connection before the answer; never counted as upstream failures.",
             get(CLIENTS_GONE),
         ),
         (

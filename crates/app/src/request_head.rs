@@ -9,7 +9,8 @@
 //! - no field value with leading or trailing white space (RFC 9113
 //!   section 8.2.1 calls such a request malformed; HTTP/1's parser trims
 //!   it, so this only ever refuses HTTP/2 requests);
-//! - a `CONNECT` that names no authority is 400;
+//! - a `CONNECT` that names no authority is 400; a request body whose
+//!   transfer coding is not `chunked` alone is 501;
 //! - on HTTP/2 such a refusal is a malformed request: counted and logged
 //!   as a 400, and the stream reset with PROTOCOL_ERROR;
 //! - a head no larger than `http.max_header_bytes`, counted from what was
@@ -18,7 +19,7 @@
 //!   were segmented. hyper's own read buffer stops a head at twice the
 //!   limit, before it is parsed; forkd answers that one 431 too.
 
-use hyper::header::{HeaderValue, CONNECTION, HOST};
+use hyper::header::{HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode, Version};
 
 use crate::response::{bad_request, problem, Body};
@@ -55,6 +56,13 @@ fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Respo
         return Err(bad_request("A CONNECT request must name an authority."));
     }
     let mut size = head_line_len(req);
+    // HTTP/2's :authority stands for the Host line it becomes.
+    if req.version() == Version::HTTP_2 && !req.headers().contains_key(HOST) {
+        size += req
+            .uri()
+            .authority()
+            .map_or(0, |a| "host".len() + a.as_str().len() + 4);
+    }
     for (name, value) in req.headers() {
         size += name.as_str().len() + value.len() + 4;
         if let (Some(first), Some(last)) = (value.as_bytes().first(), value.as_bytes().last()) {
@@ -68,7 +76,36 @@ fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Respo
     if size + 2 > max_header_bytes {
         return Err(too_large());
     }
+    transfer_coding(req)?;
     host(req)
+}
+
+/// A request body's transfer coding must be `chunked` alone: another
+/// (`gzip, chunked`) would reach an upstream as unlabelled coded bytes
+/// once hyper has undone the chunking (RFC 9112 section 6.1: 501).
+fn transfer_coding<B>(req: &Request<B>) -> Result<(), Response<Body>> {
+    let mut codings = req
+        .headers()
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .peekable();
+    if codings.peek().is_none() {
+        return Ok(());
+    }
+    let chunked = codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+    if chunked && codings.next().is_none() {
+        return Ok(());
+    }
+    Err(problem(
+        StatusCode::NOT_IMPLEMENTED,
+        "not-implemented",
+        "The request body's transfer coding is not chunked alone, which this server does not take.",
+    ))
 }
 
 /// The request line's length: method, target, version, each space and
@@ -133,14 +170,21 @@ fn host<B>(req: &mut Request<B>) -> Result<(), Response<Body>> {
         (Version::HTTP_11, None, None) => {
             return Err(bad_request("An HTTP/1.1 request needs a Host header."));
         }
+        (Version::HTTP_2, None, None) => {
+            return Err(bad_request(
+                "An HTTP/2 request needs :authority or a Host header.",
+            ));
+        }
         _ => {}
     }
     Ok(())
 }
 
-/// `host [":" port]` (RFC 3986): a name or IPv4 address of unreserved,
-/// sub-delimiter and percent characters, or a bracketed IPv6 literal; a
-/// port of at most five digits. No user part, path or space.
+/// `host [":" port]`: a DNS name or IPv4 address (letters, digits, `-`,
+/// `.`, `_`), or a bracketed IPv6 literal; a port of at most five digits.
+/// No user part, path or space, and none of the sub-delimiters RFC 3986
+/// would allow in a name (`,` `;` `!` ...): an app reading
+/// `X-Forwarded-Host` as a list would take `a.example,b.example` for two.
 fn valid_authority(a: &[u8]) -> bool {
     let (host, port) = if let Some(rest) = a.strip_prefix(b"[") {
         let Some(end) = rest.iter().position(|&b| b == b']') else {
@@ -164,27 +208,7 @@ fn valid_authority(a: &[u8]) -> bool {
             Some(i) => (&a[..i], Some(&a[i + 1..])),
             None => (a, None),
         };
-        let name_char = |b: &u8| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        };
+        let name_char = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
         if host.is_empty() || !host.iter().all(name_char) {
             return false;
         }
@@ -229,6 +253,9 @@ mod tests {
             "",
             "evil.example/x y",
             "a@evil.example",
+            "evil.example,good.example",
+            "a;b",
+            "a%2eb",
             "a.example:80:80x",
             "a.example:123456",
             "a b",
@@ -273,6 +300,23 @@ mod tests {
             &[("host", "B.example")],
         );
         assert_eq!(status(&mut r, max), 200);
+        // Neither :authority nor Host.
+        assert_eq!(status(&mut req(Version::HTTP_2, "/x", &[]), max), 400);
+    }
+
+    #[test]
+    fn a_body_coding_other_than_chunked_is_501() {
+        let te = |v| {
+            req(
+                Version::HTTP_11,
+                "/",
+                &[("host", "a"), ("transfer-encoding", v)],
+            )
+        };
+        assert_eq!(status(&mut te("chunked"), 32768), 200);
+        assert_eq!(status(&mut te("Chunked"), 32768), 200);
+        assert_eq!(status(&mut te("gzip, chunked"), 32768), 501);
+        assert_eq!(status(&mut te("chunked, chunked"), 32768), 501);
     }
 
     #[test]
@@ -292,6 +336,11 @@ mod tests {
         let mut r = req(Version::HTTP_11, "/x", &[("host", "a")]);
         assert_eq!(status(&mut r, 28), 200);
         let mut r = req(Version::HTTP_11, "/x", &[("host", "a")]);
+        assert_eq!(status(&mut r, 27), 431);
+        // On HTTP/2, :authority counts as the Host line it becomes.
+        let mut r = req(Version::HTTP_2, "http://a/x", &[]);
+        assert_eq!(status(&mut r, 28), 200);
+        let mut r = req(Version::HTTP_2, "http://a/x", &[]);
         assert_eq!(status(&mut r, 27), 431);
     }
 }

@@ -36,9 +36,11 @@ pub(crate) async fn handle(
         .get::<crate::tls::OverTls>()
         .and(st.settings.tls.as_ref())
         .and_then(|t| t.hsts.clone());
+    let mut abandoned = Abandoned(Some(st.host.as_ref()));
     let mut resp = crate::response::REQUEST_ID
         .scope(id.clone(), route(req, &st, peer, &id))
         .await;
+    abandoned.0 = None;
     drop(running);
     // A whole body's length is the body's own, whatever a header (a
     // stored one, say) claims: hyper sets it from the body (RFC 9112
@@ -89,6 +91,20 @@ pub(crate) async fn handle(
         return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
     }
     Ok(resp)
+}
+
+/// Counts a request whose handling was dropped before it answered: hyper
+/// drops it when the client resets its HTTP/2 stream or the connection
+/// goes, so the client went away (never the upstream's failure).
+struct Abandoned<'a>(Option<&'a dyn crate::Host>);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(host) = self.0 {
+            host.count(crate::metrics::CLIENTS_GONE, 1);
+            log::debug!("a client went away before its answer");
+        }
+    }
 }
 
 /// The parts of a request its access line shows.

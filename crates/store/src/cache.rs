@@ -90,10 +90,11 @@ impl Store {
         ]
     }
 
-    /// The set of a URL's entry keys, for ending them all at once.
-    fn cache_variants(&self, url: &CacheUrl) -> String {
+    /// The set of a URL's entry keys for one host (`host`: a tag of the
+    /// `Host` the entries were made for), for ending them all at once.
+    fn cache_variants(&self, url: &CacheUrl, host: &str) -> String {
         format!(
-            "{}{{{}}}:cachevariants:{}",
+            "{}{{{}}}:cachevariants:{}#{host}",
             self.prefix, url.tag, url.target
         )
     }
@@ -115,15 +116,15 @@ impl Store {
     }
 
     /// Stores an entry and its URL's spec for `ttl`, and lists it for
-    /// purges.
+    /// purges and among the entries of its URL and host (`host`).
     ///
     /// # Errors
     /// Redis is unreachable.
     pub async fn cache_put(
         &self,
         url: &CacheUrl,
-        spec: &str,
-        variant: &str,
+        host: &str,
+        (spec, variant): (&str, &str),
         entry: &[u8],
         ttl: Duration,
     ) -> Result<()> {
@@ -132,7 +133,7 @@ impl Store {
         let _: () = self
             .run(
                 scripts::cache_put(),
-                vec![spec_key, entry_key.clone(), self.cache_variants(url)],
+                vec![spec_key, entry_key.clone(), self.cache_variants(url, host)],
                 vec![spec.into(), Value::Bytes(entry.to_vec().into()), ms.into()],
             )
             .await?;
@@ -146,17 +147,18 @@ impl Store {
         Ok(())
     }
 
-    /// Ends every entry of a URL (each variant) and its spec, in one call:
-    /// after an unsafe method succeeded on it (RFC 9111 section 4.4).
+    /// Ends every entry of a URL made for one host (each variant), in one
+    /// call: after a method that is not safe succeeded on it (RFC 9111
+    /// section 4.4; the target URI includes its authority, so another
+    /// host's entries stay).
     ///
     /// # Errors
     /// Redis is unreachable.
-    pub async fn cache_invalidate(&self, url: &CacheUrl) -> Result<()> {
-        let [spec_key, _, _] = self.cache_keys(url, "");
+    pub async fn cache_invalidate(&self, url: &CacheUrl, host: &str) -> Result<()> {
         let _: i64 = self
             .run(
                 scripts::cache_invalidate(),
-                vec![spec_key, self.cache_variants(url)],
+                vec![self.cache_variants(url, host)],
                 vec![],
             )
             .await?;

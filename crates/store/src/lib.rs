@@ -28,7 +28,7 @@
 //! | `P{UID}:rl:POLICY:uSCOPE` | string | a policy bucket of a user (SCOPE "" or a route; `/profile`'s is `rl:profile:u`) |
 //! | `P{TAG}:cache:TARGET#VARIANT` | string | a cached response of a GET route (TAG: the user's, or `s:` and a hash of the URL) |
 //! | `P{TAG}:cachevary:TARGET` | string | the header names that URL's responses vary on |
-//! | `P{TAG}:cachevariants:TARGET` | set | that URL's entry keys, all ended by a successful write to it |
+//! | `P{TAG}:cachevariants:TARGET#HOST` | set | that URL's entry keys for one `Host` (a hash), all ended by a successful write to it |
 //! | `P{TAG}:cachelock:TARGET#VARIANT` | string | the single-flight lock of an entry |
 //! | `P{cacheindex}:entries` | sorted set | every entry key, by expiry, for `forkd cache purge` |
 //! | `P{GROUP}:rl:POLICY:NAME` | string | a policy bucket of a client (`c:ADDR`) or a header value (`h:HASH`) |

@@ -255,7 +255,8 @@ return {spec, entry, ttl}
 "#
 );
 
-// KEYS: spec, entry, the URL's entry set. ARGV: spec, entry, ttl ms. The
+// KEYS: spec, entry, the entry set of its URL and host. ARGV: spec,
+// entry, ttl ms. The
 // spec and the set live as long as the longest-lived entry.
 script!(
     cache_put,
@@ -271,14 +272,14 @@ return redis.status_reply('OK')
 "#
 );
 
-// KEYS: a URL's spec, its entry set. Deletes every entry the set names,
-// the spec and the set; how many entries there were.
+// KEYS: the entry set of a URL and host. Deletes every entry the set
+// names, and the set; how many entries there were.
 script!(
     cache_invalidate,
     r#"
-local entries = redis.call('SMEMBERS', KEYS[2])
+local entries = redis.call('SMEMBERS', KEYS[1])
 for _, key in ipairs(entries) do redis.call('DEL', key) end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1])
 return #entries
 "#
 );

@@ -40,6 +40,13 @@ fn variant(spec: &str, h: &HeaderMap) -> String {
     crate::buckets::hex16(text.as_bytes())
 }
 
+/// A tag of the `Host` a request named, which a write's invalidation is
+/// limited to (the target URI includes its authority).
+pub(crate) fn host_tag(host: Option<&HeaderValue>) -> String {
+    let host = host.map_or(&b""[..], HeaderValue::as_bytes);
+    crate::buckets::hex16(&host.to_ascii_lowercase())
+}
+
 /// One request's place in the cache.
 pub(crate) struct Place {
     pub(crate) url: CacheUrl,
@@ -233,7 +240,12 @@ pub(crate) async fn store(
     // a hit answers with includes it.
     let lifetime = ttl + Duration::from_secs(upstream_age(r.1).unwrap_or(0));
     let entry = encode(r.0, r.1, r.2, lifetime);
-    if let Err(e) = st.store.cache_put(&place.url, spec, &v, &entry, ttl).await {
+    let host = host_tag(h.get(hyper::header::HOST));
+    let put = st
+        .store
+        .cache_put(&place.url, &host, (spec, &v), &entry, ttl)
+        .await;
+    if let Err(e) = put {
         log::warn!("cannot cache an answer: {e}");
     }
 }

@@ -106,13 +106,16 @@ pub(crate) async fn check(
         });
     }
     // A policy keyed on a header counts one value: a request that repeats
-    // the header could pass on a fresh first value while the app reads a
-    // spent last one.
+    // the header, or lists values in it (the same thing, RFC 9110 section
+    // 5.3), could pass on a fresh first value while the app reads a spent
+    // last one.
     for p in policies {
         if let PolicyBucket::Header(h) = &p.key {
-            if req.headers().get_all(h).iter().nth(1).is_some() {
+            let mut values = req.headers().get_all(h).iter();
+            let first = values.next();
+            if values.next().is_some() || first.is_some_and(|v| v.as_bytes().contains(&b',')) {
                 return Err(bad_request(&format!(
-                    "The request repeats the {h} header, which a rate limit counts by."
+                    "The request repeats the {h} header, or lists values in it, which a rate limit counts by."
                 )));
             }
         }

@@ -64,20 +64,27 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Makes an upstream's answer one forkd can pass on without mis-framing
-/// it (RFC 9112 section 6.3). hyper has read the body by the upstream's
-/// framing; what goes on to the client must say the same:
+/// it (RFC 9112 section 6.3); Err names what is wrong with it. hyper has
+/// read the body by the upstream's framing; what goes on to the client
+/// must say the same:
 ///
 /// - a `Transfer-Encoding` other than `chunked` alone (`gzip, chunked`)
-///   is refused (Err): the client would get coded bytes it cannot know
-///   to decode;
+///   is refused: the client would get coded bytes it cannot know to
+///   decode;
 /// - with `chunked`, a `Content-Length` beside it is dropped (chunked
 ///   wins), and hyper frames the body it streams itself;
+/// - a `Content-Length` list of one value (`8, 8`, or two equal lines)
+///   goes on as one value; differing ones are refused;
 /// - a 1xx or 204 answer has no body, so it carries neither;
+/// - a status outside 100-599 is refused (RFC 9110 section 15);
 /// - the answer goes on as HTTP/1.1 whatever the upstream spoke, so an
 ///   HTTP/1.0 upstream does not close the client's connection.
-pub(crate) fn frame_upstream_answer<B>(r: &mut hyper::Response<B>) -> Result<(), ()> {
+pub(crate) fn frame_upstream_answer<B>(r: &mut hyper::Response<B>) -> Result<(), &'static str> {
     *r.version_mut() = hyper::Version::HTTP_11;
     let status = r.status();
+    if status.as_u16() > 599 {
+        return Err("a status outside 100-599");
+    }
     let h = r.headers_mut();
     if h.contains_key(TRANSFER_ENCODING) {
         let mut codings = h
@@ -90,15 +97,62 @@ pub(crate) fn frame_upstream_answer<B>(r: &mut hyper::Response<B>) -> Result<(),
             .next()
             .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         if !chunked || codings.next().is_some() {
-            return Err(());
+            return Err("a transfer coding other than chunked");
         }
         h.remove(TRANSFER_ENCODING);
         h.remove(CONTENT_LENGTH);
     }
+    one_content_length(h).map_err(|()| "Content-Length values that differ")?;
     if status.is_informational() || status == hyper::StatusCode::NO_CONTENT {
         h.remove(CONTENT_LENGTH);
     }
     Ok(())
+}
+
+/// Leaves at most one `Content-Length`, of one value: a list of equal
+/// values (`5, 5`, or the header twice, as an HTTP/2 peer may send it) is
+/// one length (RFC 9110 section 8.6); values that differ, or one that is
+/// not a number, are Err.
+pub(crate) fn one_content_length(h: &mut HeaderMap) -> Result<(), ()> {
+    let mut values = h.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return Ok(());
+    };
+    if values.next().is_none() && first.as_bytes().iter().all(u8::is_ascii_digit) {
+        return Ok(());
+    }
+    let mut length: Option<&[u8]> = None;
+    for v in h
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+    {
+        if v.is_empty() || !v.iter().all(u8::is_ascii_digit) || length.is_some_and(|l| l != v) {
+            return Err(());
+        }
+        length = Some(v);
+    }
+    let one = HeaderValue::from_bytes(length.ok_or(())?).map_err(|_| ())?;
+    h.insert(CONTENT_LENGTH, one);
+    Ok(())
+}
+
+/// Joins several `Cookie` headers (an HTTP/2 client sends one a cookie)
+/// into the one an HTTP/1.1 upstream expects (RFC 9113 section 8.2.3).
+pub(crate) fn join_cookies(h: &mut HeaderMap) {
+    let mut all = h.get_all(COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = h
+        .get_all(COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        h.insert(COOKIE, v);
+    }
 }
 
 /// Removes every request header with an underscore in its name, as nginx
@@ -237,6 +291,46 @@ mod tests {
     use super::*;
 
     use crate::test_util::headers as map;
+
+    #[test]
+    fn one_content_length_of_one_value() {
+        let one = |p: &[(&str, &str)]| {
+            let mut h = map(p);
+            one_content_length(&mut h).map(|()| {
+                let v: Vec<&str> = h
+                    .get_all(CONTENT_LENGTH)
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect();
+                v.join("|")
+            })
+        };
+        assert_eq!(one(&[]), Ok(String::new()));
+        assert_eq!(one(&[("content-length", "8")]), Ok("8".into()));
+        assert_eq!(one(&[("content-length", "8, 8")]), Ok("8".into()));
+        assert_eq!(
+            one(&[("content-length", "5"), ("content-length", "5")]),
+            Ok("5".into())
+        );
+        assert_eq!(one(&[("content-length", "8, 3")]), Err(()));
+        assert_eq!(one(&[("content-length", "+8")]), Err(()));
+        assert_eq!(
+            one(&[("content-length", "5"), ("content-length", "6")]),
+            Err(())
+        );
+    }
+
+    #[test]
+    fn cookies_become_one_header() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        join_cookies(&mut h);
+        let v: Vec<&str> = h
+            .get_all(COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(v, ["a=1; b=2"]);
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_go() {

@@ -115,6 +115,10 @@ pub(crate) async fn forward(
         return bad_request("The request target cannot be forwarded.");
     };
     let h = &mut parts.headers;
+    if headers::one_content_length(h).is_err() {
+        return bad_request("The request's Content-Length values differ.");
+    }
+    headers::join_cookies(h);
     headers::strip_hop_by_hop(h, upgrade);
     headers::drop_underscored(h);
     headers::set_forwarding(
@@ -174,17 +178,18 @@ pub(crate) async fn forward(
             );
         }
     };
-    if headers::frame_upstream_answer(&mut resp).is_err() {
+    if let Err(cause) = headers::frame_upstream_answer(&mut resp) {
         return bad_gateway(
             st,
             route,
-            "a transfer coding other than chunked",
-            "The upstream service answered with a transfer coding other than chunked.",
+            cause,
+            "The upstream service's answer cannot be passed on as it is framed.",
         );
     }
     if let Some(w) = written.filter(|_| resp.status().as_u16() < 400) {
+        let host = cache::host_tag(w.host.as_ref());
         for target in w.targets(resp.headers()) {
-            invalidate(st, &target, checked.uid.as_deref()).await;
+            invalidate(st, &target, &host, checked.uid.as_deref()).await;
         }
     }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -215,7 +220,7 @@ pub(crate) async fn forward(
             r
         }
         _ => {
-            let mut r = Response::from_parts(parts, Body::Stream(body));
+            let mut r = Response::from_parts(parts, Body::Stream(body, route.watch(&st.host)));
             if cacheable {
                 r.headers_mut()
                     .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
@@ -303,7 +308,10 @@ async fn fill_cache(
     let keep = cache::storable(parts.status, &parts.headers, fill.0.shared, limits.max_ttl)
         .filter(|_| length.is_some_and(|n| n <= limits.max_bytes));
     let Some((ttl, spec)) = keep else {
-        return miss(Response::from_parts(parts, Body::Stream(body)));
+        return miss(Response::from_parts(
+            parts,
+            Body::Stream(body, route.watch(&st.host)),
+        ));
     };
     let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(
         body,
@@ -354,11 +362,17 @@ fn client_fault(st: &State, fault: Option<Fault>) -> Response<Body> {
     }
     st.host.count(metrics::CLIENTS_GONE, 1);
     log::debug!("a client went away before its request body ended");
-    problem(
+    let mut r = problem(
         StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         "client-closed-request",
         "The client closed the connection before its request body ended.",
-    )
+    );
+    // A client that only half-closed reads this: give 499 its name.
+    r.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(
+            b"Client Closed Request",
+        ));
+    r
 }
 
 /// A request with a method that is not safe (RFC 9110 section 9.2.1) on
@@ -401,11 +415,11 @@ impl Written {
     }
 }
 
-/// Ends the cached answers of `target` (RFC 9111 section 4.4): the shared
-/// cache's, and the user's own (`uid`). Other users' private entries are
+/// Ends the cached answers of `target` on `host` (RFC 9111 section 4.4):
+/// the shared cache's, and the user's own (`uid`). Other users' private entries are
 /// their own caches and run out with their lifetime, as a browser's
 /// would.
-async fn invalidate(st: &State, target: &str, uid: Option<&str>) {
+async fn invalidate(st: &State, target: &str, host: &str, uid: Option<&str>) {
     let shared = forkd_store::CacheScope::Shared(crate::buckets::hex16(target.as_bytes()));
     let mut urls = vec![st.store.cache_url(&shared, target)];
     if let Some(uid) = uid {
@@ -413,7 +427,7 @@ async fn invalidate(st: &State, target: &str, uid: Option<&str>) {
         urls.push(st.store.cache_url(&own, target));
     }
     for url in urls {
-        if let Err(e) = st.store.cache_invalidate(&url).await {
+        if let Err(e) = st.store.cache_invalidate(&url, host).await {
             log::warn!("cannot end the cached answers of {target}: {e}");
         }
     }

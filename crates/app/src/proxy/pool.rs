@@ -33,6 +33,8 @@ pub(crate) struct Route {
     pub(crate) specs: Specs,
     /// The prefix as lenient servers read it (see [`lenient`]).
     lenient_prefix: String,
+    /// Who counts an answer's body that breaks off (made on first use).
+    watch: std::sync::OnceLock<std::sync::Arc<crate::body::UpstreamBody>>,
 }
 
 /// Every route of this worker, longest prefix first.
@@ -209,7 +211,23 @@ impl Route {
             authority,
             retrying: pool(true),
             once: pool(false),
+            watch: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The watch on this route's answer bodies.
+    pub(crate) fn watch(
+        &self,
+        host: &std::sync::Arc<dyn crate::Host>,
+    ) -> std::sync::Arc<crate::body::UpstreamBody> {
+        self.watch
+            .get_or_init(|| {
+                std::sync::Arc::new(crate::body::UpstreamBody {
+                    host: host.clone(),
+                    route: format!("{} ({})", self.cfg.prefix, self.cfg.upstream),
+                })
+            })
+            .clone()
     }
 }
 
