@@ -116,6 +116,51 @@ fn environment_and_flags_override_the_file() {
     assert!(stderr(&out).contains("FORKD_WROKERS"), "{}", stderr(&out));
 }
 
+/// The scripts' own `FORKD_*` variables (bin/cluster's FORKD_PORTS,
+/// bin/package's FORKD_MAINTAINER) and anyone else's (a harness's
+/// FORKD_BIN) are no overrides; a mistyped override still fails.
+#[test]
+fn forkd_variables_that_are_no_keys_pass_and_mistyped_keys_fail() {
+    let f = Forkd::configure("workers = 2\n");
+    let path = f.config.to_str().unwrap();
+    let out = run(
+        &["--config", path, "check-config"],
+        &[
+            ("FORKD_PORTS", "8081 8082"),
+            ("FORKD_MAINTAINER", "x"),
+            ("FORKD_WORKERS", "3"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workers = 3"));
+
+    // Not the project's: ignored, with a warning that names it.
+    let out = run(
+        &["--config", path, "check-config"],
+        &[("FORKD_BIN", "/somewhere/forkd")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning") && stderr(&out).contains("FORKD_BIN"),
+        "{}",
+        stderr(&out)
+    );
+
+    for (name, hint) in [
+        ("FORKD_WROKERS", "FORKD_WORKERS"),
+        ("FORKD_HTTP_MAX_CONECTIONS", "FORKD_HTTP_MAX_CONNECTIONS"),
+    ] {
+        let out = run(
+            &["--config", path, "check-config"],
+            &[("FORKD_PORTS", "8081 8082"), (name, "4")],
+        );
+        assert_eq!(out.status.code(), Some(64), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(name), "{}", stderr(&out));
+        assert!(stderr(&out).contains(hint), "{}", stderr(&out));
+    }
+}
+
 #[test]
 fn missing_config_file_and_bad_usage_exit_64() {
     let out = run(

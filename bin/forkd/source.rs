@@ -41,7 +41,18 @@ impl ConfigSource {
             Some(path) => RawConfig::load(&path)?,
             None => RawConfig::default(),
         };
-        raw.apply_env(std::env::vars())?;
+        let passed_over = raw.apply_env(std::env::vars())?;
+        // Once per process: a reload reads the same environment.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        if !passed_over.is_empty() {
+            WARNED.call_once(|| {
+                eprintln!(
+                    "forkd: warning: ignoring {}: not a config override (no key's \
+                     variable, nor close to one)",
+                    passed_over.join(", ")
+                );
+            });
+        }
         for (key, value) in self.overrides.pairs() {
             raw.set(key, &value)?;
         }

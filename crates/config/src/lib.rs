@@ -69,8 +69,19 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("unknown environment variable {0}: no config key of that name (keys: {keys})", keys = keys().join(", "))]
-    UnknownVariable(String),
+    /// A `FORKD_*` variable that is no key's but looks like a mistyped
+    /// one's (other unknown `FORKD_*` variables are passed over).
+    #[error(
+        "unknown environment variable {name}{hint}: no config key has that name, and a \
+         FORKD_ variable close to a key's or under a table's prefix (FORKD_HTTP_...) is taken \
+         for a mistyped override (keys: {keys})",
+        hint = nearest.as_ref().map(|n| format!(" (did you mean {n}?)")).unwrap_or_default(),
+        keys = keys().join(", ")
+    )]
+    UnknownVariable {
+        name: String,
+        nearest: Option<String>,
+    },
     #[error("unknown config key `{0}`")]
     UnknownKey(String),
     #[error("invalid value for `{key}`{origin}: {value:?} ({expected})")]

@@ -17,8 +17,19 @@ use crate::{env_name, ConfigError};
 /// Arrays of tables (`[[route]]`): set in the file only, so not keys.
 pub(crate) const TABLE_ARRAYS: &[&str] = &["route"];
 
-/// Environment variables that start with `FORKD_` but are not config keys.
-const NON_KEY_VARS: &[&str] = &["FORKD_CONFIG", "FORKD_FAILPOINTS"];
+/// `FORKD_*` variables of the project's own that are not config keys:
+/// those forkd reads itself (the file, the test-only failpoints; the
+/// upgrade's `FORKD_UPGRADE*` are skipped by prefix) and those of the
+/// scripts in bin/ (bin/cluster, bin/package, bin/systemd-test). Passed
+/// over in silence.
+const NON_KEY_VARS: &[&str] = &[
+    "FORKD_CONFIG",
+    "FORKD_FAILPOINTS",
+    "FORKD_PORTS",
+    "FORKD_MAINTAINER",
+    "FORKD_SYSTEMD_TEST_TIMEOUT",
+    "FORKD_SYSTEMD_TEST_RESULTS",
+];
 
 /// What a key's value is, as its default serializes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,11 +103,16 @@ impl RawConfig {
         Ok(())
     }
 
-    /// Applies every `FORKD_*` variable of `vars` as an override.
+    /// Applies every `FORKD_*` variable of `vars` that names a key as an
+    /// override, and returns the names of those it passed over: neither a
+    /// key's nor the project's own (`NON_KEY_VARS`), nor like a key's
+    /// (`mistyped`), such as a test harness's own `FORKD_BIN`. The caller
+    /// warns about them.
     ///
     /// # Errors
-    /// An unknown `FORKD_*` variable, or a value that does not parse.
-    pub fn apply_env<I>(&mut self, vars: I) -> Result<(), ConfigError>
+    /// A variable that looks like a mistyped key, or a value that does
+    /// not parse.
+    pub fn apply_env<I>(&mut self, vars: I) -> Result<Vec<String>, ConfigError>
     where
         I: IntoIterator<Item = (String, String)>,
     {
@@ -110,14 +126,19 @@ impl RawConfig {
             })
             .collect();
         vars.sort();
+        let mut passed_over = Vec::new();
         for (name, value) in vars {
-            let key = keys()
-                .iter()
-                .find(|k| env_name(k) == name)
-                .ok_or_else(|| ConfigError::UnknownVariable(name.clone()))?;
-            self.set_from(key, &value, &format!(" (from {name})"))?;
+            match keys().iter().find(|k| env_name(k) == name) {
+                Some(key) => self.set_from(key, &value, &format!(" (from {name})"))?,
+                None => match mistyped(&name) {
+                    Some(nearest) => {
+                        return Err(ConfigError::UnknownVariable { name, nearest });
+                    }
+                    None => passed_over.push(name),
+                },
+            }
         }
-        Ok(())
+        Ok(passed_over)
     }
 
     /// Sets one key from its string form, as the command line does.
@@ -182,5 +203,42 @@ impl RawConfig {
         *slot = parsed;
         *self = serde_json::from_value(whole).map_err(|e| bad(&e.to_string()))?;
         Ok(())
+    }
+}
+
+/// Whether `name`, a `FORKD_*` variable that is no key's, looks like a
+/// mistyped override: `None` if not, else the nearest key's variable if
+/// one is near. It does when
+///
+/// - it is within two edits (a letter added, dropped, changed, or two
+///   swapped; one edit for a key of five letters or fewer) of a key's
+///   variable, case aside: `FORKD_WROKERS`, `FORKD_Workers`, `FORKD_USR`;
+/// - or it starts with a table's prefix, `FORKD_HTTP_`, `FORKD_REDIS_`, …
+///   (or `FORKD_ROUTE_`, whose tables are set in the file only): a key of
+///   that table that does not exist, `FORKD_HTTP_MAX_CONECTIONS`.
+///
+/// Anything else (`FORKD_PORTS`, `FORKD_BIN`) is some other program's.
+fn mistyped(name: &str) -> Option<Option<String>> {
+    let upper = name.to_ascii_uppercase();
+    let rest = upper.strip_prefix("FORKD_")?;
+    let nearest = keys()
+        .iter()
+        .filter_map(|key| {
+            let var = env_name(key);
+            let name = &var["FORKD_".len()..];
+            let d = strsim::osa_distance(rest, name);
+            (d <= if name.len() <= 5 { 1 } else { 2 }).then_some((d, var))
+        })
+        .min_by_key(|(d, _)| *d);
+    let in_a_table = keys()
+        .iter()
+        .filter_map(|k| k.split_once('.').map(|(table, _)| table))
+        .chain(TABLE_ARRAYS.iter().copied())
+        .any(|table| upper.starts_with(&format!("{}_", env_name(table))));
+    match nearest {
+        Some((_, var)) => Some(Some(var)),
+        // Under a table's prefix, but no key near enough to name.
+        None if in_a_table => Some(None),
+        None => None,
     }
 }

@@ -433,3 +433,116 @@ fn a_listener_that_cannot_work_is_refused_naming_it() {
     .to_string();
     assert!(e.contains("no listener speaks TLS"), "{e}");
 }
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_mistyped_override_is_refused_but_other_forkd_variables_are_not() {
+    // Close to a key's variable, or a table's prefix with an unknown rest:
+    // a mistyped override, refused and named.
+    for name in [
+        "FORKD_WROKERS",
+        "FORKD_WORKER",
+        "FORKD_Workers",
+        "FORKD_LOGFILE",
+        "FORKD_USR",
+        "FORKD_HTTP_MAX_CONECTIONS",
+        "FORKD_HTTP_NO_SUCH_THING",
+        "FORKD_REDIS_HOST",
+        "FORKD_RATE_LIMIT_PROFILE_LIMITS",
+        "FORKD_ROUTE_PREFIX",
+    ] {
+        let mut c = RawConfig::default();
+        let e = c.apply_env(env(&[(name, "4")])).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}: {e}");
+    }
+    let e = RawConfig::default()
+        .apply_env(env(&[("FORKD_WROKERS", "4")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean FORKD_WORKERS?"), "{e}");
+
+    // The project's own variables and anyone else's: not overrides.
+    let mut c = RawConfig::default();
+    let passed_over = c
+        .apply_env(env(&[
+            ("FORKD_PORTS", "8081 8082"),
+            ("FORKD_MAINTAINER", "Jo <jo@example.org>"),
+            ("FORKD_BIN", "/x/forkd"),
+            ("FORKD_CONFIG", "/x.toml"),
+            ("FORKD_FAILPOINTS", "worker_start"),
+            ("FORKD_UPGRADE_FD", "3"),
+            ("FORKD_WORKERS", "3"),
+            ("FORKD_RUNTIME_DIR", "/tmp/r"),
+            ("FORKD_INSTANCE", "b"),
+            ("FORKD_DEBUG_PORT", "1"),
+            ("PATH", "/bin"),
+        ]))
+        .unwrap();
+    // The project's own in silence, the others for a warning.
+    assert_eq!(passed_over, ["FORKD_BIN", "FORKD_DEBUG_PORT"]);
+    let v = c.validate(1).unwrap();
+    assert_eq!(v.workers, 3);
+    assert_eq!(v.instance, "b");
+}
+
+/// Every `FORKD_*` name the scripts, units, package and test harness use
+/// is a key's variable or passes: none of them stops forkd from starting.
+#[test]
+fn the_projects_own_forkd_variables_never_look_mistyped() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files = Vec::new();
+    let mut dirs: Vec<PathBuf> = [
+        "bin",
+        "systemd",
+        "pkg",
+        ".ci",
+        "tests/common",
+        "tests/systemd",
+    ]
+    .iter()
+    .map(|d| root.join(d))
+    .collect();
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for file in &files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for (at, _) in text.match_indices("FORKD_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            if name.len() > "FORKD_".len() && !name.ends_with('_') {
+                names.insert(name);
+            }
+        }
+    }
+    for must in ["FORKD_PORTS", "FORKD_MAINTAINER", "FORKD_CONFIG"] {
+        assert!(names.contains(must), "{must} not found in {files:?}");
+    }
+    for name in names {
+        // A key's variable may refuse the value "1": it is a key's.
+        if let Err(e) = RawConfig::default().apply_env([(name.clone(), "1".into())]) {
+            assert!(matches!(e, ConfigError::Value { .. }), "{name}: {e}");
+        }
+    }
+}
