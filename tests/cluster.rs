@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -510,4 +511,227 @@ fn a_tls_cluster_with_a_password_works() {
     let status = String::from_utf8_lossy(&f.cli(&["status"]).stdout).into_owned();
     assert!(status.contains("redis: cluster (tls)"), "{status}");
     assert!(!f.log_text().contains(password));
+}
+
+/// `bin/cluster --binary BIN`, run as the README runs it, in a process
+/// group of its own with its output in files; SIGTERM to the group (its
+/// trap stops the nodes and hosts) when dropped.
+struct BinCluster {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl BinCluster {
+    fn start(env: &[(&str, &str)]) -> BinCluster {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(dir.path().join("stdout")).unwrap();
+        let err = std::fs::File::create(dir.path().join("stderr")).unwrap();
+        let mut c = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/bin/cluster"));
+        c.args(["--binary", BIN])
+            .env("TMPDIR", dir.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        BinCluster {
+            child: c.spawn().expect("bin/cluster runs"),
+            dir,
+        }
+    }
+
+    fn output(&self) -> (String, String) {
+        let read = |f: &str| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+        (read("stdout"), read("stderr"))
+    }
+
+    /// The banner's text once bin/cluster printed it (all is up).
+    fn wait_banner(&mut self) -> String {
+        poll(Duration::from_secs(180), || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let (out, err) = self.output();
+                panic!("bin/cluster exited ({status}) before it was up:\n{out}\n{err}");
+            }
+            let (out, _) = self.output();
+            out.contains("Ctrl-C stops everything.").then_some(out)
+        })
+        .unwrap_or_else(|| panic!("bin/cluster was not up in 180 s: {:?}", self.output()))
+    }
+
+    /// Stops it as Ctrl-C does; its exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGTERM);
+        if let Some(s) = poll(Duration::from_secs(60), || self.child.try_wait().unwrap()) {
+            return s;
+        }
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for BinCluster {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+/// Established loopback connections that hold ephemeral ports (as a busy
+/// machine's clients do, thousands of them during a test run) until
+/// dropped; closed with a reset, so that they leave no TIME-WAIT behind.
+/// Linux gives connect() even ports first and bind(0) odd ones, so the
+/// free ports other tests take (`free_port`, `cluster_ports`) are left
+/// alone while the ports are held.
+struct BusyPorts {
+    _held: Vec<TcpStream>,
+}
+
+impl BusyPorts {
+    fn hold(n: usize) -> BusyPorts {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let n = n.min((soft.saturating_sub(1024) / 2) as usize);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::with_capacity(2 * n);
+        for _ in 0..n {
+            let c = TcpStream::connect(addr).unwrap();
+            let (s, _) = listener.accept().unwrap();
+            for end in [&c, &s] {
+                socket2::SockRef::from(end)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+            held.push(c);
+            held.push(s);
+        }
+        eprintln!("holding {n} ephemeral ports");
+        BusyPorts { _held: held }
+    }
+}
+
+/// The README's `FORKD_PORTS="A B" bin/cluster` comes up, and comes up
+/// every time: each Redis node binds its port and its cluster bus port
+/// (port + 10000), and a port another program's connection holds (a
+/// client's ephemeral port, which a connect probe does not see) makes the
+/// node exit at once. Here thousands of ephemeral ports are held, as on a
+/// machine running tests, while bin/cluster starts.
+#[test]
+fn bin_cluster_comes_up_with_forkd_ports_while_ephemeral_ports_are_busy() {
+    let ports = free_ports(2);
+    let (a, b) = (ports[0], ports[1]);
+    let busy = BusyPorts::hold(8000);
+    let mut run = BinCluster::start(&[("FORKD_PORTS", &format!("{a} {b}"))]);
+    let banner = run.wait_banner();
+    drop(busy);
+    assert!(
+        banner.contains(&format!("forkd host A: http://127.0.0.1:{a}")),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!("forkd host B: http://127.0.0.1:{b}")),
+        "{banner}"
+    );
+    let (_, err) = run.output();
+    assert!(!err.contains("FORKD_PORTS"), "{err}");
+
+    // The banner's own recipe: a user added through host A's config, a
+    // login on A, its session read on B.
+    let config = banner
+        .split("(config ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("the banner names host A's config");
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            config,
+            "user",
+            "add",
+            "alice",
+            "--password-stdin",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"pw\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = token(a, "alice", "pw");
+    assert_eq!(profile(b, &t).unwrap().status, 200, "B reads A's session");
+
+    run.stop();
+    assert!(
+        port_free(a) && port_free(b),
+        "the hosts stopped with bin/cluster"
+    );
+}
+
+/// A node that cannot start (here the first redis-server exits at once,
+/// as one whose bus port was taken does) is reported with its log and
+/// replaced on other ports, instead of `--cluster create` failing with
+/// "Connection refused" after a silent wait.
+#[test]
+fn bin_cluster_reports_a_node_that_could_not_start_and_tries_other_ports() {
+    let real = std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("redis-server"))
+                .find(|f| f.is_file())
+        })
+        .expect("redis-server is installed");
+    let fake = tempfile::tempdir().unwrap();
+    let script = format!(
+        "#!/bin/sh\n\
+         # The first start fails as a node whose bus port is taken does.\n\
+         if mkdir \"$0.failed\" 2>/dev/null; then\n\
+         \x20   while [ $# -gt 0 ]; do\n\
+         \x20       [ \"$1\" = --logfile ] && echo '1:M # Failed listening on port 1 (cluster), aborting.' >\"$2\"\n\
+         \x20       shift\n\
+         \x20   done\n\
+         \x20   exit 1\n\
+         fi\n\
+         exec {} \"$@\"\n",
+        real.display()
+    );
+    install_executable(&fake.path().join("redis-server"), script.as_bytes(), 0o755);
+    let path = format!(
+        "{}:{}",
+        fake.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ports = free_ports(2);
+    let mut run = BinCluster::start(&[
+        ("FORKD_PORTS", &format!("{} {}", ports[0], ports[1])),
+        ("PATH", &path),
+    ]);
+    run.wait_banner();
+    let (_, err) = run.output();
+    assert!(err.contains("did not start"), "{err}");
+    assert!(
+        err.contains("Failed listening on port 1 (cluster)"),
+        "{err}"
+    );
+    assert!(err.contains("trying 127.0.0.1:"), "{err}");
+    poll(PATIENCE, || {
+        (get(ports[0], "/readyz").ok()?.status == 200).then_some(())
+    })
+    .expect("host A is ready on the cluster");
 }
