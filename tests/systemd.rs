@@ -254,3 +254,150 @@ fn root_drops_to_the_configured_user_before_forking() {
         "cleaned up as nobody"
     );
 }
+
+/// bin/package ships `config/forkd.toml` as committed, never the working
+/// copy: the README has the user edit that file (bin/run reads it), and a
+/// package built afterwards must not carry the edits (a gateway tutorial's
+/// test routes) as `/etc/forkd/forkd.toml`. Run in a repository of its
+/// own holding this tree's bin/package and what it reads, whose
+/// `config/forkd.toml` is then edited, so this tree is never touched; the
+/// README's install by hand is held to the same.
+#[test]
+fn the_package_ships_the_committed_config_not_an_edited_working_copy() {
+    use std::path::Path;
+    use std::process::{Command, Output, Stdio};
+    let missing: Vec<&str> = ["git", "dpkg-deb", "dpkg-shlibdeps", "strip", "gzip", "tar"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        })
+        .collect();
+    if !missing.is_empty() {
+        return skip(&format!("bin/package needs {missing:?}"));
+    }
+    let run = |dir: &Path, cmd: &str, args: &[&str]| -> Output {
+        let out = Command::new(cmd)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(repo.join("bin")).unwrap();
+    std::fs::create_dir_all(repo.join("config")).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (from, to) in [
+        ("bin/package", "bin/"),
+        ("bin/setup.sh", "bin/"),
+        ("Cargo.toml", ""),
+        ("config/forkd.toml", "config/"),
+        ("pkg", ""),
+        ("systemd", ""),
+    ] {
+        let (from, to) = (src.join(from), repo.join(to));
+        run(
+            tmp.path(),
+            "cp",
+            &["-a", from.to_str().unwrap(), to.to_str().unwrap()],
+        );
+    }
+    let git = |args: &[&str]| {
+        let mut a = vec![
+            "-c",
+            "user.name=forkd test",
+            "-c",
+            "user.email=forkd@example.org",
+            "-c",
+            "commit.gpgsign=false",
+        ];
+        a.extend_from_slice(args);
+        run(&repo, "git", &a)
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "the default configuration"]);
+    let pristine = std::fs::read_to_string(repo.join("config/forkd.toml")).unwrap();
+    let marker = "# a test route the README had me add: forkd-package-test";
+    std::fs::write(
+        repo.join("config/forkd.toml"),
+        format!("{pristine}\n{marker}\n[[route]]\nprefix = \"/mine/\"\nupstream = \"http://127.0.0.1:9\"\n"),
+    )
+    .unwrap();
+
+    // The conffile of the package built from `repo`, and what bin/package
+    // said on stderr.
+    let package = |out: &str| -> (String, String) {
+        let out_dir = tmp.path().join(out);
+        let script = repo.join("bin/package");
+        let built = run(
+            &repo,
+            script.to_str().unwrap(),
+            &["--binary", BIN, "--out", out_dir.to_str().unwrap()],
+        );
+        let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
+        let deb = stdout.lines().last().expect("bin/package prints the .deb");
+        let conffile = run(
+            &repo,
+            "sh",
+            &[
+                "-c",
+                "dpkg-deb --fsys-tarfile \"$1\" | tar -xOf - ./etc/forkd/forkd.toml",
+                "sh",
+                deb,
+            ],
+        );
+        (
+            String::from_utf8_lossy(&conffile.stdout).into_owned(),
+            String::from_utf8_lossy(&built.stderr).into_owned(),
+        )
+    };
+    // The README's install by hand: its line that installs the config,
+    // run in `repo` with another destination.
+    let readme = std::fs::read_to_string(src.join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.contains("config/forkd.toml") && l.ends_with(" /etc/forkd/forkd.toml"))
+        .expect("README.md installs config/forkd.toml as /etc/forkd/forkd.toml");
+    let by_hand = |dest: &str| -> String {
+        let dest = tmp.path().join(dest);
+        let line = line.replace("/etc/forkd/forkd.toml", dest.to_str().unwrap());
+        run(&repo, "bash", &["-c", &line]);
+        std::fs::read_to_string(dest).unwrap()
+    };
+
+    let (shipped, said) = package("deb");
+    assert!(
+        !shipped.contains(marker),
+        "the edited working copy was shipped"
+    );
+    assert_eq!(
+        shipped, pristine,
+        "the committed config/forkd.toml is shipped"
+    );
+    assert!(said.contains("local changes"), "{said}");
+    assert_eq!(by_hand("etc/forkd.toml"), pristine, "README: {line}");
+
+    // A tree without git (a tarball): the file as it is, which is all
+    // there is.
+    std::fs::remove_dir_all(repo.join(".git")).unwrap();
+    let (shipped, _) = package("deb-no-git");
+    assert!(shipped.contains(marker), "{shipped}");
+    assert!(
+        by_hand("etc-no-git/forkd.toml").contains(marker),
+        "README: {line}"
+    );
+}
