@@ -203,3 +203,54 @@ fn an_h2_client_that_resets_its_stream_mid_body_is_counted_as_gone() {
 fn api_seen_connection(api: &Upstream) -> bool {
     api.connections.load(std::sync::atomic::Ordering::SeqCst) > 0
 }
+
+#[test]
+fn a_write_whose_client_resets_before_the_answer_still_ends_its_cached_answers() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[http2]\nh2c = true\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{}\"\nauth = \"none\"\ncache = true\nstrip_prefix = true\n",
+        api.url()
+    ));
+    // The upstream takes 300 ms to answer /slow/300 (the route strips
+    // /api).
+    let url = "/api/slow/300?cc=max-age%3D600";
+    assert_eq!(get(f.port, url).unwrap().header("x-cache"), Some("miss"));
+    assert_eq!(get(f.port, url).unwrap().header("x-cache"), Some("hit"));
+    let before = api.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
+            .await
+            .unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        // The Host the cached answers were made for (the harness's).
+        let req = http::Request::post(format!("http://localhost{url}"))
+            .body(())
+            .unwrap();
+        let (_resp, mut body) = client.send_request(req, true).unwrap();
+        // The upstream has the write (and answers it in 300 ms): reset.
+        let arrived = async {
+            while api.requests.load(std::sync::atomic::Ordering::SeqCst) == before {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, arrived)
+            .await
+            .expect("the write reached the upstream");
+        body.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    });
+    poll(PATIENCE, || {
+        let r = get(f.port, url).unwrap();
+        (r.header("x-cache") == Some("miss")).then_some(())
+    })
+    .expect("the write went through, so its cached answers end");
+}

@@ -16,8 +16,9 @@ use hyper::body::{Frame, Incoming, SizeHint};
 pub(crate) enum Body {
     Full(Full<Bytes>),
     /// An upstream's answer; a failure to read it is counted as the
-    /// upstream's.
-    Stream(Incoming, Arc<UpstreamBody>),
+    /// upstream's, unless the client's request body (whose fault is
+    /// watched, when there is one) failed first.
+    Stream(Incoming, Arc<UpstreamBody>, Option<Arc<ClientFault>>),
     /// A client's request body, forwarded; a failure to read it is noted
     /// in the fault.
     Client(Incoming, Arc<ClientFault>),
@@ -107,11 +108,16 @@ impl hyper::body::Body for Body {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Body::Stream(s, watch) => {
+            Body::Stream(s, watch, client) => {
                 let polled = Pin::new(s).poll_frame(cx);
                 if let Poll::Ready(Some(Err(e))) = &polled {
-                    watch.host.count(crate::metrics::UPSTREAM_FAILED, 1);
-                    log::debug!("upstream of {}: the answer broke off: {e}", watch.route);
+                    if client.as_ref().is_some_and(|c| c.get().is_some()) {
+                        watch.host.count(crate::metrics::CLIENTS_GONE, 1);
+                        log::debug!("a client's request body broke off: {e}");
+                    } else {
+                        watch.host.count(crate::metrics::UPSTREAM_FAILED, 1);
+                        log::debug!("upstream of {}: the answer broke off: {e}", watch.route);
+                    }
                 }
                 polled
             }
@@ -128,14 +134,14 @@ impl hyper::body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(f) => f.is_end_stream(),
-            Body::Stream(s, _) | Body::Client(s, _) => s.is_end_stream(),
+            Body::Stream(s, ..) | Body::Client(s, _) => s.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(f) => f.size_hint(),
-            Body::Stream(s, _) | Body::Client(s, _) => s.size_hint(),
+            Body::Stream(s, ..) | Body::Client(s, _) => s.size_hint(),
         }
     }
 }

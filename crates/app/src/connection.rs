@@ -63,7 +63,10 @@ impl Protocols {
         b.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(s.http2.max_concurrent_streams)
-            .max_header_list_size(u32::try_from(cap).unwrap_or(u32::MAX))
+            .max_header_list_size(
+                u32::try_from(crate::request_head::h2_list_cap(s.max_header_bytes))
+                    .unwrap_or(u32::MAX),
+            )
             // A client that resets streams as fast as it opens them
             // ("rapid reset") is cut off rather than served forever.
             .max_pending_accept_reset_streams(Some(s.http2.max_concurrent_streams as usize))

@@ -1,10 +1,13 @@
-//! The request-head cap. hyper refuses a head larger than its read buffer
-//! (`http.max_header_bytes`) itself, before any handler runs, with a bare
-//! `431` and no body, then closes the connection. This wrapper of the
-//! connection's socket turns that one response into forkd's problem+json
-//! and counts it; everything else passes through untouched. forkd's own
-//! handlers never answer 431, and hyper writes its 431 as one bodiless
-//! head, so a write that is exactly that is hyper's.
+//! hyper's own request-head cap. `request_head` holds
+//! `http.max_header_bytes` exactly; hyper refuses, before any handler
+//! runs, a head that outgrows its read buffer (twice the limit) or has
+//! more than 100 fields, with a bare `431` and no body, then closes the
+//! connection. This wrapper of the connection's socket turns that one
+//! response into forkd's problem+json and counts it; everything else
+//! passes through untouched. A handler's answer (forkd's own 431
+//! included) always carries `x-forkd-pid`, and hyper writes its 431 as
+//! one bodiless head without it, so a write that is exactly that is
+//! hyper's.
 
 use std::io;
 use std::pin::Pin;

@@ -143,7 +143,9 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
         (
             "forkd_upstream_failures_total",
             "counter",
-            "Proxied requests answered 502: the upstream refused, reset or broke the connection.",
+            "Proxied requests the upstream failed: answered 502 (it refused, reset or broke \
+             the connection, or answered unframeably), or its body broke off after its head \
+             went out.",
             get(UPSTREAM_FAILED),
         ),
         (

@@ -17,17 +17,28 @@
 //!   parsed (the request line, then each field as `name: value` and CRLF,
 //!   then CRLF), so the same head gets the same answer however its bytes
 //!   were segmented. hyper's own read buffer stops a head at twice the
-//!   limit, before it is parsed; forkd answers that one 431 too.
+//!   limit, or at 100 fields, before it is parsed; forkd answers that
+//!   431 too (`head_limit`). On HTTP/2 the h2 library counts 32 bytes a
+//!   field, so its cap sits at seven times the limit. The 431 asks an
+//!   HTTP/1.1 client to close the connection.
 
 use hyper::header::{HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode, Version};
 
 use crate::response::{bad_request, problem, Body};
 
-/// hyper's read buffer (and HTTP/2's header list cap): twice the limit,
-/// so that every head this module counts as within it is parsed.
+/// hyper's read buffer: twice the limit, so that every head this module
+/// counts as within it is parsed.
 pub(crate) fn parser_cap(max_header_bytes: usize) -> usize {
     max_header_bytes.saturating_mul(2)
+}
+
+/// HTTP/2's header-list cap (SETTINGS_MAX_HEADER_LIST_SIZE), which counts
+/// a field as its name, its value and 32 bytes (RFC 9113 section 6.5.2):
+/// a head within the limit as counted here (4 bytes a field) has at most
+/// 33/5 of that size, plus the pseudo-headers.
+pub(crate) fn h2_list_cap(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_mul(7).saturating_add(1024)
 }
 
 /// Marks the 400 of a malformed HTTP/2 request, whose stream is then reset
@@ -191,8 +202,18 @@ fn valid_authority(a: &[u8]) -> bool {
             return false;
         };
         let literal = &rest[..end];
-        if literal.is_empty()
-            || !literal
+        // An address, and a zone after "%25" (RFC 6874): fe80::1%25eth0.
+        let (address, zone) = match literal.windows(3).position(|w| w == b"%25") {
+            Some(i) => (&literal[..i], &literal[i + 3..]),
+            None => (literal, &b"x"[..]),
+        };
+        let zone_ok = !zone.is_empty()
+            && zone
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        if address.is_empty()
+            || !zone_ok
+            || !address
                 .iter()
                 .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
         {
@@ -244,6 +265,7 @@ mod tests {
             "127.0.0.1:1",
             "[::1]:80",
             "[::1]",
+            "[fe80::1%25eth0]:8080",
             "xn--bcher-kva.example",
             "a_b",
         ] {
@@ -262,6 +284,8 @@ mod tests {
             "[::1",
             "[::1]x",
             "[zz]",
+            "[fe80::1%25]",
+            "[fe80::1%eth0]",
             ":80",
             "a/b",
         ] {

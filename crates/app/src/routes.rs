@@ -36,7 +36,7 @@ pub(crate) async fn handle(
         .get::<crate::tls::OverTls>()
         .and(st.settings.tls.as_ref())
         .and_then(|t| t.hsts.clone());
-    let mut abandoned = Abandoned(Some(st.host.as_ref()));
+    let mut abandoned = Abandoned(Some(&st));
     let mut resp = crate::response::REQUEST_ID
         .scope(id.clone(), route(req, &st, peer, &id))
         .await;
@@ -95,13 +95,14 @@ pub(crate) async fn handle(
 
 /// Counts a request whose handling was dropped before it answered: hyper
 /// drops it when the client resets its HTTP/2 stream or the connection
-/// goes, so the client went away (never the upstream's failure).
-struct Abandoned<'a>(Option<&'a dyn crate::Host>);
+/// goes, so the client went away (never the upstream's failure). A drain
+/// that runs out of time drops requests too: those are not counted.
+struct Abandoned<'a>(Option<&'a State>);
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if let Some(host) = self.0 {
-            host.count(crate::metrics::CLIENTS_GONE, 1);
+        if let Some(st) = self.0.filter(|st| !st.draining.load(Relaxed)) {
+            st.host.count(crate::metrics::CLIENTS_GONE, 1);
             log::debug!("a client went away before its answer");
         }
     }

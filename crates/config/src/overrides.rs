@@ -212,7 +212,9 @@ impl RawConfig {
 ///
 /// - it is within two edits (a letter added, dropped, changed, or two
 ///   swapped; one edit for a key of five letters or fewer) of a key's
-///   variable, case aside: `FORKD_WROKERS`, `FORKD_Workers`, `FORKD_USR`;
+///   variable, case aside: `FORKD_WROKERS`, `FORKD_Workers`, `FORKD_USR`,
+///   or of a table's key without its table: `FORKD_MAX_CONNECTIONS` for
+///   `FORKD_HTTP_MAX_CONNECTIONS`;
 /// - or it starts with a table's prefix, `FORKD_HTTP_`, `FORKD_REDIS_`, …
 ///   (or `FORKD_ROUTE_`, whose tables are set in the file only): a key of
 ///   that table that does not exist, `FORKD_HTTP_MAX_CONECTIONS`.
@@ -221,13 +223,20 @@ impl RawConfig {
 fn mistyped(name: &str) -> Option<Option<String>> {
     let upper = name.to_ascii_uppercase();
     let rest = upper.strip_prefix("FORKD_")?;
+    let near = |a: &str, b: &str| {
+        let d = strsim::osa_distance(a, b);
+        (d <= if b.len() <= 5 { 1 } else { 2 }).then_some(d)
+    };
     let nearest = keys()
         .iter()
         .filter_map(|key| {
             let var = env_name(key);
-            let name = &var["FORKD_".len()..];
-            let d = strsim::osa_distance(rest, name);
-            (d <= if name.len() <= 5 { 1 } else { 2 }).then_some((d, var))
+            let whole = near(rest, &var["FORKD_".len()..]);
+            // A table's key without its table: FORKD_MAX_CONNECTIONS.
+            let within = key
+                .split_once('.')
+                .and_then(|(_, k)| near(rest, &k.to_ascii_uppercase().replace(['.', '-'], "_")));
+            whole.into_iter().chain(within).min().map(|d| (d, var))
         })
         .min_by_key(|(d, _)| *d);
     let in_a_table = keys()

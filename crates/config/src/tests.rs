@@ -456,6 +456,8 @@ fn a_mistyped_override_is_refused_but_other_forkd_variables_are_not() {
         "FORKD_REDIS_HOST",
         "FORKD_RATE_LIMIT_PROFILE_LIMITS",
         "FORKD_ROUTE_PREFIX",
+        "FORKD_MAX_CONNECTIONS",
+        "FORKD_TRUSTED_PROXIES",
     ] {
         let mut c = RawConfig::default();
         let e = c.apply_env(env(&[(name, "4")])).unwrap_err().to_string();
@@ -466,6 +468,14 @@ fn a_mistyped_override_is_refused_but_other_forkd_variables_are_not() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("did you mean FORKD_WORKERS?"), "{e}");
+    let e = RawConfig::default()
+        .apply_env(env(&[("FORKD_MAX_CONNECTIONS", "4")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("did you mean FORKD_HTTP_MAX_CONNECTIONS?"),
+        "{e}"
+    );
 
     // The project's own variables and anyone else's: not overrides.
     let mut c = RawConfig::default();

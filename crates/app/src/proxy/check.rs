@@ -18,6 +18,21 @@ use crate::response::{bad_request, ceil_secs, problem, Body, RATELIMIT, RATELIMI
 use crate::state::State;
 use crate::{metrics, PolicyBucket, RouteAuth};
 
+/// Fields whose one value may hold commas (a browser's `User-Agent`, a
+/// Digest `Authorization`, a cookie string, a URL, a date): a policy keyed
+/// on one refuses only a repeated line, never a comma.
+const ONE_VALUE_WITH_COMMAS: &[&str] = &[
+    "user-agent",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "referer",
+    "date",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+];
+
 /// What the check found: the identity (user, role, session id) of an
 /// authenticated request, and the rate-limit headers to answer with.
 #[derive(Default)]
@@ -113,7 +128,10 @@ pub(crate) async fn check(
         if let PolicyBucket::Header(h) = &p.key {
             let mut values = req.headers().get_all(h).iter();
             let first = values.next();
-            if values.next().is_some() || first.is_some_and(|v| v.as_bytes().contains(&b',')) {
+            let listed = |v: &HeaderValue| {
+                v.as_bytes().contains(&b',') && !ONE_VALUE_WITH_COMMAS.contains(&h.as_str())
+            };
+            if values.next().is_some() || first.is_some_and(listed) {
                 return Err(bad_request(&format!(
                     "The request repeats the {h} header, or lists values in it, which a rate limit counts by."
                 )));

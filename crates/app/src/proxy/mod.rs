@@ -155,7 +155,29 @@ pub(crate) async fn forward(
     } else {
         &route.once
     };
-    let sent = tokio::time::timeout(route.cfg.timeout, pool.request(out)).await;
+    let sent = match written {
+        None => {
+            let r = tokio::time::timeout(route.cfg.timeout, pool.request(out)).await;
+            r.map(|r| r.map_err(|e| format!("{e:?}")))
+        }
+        // A write on a cached route is sent, and its cached answers ended,
+        // by a task of its own: both happen even if the client goes away
+        // meanwhile (hyper then drops this request's future).
+        Some(w) => {
+            let (client, st, uid) = (pool.clone(), st.clone(), checked.uid.clone());
+            let task = tokio::spawn(async move {
+                let r = client.request(out).await;
+                if let Ok(resp) = &r {
+                    if resp.status().as_u16() < 400 {
+                        w.invalidate(&st, resp.headers(), uid.as_deref()).await;
+                    }
+                }
+                r.map_err(|e| format!("{e:?}"))
+            });
+            let r = tokio::time::timeout(route.cfg.timeout, task).await;
+            r.map(|joined| joined.unwrap_or_else(|e| Err(e.to_string())))
+        }
+    };
     let mut resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(_)) if fault.get().is_some() => {
@@ -165,18 +187,11 @@ pub(crate) async fn forward(
             return bad_gateway(
                 st,
                 route,
-                &format!("{e:?}"),
+                &e,
                 "The upstream service could not be reached or gave no answer.",
             );
         }
-        Err(_) => {
-            st.host.count(metrics::UPSTREAM_TIMEOUTS, 1);
-            return problem(
-                StatusCode::GATEWAY_TIMEOUT,
-                "gateway-timeout",
-                "The upstream service did not answer in time.",
-            );
-        }
+        Err(_) => return gateway_timeout(st, "The upstream service did not answer in time."),
     };
     if let Err(cause) = headers::frame_upstream_answer(&mut resp) {
         return bad_gateway(
@@ -185,12 +200,6 @@ pub(crate) async fn forward(
             cause,
             "The upstream service's answer cannot be passed on as it is framed.",
         );
-    }
-    if let Some(w) = written.filter(|_| resp.status().as_u16() < 400) {
-        let host = cache::host_tag(w.host.as_ref());
-        for target in w.targets(resp.headers()) {
-            invalidate(st, &target, &host, checked.uid.as_deref()).await;
-        }
     }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
@@ -220,7 +229,10 @@ pub(crate) async fn forward(
             r
         }
         _ => {
-            let mut r = Response::from_parts(parts, Body::Stream(body, route.watch(&st.host)));
+            let mut r = Response::from_parts(
+                parts,
+                Body::Stream(body, route.watch(&st.host), Some(fault.clone())),
+            );
             if cacheable {
                 r.headers_mut()
                     .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
@@ -310,7 +322,7 @@ async fn fill_cache(
     let Some((ttl, spec)) = keep else {
         return miss(Response::from_parts(
             parts,
-            Body::Stream(body, route.watch(&st.host)),
+            Body::Stream(body, route.watch(&st.host), None),
         ));
     };
     let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(
@@ -319,13 +331,19 @@ async fn fill_cache(
     ));
     let bytes = match tokio::time::timeout(route.cfg.timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
-        _ => {
+        Ok(Err(e)) => {
             return bad_gateway(
                 st,
                 route,
-                "the answer broke off, or outlasted the timeout, during a cache fill",
+                &format!("the answer broke off during a cache fill: {e}"),
                 "The upstream service broke off its answer.",
             );
+        }
+        Err(_) => {
+            return gateway_timeout(
+                st,
+                "The upstream service did not finish its answer in time.",
+            )
         }
     };
     cache::store(
@@ -350,6 +368,12 @@ fn bad_gateway(st: &State, route: &Route, cause: &str, detail: &str) -> Response
         route.cfg.prefix
     );
     problem(StatusCode::BAD_GATEWAY, "bad-gateway", detail)
+}
+
+/// 504 for an upstream that outlasted the route's timeout, counted.
+fn gateway_timeout(st: &State, detail: &str) -> Response<Body> {
+    st.host.count(metrics::UPSTREAM_TIMEOUTS, 1);
+    problem(StatusCode::GATEWAY_TIMEOUT, "gateway-timeout", detail)
 }
 
 /// The answer to a request whose client broke off or garbled its body
@@ -413,6 +437,15 @@ impl Written {
         }
         out
     }
+
+    /// Ends the cached answers of every target a successful `answer` to
+    /// this write names, for the user `uid` and the shared cache.
+    async fn invalidate(&self, st: &State, answer: &HeaderMap, uid: Option<&str>) {
+        let host = cache::host_tag(self.host.as_ref());
+        for target in self.targets(answer) {
+            invalidate(st, &target, &host, uid).await;
+        }
+    }
 }
 
 /// Ends the cached answers of `target` on `host` (RFC 9111 section 4.4):
@@ -421,15 +454,21 @@ impl Written {
 /// would.
 async fn invalidate(st: &State, target: &str, host: &str, uid: Option<&str>) {
     let shared = forkd_store::CacheScope::Shared(crate::buckets::hex16(target.as_bytes()));
-    let mut urls = vec![st.store.cache_url(&shared, target)];
-    if let Some(uid) = uid {
-        let own = forkd_store::CacheScope::User(uid.to_owned());
-        urls.push(st.store.cache_url(&own, target));
-    }
-    for url in urls {
-        if let Err(e) = st.store.cache_invalidate(&url, host).await {
-            log::warn!("cannot end the cached answers of {target}: {e}");
+    let own = uid.map(|uid| forkd_store::CacheScope::User(uid.to_owned()));
+    let end = |scope: &forkd_store::CacheScope| {
+        let url = st.store.cache_url(scope, target);
+        async move {
+            if let Err(e) = st.store.cache_invalidate(&url, host).await {
+                log::warn!("cannot end the cached answers of {target}: {e}");
+            }
         }
+    };
+    // fred pipelines the two calls on its one connection.
+    match &own {
+        Some(own) => {
+            tokio::join!(end(&shared), end(own));
+        }
+        None => end(&shared).await,
     }
 }
 
