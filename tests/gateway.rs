@@ -220,6 +220,13 @@ fn connect(port: u16) -> BufReader<TcpStream> {
     BufReader::new(s)
 }
 
+/// Sends `bytes` on a new connection and reads one answer.
+fn exchange(port: u16, bytes: &[u8]) -> Framed {
+    let mut c = connect(port);
+    c.get_mut().write_all(bytes).unwrap();
+    read_framed(&mut c, false).unwrap()
+}
+
 fn get_req(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: gw.test\r\n\r\n")
 }
@@ -490,24 +497,18 @@ fn a_client_s_broken_body_is_the_client_s_fault_not_the_upstream_s() {
     let failures = "forkd_upstream_failures_total";
     let aborts = "forkd_client_aborts_total";
     // A chunk size that is not hex: 400, not 502.
-    let mut c = connect(f.port);
-    c.get_mut()
-        .write_all(
-            b"POST /plain/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-        )
-        .unwrap();
-    let r = read_framed(&mut c, false).unwrap();
+    let r = exchange(
+        f.port,
+        b"POST /plain/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    );
     assert_eq!(r.status, 400, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     // A body coding other than chunked alone: 501, never sent upstream
     // as unlabelled gzip bytes.
-    let mut c = connect(f.port);
-    c.get_mut()
-        .write_all(
-            b"POST /plain/gz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-        )
-        .unwrap();
-    let r = read_framed(&mut c, false).unwrap();
+    let r = exchange(
+        f.port,
+        b"POST /plain/gz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
     assert_eq!(r.status, 501, "{r:?}");
     assert!(!strict.received().contains("/plain/gz"));
     // A client that only half-closes reads a 499 with its name.

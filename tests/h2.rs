@@ -9,24 +9,34 @@ mod common;
 
 use common::*;
 
+/// Runs `f` on a current-thread runtime of its own.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// An h2c client connection to forkd (prior knowledge), ready to send.
+async fn h2c(port: u16) -> Result<h2::client::SendRequest<bytes::Bytes>, String> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (client, conn) = h2::client::handshake(tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client.ready().await.map_err(|e| e.to_string())
+}
+
 /// Sends `GET uri` over h2c with `headers`; the status, or the stream's
 /// error as text (a reset: "RESET PROTOCOL_ERROR").
 fn h2_status(port: u16, uri: &str, headers: &[(&str, &str)]) -> Result<u16, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (client, conn) = h2::client::handshake(tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = client.ready().await.map_err(|e| e.to_string())?;
+    block_on(async {
+        let mut client = h2c(port).await?;
         let mut req = http::Request::get(uri);
         for (k, v) in headers {
             req = req.header(*k, http::HeaderValue::from_bytes(v.as_bytes()).unwrap());
@@ -81,19 +91,8 @@ fn malformed_h2_requests_are_refused_before_the_upstream() {
 
 /// Sends `GET uri` over h2c with `headers`; the upstream's JSON echo.
 fn h2_echo(port: u16, uri: &str, headers: &[(&str, &str)]) -> serde_json::Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = client.ready().await.unwrap();
+    block_on(async {
+        let mut client = h2c(port).await.unwrap();
         let mut req = http::Request::get(uri);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -160,19 +159,8 @@ fn an_h2_client_that_resets_its_stream_mid_body_is_counted_as_gone() {
         let m = parse_exposition(&get(f.port, "/metrics").unwrap().body);
         m.get(&format!("{name}{{}}")).copied().unwrap_or(0.0)
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
-            .await
-            .unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = client.ready().await.unwrap();
+    block_on(async {
+        let mut client = h2c(f.port).await.unwrap();
         let req = http::Request::post(format!("http://a.test:{}/api/upload", f.port))
             .header("content-length", "100")
             .body(())
@@ -218,19 +206,8 @@ fn a_write_whose_client_resets_before_the_answer_still_ends_its_cached_answers()
     assert_eq!(get(f.port, url).unwrap().header("x-cache"), Some("miss"));
     assert_eq!(get(f.port, url).unwrap().header("x-cache"), Some("hit"));
     let before = api.requests.load(std::sync::atomic::Ordering::SeqCst);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", f.port))
-            .await
-            .unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = client.ready().await.unwrap();
+    block_on(async {
+        let mut client = h2c(f.port).await.unwrap();
         // The Host the cached answers were made for (the harness's).
         let req = http::Request::post(format!("http://localhost{url}"))
             .body(())
