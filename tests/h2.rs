@@ -231,3 +231,22 @@ fn a_write_whose_client_resets_before_the_answer_still_ends_its_cached_answers()
     })
     .expect("the write went through, so its cached answers end");
 }
+
+#[test]
+fn a_cookie_keyed_policy_takes_an_h2_browser_s_cookie_fields_as_one() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n[http2]\nh2c = true\n\
+         [rate_limit.policy.by-cookie]\nlimit = 2\nwindow = 600\nkey = \"header:Cookie\"\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{}\"\nauth = \"none\"\npolicies = [\"by-cookie\"]\n",
+        api.url()
+    ));
+    let uri = format!("http://a.test:{}/api/x", f.port);
+    let crumbs = [("cookie", "a=1"), ("cookie", "b=2")];
+    // Two cookie fields are one Cookie header: served, and counted as one
+    // value ("a=1; b=2"), so the third request is over the limit.
+    assert_eq!(h2_status(f.port, &uri, &crumbs), Ok(200));
+    assert_eq!(h2_status(f.port, &uri, &crumbs), Ok(200));
+    assert_eq!(h2_status(f.port, &uri, &crumbs), Ok(429));
+    assert_eq!(h2_status(f.port, &uri, &[("cookie", "a=1")]), Ok(200));
+}

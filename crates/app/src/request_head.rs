@@ -18,7 +18,7 @@
 //!   then CRLF), so the same head gets the same answer however its bytes
 //!   were segmented. hyper's own read buffer stops a head at twice the
 //!   limit, or at 100 fields, before it is parsed; forkd answers that
-//!   431 too (`head_limit`). On HTTP/2 the h2 library counts 32 bytes a
+//!   431 too (`head_limit`), and holds HTTP/2 heads to 100 fields as well. On HTTP/2 the h2 library counts 32 bytes a
 //!   field, so its cap sits at seven times the limit. The 431 asks an
 //!   HTTP/1.1 client to close the connection.
 
@@ -26,6 +26,10 @@ use hyper::header::{HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode, Version};
 
 use crate::response::{bad_request, problem, Body};
+
+/// The most fields a request head may have: hyper's own cap on HTTP/1.1,
+/// held on HTTP/2 too.
+const MAX_FIELDS: usize = 100;
 
 /// hyper's read buffer: twice the limit, so that every head this module
 /// counts as within it is parsed.
@@ -84,8 +88,18 @@ fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Respo
             }
         }
     }
-    if size + 2 > max_header_bytes {
+    // HTTP/1.1's parser takes at most 100 fields; HTTP/2 the same.
+    if size + 2 > max_header_bytes || req.headers().len() > MAX_FIELDS {
         return Err(too_large());
+    }
+    if req
+        .uri()
+        .scheme_str()
+        .is_some_and(|s| !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https"))
+    {
+        return Err(bad_request(
+            "The request target's scheme is not http or https.",
+        ));
     }
     transfer_coding(req)?;
     host(req)
@@ -192,50 +206,63 @@ fn host<B>(req: &mut Request<B>) -> Result<(), Response<Body>> {
 }
 
 /// `host [":" port]`: a DNS name or IPv4 address (letters, digits, `-`,
-/// `.`, `_`), or a bracketed IPv6 literal; a port of at most five digits.
+/// `.`, `_`), or a bracketed IPv6 address; a port up to 65535.
 /// No user part, path or space, and none of the sub-delimiters RFC 3986
 /// would allow in a name (`,` `;` `!` ...): an app reading
 /// `X-Forwarded-Host` as a list would take `a.example,b.example` for two.
 fn valid_authority(a: &[u8]) -> bool {
-    let (host, port) = if let Some(rest) = a.strip_prefix(b"[") {
+    let (host_ok, port) = if let Some(rest) = a.strip_prefix(b"[") {
         let Some(end) = rest.iter().position(|&b| b == b']') else {
             return false;
         };
-        let literal = &rest[..end];
-        // An address, and a zone after "%25" (RFC 6874): fe80::1%25eth0.
-        let (address, zone) = match literal.windows(3).position(|w| w == b"%25") {
-            Some(i) => (&literal[..i], &literal[i + 3..]),
-            None => (literal, &b"x"[..]),
-        };
-        let zone_ok = !zone.is_empty()
-            && zone
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
-        if address.is_empty()
-            || !zone_ok
-            || !address
-                .iter()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        {
-            return false;
-        }
-        match &rest[end + 1..] {
-            [] => (literal, None),
-            [b':', port @ ..] => (literal, Some(port)),
+        let port = match &rest[end + 1..] {
+            [] => None,
+            [b':', port @ ..] => Some(port),
             _ => return false,
-        }
-    } else {
-        let (host, port) = match a.iter().rposition(|&b| b == b':') {
-            Some(i) => (&a[..i], Some(&a[i + 1..])),
-            None => (a, None),
         };
-        let name_char = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
-        if host.is_empty() || !host.iter().all(name_char) {
-            return false;
+        (ipv6_literal(&rest[..end]), port)
+    } else {
+        match a.iter().rposition(|&b| b == b':') {
+            Some(i) => (dns_name(&a[..i]), Some(&a[i + 1..])),
+            None => (dns_name(a), None),
         }
-        (host, port)
     };
-    !host.is_empty() && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p).is_ok_and(|p| p.parse::<u16>().is_ok())
+    });
+    host_ok && port_ok
+}
+
+/// An IPv6 address, with a zone after `%25` (RFC 6874: fe80::1%25eth0).
+fn ipv6_literal(literal: &[u8]) -> bool {
+    let (address, zone) = match literal.windows(3).position(|w| w == b"%25") {
+        Some(i) => (&literal[..i], Some(&literal[i + 3..])),
+        None => (literal, None),
+    };
+    let zone_ok = zone.is_none_or(|z| {
+        !z.is_empty()
+            && z.iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    });
+    zone_ok && std::str::from_utf8(address).is_ok_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+}
+
+/// A DNS name or IPv4 address: labels of 1 to 63 letters, digits, `-`
+/// (not first or last) and `_`, at most 253 bytes, a trailing dot allowed.
+fn dns_name(name: &[u8]) -> bool {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split(|&b| b == b'.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+                && !label.starts_with(b"-")
+                && !label.ends_with(b"-")
+        })
 }
 
 #[cfg(test)]
@@ -266,6 +293,9 @@ mod tests {
             "[::1]:80",
             "[::1]",
             "[fe80::1%25eth0]:8080",
+            "a.example.",
+            "x:08",
+            "x:65535",
             "xn--bcher-kva.example",
             "a_b",
         ] {
@@ -284,6 +314,13 @@ mod tests {
             "[::1",
             "[::1]x",
             "[zz]",
+            "[1::2::3]",
+            "x:99999",
+            "x:",
+            ".x",
+            "-x",
+            "x..y",
+            "x-.y",
             "[fe80::1%25]",
             "[fe80::1%eth0]",
             ":80",
@@ -326,6 +363,22 @@ mod tests {
         assert_eq!(status(&mut r, max), 200);
         // Neither :authority nor Host.
         assert_eq!(status(&mut req(Version::HTTP_2, "/x", &[]), max), 400);
+    }
+
+    #[test]
+    fn more_than_100_fields_or_another_scheme_is_refused() {
+        let names: Vec<String> = (0..101).map(|i| format!("x-{i}")).collect();
+        let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        assert_eq!(
+            status(&mut req(Version::HTTP_2, "http://a/", &many[..100]), 32768),
+            200
+        );
+        assert_eq!(
+            status(&mut req(Version::HTTP_2, "http://a/", &many), 32768),
+            431
+        );
+        let mut r = req(Version::HTTP_11, "ftp://a/x", &[("host", "a")]);
+        assert_eq!(status(&mut r, 32768), 400);
     }
 
     #[test]

@@ -33,6 +33,19 @@ const ONE_VALUE_WITH_COMMAS: &[&str] = &[
     "if-range",
 ];
 
+/// The value a header-keyed policy counts by: the field's (the cookies
+/// joined, as an HTTP/1.1 upstream gets them); None when it is missing or
+/// empty, which counts per client.
+fn header_key(h: &hyper::HeaderMap, name: &hyper::header::HeaderName) -> Option<Vec<u8>> {
+    let values: Vec<&[u8]> = h
+        .get_all(name)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!values.is_empty()).then(|| values.join(&b"; "[..]))
+}
+
 /// What the check found: the identity (user, role, session id) of an
 /// authenticated request, and the rate-limit headers to answer with.
 #[derive(Default)]
@@ -131,7 +144,10 @@ pub(crate) async fn check(
             let listed = |v: &HeaderValue| {
                 v.as_bytes().contains(&b',') && !ONE_VALUE_WITH_COMMAS.contains(&h.as_str())
             };
-            if values.next().is_some() || first.is_some_and(listed) {
+            // HTTP/2 clients send each cookie as a field of its own; they
+            // are one Cookie header (RFC 9113 section 8.2.3).
+            let repeated = values.next().is_some() && *h != hyper::header::COOKIE;
+            if repeated || first.is_some_and(listed) {
                 return Err(bad_request(&format!(
                     "The request repeats the {h} header, or lists values in it, which a rate limit counts by."
                 )));
@@ -151,8 +167,8 @@ pub(crate) async fn check(
                 PolicyBucket::UserRoute if token.is_some() => buckets::user(&format!(":{prefix}")),
                 PolicyBucket::User | PolicyBucket::Client => by_client(""),
                 PolicyBucket::UserRoute => by_client(&format!(":{prefix}")),
-                PolicyBucket::Header(h) => match req.headers().get(h) {
-                    Some(v) => buckets::header(h.as_str(), v.as_bytes()),
+                PolicyBucket::Header(h) => match header_key(req.headers(), h) {
+                    Some(v) => buckets::header(h.as_str(), &v),
                     None => by_client(""),
                 },
             },

@@ -9,11 +9,13 @@
 //! - `pool`: the routes of a worker and their pooled clients;
 //! - `connect`: TCP or unix socket, with the connect timeout;
 //! - `headers`: hop-by-hop, forwarding and identity headers.
+//! - `invalidate`: the cached answers a successful write ends.
 
 mod cache;
 pub(crate) mod check;
 mod connect;
 mod headers;
+mod invalidate;
 pub(crate) mod pool;
 
 use std::net::SocketAddr;
@@ -33,6 +35,7 @@ use crate::state::State;
 
 use check::Lookup;
 use headers::{Forwarding, Identity};
+use invalidate::Written;
 use pool::{Route, Routes};
 
 /// A path that a prefix could be matched against in one way and the
@@ -162,10 +165,12 @@ pub(crate) async fn forward(
         }
         // A write on a cached route is sent, and its cached answers ended,
         // by a task of its own: both happen even if the client goes away
-        // meanwhile (hyper then drops this request's future).
+        // meanwhile (hyper then drops this request's future). The task is
+        // bounded by the route's timeout, and at most DETACHED_WRITES run
+        // detached in a worker; past that a write is sent as any request.
         Some(w) => {
             let (client, st, uid) = (pool.clone(), st.clone(), checked.uid.clone());
-            let task = tokio::spawn(async move {
+            let write = tokio::time::timeout(route.cfg.timeout, async move {
                 let r = client.request(out).await;
                 if let Ok(resp) = &r {
                     if resp.status().as_u16() < 400 {
@@ -174,8 +179,15 @@ pub(crate) async fn forward(
                 }
                 r.map_err(|e| format!("{e:?}"))
             });
-            let r = tokio::time::timeout(route.cfg.timeout, task).await;
-            r.map(|joined| joined.unwrap_or_else(|e| Err(e.to_string())))
+            match DETACHED_WRITES.try_acquire() {
+                Ok(permit) => tokio::spawn(async move {
+                    let _permit = permit;
+                    write.await
+                })
+                .await
+                .unwrap_or_else(|e| Ok(Err(e.to_string()))),
+                Err(_) => write.await,
+            }
         }
     };
     let mut resp = match sent {
@@ -399,78 +411,8 @@ fn client_fault(st: &State, fault: Option<Fault>) -> Response<Body> {
     r
 }
 
-/// A request with a method that is not safe (RFC 9110 section 9.2.1) on
-/// a cached route: whose cached answers its success ends.
-struct Written {
-    /// Path and query.
-    target: String,
-    host: Option<HeaderValue>,
-}
-
-impl Written {
-    /// The request's target, and the `Location` and `Content-Location`
-    /// of the answer when they name a path on the same host (RFC 9111
-    /// section 4.4: never another host's).
-    fn targets(&self, answer: &HeaderMap) -> Vec<String> {
-        let mut out = vec![self.target.clone()];
-        for name in [hyper::header::LOCATION, hyper::header::CONTENT_LOCATION] {
-            let Some(v) = answer.get(name).and_then(|v| v.to_str().ok()) else {
-                continue;
-            };
-            let v = v.split('#').next().unwrap_or("");
-            let path = if v.starts_with('/') && !v.starts_with("//") {
-                Some(v.to_owned())
-            } else if let Ok(uri) = v.parse::<Uri>() {
-                let same_host = uri
-                    .authority()
-                    .zip(self.host.as_ref())
-                    .is_some_and(|(a, h)| a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()));
-                let web = matches!(uri.scheme_str(), Some("http" | "https"));
-                (same_host && web)
-                    .then(|| uri.path_and_query().map_or("/", |p| p.as_str()).to_owned())
-            } else {
-                None
-            };
-            if let Some(p) = path.filter(|p| !out.contains(p)) {
-                out.push(p);
-            }
-        }
-        out
-    }
-
-    /// Ends the cached answers of every target a successful `answer` to
-    /// this write names, for the user `uid` and the shared cache.
-    async fn invalidate(&self, st: &State, answer: &HeaderMap, uid: Option<&str>) {
-        let host = cache::host_tag(self.host.as_ref());
-        for target in self.targets(answer) {
-            invalidate(st, &target, &host, uid).await;
-        }
-    }
-}
-
-/// Ends the cached answers of `target` on `host` (RFC 9111 section 4.4):
-/// the shared cache's, and the user's own (`uid`). Other users' private entries are
-/// their own caches and run out with their lifetime, as a browser's
-/// would.
-async fn invalidate(st: &State, target: &str, host: &str, uid: Option<&str>) {
-    let shared = forkd_store::CacheScope::Shared(crate::buckets::hex16(target.as_bytes()));
-    let own = uid.map(|uid| forkd_store::CacheScope::User(uid.to_owned()));
-    let end = |scope: &forkd_store::CacheScope| {
-        let url = st.store.cache_url(scope, target);
-        async move {
-            if let Err(e) = st.store.cache_invalidate(&url, host).await {
-                log::warn!("cannot end the cached answers of {target}: {e}");
-            }
-        }
-    };
-    // fred pipelines the two calls on its one connection.
-    match &own {
-        Some(own) => {
-            tokio::join!(end(&shared), end(own));
-        }
-        None => end(&shared).await,
-    }
-}
+/// Writes on cached routes running detached in this worker, at most.
+static DETACHED_WRITES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
 
 /// 400 for a path that an app could read as another route's.
 fn crosses_routes() -> Response<Body> {
@@ -598,24 +540,6 @@ fn tunnel(st: &Arc<State>, client: hyper::upgrade::OnUpgrade, upstream: hyper::u
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_write_ends_its_own_and_its_same_host_locations() {
-        let w = Written {
-            target: "/api/a?x=1".into(),
-            host: Some(HeaderValue::from_static("app.test:8080")),
-        };
-        let h = crate::test_util::headers(&[
-            ("location", "/api/b#top"),
-            ("content-location", "http://app.test:8080/api/c?y"),
-        ]);
-        assert_eq!(w.targets(&h), ["/api/a?x=1", "/api/b", "/api/c?y"]);
-        let other = crate::test_util::headers(&[
-            ("location", "http://evil.test/api/b"),
-            ("content-location", "//evil.test/api/c"),
-        ]);
-        assert_eq!(w.targets(&other), ["/api/a?x=1"]);
-    }
 
     #[test]
     fn ambiguous_paths_are_refused() {
