@@ -25,6 +25,7 @@ import bench_tls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORKD = os.path.join(ROOT, "target", "release", "forkd")
+BARE = os.path.join(ROOT, "target", "release", "examples", "bare-hyper")
 PASSWORD = "bench-password"
 
 
@@ -140,6 +141,44 @@ class Forkd:
     def stop(self):
         terminate(self.proc)
         self.log.close()
+
+
+class Bare:
+    """The reference: bare pre-fork hyper workers (benches/bare_hyper.rs),
+    one a core, each binding the port with SO_REUSEPORT as forkd's
+    reuseport listener does, with nothing of forkd's."""
+
+    def __init__(self, workers):
+        self.port = free_port()
+        self.procs = [subprocess.Popen([BARE, f"127.0.0.1:{self.port}"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                      for _ in range(workers)]
+
+        def up():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return all(p.poll() is None for p in self.procs)
+            except OSError:
+                return False
+        wait_for(up)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        for p in self.procs:
+            terminate(p)
+
+
+def measure_bare(bare, seconds):
+    """wrk against the bare workers, and their CPU per request."""
+    ticks = {p.pid: cpu_ticks(p.pid) for p in bare.procs}
+    result = wrk(bare.url("/healthz"), seconds)
+    n = max(result.get("requests", 0), 1)
+    used = sum(cpu_ticks(pid) - t for pid, t in ticks.items())
+    print(f"  bare hyper: {result.get('rps', 0):.0f} req/s", file=sys.stderr)
+    return {"scenario": "bare hyper worker (reference)", **result,
+            "worker_cpu_us_per_req": used / TICK * 1e6 / n}
 
 
 def terminate(proc):
@@ -506,6 +545,13 @@ def main():
             row["spread_min_over_max"] = spread(row["requests_per_worker"])
             rows.append(row)
             if mode == "reuseport":
+                # The reference beside it: bare hyper workers on a port of
+                # their own, one a core, the same wrk run.
+                bare = Bare(2)
+                try:
+                    rows.append(measure_bare(bare, secs))
+                finally:
+                    bare.stop()
                 # The cache hit again, with the kernel spreading the
                 # connections evenly over the workers.
                 m.cli("user", "add", "bench", "--password-stdin", stdin=PASSWORD + "\n")
@@ -646,6 +692,10 @@ def report(rows, notes, cores, args):
         print(f"  {mode} listener: {r['rps']:.0f} req/s, spread (least/most busy worker) "
               f"{r['spread_min_over_max']:.2f}")
     rp, rh = by.get("profile cache hit, reuseport"), by["healthz, reuseport listener"]
+    bare = by["bare hyper worker (reference)"]
+    print(f"  bare hyper workers: {bare['rps']:.0f} req/s, {fmt(bare['worker_cpu_us_per_req'], 1)} us "
+          f"of worker CPU per request; forkd's /healthz (reuseport) {rh['rps']:.0f} req/s = "
+          f"{rh['rps'] / max(bare['rps'], 1):.2f} x, {fmt(rh['worker_cpu_us_per_req'], 1)} us")
     if rp:
         print(f"  reuseport: cache hit {rp['rps']:.0f} req/s = {rp['rps'] / max(rh['rps'], 1):.2f} x "
               f"its /healthz, p99 {fmt(rp.get('p99_ms'))} ms, requests per worker "
@@ -698,6 +748,8 @@ def report(rows, notes, cores, args):
         at_least("forkd anonymous proxying >= nginx proxy_pass", anon, via),
         at_least("forkd proxying with session auth >= 0.8 x anonymous", authed, anon, 0.8),
         at_least("cached authenticated GET >= 0.5 x forkd's /healthz", kept, h, 0.5),
+        at_least("/healthz (reuseport) within 10 % of bare hyper workers",
+                 by["healthz, reuseport listener"], by["bare hyper worker (reference)"], 0.9),
     ]
     bench_tls.report(sys.modules[__name__], by, targets)
     print()
