@@ -9,18 +9,12 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 
-use crate::response::{json, no_store, problem, unavailable, Body};
+use crate::response::{json, json_body, no_store, problem, unavailable, Body};
 use crate::state::State;
 
 pub(crate) fn healthz(st: &State) -> Response<Body> {
-    let body = serde_json::json!({
-        "status": "ok",
-        "slot": st.slot,
-        "pid": st.pid,
-        "generation": st.generation,
-        "build": st.settings.build,
-    });
-    no_store(json(StatusCode::OK, &body))
+    // Made once per worker (`State::healthz`): a Bytes clone per request.
+    no_store(json_body(StatusCode::OK, st.healthz.clone()))
 }
 
 pub(crate) async fn readyz(st: &State) -> Response<Body> {

@@ -30,7 +30,11 @@ pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Bo
 }
 
 pub(crate) fn json_text(status: StatusCode, text: String) -> Response<Body> {
-    let mut r = Response::new(Body::new(text));
+    json_body(status, text.into())
+}
+
+pub(crate) fn json_body(status: StatusCode, body: bytes::Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::new(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

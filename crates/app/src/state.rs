@@ -25,9 +25,10 @@ const REDIS_RETRY: Duration = Duration::from_secs(1);
 
 pub(crate) struct State {
     pub(crate) slot: usize,
-    pub(crate) generation: u64,
     pub(crate) pid: u32,
     pub(crate) pid_header: HeaderValue,
+    /// `/healthz`'s body: all of it is fixed for the worker's life.
+    pub(crate) healthz: bytes::Bytes,
     /// Set once the worker drains: every response then closes its
     /// connection, so kept-alive clients move to another worker.
     pub(crate) draining: AtomicBool,
@@ -74,9 +75,17 @@ impl State {
             conns: Conns::new(),
             routes: Routes::new(&settings.routes, &settings.proxy, &settings.profile),
             slot,
-            generation,
             pid,
             pid_header: HeaderValue::from(pid),
+            healthz: serde_json::json!({
+                "status": "ok",
+                "slot": slot,
+                "pid": pid,
+                "generation": generation,
+                "build": settings.build,
+            })
+            .to_string()
+            .into(),
             draining: AtomicBool::new(false),
             host,
             hashes: Arc::new(Semaphore::new(settings.auth.max_concurrent_hashes)),
