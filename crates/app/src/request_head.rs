@@ -2,10 +2,11 @@
 //! HTTP/1 and HTTP/2 alike:
 //!
 //! - one valid `Host` (RFC 9112 section 3.2): none on an HTTP/1.1
-//!   request, two, or one that is not `host[:port]` (a path, a space, a
-//!   user `a@`) is 400. An absolute-form target's authority, and on
-//!   HTTP/2 `:authority`, is the `Host` handlers see; an HTTP/2 `Host`
-//!   that differs from `:authority` is 400 (RFC 9113 section 8.3.1);
+//!   request, two, or one that is not `host[:port]` (a DNS name or IPv4
+//!   address, or a bracketed IPv6 address; a port up to 65535) is 400.
+//!   An absolute-form target (http or https only), or on HTTP/2
+//!   `:authority`, gives the `Host` handlers see; an HTTP/2 `Host` that
+//!   differs from `:authority` is 400 (RFC 9113 section 8.3.1);
 //! - no field value with leading or trailing white space (RFC 9113
 //!   section 8.2.1 calls such a request malformed; HTTP/1's parser trims
 //!   it, so this only ever refuses HTTP/2 requests);
@@ -16,11 +17,11 @@
 //! - a head no larger than `http.max_header_bytes`, counted from what was
 //!   parsed (the request line, then each field as `name: value` and CRLF,
 //!   then CRLF), so the same head gets the same answer however its bytes
-//!   were segmented. hyper's own read buffer stops a head at twice the
-//!   limit, or at 100 fields, before it is parsed; forkd answers that
-//!   431 too (`head_limit`), and holds HTTP/2 heads to 100 fields as well. On HTTP/2 the h2 library counts 32 bytes a
-//!   field, so its cap sits at seven times the limit. The 431 asks an
-//!   HTTP/1.1 client to close the connection.
+//!   were segmented, and of at most 100 fields. hyper's own read buffer
+//!   stops a head at twice the limit, or at 100 fields, before it is
+//!   parsed; forkd answers that 431 too (`head_limit`). On HTTP/2 the h2
+//!   library counts 32 bytes a field, so its cap sits at seven times the
+//!   limit. The 431 asks an HTTP/1.1 client to close the connection.
 
 use hyper::header::{HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode, Version};
