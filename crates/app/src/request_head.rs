@@ -23,7 +23,7 @@
 //!   library counts 32 bytes a field, so its cap sits at seven times the
 //!   limit. The 431 asks an HTTP/1.1 client to close the connection.
 
-use hyper::header::{HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING};
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode, Version};
 
 use crate::response::{bad_request, problem, Body};
@@ -110,21 +110,7 @@ fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Respo
 /// (`gzip, chunked`) would reach an upstream as unlabelled coded bytes
 /// once hyper has undone the chunking (RFC 9112 section 6.1: 501).
 fn transfer_coding<B>(req: &Request<B>) -> Result<(), Response<Body>> {
-    let mut codings = req
-        .headers()
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty())
-        .peekable();
-    if codings.peek().is_none() {
-        return Ok(());
-    }
-    let chunked = codings
-        .next()
-        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
-    if chunked && codings.next().is_none() {
+    if chunked_alone(req.headers()) != Some(false) {
         return Ok(());
     }
     Err(problem(
@@ -132,6 +118,20 @@ fn transfer_coding<B>(req: &Request<B>) -> Result<(), Response<Body>> {
         "not-implemented",
         "The request body's transfer coding is not chunked alone, which this server does not take.",
     ))
+}
+
+/// Whether a message's `Transfer-Encoding` codings are `chunked` alone:
+/// None when it names none, Some(false) for any other list (`gzip,
+/// chunked`, `chunked, chunked`). Requests and upstream answers alike.
+pub(crate) fn chunked_alone(h: &HeaderMap) -> Option<bool> {
+    let mut codings = h
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    let first = codings.next()?;
+    Some(first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none())
 }
 
 /// The request line's length: method, target, version, each space and

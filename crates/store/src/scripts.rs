@@ -256,8 +256,8 @@ return {spec, entry, ttl}
 );
 
 // KEYS: spec, entry, the entry set of its URL and host. ARGV: spec,
-// entry, ttl ms. The
-// spec and the set live as long as the longest-lived entry.
+// entry, ttl ms. The spec and the set live as long as the longest-lived
+// entry.
 script!(
     cache_put,
     r#"

@@ -87,16 +87,7 @@ pub(crate) fn frame_upstream_answer<B>(r: &mut hyper::Response<B>) -> Result<(),
     }
     let h = r.headers_mut();
     if h.contains_key(TRANSFER_ENCODING) {
-        let mut codings = h
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|c| !c.is_empty());
-        let chunked = codings
-            .next()
-            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
-        if !chunked || codings.next().is_some() {
+        if crate::request_head::chunked_alone(h) != Some(true) {
             return Err("a transfer coding other than chunked");
         }
         h.remove(TRANSFER_ENCODING);
