@@ -117,11 +117,34 @@ struct Sentinel {
 }
 
 impl Sentinel {
+    /// A primary, its replica and three sentinels that know each other.
+    /// Each attempt starts on fresh ports; one that does not come together
+    /// (a port another program took between the pick and the bind, a
+    /// sentinel that never heard the others) is shown with its logs and
+    /// made again, at most three times.
     fn start() -> Sentinel {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Sentinel::try_start() {
+                Ok(s) => return s,
+                Err(why) => {
+                    eprintln!("a sentinel setup did not come together:\n{why}");
+                    failures.push(why);
+                }
+            }
+        }
+        panic!(
+            "the sentinels never knew the primary, the replica and each other:\n{}",
+            failures.join("\n---\n")
+        );
+    }
+
+    fn try_start() -> Result<Sentinel, String> {
         let dir = tempfile::tempdir().unwrap();
         // Five distinct ports: all of them held until all are picked.
         let ports = free_ports(5);
         let (primary, replica) = (ports[0], ports[1]);
+        let log = |name: &str| dir.path().join(format!("{name}.log"));
         let spawn = |args: Vec<String>| {
             Command::new("redis-server")
                 .args(args)
@@ -149,6 +172,8 @@ impl Sentinel {
             a.push(dir.path().display().to_string());
             a.push("--dbfilename".into());
             a.push(format!("dump-{port}.rdb"));
+            a.push("--logfile".into());
+            a.push(log(&format!("redis-{port}")).display().to_string());
             a.extend(extra.iter().map(|s| s.to_string()));
             a
         };
@@ -161,25 +186,59 @@ impl Sentinel {
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\nsentinel monitor main 127.0.0.1 {primary} 2\n\
+                    "port {port}\nbind 127.0.0.1\nlogfile {}\n\
+                     sentinel monitor main 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds main 1000\nsentinel failover-timeout main 5000\n\
-                     sentinel parallel-syncs main 1\n"
+                     sentinel parallel-syncs main 1\n",
+                    log(&format!("sentinel-{port}")).display()
                 ),
             )
             .unwrap();
             procs.push(spawn(vec![conf.display().to_string(), "--sentinel".into()]));
         }
-        let s = Sentinel {
+        let mut s = Sentinel {
             _dir: dir,
             procs,
             primary,
             sentinels,
         };
-        poll(PATIENCE, || {
+        // What went wrong, for the panic: who exited, what each sentinel
+        // knows, and the tail of every log.
+        let report = |s: &mut Sentinel, what: &str| -> String {
+            let mut out = format!("{what}\n");
+            for p in &mut s.procs {
+                if let Ok(Some(status)) = p.try_wait() {
+                    out.push_str(&format!("process {} exited: {status}\n", p.id()));
+                }
+            }
+            for &sp in &s.sentinels {
+                let m = cli(sp, &["SENTINEL", "master", "main"]);
+                out.push_str(&format!(
+                    "sentinel {sp}: {}\n",
+                    m.split_whitespace().collect::<Vec<_>>().join(" ")
+                ));
+            }
+            let mut logs: Vec<_> = std::fs::read_dir(s._dir.path())
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+            logs.sort();
+            for path in logs {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                out.push_str(&format!("== {}\n{tail}\n", path.display()));
+            }
+            out
+        };
+        if poll(PATIENCE, || {
             let info = cli(s.primary, &["INFO", "replication"]);
             info.contains("connected_slaves:1").then_some(())
         })
-        .expect("the replica is attached");
+        .is_none()
+        {
+            return Err(report(&mut s, "the replica never attached"));
+        }
         // Each sentinel must know the primary, its replica and the two
         // other sentinels (found through the primary's hello channel every
         // 2 s): without them no quorum, and no failover, is ever reached.
@@ -188,15 +247,20 @@ impl Sentinel {
             let i = lines.iter().position(|l| *l == name)?;
             lines.get(i + 1)?.trim().parse().ok()
         };
-        for &sp in &s.sentinels {
-            poll(Duration::from_secs(60), || {
+        for sp in s.sentinels.clone() {
+            let known = poll(Duration::from_secs(45), || {
                 let m = cli(sp, &["SENTINEL", "master", "main"]);
                 (field(&m, "num-other-sentinels")? >= 2 && field(&m, "num-slaves")? >= 1)
                     .then_some(())
-            })
-            .expect("the sentinels know the primary, the replica and each other");
+            });
+            if known.is_none() {
+                return Err(report(
+                    &mut s,
+                    &format!("sentinel {sp} never knew them all"),
+                ));
+            }
         }
-        s
+        Ok(s)
     }
 
     fn url(&self) -> String {
