@@ -984,6 +984,40 @@ fn login_limits_hold_per_worker_while_redis_is_down() {
     );
 }
 
+/// Statuses of 4 anonymous requests to a route with a policy of 2 (one
+/// client) against a forkd with `mode` whose Redis has just died.
+fn route_policy_without_redis(mode: &str) -> Vec<u16> {
+    let mut redis = RedisServer::start();
+    let api = Upstream::tcp();
+    let config = format!(
+        "workers = 1\n[rate_limit]\non_redis_error = \"{mode}\"\n\
+         [rate_limit.policy.pub]\nlimit = 2\nwindow = 600\nkey = \"client\"\n\
+         [[route]]\nprefix = \"/pub\"\nupstream = \"{}\"\nauth = \"none\"\npolicies = [\"pub\"]\n",
+        api.url()
+    );
+    let f = Forkd::start_with_redis(&redis, &config);
+    redis.kill();
+    poll(PATIENCE, || {
+        (get(f.port, "/readyz").ok()?.status == 503).then_some(())
+    })
+    .expect("the worker notices");
+    (0..4)
+        .map(|_| get(f.port, "/pub/x").unwrap().status)
+        .collect()
+}
+
+/// `rate_limit.on_redis_error` means the same for a route's policies as
+/// for the login limits: one limiter.
+#[test]
+fn route_policies_follow_on_redis_error_like_the_login_limits() {
+    assert_eq!(
+        route_policy_without_redis("local"),
+        vec![200, 200, 429, 429]
+    );
+    assert_eq!(route_policy_without_redis("fail_open"), vec![200; 4]);
+    assert_eq!(route_policy_without_redis("fail_closed"), vec![503; 4]);
+}
+
 /// Failures from one address cannot lock a user out at another, and
 /// successes use up no budget; a guesser spread over many addresses still
 /// meets the per-username ceiling. 127.0.0.x are distinct clients.

@@ -218,6 +218,42 @@ fn metrics_behind_a_trusted_proxy_check_the_forwarded_client() {
     );
 }
 
+/// A wrong password costs two Redis round trips: the three login limits
+/// in one call, then the user record. A right one gives its places back
+/// in one more call.
+#[test]
+fn a_failed_login_costs_two_redis_round_trips() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(&redis, "workers = 1\n");
+    f.add_user("lena", PW);
+    // Load the scripts.
+    assert_eq!(login(f.port, "lena", "wrong").status, 401);
+    assert_eq!(login(f.port, "lena", PW).status, 200);
+    let mut monitor = Monitor::start(&redis);
+    assert_eq!(login(f.port, "lena", "wrong").status, 401);
+    let sent = monitor.sent_before_marker("end-of-wrong");
+    assert_eq!(
+        sent.len(),
+        2,
+        "Redis round trips for a wrong password: {sent:?}"
+    );
+    assert!(sent[0].to_lowercase().contains("evalsha"), "{sent:?}");
+    assert!(sent[1].to_lowercase().contains("hgetall"), "{sent:?}");
+    assert_eq!(login(f.port, "nobody", "wrong").status, 401);
+    let sent = monitor.sent_before_marker("end-of-unknown");
+    assert_eq!(
+        sent.len(),
+        2,
+        "Redis round trips for an unknown user: {sent:?}"
+    );
+    // The right password: its places go back in one call, whatever the
+    // session then costs.
+    assert_eq!(login(f.port, "lena", PW).status, 200);
+    let sent = monitor.sent_before_marker("end-of-right");
+    let refunds = sent.iter().filter(|l| l.contains("rl:login")).count();
+    assert_eq!(refunds, 2, "the check and one refund call: {sent:?}");
+}
+
 #[test]
 fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
     let redis = RedisServer::start();

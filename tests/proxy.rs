@@ -228,6 +228,57 @@ fn upstream_failures_are_502_and_504_problems_and_counted() {
     let m = parse_exposition(&get(f.port, "/metrics").unwrap().body);
     assert!(m["forkd_upstream_failures_total{}"] >= 2.0, "{m:?}");
     assert!(m["forkd_upstream_timeouts_total{}"] >= 1.0, "{m:?}");
+    // An operator who sees a 502 or 504 finds its route, its upstream and
+    // why in the log, at warn.
+    let log = f.log_text();
+    let line = |route: &str, upstream: &str, cause: &str| {
+        log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains(&format!("route {route}: upstream {upstream} failed: "))
+                && l.contains(cause)
+        })
+    };
+    let down = format!("http://127.0.0.1:{closed}");
+    for l in log.lines().filter(|l| l.contains("upstream")) {
+        eprintln!("{l}");
+    }
+    assert!(line("/down", &down, "Connection refused"), "{log}");
+    assert!(line("/", &api.url(), "route's timeout (500ms)"), "{log}");
+}
+
+/// A flood of upstream failures is one warning a second per route, with a
+/// count of the lines held back, never one line per request.
+#[test]
+fn upstream_failure_warnings_are_rate_limited_with_a_count() {
+    let closed = free_port();
+    let f = Forkd::start(&format!(
+        "workers = 1\n\
+         [[route]]\nprefix = \"/down\"\nupstream = \"http://127.0.0.1:{closed}\"\nauth = \"none\"\n"
+    ));
+    for _ in 0..50 {
+        assert_eq!(get(f.port, "/down/x").unwrap().status, 502);
+    }
+    let m = parse_exposition(&get(f.port, "/metrics").unwrap().body);
+    assert_eq!(m["forkd_upstream_failures_total{}"], 50.0, "{m:?}");
+    let lines = || {
+        f.log_text()
+            .lines()
+            .filter(|l| l.contains("route /down: upstream"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let first = lines();
+    assert!(!first.is_empty() && first.len() < 50, "{first:?}");
+    // Past the gate's second, the next failure says how many were held.
+    let counted = poll(PATIENCE, || {
+        assert_eq!(get(f.port, "/down/x").unwrap().status, 502);
+        let l = lines();
+        l.iter()
+            .any(|l| l.contains("more of this route's upstream failures since the last line"))
+            .then_some(l)
+    })
+    .expect("a line with the count of those held back");
+    assert!(counted.len() < 50, "{counted:?}");
 }
 
 /// The peak RSS of a process, KiB.

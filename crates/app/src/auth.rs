@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use forkd_store::{Policy, User};
+use forkd_store::{Bucket, Limit, Policy, User};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
@@ -21,13 +21,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::LoggedUser;
 use crate::client::client_ip;
-use crate::response::{
-    bad_request, json, no_store, policy_header, problem, rate_state, too_many, unavailable,
-    with_header, Body, RATELIMIT, RATELIMIT_POLICY,
-};
+use crate::response::{bad_request, json, no_store, problem, unavailable, with_header, Body};
 use crate::secrets;
 use crate::state::State;
-use crate::{buckets, metrics, OnRedisError};
+use crate::{buckets, limiter};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -55,13 +52,14 @@ pub(crate) async fn login(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let taken = match take_places(st, ip, &username).await {
+    let (limits, taken) = match take_places(st, ip, &username).await {
         Ok(t) => t,
         Err(r) => return r,
     };
+    let give_back = || limiter::give_back(st, &limits, &taken, None);
     let Some(permit) = queue(st).await else {
         // Not a wrong password: its places go back.
-        give_back(st, &taken).await;
+        give_back().await;
         return unavailable(
             "Too many logins are being checked; try again shortly.",
             Duration::from_secs(1),
@@ -77,14 +75,14 @@ pub(crate) async fn login(
     let (ok, rehash) = match verify(st, permit, phc, password).await {
         Ok(v) => v,
         Err(r) => {
-            give_back(st, &taken).await;
+            give_back().await;
             return r;
         }
     };
     let Some(user) = user.filter(|_| ok) else {
         return unauthorized_login();
     };
-    give_back(st, &taken).await;
+    give_back().await;
     if let Some(phc) = rehash {
         store_rehash(st, &user, &phc).await;
     }
@@ -120,103 +118,85 @@ async fn credentials(
     Ok((username, password))
 }
 
-/// A place a login took in a failure limit.
-struct Taken {
-    name: &'static str,
-    key: String,
-    policy: Policy,
-    /// In this worker's memory (Redis did not answer), not in Redis.
-    local: bool,
-}
-
-/// Brute-force limits, before any hashing. Each takes a place now that a
-/// right password gives back, so only failures use them up, and failures
-/// from one address cannot lock the user out at another: per client, per
-/// (username, client), and a loose ceiling per username over all
-/// addresses. Behind them (so that one client's excess never reaches it),
-/// all logins of this host, in memory, shared out among its workers: a
-/// flood from many addresses gets 429s, not the hash queue.
-async fn take_places(st: &State, ip: IpAddr, username: &str) -> Result<Vec<Taken>, Response<Body>> {
+/// Brute-force limits, before any hashing, as built-in policies: per
+/// client, per (username, client), and a loose ceiling per username over
+/// all addresses, taken all or none in one call. A right password gives
+/// its places back, so only failures use them up, and failures from one
+/// address cannot lock the user out at another. Behind them (so that one
+/// client's excess never reaches it), all logins of this host, in memory,
+/// shared out among its workers: a flood from many addresses gets 429s,
+/// not the hash queue.
+async fn take_places(
+    st: &State,
+    ip: IpAddr,
+    username: &str,
+) -> Result<(Vec<Limit>, limiter::Taken), Response<Body>> {
     let auth = &st.settings.auth;
-    let limits = [
-        (
+    let limit = |name: &str, key: String, policy: Policy| Limit {
+        policy_name: name.to_owned(),
+        policy,
+        bucket: Bucket::Plain { name: key },
+    };
+    let limits = vec![
+        limit(
             buckets::LOGIN_CLIENT,
             buckets::login_client(ip),
             auth.login_ip,
         ),
-        (
+        limit(
             buckets::LOGIN_NAME_CLIENT,
             buckets::login_name_client(username, ip),
             auth.login_user,
         ),
-        (
+        limit(
             buckets::LOGIN_NAME,
             username.to_owned(),
             auth.login_user_all,
         ),
     ];
-    let mut taken = Vec::new();
-    for (name, key, policy) in limits {
-        let (decision, local) = match st.store.limit(name, &key, policy).await {
-            Ok(d) => (d, false),
-            Err(e) => match st.settings.on_redis_error {
-                OnRedisError::FailClosed => return Err(st.redis_down(&e)),
-                OnRedisError::FailOpen => continue,
-                OnRedisError::Local => {
-                    let key = format!("{name}:{key}");
-                    (
-                        st.local_limits.check(&key, policy, st.settings.workers),
-                        true,
-                    )
-                }
-            },
+    let Some(taken) = limiter::take(st, None, &limits, None).await? else {
+        // Only a session check answers "no session", and none was asked
+        // for: a store that says so is not one to trust with the limits.
+        return Err(unavailable(
+            "The session store is unavailable; try again shortly.",
+            Duration::from_secs(1),
+        ));
+    };
+    if let Some(wait) = taken.refused() {
+        // The policies that refused, by their names for `forkd limit`.
+        let refused = || {
+            limits
+                .iter()
+                .zip(&taken.decisions)
+                .filter_map(|(l, d)| d.filter(|d| !d.allowed).map(|d| (l, d)))
         };
-        if !decision.allowed {
-            st.host.count(metrics::RATE_LIMITED, 1);
-            // The policy that refused, by its name for `forkd limit`.
-            let mut r = too_many("Too many login attempts; try again later.", decision);
-            let h = r.headers_mut();
-            h.insert(RATELIMIT_POLICY, policy_header(name, policy));
-            if let Some(v) = rate_state(name, &decision) {
-                h.insert(RATELIMIT, v);
-            }
-            return Err(r);
-        }
-        taken.push(Taken {
-            name,
-            key,
-            policy,
-            local,
-        });
+        let policy: Vec<String> = refused()
+            .map(|(l, _)| crate::response::policy_item(&l.policy_name, l.policy))
+            .collect();
+        let state: Vec<String> = refused()
+            .map(|(l, d)| crate::response::state_item(&l.policy_name, &d))
+            .collect();
+        let mut r = limiter::too_many(st, "Too many login attempts; try again later.", wait);
+        crate::response::add_headers(
+            &mut r,
+            crate::response::header(&policy),
+            crate::response::header(&state),
+        );
+        return Err(r);
     }
     // Refused here is no failure, so the places taken above go back.
     let host = st
         .local_limits
         .check("login-host", auth.login_host, st.settings.workers);
     if !host.allowed {
-        give_back(st, &taken).await;
-        st.host.count(metrics::RATE_LIMITED, 1);
-        return Err(too_many(
+        limiter::give_back(st, &limits, &taken, None).await;
+        return Err(limiter::too_many(
+            st,
             "Too many logins on this server; try again shortly.",
-            host,
+            host.retry_after,
         ));
     }
-    Ok(taken)
-}
-
-/// A successful login gives back the places it took in the failure
-/// limits, where it took them.
-async fn give_back(st: &State, taken: &[Taken]) {
-    for t in taken {
-        if t.local {
-            let key = format!("{}:{}", t.name, t.key);
-            st.local_limits.refund(&key, t.policy, st.settings.workers);
-        } else if let Err(e) = st.store.refund(t.name, &t.key, t.policy).await {
-            if let Some(held) = st.redis_warnings.pass() {
-                log::warn!("cannot give back a login limit place: {e} ({held} more held back)");
-            }
-        }
-    }
+    Ok((limits, taken))
 }
 
 /// A place in the bounded password-check queue, within

@@ -30,7 +30,39 @@ pub(crate) enum Body {
 pub(crate) struct UpstreamBody {
     pub(crate) host: Arc<dyn crate::Host>,
     /// The route's prefix and upstream, for the log.
-    pub(crate) route: String,
+    pub(crate) prefix: String,
+    pub(crate) upstream: String,
+    /// At most one warning a second for the route's failures, and one
+    /// for its timeouts, each with a count.
+    pub(crate) warnings: [crate::log_gate::LogGate; 2],
+}
+
+impl UpstreamBody {
+    /// The route's upstream failed (`timeout`: did not answer in time):
+    /// counted, and logged at warn, naming the route, the upstream and
+    /// the cause, at most once a second with a count of the lines held
+    /// back, so that an operator who sees a 502 finds why.
+    pub(crate) fn failed(&self, timeout: bool, cause: &dyn std::fmt::Display) {
+        let counter = match timeout {
+            true => crate::metrics::UPSTREAM_TIMEOUTS,
+            false => crate::metrics::UPSTREAM_FAILED,
+        };
+        self.host.count(counter, 1);
+        match self.warnings[usize::from(timeout)].pass() {
+            Some(0) => log::warn!(
+                "route {}: upstream {} failed: {cause}",
+                self.prefix,
+                self.upstream
+            ),
+            Some(held) => log::warn!(
+                "route {}: upstream {} failed: {cause} ({held} more of this route's upstream {} since the last line)",
+                self.prefix,
+                self.upstream,
+                if timeout { "timeouts" } else { "failures" }
+            ),
+            None => {}
+        }
+    }
 }
 
 /// How reading a client's request body failed, if it did.
@@ -115,8 +147,7 @@ impl hyper::body::Body for Body {
                         watch.host.count(crate::metrics::CLIENTS_GONE, 1);
                         log::debug!("a client's request body broke off: {e}");
                     } else {
-                        watch.host.count(crate::metrics::UPSTREAM_FAILED, 1);
-                        log::debug!("upstream of {}: the answer broke off: {e}", watch.route);
+                        watch.failed(false, &format_args!("the answer broke off: {e}"));
                     }
                 }
                 polled

@@ -16,6 +16,12 @@
 //! - `client`: the client address (X-Forwarded-For through trusted proxies).
 //! - `origin`: the HTTP profile backend.
 //! - `proxy`: `[[route]]`s forwarded to upstream services.
+//! - `upstream`: each route's settings and pooled clients, and the
+//!   connector (TCP or unix socket); below the request path, it knows
+//!   neither `state` nor `proxy`.
+//! - `limiter`: the one rate limiter: every policy (a route's, the login
+//!   limits, `/profile`'s) in the one all-or-nothing Redis call, and
+//!   `rate_limit.on_redis_error` the same for all of them.
 //! - `body`: bodies: whole, streamed from an upstream, or a client's on
 //!   its way upstream (watched for the client's own faults).
 //! - `connection`: one connection: TLS, HTTP/1.1 or HTTP/2, its drain.
@@ -28,8 +34,8 @@
 //! - `head_limit`: the problem+json answer to a head too large for hyper.
 //! - `request_head`: what every request head must be (one valid `Host`,
 //!   no padded values, within `http.max_header_bytes` exactly).
-//! - `local_limit`: the in-memory limiter (the host limit, and the
-//!   fallback while Redis cannot answer).
+//! - `local_limit`: the in-memory GCRA (the host limit, and the
+//!   limiter's fallback while Redis cannot answer).
 //! - `log_gate`: at most one Redis warning a second.
 //! - `metrics`: the counters in the scoreboard, and their text format.
 //! - `access`: the access log and its writer thread.
@@ -60,6 +66,7 @@ mod cookie;
 mod head_limit;
 mod health;
 mod inflight;
+mod limiter;
 mod local_limit;
 mod log_gate;
 mod metrics;
@@ -77,6 +84,7 @@ mod server;
 mod state;
 mod tickets;
 mod tls;
+mod upstream;
 
 use std::net::{IpAddr, TcpListener};
 use std::sync::Arc;

@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::{Request, StatusCode};
 
 use crate::body::Body;
-use crate::proxy::pool::Route;
+use crate::upstream::Route;
 
 /// Why the origin gave no profile.
 #[derive(Debug)]

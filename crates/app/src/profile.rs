@@ -16,9 +16,9 @@ use crate::access::LoggedUser;
 use crate::auth::invalid_token;
 use crate::origin::{self, OriginError};
 use crate::proxy::check::{check, Lookup};
-use crate::proxy::pool::Route;
 use crate::response::{json_text, not_found, problem, unavailable, with_header, Body};
 use crate::state::State;
+use crate::upstream::Route;
 use crate::{metrics, secrets};
 
 /// `GET /profile`: every answer is the user's alone, never for a cache.

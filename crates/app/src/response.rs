@@ -93,15 +93,6 @@ pub(crate) fn not_found(detail: &str) -> Response<Body> {
     problem(StatusCode::NOT_FOUND, "not-found", detail)
 }
 
-/// 429 with Retry-After from a limit's decision.
-pub(crate) fn too_many(detail: &str, d: Decision) -> Response<Body> {
-    with_header(
-        problem(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail),
-        RETRY_AFTER,
-        HeaderValue::from(ceil_secs(d.retry_after)),
-    )
-}
-
 pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     with_header(
         problem(
@@ -114,15 +105,42 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     )
 }
 
-/// `RateLimit` of one policy's decision.
-pub(crate) fn rate_state(name: &str, d: &Decision) -> Option<HeaderValue> {
-    let reset = d.reset.as_millis().div_ceil(1000);
-    HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", d.remaining)).ok()
+/// One policy's item of `RateLimit-Policy` (RFC draft
+/// ietf-httpapi-ratelimit-headers).
+pub(crate) fn policy_item(name: &str, policy: Policy) -> String {
+    format!(
+        "\"{name}\";q={};w={}",
+        policy.limit,
+        ceil_secs(policy.window)
+    )
 }
 
-/// `RateLimit-Policy` of a policy: fixed, so made once per worker.
-pub(crate) fn policy_header(name: &str, policy: Policy) -> HeaderValue {
-    let window = ceil_secs(policy.window);
-    HeaderValue::from_str(&format!("\"{name}\";q={};w={window}", policy.limit))
-        .expect("a policy name is a plain token")
+/// One decision's item of `RateLimit`.
+pub(crate) fn state_item(name: &str, d: &Decision) -> String {
+    format!(
+        "\"{name}\";r={};t={}",
+        d.remaining,
+        d.reset.as_millis().div_ceil(1000)
+    )
+}
+
+/// A header of `items`, None when there are none.
+pub(crate) fn header(items: &[String]) -> Option<HeaderValue> {
+    (!items.is_empty())
+        .then(|| HeaderValue::from_str(&items.join(", ")).ok())
+        .flatten()
+}
+
+/// `RateLimit-Policy` and `RateLimit` on `r`.
+pub(crate) fn add_headers(
+    r: &mut Response<Body>,
+    policy: Option<HeaderValue>,
+    state: Option<HeaderValue>,
+) {
+    if let Some(v) = policy {
+        r.headers_mut().insert(RATELIMIT_POLICY, v);
+    }
+    if let Some(v) = state {
+        r.headers_mut().insert(RATELIMIT, v);
+    }
 }

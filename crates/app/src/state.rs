@@ -14,10 +14,10 @@ use crate::conns::Conns;
 use crate::inflight::InFlight;
 use crate::local_limit::LocalLimiter;
 use crate::log_gate::LogGate;
-use crate::proxy::pool::Routes;
 use crate::request_id::RequestIds;
 use crate::response::{unavailable, Body};
 use crate::secrets::DummyHash;
+use crate::upstream::Routes;
 use crate::{metrics, Host, Settings};
 
 /// Retry-After for Redis trouble: reconnects are retried much faster.
@@ -97,15 +97,20 @@ impl State {
         }
     }
 
-    /// The 503 for a Redis failure, counted, and logged at most once a
-    /// second.
-    pub(crate) fn redis_down(&self, e: &StoreError) -> Response<Body> {
+    /// A Redis failure, counted, and logged at most once a while.
+    pub(crate) fn redis_error(&self, e: &StoreError) {
         self.host.count(metrics::REDIS_ERRORS, 1);
         match self.redis_warnings.pass() {
             Some(0) => log::warn!("{e}"),
             Some(held) => log::warn!("{e} ({held} more Redis errors since the last line)"),
             None => {}
         }
+    }
+
+    /// The 503 for a Redis failure, counted, and logged at most once a
+    /// second.
+    pub(crate) fn redis_down(&self, e: &StoreError) -> Response<Body> {
+        self.redis_error(e);
         unavailable(
             "The session store is unavailable; try again shortly.",
             REDIS_RETRY,

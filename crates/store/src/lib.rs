@@ -36,7 +36,6 @@
 
 mod cache;
 mod connection;
-mod limits;
 mod profile;
 mod routes;
 mod scripts;

@@ -139,6 +139,64 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// The calls `limits` take: the session with the user's buckets first,
+    /// then one per other slot group (all in the first on a single Redis).
+    fn slot_groups(&self, limits: &[Limit], session: bool) -> Vec<(Option<String>, Vec<usize>)> {
+        let clustered = self.client.client_config().server.is_clustered();
+        let mut calls: Vec<(Option<String>, Vec<usize>)> = vec![(None, Vec::new())];
+        for (i, l) in limits.iter().enumerate() {
+            let group = match &l.bucket {
+                Bucket::Other { group, .. } if clustered => Some(group.clone()),
+                Bucket::User { .. } if clustered && !session => Some(String::new()),
+                Bucket::Plain { name } if clustered => {
+                    Some(format!("plain:{}:{name}", l.policy_name))
+                }
+                _ => None,
+            };
+            match calls.iter_mut().find(|(g, _)| *g == group) {
+                Some((_, v)) => v.push(i),
+                None => calls.push((group, vec![i])),
+            }
+        }
+        calls
+    }
+
+    /// Gives back the places one [`Store::route_check`] took in `limits`
+    /// (`uid`: the session's user, for a user's buckets): one call on a
+    /// single Redis, one per slot group on Redis Cluster.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn refund_limits(&self, limits: &[Limit], uid: Option<&str>) -> Result<()> {
+        for (_, members) in self.slot_groups(limits, uid.is_some()) {
+            if members.is_empty() {
+                continue;
+            }
+            let keys = members
+                .iter()
+                .map(|&i| self.bucket_key(&limits[i].policy_name, &limits[i].bucket, uid))
+                .collect();
+            let policies: Vec<Policy> = members.iter().map(|&i| limits[i].policy).collect();
+            self.refund_keys(keys, &policies).await?;
+        }
+        Ok(())
+    }
+
+    /// One refund call for keys of one slot.
+    async fn refund_keys(&self, keys: Vec<String>, policies: &[Policy]) -> Result<()> {
+        let args: Vec<Value> = policies
+            .iter()
+            .flat_map(|p| {
+                [
+                    (p.limit as i64).into(),
+                    (p.window.as_millis() as i64).into(),
+                ]
+            })
+            .collect();
+        let _: i64 = self.run(scripts::refund(), keys, args).await?;
+        Ok(())
+    }
+
     /// Checks `session` (when given) and applies `limits`.
     ///
     /// # Errors
@@ -150,24 +208,8 @@ impl Store {
         probe: Option<&CacheProbe<'_>>,
     ) -> Result<RouteCheck> {
         let key = |l: &Limit| self.bucket_key(&l.policy_name, &l.bucket, session.map(|s| s.uid));
-        // Calls: the session with the user's buckets first, then one per
-        // other slot group (all in the first on a single Redis).
+        let calls = self.slot_groups(limits, session.is_some());
         let clustered = self.client.client_config().server.is_clustered();
-        let mut calls: Vec<(Option<String>, Vec<usize>)> = vec![(None, Vec::new())];
-        for (i, l) in limits.iter().enumerate() {
-            let group = match &l.bucket {
-                Bucket::Other { group, .. } if clustered => Some(group.clone()),
-                Bucket::User { .. } if clustered && session.is_none() => Some(String::new()),
-                Bucket::Plain { name } if clustered => {
-                    Some(format!("plain:{}:{name}", l.policy_name))
-                }
-                _ => None,
-            };
-            match calls.iter_mut().find(|(g, _)| *g == group) {
-                Some((_, v)) => v.push(i),
-                None => calls.push((group, vec![i])),
-            }
-        }
         let probe = probe.filter(|p| match p {
             CacheProbe::Entry { url, .. } => {
                 !clustered || session.is_some_and(|s| url.in_slot_of(s.uid))
@@ -177,7 +219,7 @@ impl Store {
         let mut identity = None;
         let mut probed = None;
         let mut decisions = vec![None; limits.len()];
-        let mut taken: Vec<(String, Policy)> = Vec::new();
+        let mut taken: Vec<(Vec<String>, Vec<Policy>)> = Vec::new();
         for (n, (_, members)) in calls.iter().enumerate() {
             let with_session = n == 0 && session.is_some();
             let probing = probe.filter(|_| n == 0);
@@ -243,18 +285,15 @@ impl Store {
                 ));
             }
             if int(0) == 2 {
-                for (k, policy) in &taken {
-                    let args: Vec<Value> = vec![
-                        (policy.limit as i64).into(),
-                        (policy.window.as_millis() as i64).into(),
-                    ];
-                    let _: i64 = self.run(scripts::refund(), vec![k.clone()], args).await?;
+                for (keys, policies) in &taken {
+                    self.refund_keys(keys.clone(), policies).await?;
                 }
                 break;
             }
-            for (k, &i) in members.iter().enumerate() {
-                taken.push((limit_keys[k].clone(), limits[i].policy));
-            }
+            taken.push((
+                limit_keys,
+                members.iter().map(|&i| limits[i].policy).collect(),
+            ));
             let rest = &reply[(3 + 4 * members.len()).min(reply.len())..];
             probed = match probing {
                 Some(CacheProbe::Entry { .. }) => Some(CacheLookup::from_reply(rest)),

@@ -341,36 +341,29 @@ return 0
 "#
 );
 
-// KEYS: limit state. ARGV: limit, window ms.
-// Returns {allowed, remaining, reset ms, retry ms}.
-script!(
-    limit,
-    concat!(
-        prelude!(),
-        r#"
-local a, r, t, w = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now_ms())
-return {a, r, t, w}
-"#
-    )
-);
-
-// KEYS: limit state. ARGV: limit, window ms. Gives back what one request
-// took (a successful login does not use up a failure budget).
+// KEYS: limit states. ARGV: limit, window ms of each, in order. Gives
+// back what one request took of each (a successful login does not use up
+// a failure budget; a request a later slot's call refused costs nothing).
 script!(
     refund,
     concat!(
         prelude!(),
         r#"
 local now = now_ms()
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat then return 0 end
-local back = tat - tonumber(ARGV[2]) / tonumber(ARGV[1])
-if back <= now then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], string.format('%.3f', back), 'PX', math.max(1, math.ceil(back - now)))
+local n = 0
+for i, key in ipairs(KEYS) do
+  local tat = tonumber(redis.call('GET', key))
+  if tat then
+    local back = tat - tonumber(ARGV[2 * i]) / tonumber(ARGV[2 * i - 1])
+    if back <= now then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, string.format('%.3f', back), 'PX', math.max(1, math.ceil(back - now)))
+    end
+    n = n + 1
+  end
 end
-return 1
+return n
 "#
     )
 );

@@ -14,9 +14,9 @@ use hyper::header::{
 };
 use hyper::{Response, StatusCode};
 
-use super::pool::Specs;
 use crate::response::Body;
 use crate::state::State;
+use crate::upstream::Specs;
 
 pub(crate) const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const AGE: HeaderName = HeaderName::from_static("age");

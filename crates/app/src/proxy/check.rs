@@ -4,19 +4,19 @@
 
 use std::net::SocketAddr;
 
-use forkd_store::{CacheProbe, Limit, RouteCheck, SessionRef};
+use forkd_store::{CacheProbe, Limit, SessionRef};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, RETRY_AFTER};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::header::HeaderValue;
+use hyper::{Method, Request, Response};
 
 use super::cache::{self, Place};
-use super::pool::{Route, Specs};
-use crate::auth::{has_credentials, invalid_token, session_token};
+use crate::auth::{has_credentials, session_token};
 use crate::buckets;
 use crate::client::client_ip;
-use crate::response::{bad_request, ceil_secs, problem, Body, RATELIMIT, RATELIMIT_POLICY};
+use crate::response::{bad_request, Body};
 use crate::state::State;
-use crate::{metrics, PolicyBucket, RouteAuth};
+use crate::upstream::{Route, Specs};
+use crate::{limiter, PolicyBucket, RouteAuth};
 
 /// Fields whose one value may hold commas (a browser's `User-Agent`, a
 /// Digest `Authorization`, a cookie string, a URL, a date): a policy keyed
@@ -76,8 +76,7 @@ pub(crate) enum Lookup<'a> {
 impl Checked {
     pub(crate) fn add_headers(&self, r: &mut Response<Body>) {
         if let Some((policy, state)) = &self.rate {
-            r.headers_mut().insert(RATELIMIT_POLICY, policy.clone());
-            r.headers_mut().insert(RATELIMIT, state.clone());
+            crate::response::add_headers(r, Some(policy.clone()), Some(state.clone()));
         }
     }
 }
@@ -187,43 +186,23 @@ pub(crate) async fn check(
         (None, Lookup::Profile) => Some(CacheProbe::Profile),
         _ => None,
     };
-    let checked = st
-        .store
-        .route_check(session.as_ref(), &limits, probe.as_ref())
-        .await;
-    let (identity, decisions, probed) = match checked {
-        Err(e) => return Err(st.redis_down(&e)),
-        Ok(RouteCheck::Unauthenticated) => return Err(invalid_token()),
-        Ok(RouteCheck::Checked {
-            identity,
-            decisions,
-            probed,
-        }) => (identity, decisions, probed),
+    let Some(taken) = limiter::take(st, session.as_ref(), &limits, probe.as_ref()).await? else {
+        return Err(crate::auth::invalid_token());
     };
-    let who = identity
+    let who = taken
+        .identity
+        .clone()
         .zip(token.as_ref())
         .map(|((user, role), (_, hash))| [user, role, session_id(hash)]);
     let uid = who.as_ref().and(token.map(|(uid, _)| uid));
+    let state: Vec<String> = policies
+        .iter()
+        .zip(&taken.decisions)
+        .filter_map(|(p, d)| Some(crate::response::state_item(&p.name, d.as_ref()?)))
+        .collect();
     let rate = route
         .and_then(|r| r.policy_header.clone())
-        .and_then(|policy| {
-            let state: Vec<String> = policies
-                .iter()
-                .zip(&decisions)
-                .filter_map(|(p, d)| {
-                    let d = d.as_ref()?;
-                    Some(format!(
-                        "\"{}\";r={};t={}",
-                        p.name,
-                        d.remaining,
-                        d.reset.as_millis().div_ceil(1000)
-                    ))
-                })
-                .collect();
-            HeaderValue::from_str(&state.join(", "))
-                .ok()
-                .map(|s| (policy, s))
-        });
+        .zip(crate::response::header(&state));
     let mut checked = Checked {
         uid,
         who,
@@ -231,19 +210,12 @@ pub(crate) async fn check(
         cache: None,
         profile: None,
     };
-    let refused = decisions.iter().flatten().filter(|d| !d.allowed);
-    if let Some(wait) = refused.map(|d| d.retry_after).max() {
-        st.host.count(metrics::RATE_LIMITED, 1);
-        let mut r = problem(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-many-requests",
-            "Too many requests; see Retry-After.",
-        );
-        r.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
+    if let Some(wait) = taken.refused() {
+        let mut r = limiter::too_many(st, "Too many requests; see Retry-After.", wait);
         checked.add_headers(&mut r);
         return Err(r);
     }
+    let probed = taken.probed;
     if let Lookup::Profile = lookup {
         checked.profile = probed
             .and_then(|c| c.entry)

@@ -13,10 +13,8 @@
 
 mod cache;
 pub(crate) mod check;
-mod connect;
 mod headers;
 mod invalidate;
-pub(crate) mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,10 +31,10 @@ use crate::metrics;
 use crate::response::{bad_request, problem, Body};
 use crate::state::State;
 
+use crate::upstream::{Route, Routes};
 use check::Lookup;
 use headers::{Forwarding, Identity};
 use invalidate::Written;
-use pool::{Route, Routes};
 
 /// A path that a prefix could be matched against in one way and the
 /// upstream read in another: a dot segment, or an escaped '.', '/' or '\'.
@@ -161,7 +159,7 @@ pub(crate) async fn forward(
     let sent = match written {
         None => {
             let r = tokio::time::timeout(route.cfg.timeout, pool.request(out)).await;
-            r.map(|r| r.map_err(|e| format!("{e:?}")))
+            r.map(|r| r.map_err(|e| cause(&e)))
         }
         // A write on a cached route is sent, and its cached answers ended,
         // by a task of its own: both happen even if the client goes away
@@ -177,7 +175,7 @@ pub(crate) async fn forward(
                         w.invalidate(&st, resp.headers(), uid.as_deref()).await;
                     }
                 }
-                r.map_err(|e| format!("{e:?}"))
+                r.map_err(|e| cause(&e))
             });
             match DETACHED_WRITES.try_acquire() {
                 Ok(permit) => tokio::spawn(async move {
@@ -203,7 +201,17 @@ pub(crate) async fn forward(
                 "The upstream service could not be reached or gave no answer.",
             );
         }
-        Err(_) => return gateway_timeout(st, "The upstream service did not answer in time."),
+        Err(_) => {
+            return gateway_timeout(
+                st,
+                route,
+                &format!(
+                    "no answer within the route's timeout ({:?})",
+                    route.cfg.timeout
+                ),
+                "The upstream service did not answer in time.",
+            )
+        }
     };
     if let Err(cause) = headers::frame_upstream_answer(&mut resp) {
         return bad_gateway(
@@ -354,6 +362,11 @@ async fn fill_cache(
         Err(_) => {
             return gateway_timeout(
                 st,
+                route,
+                &format!(
+                    "the answer did not end within the route's timeout ({:?}) during a cache fill",
+                    route.cfg.timeout
+                ),
                 "The upstream service did not finish its answer in time.",
             )
         }
@@ -371,20 +384,31 @@ async fn fill_cache(
     miss(Response::from_parts(parts, Body::new(bytes)))
 }
 
+/// What went wrong, for the log: the error and each of its sources
+/// ("client error (Connect): Connection refused (os error 111)").
+fn cause(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// 502 for an upstream's own failure (`cause`, for the log), counted.
 fn bad_gateway(st: &State, route: &Route, cause: &str, detail: &str) -> Response<Body> {
-    st.host.count(metrics::UPSTREAM_FAILED, 1);
-    log::debug!(
-        "upstream {} of {}: {cause}",
-        route.cfg.upstream,
-        route.cfg.prefix
-    );
+    route.watch(&st.host).failed(false, &cause);
     problem(StatusCode::BAD_GATEWAY, "bad-gateway", detail)
 }
 
-/// 504 for an upstream that outlasted the route's timeout, counted.
-fn gateway_timeout(st: &State, detail: &str) -> Response<Body> {
-    st.host.count(metrics::UPSTREAM_TIMEOUTS, 1);
+/// 504 for an upstream that outlasted the route's timeout, counted and
+/// logged.
+fn gateway_timeout(st: &State, route: &Route, cause: &str, detail: &str) -> Response<Body> {
+    route.watch(&st.host).failed(true, &cause);
     problem(StatusCode::GATEWAY_TIMEOUT, "gateway-timeout", detail)
 }
 

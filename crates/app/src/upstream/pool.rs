@@ -192,19 +192,10 @@ impl Route {
         let policies: Vec<String> = cfg
             .policies
             .iter()
-            .map(|p| {
-                format!(
-                    "\"{}\";q={};w={}",
-                    p.name,
-                    p.policy.limit,
-                    p.policy.window.as_millis().div_ceil(1000)
-                )
-            })
+            .map(|p| crate::response::policy_item(&p.name, p.policy))
             .collect();
         Route {
-            policy_header: (!policies.is_empty())
-                .then(|| hyper::header::HeaderValue::from_str(&policies.join(", ")).ok())
-                .flatten(),
+            policy_header: crate::response::header(&policies),
             specs: Specs::default(),
             lenient_prefix: lenient(&cfg.prefix),
             cfg: cfg.clone(),
@@ -224,7 +215,9 @@ impl Route {
             .get_or_init(|| {
                 std::sync::Arc::new(crate::body::UpstreamBody {
                     host: host.clone(),
-                    route: format!("{} ({})", self.cfg.prefix, self.cfg.upstream),
+                    prefix: self.cfg.prefix.clone(),
+                    upstream: self.cfg.upstream.to_string(),
+                    warnings: Default::default(),
                 })
             })
             .clone()

@@ -1,0 +1,154 @@
+//! The one rate limiter. Every policy (a route's `[rate_limit.policy]`,
+//! the login limits, `/profile`'s) is taken here: in the one
+//! all-or-nothing Redis call that also checks the session and reads the
+//! cache ([`forkd_store::Store::route_check`]), so a refused request takes
+//! a place in no bucket. While Redis cannot answer,
+//! `rate_limit.on_redis_error` decides the same way for every policy; a
+//! request whose session must be checked is 503 whatever it says. The
+//! `RateLimit`, `RateLimit-Policy` and 429 answers are made here too.
+
+use std::time::Duration;
+
+use forkd_store::{Bucket, CacheLookup, CacheProbe, Decision, Limit, RouteCheck, SessionRef};
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+
+use crate::response::{ceil_secs, problem, Body};
+use crate::state::State;
+use crate::{metrics, OnRedisError};
+
+/// Where a check took its places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    Redis,
+    /// In this worker's memory: Redis did not answer (`local`).
+    Local,
+    /// Nowhere: Redis did not answer (`fail_open`).
+    Nowhere,
+}
+
+/// What one check found.
+pub(crate) struct Taken {
+    /// (user, role) of the session, when one was checked.
+    pub(crate) identity: Option<(String, String)>,
+    /// One per limit, in order; None for one not reached (Redis Cluster
+    /// stops at the first slot's call that refused) or not counted.
+    pub(crate) decisions: Vec<Option<Decision>>,
+    /// What the cache probe found, when it could be read in the call.
+    pub(crate) probed: Option<CacheLookup>,
+    pub(crate) held: Held,
+}
+
+impl Taken {
+    /// The longest wait of the policies that refused, if any did.
+    pub(crate) fn refused(&self) -> Option<Duration> {
+        self.decisions
+            .iter()
+            .flatten()
+            .filter(|d| !d.allowed)
+            .map(|d| d.retry_after)
+            .max()
+    }
+}
+
+/// Checks `session` (when given), takes a place in each of `limits` (all
+/// or none), and reads `probe`: None when the session has ended; Err is
+/// the answer to send instead (503 when Redis cannot answer and the
+/// policies may not go on without it).
+pub(crate) async fn take(
+    st: &State,
+    session: Option<&SessionRef<'_>>,
+    limits: &[Limit],
+    probe: Option<&CacheProbe<'_>>,
+) -> Result<Option<Taken>, Response<Body>> {
+    let e = match st.store.route_check(session, limits, probe).await {
+        Ok(RouteCheck::Unauthenticated) => return Ok(None),
+        Ok(RouteCheck::Checked {
+            identity,
+            decisions,
+            probed,
+        }) => {
+            return Ok(Some(Taken {
+                identity,
+                decisions,
+                probed,
+                held: Held::Redis,
+            }))
+        }
+        Err(e) => e,
+    };
+    if session.is_some() || limits.is_empty() {
+        return Err(st.redis_down(&e));
+    }
+    let held = match st.settings.on_redis_error {
+        OnRedisError::FailClosed => return Err(st.redis_down(&e)),
+        OnRedisError::FailOpen => Held::Nowhere,
+        OnRedisError::Local => Held::Local,
+    };
+    st.redis_error(&e);
+    let decisions = match held {
+        Held::Local => local(st, limits),
+        _ => vec![None; limits.len()],
+    };
+    Ok(Some(Taken {
+        identity: None,
+        decisions,
+        probed: None,
+        held,
+    }))
+}
+
+/// All of `limits` in this worker's memory, with each limit shared out
+/// among the workers; all or none, as in Redis.
+fn local(st: &State, limits: &[Limit]) -> Vec<Option<Decision>> {
+    let workers = st.settings.workers;
+    let decisions: Vec<Option<Decision>> = limits
+        .iter()
+        .map(|l| Some(st.local_limits.check(&local_key(l), l.policy, workers)))
+        .collect();
+    if decisions.iter().flatten().any(|d| !d.allowed) {
+        for (l, d) in limits.iter().zip(&decisions) {
+            if d.is_some_and(|d| d.allowed) {
+                st.local_limits.refund(&local_key(l), l.policy, workers);
+            }
+        }
+    }
+    decisions
+}
+
+fn local_key(l: &Limit) -> String {
+    match &l.bucket {
+        Bucket::Plain { name } | Bucket::Other { name, .. } => format!("{}:{name}", l.policy_name),
+        Bucket::User { scope } => format!("{}:u{scope}", l.policy_name),
+    }
+}
+
+/// Gives back the places `taken` holds in `limits` (a right password's),
+/// where they were taken.
+pub(crate) async fn give_back(st: &State, limits: &[Limit], taken: &Taken, uid: Option<&str>) {
+    match taken.held {
+        Held::Nowhere => {}
+        Held::Local => {
+            for l in limits {
+                st.local_limits
+                    .refund(&local_key(l), l.policy, st.settings.workers);
+            }
+        }
+        Held::Redis => {
+            if let Err(e) = st.store.refund_limits(limits, uid).await {
+                if let Some(held) = st.redis_warnings.pass() {
+                    log::warn!("cannot give back rate-limit places: {e} ({held} more held back)");
+                }
+            }
+        }
+    }
+}
+
+/// The 429 for a refusal: `Retry-After` the longest wait; counted.
+pub(crate) fn too_many(st: &State, detail: &str, wait: Duration) -> Response<Body> {
+    st.host.count(metrics::RATE_LIMITED, 1);
+    let mut r = problem(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail);
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
+    r
+}
