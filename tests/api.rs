@@ -200,12 +200,17 @@ fn profile_cache_misses_then_hits_and_50_misses_make_one_origin_call(redis: &imp
     assert_eq!(second.header("x-cache"), Some("hit"));
     assert_eq!(second.body, first.body);
     assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
-    // The cache entry has a TTL of at most 300 s (less by up to 10 % jitter).
+    // The cache entry (the /profile route's, in the user's cache) has a
+    // TTL of at most 300 s (less by up to 10 % jitter).
     let uid = &t[..12];
-    let ttl: i64 = redis.raw(&["PTTL", &format!("forkd:{{{uid}}}:profile")])[0]
-        .trim()
-        .parse()
-        .unwrap();
+    let mine = format!("forkd:{{{uid}}}:cache:/profile#");
+    let keys: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&mine))
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let ttl: i64 = redis.raw(&["PTTL", &keys[0]])[0].trim().parse().unwrap();
     assert!((269_000..=300_000).contains(&ttl), "{ttl}");
 
     // 50 concurrent misses for another user: one origin call in all.
@@ -322,6 +327,10 @@ fn password_change_revoke_and_delete_end_every_session(redis: &impl Backend) {
     assert_eq!(login(f.port, "frank", PW).status, 401);
     let c = token(f.port, "frank", "new-secret");
     let d = token(f.port, "frank", "new-secret");
+    // The profile cached before the change was dropped with it.
+    let r = profile(f.port, &c).unwrap();
+    assert_eq!(r.header("x-cache"), Some("miss"), "{r:?}");
+    assert_eq!(profile(f.port, &c).unwrap().header("x-cache"), Some("hit"));
 
     let out = f.cli(&["user", "revoke", "frank"]);
     assert!(out.status.success());
@@ -391,6 +400,7 @@ fn redis_never_holds_a_token(redis: &impl Backend) {
             "hash" => redis.raw(&["HGETALL", key]),
             "string" => redis.raw(&["GET", key]),
             "zset" => redis.raw(&["ZRANGE", key, "0", "-1"]),
+            "set" => redis.raw(&["SMEMBERS", key]),
             other => panic!("unexpected key type {other} for {key}"),
         };
         for s in &secrets {

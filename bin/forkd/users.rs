@@ -73,7 +73,7 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                 // on; then they are removed.
                 let uid = store.set_password(&name, &phc).await?;
                 let n = store.remove_sessions(&uid).await?;
-                store.forget_profile(&uid).await?;
+                store.forget_cached(&uid).await?;
                 println!("password of '{name}' changed; {n} session(s) ended");
             }
             UserCommand::Del { name } => {

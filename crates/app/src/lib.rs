@@ -11,10 +11,11 @@
 //! - `auth`: login (limits, verify, session), logout, bearer tokens.
 //! - `cookie`: the session cookie and its CSRF check.
 //! - [`buckets`]: whose rate-limit bucket a request counts in.
-//! - `profile`: `/profile`, its cache fill and rate-limit headers.
+//! - `profile`: the responder behind the `/profile` route (the user
+//!   record, or `profile.origin` through the route's pooled client).
 //! - `health`: `/healthz`, `/readyz`, `/metrics`.
 //! - `client`: the client address (X-Forwarded-For through trusted proxies).
-//! - `origin`: the HTTP profile backend.
+//! - `origin`: the HTTP profile origin.
 //! - `proxy`: `[[route]]`s forwarded to upstream services.
 //! - `upstream`: each route's settings and pooled clients, and the
 //!   connector (TCP or unix socket); below the request path, it knows

@@ -8,15 +8,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, REFERER, USER_AGENT};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, REFERER, USER_AGENT};
 use hyper::{Method, Request, Response, Version};
 
 use crate::access::{Line, LoggedUser};
 use crate::request_id::X_REQUEST_ID;
 
-use crate::response::{method_not_allowed, not_found, Body};
+use crate::response::{method_not_allowed, not_found, with_header, Body};
 use crate::state::State;
-use crate::{auth, health, profile, proxy};
+use crate::{auth, health, proxy};
 
 pub(crate) async fn handle(
     req: Request<Incoming>,
@@ -178,7 +178,12 @@ async fn route(
         "/login" if post => auth::login(req, st, peer).await,
         "/logout" if post => auth::logout(req, st).await,
         "/login" | "/logout" => method_not_allowed("POST"),
-        "/profile" if get => profile::profile(req, st, peer).await,
+        // Every answer is the user's alone, never for a cache on the way.
+        "/profile" if get => with_header(
+            proxy::forward(req, st, &st.routes, &st.routes.profile, peer, id).await,
+            CACHE_CONTROL,
+            HeaderValue::from_static("private, no-store"),
+        ),
         "/profile" => method_not_allowed("GET"),
         path if !path.is_empty() && path == st.settings.proxy.forward_auth_path => {
             if read {

@@ -99,7 +99,7 @@ impl Store {
         )
     }
 
-    fn cache_index(&self) -> String {
+    pub(crate) fn cache_index(&self) -> String {
         format!("{}{{cacheindex}}:entries", self.prefix)
     }
 
@@ -187,6 +187,30 @@ impl Store {
     pub async fn cache_unlock(&self, url: &CacheUrl, variant: &str, owner: &str) -> Result<()> {
         let [_, _, lock] = self.cache_keys(url, variant);
         self.unlock(lock, owner).await
+    }
+
+    /// Takes a single-flight lock (`SET NX PX`) for `owner`.
+    async fn lock(&self, key: String, owner: &str, ttl: Duration) -> Result<bool> {
+        self.ready()?;
+        let set: Option<String> = self
+            .client
+            .set(
+                key,
+                owner,
+                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases a lock only if `owner` still holds it.
+    async fn unlock(&self, key: String, owner: &str) -> Result<()> {
+        let _: i64 = self
+            .run(scripts::unlock(), vec![key], vec![owner.into()])
+            .await?;
+        Ok(())
     }
 
     /// Deletes every cached entry whose path starts with `prefix`, in

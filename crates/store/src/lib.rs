@@ -36,7 +36,6 @@
 
 mod cache;
 mod connection;
-mod profile;
 mod routes;
 mod scripts;
 mod sessions;
@@ -198,12 +197,6 @@ impl Store {
     }
     fn index_key(&self, uid: &str) -> String {
         self.tagged(uid, "sessions")
-    }
-    fn profile_key(&self, uid: &str) -> String {
-        self.tagged(uid, "profile")
-    }
-    fn lock_key(&self, uid: &str) -> String {
-        self.tagged(uid, "profile:lock")
     }
     fn epoch_key(&self, uid: &str) -> String {
         self.tagged(uid, "epoch")

@@ -58,8 +58,6 @@ pub enum RouteCheck {
 pub enum CacheProbe<'a> {
     /// A route's entry of one variant, with its URL's spec.
     Entry { url: &'a CacheUrl, variant: &'a str },
-    /// The session's user's cached profile (as `entry`, no spec).
-    Profile,
 }
 
 /// A session to check: the token's (uid, hash), and the idle timeout.
@@ -210,11 +208,8 @@ impl Store {
         let key = |l: &Limit| self.bucket_key(&l.policy_name, &l.bucket, session.map(|s| s.uid));
         let calls = self.slot_groups(limits, session.is_some());
         let clustered = self.client.client_config().server.is_clustered();
-        let probe = probe.filter(|p| match p {
-            CacheProbe::Entry { url, .. } => {
-                !clustered || session.is_some_and(|s| url.in_slot_of(s.uid))
-            }
-            CacheProbe::Profile => session.is_some(),
+        let probe = probe.filter(|CacheProbe::Entry { url, .. }| {
+            !clustered || session.is_some_and(|s| url.in_slot_of(s.uid))
         });
         let mut identity = None;
         let mut probed = None;
@@ -248,17 +243,13 @@ impl Store {
                 args.push((limits[i].policy.window.as_millis() as i64).into());
             }
             let limit_keys = keys[first_limit..].to_vec();
-            match (probing, session) {
-                (Some(CacheProbe::Entry { url, variant }), _) => {
+            match probing {
+                Some(CacheProbe::Entry { url, variant }) => {
                     let [spec, entry, _] = self.cache_keys(url, variant);
                     keys.extend([spec, entry]);
                     args.push(2i64.into());
                 }
-                (Some(CacheProbe::Profile), Some(s)) => {
-                    keys.push(self.profile_key(s.uid));
-                    args.push(1i64.into());
-                }
-                _ => args.push(0i64.into()),
+                None => args.push(0i64.into()),
             }
             let reply: Vec<Value> = self.run(scripts::route_check(), keys, args).await?;
             let int = |i: usize| reply.get(i).and_then(Value::as_i64).unwrap_or(0);
@@ -295,13 +286,9 @@ impl Store {
                 members.iter().map(|&i| limits[i].policy).collect(),
             ));
             let rest = &reply[(3 + 4 * members.len()).min(reply.len())..];
-            probed = match probing {
-                Some(CacheProbe::Entry { .. }) => Some(CacheLookup::from_reply(rest)),
-                Some(CacheProbe::Profile) => {
-                    Some(CacheLookup::from_reply(&[&[Value::Null], rest].concat()))
-                }
-                None => probed,
-            };
+            if probing.is_some() {
+                probed = Some(CacheLookup::from_reply(rest));
+            }
         }
         Ok(RouteCheck::Checked {
             identity,

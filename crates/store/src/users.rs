@@ -177,10 +177,8 @@ impl Store {
             .await?;
         let _: i64 = self.client.del(self.user_key(name)).await?;
         self.remove_sessions(&uid).await?;
-        let _: i64 = self
-            .client
-            .del(vec![self.profile_key(&uid), self.index_key(&uid)])
-            .await?;
+        let _: i64 = self.client.del(self.index_key(&uid)).await?;
+        self.forget_cached(&uid).await?;
         Ok(())
     }
 
@@ -192,8 +190,42 @@ impl Store {
         self.ready()?;
         let pattern = format!("{}user:*", escape_glob(&self.prefix));
         let strip = self.user_key("");
-        // Every primary of a cluster holds some of the users.
-        let keys: Vec<fred::types::Key> = if self.client.is_clustered() {
+        let mut names: Vec<String> = self
+            .scan(pattern)
+            .await?
+            .iter()
+            .filter_map(|k| k.as_str()?.strip_prefix(&strip).map(str::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// Drops everything the response cache holds of user `uid` (their
+    /// `/profile` and their entries of every route, with the specs, sets
+    /// and locks beside them): after a password change or a deletion,
+    /// nothing made for the old user is served. A SCAN of the keyspace
+    /// for the user's tag, as `forkd user list` scans for users.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn forget_cached(&self, uid: &str) -> Result<usize> {
+        self.ready()?;
+        let tagged = self.tagged(uid, "cache");
+        let keys = self.scan(format!("{}*", escape_glob(&tagged))).await?;
+        let index = self.cache_index();
+        let mut dropped = 0;
+        for key in keys {
+            let n: i64 = self.client.del(&key).await?;
+            let _: i64 = self.client.zrem(&index, key).await?;
+            dropped += usize::from(n > 0);
+        }
+        Ok(dropped)
+    }
+
+    /// The keys `pattern` matches (on every primary of a cluster).
+    async fn scan(&self, pattern: String) -> Result<Vec<fred::types::Key>> {
+        Ok(if self.client.is_clustered() {
             self.client
                 .scan_cluster_buffered(pattern, Some(500), None)
                 .try_collect()
@@ -203,14 +235,7 @@ impl Store {
                 .scan_buffered(pattern, Some(500), None)
                 .try_collect()
                 .await?
-        };
-        let mut names: Vec<String> = keys
-            .iter()
-            .filter_map(|k| k.as_str()?.strip_prefix(&strip).map(str::to_owned))
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        })
     }
 }
 

@@ -141,6 +141,15 @@ pub(crate) async fn resolve(
     Ok(Err(place))
 }
 
+/// `ttl` less up to 10 %, so that entries made together do not expire
+/// together.
+pub(crate) fn jittered(ttl: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    let fraction = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX) * 0.1;
+    ttl.mul_f64(1.0 - fraction)
+}
+
 /// How long the upstream's answer may be kept, and the headers it varies
 /// on; None when it may not be stored: not a 200, `no-store`, `no-cache`,
 /// `private` in a shared cache, no `max-age` (`s-maxage` first in a shared

@@ -58,19 +58,6 @@ pub(crate) struct Checked {
     /// place to fill, read in the same call as the session and limits
     /// where it can be.
     pub(crate) cache: Option<Result<Response<Body>, Place>>,
-    /// When the profile was asked: the cached one, if any.
-    pub(crate) profile: Option<String>,
-}
-
-/// What a check reads of the cache in the same call.
-#[derive(Clone, Copy)]
-pub(crate) enum Lookup<'a> {
-    Nothing,
-    /// The route's cache, with the specs this worker knows: for a GET that
-    /// it may answer.
-    Route(&'a Specs),
-    /// The session's user's cached profile.
-    Profile,
 }
 
 impl Checked {
@@ -101,12 +88,8 @@ pub(crate) async fn check(
     st: &State,
     route: Option<&Route>,
     peer: SocketAddr,
-    lookup: Lookup<'_>,
+    cache: Option<&Specs>,
 ) -> Result<Checked, Response<Body>> {
-    let cache = match lookup {
-        Lookup::Route(specs) => Some(specs),
-        _ => None,
-    };
     let auth = route.map_or(RouteAuth::Required, |r| r.cfg.auth);
     let policies = route.map_or(&[][..], |r| &r.cfg.policies[..]);
     let anonymous = !has_credentials(req.headers(), st);
@@ -178,14 +161,10 @@ pub(crate) async fn check(
         token_hash: hash,
         idle: st.settings.auth.session_idle,
     });
-    let probe = match (&place, lookup) {
-        (Some(p), _) => Some(CacheProbe::Entry {
-            url: &p.url,
-            variant: &p.variant,
-        }),
-        (None, Lookup::Profile) => Some(CacheProbe::Profile),
-        _ => None,
-    };
+    let probe = place.as_ref().map(|p| CacheProbe::Entry {
+        url: &p.url,
+        variant: &p.variant,
+    });
     let Some(taken) = limiter::take(st, session.as_ref(), &limits, probe.as_ref()).await? else {
         return Err(crate::auth::invalid_token());
     };
@@ -208,7 +187,6 @@ pub(crate) async fn check(
         who,
         rate,
         cache: None,
-        profile: None,
     };
     if let Some(wait) = taken.refused() {
         let mut r = limiter::too_many(st, "Too many requests; see Retry-After.", wait);
@@ -216,12 +194,6 @@ pub(crate) async fn check(
         return Err(r);
     }
     let probed = taken.probed;
-    if let Lookup::Profile = lookup {
-        checked.profile = probed
-            .and_then(|c| c.entry)
-            .map(|(json, _)| String::from_utf8_lossy(&json).into_owned());
-        return Ok(checked);
-    }
     // Read in the same call, or (on Redis Cluster, a shared entry) now.
     checked.cache = match (place, cache, probed) {
         (Some(p), Some(specs), Some(found)) => {

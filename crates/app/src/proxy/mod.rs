@@ -13,12 +13,12 @@
 
 mod cache;
 pub(crate) mod check;
+mod fill;
 mod headers;
 mod invalidate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue};
@@ -32,7 +32,7 @@ use crate::response::{bad_request, problem, Body};
 use crate::state::State;
 
 use crate::upstream::{Route, Routes};
-use check::Lookup;
+use fill::{builtin, fill_cache, from_cache};
 use headers::{Forwarding, Identity};
 use invalidate::Written;
 
@@ -65,9 +65,9 @@ pub(crate) async fn forward(
     let method = req.method().clone();
     let upgrade = headers::wants_upgrade(req.headers());
     let lookup = if route.cfg.cache.is_some() && method == hyper::Method::GET && !upgrade {
-        Lookup::Route(&route.specs)
+        Some(&route.specs)
     } else {
-        Lookup::Nothing
+        None
     };
     let mut checked = match check::check(&req, &method, st, Some(route), peer, lookup).await {
         Ok(c) => c,
@@ -79,11 +79,30 @@ pub(crate) async fn forward(
     let cacheable = first.is_some();
     let mut filling = None;
     if let Some(first) = first {
+        let counted = |hit| {
+            if route.builtin.is_some() {
+                let k = if hit {
+                    metrics::CACHE_HITS
+                } else {
+                    metrics::CACHE_MISSES
+                };
+                st.host.count(k, 1);
+            }
+        };
         match from_cache(st, route, &checked, &req, first).await {
-            Ok(Ok(hit)) => return hit,
-            Ok(Err(fill)) => filling = fill,
+            Ok(Ok(hit)) => {
+                counted(true);
+                return hit;
+            }
+            Ok(Err(fill)) => {
+                counted(false);
+                filling = fill;
+            }
             Err(r) => return r,
         }
+    }
+    if route.builtin.is_some() {
+        return builtin(st, route, &checked, req.headers(), cacheable, filling).await;
     }
     let who = &checked.who;
     // A writing method's target, whose cached answers a success ends.
@@ -238,15 +257,9 @@ pub(crate) async fn forward(
     headers::strip_hop_by_hop(&mut parts.headers, switching && upgrade);
     let mut r = match (filling, request_headers) {
         (Some(fill), Some(h)) => {
-            let r = fill_cache(st, route, &fill, &h, parts, body).await;
-            if let Err(e) = st
-                .store
-                .cache_unlock(&fill.0.url, &fill.0.variant, &fill.1)
-                .await
-            {
-                log::debug!("cannot release a cache lock: {e}");
-            }
-            r
+            let watch = route.watch(&st.host);
+            let stream = move |b| Body::Stream(b, watch, None);
+            fill_cache(st, route, &fill, &h, parts, body, stream).await
         }
         _ => {
             let mut r = Response::from_parts(
@@ -265,123 +278,6 @@ pub(crate) async fn forward(
     }
     checked.add_headers(&mut r);
     r
-}
-
-/// A cached answer, or the place to fill (with the lock's owner) when this
-/// request took the single-flight lock; `Ok(Err(None))` for a miss that
-/// another request is filling and that did not arrive in time. `first` is
-/// what the check's lookup found.
-async fn from_cache(
-    st: &State,
-    route: &Route,
-    checked: &check::Checked,
-    req: &Request<Incoming>,
-    first: Result<Response<Body>, cache::Place>,
-) -> Result<Result<Response<Body>, Option<(cache::Place, String)>>, Response<Body>> {
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uid = checked.uid.as_deref();
-    let hit = |mut r: Response<Body>| {
-        checked.add_headers(&mut r);
-        if let Some([user, ..]) = &checked.who {
-            r.extensions_mut().insert(LoggedUser(user.clone()));
-        }
-        r
-    };
-    let place = match first {
-        Ok(r) => return Ok(Ok(hit(r))),
-        Err(p) => p,
-    };
-    let owner = crate::secrets::nonce();
-    // The fill may take `timeout` for the answer's head and as long again
-    // for its body (fill_cache); the lock is released when it ends.
-    let lock_ttl = route.cfg.timeout * 2 + Duration::from_secs(1);
-    let wait_until = tokio::time::Instant::now() + route.cfg.timeout.min(Duration::from_secs(3));
-    match st
-        .store
-        .cache_lock(&place.url, &place.variant, &owner, lock_ttl)
-        .await
-    {
-        Ok(true) => return Ok(Err(Some((place, owner)))),
-        Ok(false) => {}
-        Err(e) => return Err(st.redis_down(&e)),
-    }
-    // Another request is asking the upstream: wait (bounded) for its
-    // answer, then ask the upstream ourselves.
-    while tokio::time::Instant::now() < wait_until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Ok(r) = cache::lookup(st, &route.specs, uid, target, req.headers()).await? {
-            return Ok(Ok(hit(r)));
-        }
-    }
-    Ok(Err(None))
-}
-
-/// The upstream's answer to a request that took the cache lock: stored
-/// when it may be and fits, and answered either way (`x-cache: miss`).
-async fn fill_cache(
-    st: &State,
-    route: &Route,
-    fill: &(cache::Place, String),
-    request_headers: &hyper::HeaderMap,
-    parts: hyper::http::response::Parts,
-    body: Incoming,
-) -> Response<Body> {
-    let limits = route.cfg.cache.expect("a cached route");
-    let miss = |mut r: Response<Body>| {
-        r.headers_mut()
-            .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
-        r
-    };
-    let length = parts
-        .headers
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let keep = cache::storable(parts.status, &parts.headers, fill.0.shared, limits.max_ttl)
-        .filter(|_| length.is_some_and(|n| n <= limits.max_bytes));
-    let Some((ttl, spec)) = keep else {
-        return miss(Response::from_parts(
-            parts,
-            Body::Stream(body, route.watch(&st.host), None),
-        ));
-    };
-    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(
-        body,
-        limits.max_bytes as usize,
-    ));
-    let bytes = match tokio::time::timeout(route.cfg.timeout, read).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) => {
-            return bad_gateway(
-                st,
-                route,
-                &format!("the answer broke off during a cache fill: {e}"),
-                "The upstream service broke off its answer.",
-            );
-        }
-        Err(_) => {
-            return gateway_timeout(
-                st,
-                route,
-                &format!(
-                    "the answer did not end within the route's timeout ({:?}) during a cache fill",
-                    route.cfg.timeout
-                ),
-                "The upstream service did not finish its answer in time.",
-            )
-        }
-    };
-    cache::store(
-        st,
-        &route.specs,
-        &fill.0,
-        &spec,
-        request_headers,
-        (&parts.status, &parts.headers, &bytes),
-        ttl,
-    )
-    .await;
-    miss(Response::from_parts(parts, Body::new(bytes)))
 }
 
 /// What went wrong, for the log: the error and each of its sources
@@ -514,7 +410,7 @@ pub(crate) async fn forward_auth(
     if let Some(host) = host.cloned() {
         req.headers_mut().insert(hyper::header::HOST, host);
     }
-    let checked = match check::check(&req, &method, st, route, peer, Lookup::Nothing).await {
+    let checked = match check::check(&req, &method, st, route, peer, None).await {
         Ok(c) => c,
         Err(r) => return r,
     };

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use hyper::header::HeaderName;
 use hyper_util::client::legacy::Client;
@@ -11,11 +12,14 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::connect::Connector;
 use crate::body::Body;
 use crate::{
-    PolicyBucket, ProfileSettings, ProxySettings, RouteAuth, RoutePolicy, RouteSettings,
-    UpstreamAddr,
+    PolicyBucket, ProfileSettings, ProxySettings, RouteAuth, RouteCache, RoutePolicy,
+    RouteSettings, UpstreamAddr,
 };
 
 pub(crate) type Pool = Client<Connector, Body>;
+
+/// The largest profile kept (an origin's answer is at most 64 KiB).
+const PROFILE_MAX_BYTES: u64 = 64 * 1024;
 
 /// One route of this worker, with its clients.
 pub(crate) struct Route {
@@ -35,6 +39,18 @@ pub(crate) struct Route {
     lenient_prefix: String,
     /// Who counts an answer's body that breaks off (made on first use).
     watch: std::sync::OnceLock<std::sync::Arc<crate::body::UpstreamBody>>,
+    /// The answer comes from forkd itself, not from the upstream.
+    pub(crate) builtin: Option<Builtin>,
+    /// The cache fill's single-flight lock: how long its holder keeps it,
+    /// and how long the others wait for the answer.
+    pub(crate) fill_lock: (Duration, Duration),
+}
+
+/// A route whose upstream is a responder of forkd's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Builtin {
+    /// `GET /profile` (`crate::profile`).
+    Profile,
 }
 
 /// Every route of this worker, longest prefix first.
@@ -56,6 +72,7 @@ impl Routes {
     ) -> Self {
         let mut routes: Vec<Route> = routes.iter().map(|r| Route::new(r, proxy)).collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));
+        let settings = profile;
         let profile = RouteSettings {
             prefix: "/profile".into(),
             upstream: profile
@@ -72,11 +89,19 @@ impl Routes {
                 policy: profile.limit,
                 key: PolicyBucket::User,
             }],
-            cache: None,
+            cache: Some(RouteCache {
+                max_ttl: profile.cache_ttl,
+                max_bytes: PROFILE_MAX_BYTES,
+            }),
+        };
+        let profile = Route {
+            builtin: Some(Builtin::Profile),
+            fill_lock: (settings.lock_timeout, settings.lock_wait),
+            ..Route::new(&profile, proxy)
         };
         Routes {
             routes,
-            profile: Route::new(&profile, proxy),
+            profile,
             names: [
                 proxy.user_header.clone(),
                 proxy.role_header.clone(),
@@ -203,6 +228,13 @@ impl Route {
             retrying: pool(true),
             once: pool(false),
             watch: std::sync::OnceLock::new(),
+            builtin: None,
+            // The fill may take `timeout` for the answer's head and as
+            // long again for its body; the lock is released when it ends.
+            fill_lock: (
+                cfg.timeout * 2 + Duration::from_secs(1),
+                cfg.timeout.min(Duration::from_secs(3)),
+            ),
         }
     }
 
