@@ -287,3 +287,68 @@ fn an_authenticated_cache_hit_costs_one_redis_round_trip() {
     );
     assert!(sent[0].to_lowercase().contains("evalsha"), "{sent:?}");
 }
+
+/// Requests are counted per route (each configured route under its
+/// prefix, with its cache's hits and misses), and the counts survive a
+/// reload; a reload that changes the routes starts their series again, so
+/// that no count carries over to another route.
+#[test]
+fn requests_and_cache_answers_are_counted_per_route() {
+    let api = Upstream::tcp();
+    let config = |first: &str, second: &str| {
+        format!(
+            "workers = 2\n\
+             [[route]]\nprefix = \"{first}\"\nupstream = \"{u}\"\nauth = \"none\"\ncache = true\n\
+             [[route]]\nprefix = \"{second}\"\nupstream = \"{u}\"\nauth = \"none\"\n",
+            u = api.url()
+        )
+    };
+    let f = Forkd::start(&config("/api", "/web"));
+    let cached = "/api/x?cc=max-age%3D60";
+    let x_cache: Vec<String> = (0..3)
+        .map(|_| {
+            let r = get(f.port, cached).unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            r.header("x-cache").unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(x_cache, ["miss", "hit", "hit"]);
+    for _ in 0..4 {
+        assert_eq!(get(f.port, "/web/y").unwrap().status, 200);
+    }
+    assert_eq!(get(f.port, "/nope").unwrap().status, 404);
+    let m = scrape(f.port);
+    let n = |key: &str| m.get(key).copied().unwrap_or(-1.0);
+    assert_eq!(n("forkd_http_requests_total{route=/api,status=2xx}"), 3.0);
+    assert_eq!(n("forkd_http_requests_total{route=/web,status=2xx}"), 4.0);
+    assert_eq!(n("forkd_http_requests_total{route=other,status=4xx}"), 1.0);
+    assert_eq!(n("forkd_cache_hits_total{route=/api}"), 2.0);
+    assert_eq!(n("forkd_cache_misses_total{route=/api}"), 1.0);
+    assert_eq!(n("forkd_cache_hits_total{route=profile}"), 0.0);
+    assert!(
+        !m.contains_key("forkd_cache_hits_total{route=/web}"),
+        "{m:?}"
+    );
+
+    // The same routes: the counts go on across the reload.
+    let reload = |text: String| {
+        f.rewrite_config(&text);
+        let out = f.cli(&["reload"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    reload(config("/api", "/web"));
+    assert_eq!(
+        scrape(f.port)["forkd_http_requests_total{route=/api,status=2xx}"],
+        3.0
+    );
+    // Other routes: their series start again.
+    reload(config("/web", "/api"));
+    assert_eq!(get(f.port, "/api/z").unwrap().status, 200);
+    let m = scrape(f.port);
+    assert_eq!(m["forkd_http_requests_total{route=/api,status=2xx}"], 1.0);
+    assert_eq!(m["forkd_http_requests_total{route=/web,status=2xx}"], 0.0);
+}

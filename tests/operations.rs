@@ -292,6 +292,17 @@ fn json_access_log_has_every_request_once_with_its_id_and_no_secret() {
         assert!(mine[0]["pid"].as_u64().is_some() && mine[0]["slot"].as_u64().is_some());
         if mine[0]["path"] == "/profile" {
             assert_eq!(mine[0]["user"], "carol");
+            assert_eq!(mine[0]["route"], "profile");
+            // Built from the user record: no upstream address.
+            assert_eq!(mine[0]["upstream"], Value::Null);
+        }
+        if mine[0]["path"] == "/healthz" {
+            assert_eq!(mine[0]["route"], "healthz");
+            assert_eq!(mine[0]["upstream_status"], Value::Null);
+            assert_eq!(mine[0]["upstream_ms"], Value::Null);
+        }
+        if mine[0]["path"] == "/nope" {
+            assert_eq!(mine[0]["route"], "other");
         }
     }
     let login_line = parsed.iter().find(|v| v["path"] == "/login").unwrap();
@@ -338,6 +349,53 @@ fn combined_access_log_to_stdout() {
     assert!(line.contains("] \"GET /healthz HTTP/1.1\" 200 "), "{line}");
     assert!(line.contains("\"probe \\x22x\\x22\" rt="), "{line}");
     assert!(line.contains(&format!(" pid={} ", r.pid())), "{line}");
+}
+
+/// A proxied request's line names its route, the upstream, the upstream's
+/// status and time (nginx's `$upstream_*`); `-` where there is none.
+#[test]
+fn access_lines_name_the_route_and_what_its_upstream_did() {
+    let api = Upstream::tcp();
+    let closed = free_port();
+    let f = Forkd::start(&format!(
+        "workers = 1\naccess_log = \"combined\"\n\
+         [[route]]\nprefix = \"/api\"\nupstream = \"{}\"\nauth = \"none\"\n\
+         [[route]]\nprefix = \"/down\"\nupstream = \"http://127.0.0.1:{closed}\"\nauth = \"none\"\n",
+        api.url()
+    ));
+    assert_eq!(get_with_id(f.port, "/api/x", "up-1", None).status, 200);
+    assert_eq!(get_with_id(f.port, "/down/x", "up-2", None).status, 502);
+    assert_eq!(get_with_id(f.port, "/healthz", "up-3", None).status, 200);
+    let line = |id: &str| {
+        poll(PATIENCE, || {
+            f.log_text()
+                .lines()
+                .find(|l| l.contains(&format!("rid={id} ")))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no line of {id}: {}", f.log_text()))
+    };
+    // The upstream's time: seconds, as `rt=`.
+    let urt = |l: &str| -> f64 {
+        let v = l.rsplit_once(" urt=").map_or("", |(_, v)| v);
+        v.parse().unwrap_or_else(|_| panic!("urt of {l}"))
+    };
+    let ok = line("up-1");
+    assert!(
+        ok.contains(&format!(" route=/api ua={} us=200 urt=", api.url())),
+        "{ok}"
+    );
+    assert!(urt(&ok) >= 0.0, "{ok}");
+    let down = line("up-2");
+    assert!(
+        down.contains(&format!(
+            " route=/down ua=http://127.0.0.1:{closed} us=- urt="
+        )),
+        "{down}"
+    );
+    assert!(urt(&down) >= 0.0, "{down}");
+    let own = line("up-3");
+    assert!(own.ends_with(" route=healthz ua=- us=- urt=-"), "{own}");
 }
 
 /// An origin that accepts connections and never answers.

@@ -444,12 +444,6 @@ fn an_upgrade_is_tunnelled_both_ways() {
         .unwrap_or_else(|| panic!("open connections: {:?}", open()));
 }
 
-fn rewrite(f: &Forkd, extra: &str) {
-    let old = std::fs::read_to_string(&f.config).unwrap();
-    let head: Vec<&str> = old.lines().take(2).collect();
-    std::fs::write(&f.config, format!("{}\n{extra}\n", head.join("\n"))).unwrap();
-}
-
 #[test]
 fn a_reload_changes_routes_under_load_with_zero_failures() {
     let (one_up, two_up) = (Upstream::tcp(), Upstream::tcp());
@@ -463,14 +457,11 @@ fn a_reload_changes_routes_under_load_with_zero_failures() {
     assert_eq!(get(f.port, "/b/x").unwrap().status, 404);
     let load = Load::start(f.port, 4, "/a/x");
     wait_served(&f, 50);
-    rewrite(
-        &f,
-        &format!(
-            "workers = 2\n{}{}",
-            route("/a", &two_up),
-            route("/b", &two_up)
-        ),
-    );
+    f.rewrite_config(&format!(
+        "workers = 2\n{}{}",
+        route("/a", &two_up),
+        route("/b", &two_up)
+    ));
     let out = f.cli(&["reload"]);
     assert!(
         out.status.success(),
@@ -493,8 +484,7 @@ fn a_reload_changes_routes_under_load_with_zero_failures() {
     assert_eq!(get(f.port, "/b/x").unwrap().status, 200);
 
     // A bad route is refused by the reload; the old routes keep serving.
-    rewrite(
-        &f,
+    f.rewrite_config(
         "workers = 2\n[[route]]\nprefix = \"/profile\"\nupstream = \"http://127.0.0.1:1\"\n",
     );
     let out = f.cli(&["reload"]);

@@ -137,6 +137,9 @@ pub(crate) fn supervisor_settings(c: &Config, tls: Option<&forkd_app::Identity>)
                 })
                 .into_iter()
                 .collect(),
+            // The workers count per route, by the route's place in the
+            // configuration (forkd_app's metrics).
+            more_counters_of: c.route.iter().map(|r| r.prefix.clone()).collect(),
         },
     }
 }

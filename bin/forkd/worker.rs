@@ -174,4 +174,6 @@ impl forkd_app::Host for CellHost {
 }
 
 const _: () = assert!(forkd_app::COUNTERS_USED <= forkd_supervisor::COUNTERS);
+const _: () = assert!(forkd_app::MORE_COUNTERS_AT == forkd_supervisor::COUNTERS);
+const _: () = assert!(forkd_app::MORE_COUNTERS_USED <= forkd_supervisor::MORE_COUNTERS);
 const _: () = assert!(forkd_config::MAX_WORKERS == forkd_supervisor::MAX_WORKERS);

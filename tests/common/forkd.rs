@@ -42,6 +42,14 @@ impl Forkd {
         }
     }
 
+    /// Writes `extra` as the configuration after the listener and the
+    /// runtime directory `configure` wrote (for a reload).
+    pub fn rewrite_config(&self, extra: &str) {
+        let old = std::fs::read_to_string(&self.config).unwrap();
+        let head: Vec<&str> = old.lines().take(2).collect();
+        std::fs::write(&self.config, format!("{}\n{extra}\n", head.join("\n"))).unwrap();
+    }
+
     /// Starts forkd against `redis` with `extra` config.
     pub fn start_with_redis(redis: &impl Backend, extra: &str) -> Forkd {
         let mut f = Forkd::configure(extra);

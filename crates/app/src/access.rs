@@ -47,6 +47,13 @@ pub(crate) struct Line<'a> {
     pub user: Option<&'a str>,
     pub referer: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// The route that answered: a built-in's name or a route's prefix.
+    pub route: &'a str,
+    /// The route's upstream, when it has one.
+    pub upstream: Option<&'a str>,
+    /// When the upstream was asked: its status (None: no answer), and how
+    /// long it took.
+    pub upstream_answer: Option<(Option<u16>, Duration)>,
 }
 
 /// Lines waiting for the writer thread beyond this are dropped.
@@ -62,6 +69,19 @@ const PIPE_CHUNK: usize = 4096;
 /// the access log (extensions are never sent).
 #[derive(Debug, Clone)]
 pub(crate) struct LoggedUser(pub String);
+
+/// Which route answered and what its upstream did, put in the response's
+/// extensions by the proxy for the metrics and the access log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Routed {
+    /// What `/metrics` counts it under.
+    pub(crate) label: usize,
+    /// The route's place in the configuration (None for `/profile`).
+    pub(crate) index: Option<usize>,
+    /// When the upstream (or built-in responder) was asked: its status,
+    /// None when it gave no answer, and how long it took.
+    pub(crate) upstream: Option<(Option<u16>, Duration)>,
+}
 
 #[derive(Default)]
 struct Pending {
@@ -244,7 +264,9 @@ fn write_all(sink: &mut Sink, buf: &[u8]) -> std::io::Result<()> {
 }
 
 /// `client - user [time] "METHOD path VERSION" status bytes "referer"
-/// "agent" rt=SECONDS slot=N pid=N rid=ID`.
+/// "agent" rt=SECONDS slot=N pid=N rid=ID route=ROUTE ua=UPSTREAM
+/// us=STATUS urt=SECONDS` (nginx's `$upstream_addr`, `$upstream_status`
+/// and `$upstream_response_time`; `-` where there is none).
 fn combined(out: &mut String, l: &Line<'_>) {
     let _ = write!(out, "{} - ", l.client);
     quoted_or_dash(out, l.user, false);
@@ -257,24 +279,39 @@ fn combined(out: &mut String, l: &Line<'_>) {
     out.push(' ');
     out.push_str(l.version);
     let _ = write!(out, "\" {} ", l.status);
-    match l.bytes {
-        Some(b) => {
-            let _ = write!(out, "{b}");
-        }
-        None => out.push('-'),
-    }
+    or_none(out, l.bytes, "-");
     out.push(' ');
     quoted_or_dash(out, l.referer, true);
     out.push(' ');
     quoted_or_dash(out, l.user_agent, true);
     let _ = write!(
         out,
-        " rt={:.6} slot={} pid={} rid={}",
+        " rt={:.6} slot={} pid={} rid={} route=",
         l.duration.as_secs_f64(),
         l.slot,
         l.pid,
         l.request_id
     );
+    escape_clf(out, l.route);
+    out.push_str(" ua=");
+    quoted_or_dash(out, l.upstream, false);
+    out.push_str(" us=");
+    or_none(out, l.upstream_answer.and_then(|a| a.0), "-");
+    out.push_str(" urt=");
+    let secs = l
+        .upstream_answer
+        .map(|a| format!("{:.6}", a.1.as_secs_f64()));
+    or_none(out, secs, "-");
+}
+
+/// `v`, or `none` (`-` in a combined line, `null` in JSON).
+fn or_none(out: &mut String, v: Option<impl std::fmt::Display>, none: &str) {
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str(none),
+    }
 }
 
 fn quoted_or_dash(out: &mut String, v: Option<&str>, quoted: bool) {
@@ -313,12 +350,7 @@ fn json(out: &mut String, l: &Line<'_>) {
     out.push_str(",\"version\":");
     json_str(out, l.version);
     let _ = write!(out, ",\"status\":{},\"bytes\":", l.status);
-    match l.bytes {
-        Some(b) => {
-            let _ = write!(out, "{b}");
-        }
-        None => out.push_str("null"),
-    }
+    or_none(out, l.bytes, "null");
     let _ = write!(
         out,
         ",\"duration_ms\":{:.3},\"slot\":{},\"pid\":{},\"request_id\":",
@@ -331,6 +363,8 @@ fn json(out: &mut String, l: &Line<'_>) {
         ("user", l.user),
         ("referer", l.referer),
         ("user_agent", l.user_agent),
+        ("route", Some(l.route)),
+        ("upstream", l.upstream),
     ] {
         let _ = write!(out, ",\"{key}\":");
         match v {
@@ -338,6 +372,13 @@ fn json(out: &mut String, l: &Line<'_>) {
             None => out.push_str("null"),
         }
     }
+    out.push_str(",\"upstream_status\":");
+    or_none(out, l.upstream_answer.and_then(|a| a.0), "null");
+    out.push_str(",\"upstream_ms\":");
+    let ms = l
+        .upstream_answer
+        .map(|a| format!("{:.3}", a.1.as_secs_f64() * 1000.0));
+    or_none(out, ms, "null");
     out.push('}');
 }
 
@@ -405,6 +446,9 @@ mod tests {
             user: Some("alice"),
             referer: None,
             user_agent: Some("curl/8\n"),
+            route: "/api",
+            upstream: Some("http://127.0.0.1:9000"),
+            upstream_answer: Some((Some(201), Duration::from_micros(1200))),
         }
     }
 
@@ -428,7 +472,21 @@ mod tests {
             c.contains("\"GET /a\\x22b HTTP/1.1\" 200 15 \"-\" \"curl/8\\x0A\""),
             "{c}"
         );
-        assert!(c.ends_with(" rt=0.001500 slot=1 pid=42 rid=r-1"), "{c}");
+        assert!(
+            c.ends_with(
+                " rt=0.001500 slot=1 pid=42 rid=r-1 route=/api ua=http://127.0.0.1:9000 us=201 urt=0.001200"
+            ),
+            "{c}"
+        );
+        let none = Line {
+            route: "healthz",
+            upstream: None,
+            upstream_answer: None,
+            ..line()
+        };
+        let mut c = String::new();
+        combined(&mut c, &none);
+        assert!(c.ends_with(" route=healthz ua=- us=- urt=-"), "{c}");
         let mut j = String::new();
         json(&mut j, &line());
         let v: serde_json::Value = serde_json::from_str(&j).unwrap();
@@ -437,5 +495,9 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["request_id"], "r-1");
         assert_eq!(v["referer"], serde_json::Value::Null);
+        assert_eq!(v["route"], "/api");
+        assert_eq!(v["upstream"], "http://127.0.0.1:9000");
+        assert_eq!(v["upstream_status"], 201);
+        assert_eq!(v["upstream_ms"], 1.2);
     }
 }

@@ -49,9 +49,16 @@ pub(crate) fn metrics(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> 
         );
     }
     let cert = st.settings.tls.as_ref().map(|t| &t.identity.info);
+    let routes: Vec<(&str, bool)> = st
+        .settings
+        .routes
+        .iter()
+        .map(|r| (r.prefix.as_str(), r.cache.is_some()))
+        .collect();
     let mut r = Response::new(Body::new(Bytes::from(crate::metrics::render(
         st.host.as_ref(),
         cert,
+        &routes,
     ))));
     r.headers_mut().insert(
         CONTENT_TYPE,

@@ -94,7 +94,9 @@ use std::time::Duration;
 pub use access::{AccessFormat, AccessSettings};
 pub use forkd_store::{Policy, StoreConfig};
 pub use hyper::header::{HeaderName, HeaderValue};
-pub use metrics::USED as COUNTERS_USED;
+pub use metrics::{
+    MORE_AT as MORE_COUNTERS_AT, MORE_USED as MORE_COUNTERS_USED, USED as COUNTERS_USED,
+};
 pub use server::run;
 pub use tickets::TicketKeys;
 pub use tls::{CertificateInfo, Identity};

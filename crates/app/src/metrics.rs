@@ -35,10 +35,67 @@ pub(crate) const CLIENTS_GONE: usize = PROXY_HEADERS_REFUSED + 1;
 /// Counters used; the scoreboard must have at least this many.
 pub const USED: usize = CLIENTS_GONE + 1;
 
+/// Where the scoreboard's further counters start (its cells' counter
+/// count): each configured route's figures are there.
+pub const MORE_AT: usize = 64;
+/// Configured routes with a label of their own in `/metrics`, in the
+/// order of the configuration; later ones count as "other".
+pub const LABELLED_ROUTES: usize = 32;
+/// Each labelled route's counters: 5 status classes, cache hits, misses.
+const PER_ROUTE: usize = 7;
+const ROUTE_HITS: usize = 5;
+const ROUTE_MISSES: usize = 6;
+/// Further counters used; the scoreboard must have at least this many.
+pub const MORE_USED: usize = LABELLED_ROUTES * PER_ROUTE;
+
+/// The label a request is counted under: a built-in route's index in
+/// [`ROUTES`], or past them a configured route's place (see [`label`]).
+pub(crate) type Label = usize;
+
+/// The label of the configured route at `index` in the configuration.
+pub(crate) fn label(index: usize) -> Label {
+    if index < LABELLED_ROUTES {
+        ROUTES.len() + index
+    } else {
+        ROUTES.len() - 1
+    }
+}
+
+/// A built-in route's label.
+pub(crate) fn builtin(name: &str) -> Label {
+    ROUTES
+        .iter()
+        .position(|r| *r == name)
+        .unwrap_or(ROUTES.len() - 1)
+}
+
+/// A built-in route's name ("other" for a configured route's label).
+pub(crate) fn builtin_name(label: Label) -> &'static str {
+    ROUTES.get(label).copied().unwrap_or("other")
+}
+
+/// The first counter of a configured route's label.
+fn route_base(label: Label) -> Option<usize> {
+    label
+        .checked_sub(ROUTES.len())
+        .map(|i| MORE_AT + i * PER_ROUTE)
+}
+
+/// Counts a cache hit or miss of the route of `label`.
+pub(crate) fn count_cache(host: &dyn Host, label: Label, hit: bool) {
+    let k = match route_base(label) {
+        Some(base) => base + if hit { ROUTE_HITS } else { ROUTE_MISSES },
+        None if hit => CACHE_HITS,
+        None => CACHE_MISSES,
+    };
+    host.count(k, 1);
+}
+
 /// Reads one gauge of a worker.
 type Gauge = fn(&WorkerGauges) -> u64;
 
-/// The route index of a path.
+/// The built-in route index of a path (configured routes are labelled by
+/// the proxy, which knows which one took the request).
 pub(crate) fn route_index(path: &str) -> usize {
     ROUTES
         .iter()
@@ -47,9 +104,10 @@ pub(crate) fn route_index(path: &str) -> usize {
 }
 
 /// Counts one answered request.
-pub(crate) fn record(host: &dyn Host, route: usize, status: u16, took: Duration) {
+pub(crate) fn record(host: &dyn Host, route: Label, status: u16, took: Duration) {
     let class = usize::from((status / 100).clamp(1, 5)) - 1;
-    host.count(REQUESTS + route * 5 + class, 1);
+    let first = route_base(route).unwrap_or(REQUESTS + route * 5);
+    host.count(first + class, 1);
     let secs = took.as_secs_f64();
     let bucket = BUCKETS
         .iter()
@@ -59,28 +117,76 @@ pub(crate) fn record(host: &dyn Host, route: usize, status: u16, took: Duration)
     host.count(LATENCY_SUM_US, took.as_micros() as u64);
 }
 
-/// The text exposition format (version 0.0.4).
-pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> String {
+/// The text exposition format (version 0.0.4). `routes`: the configured
+/// routes' (prefix, whether cached), in the configuration's order.
+pub(crate) fn render(
+    host: &dyn Host,
+    cert: Option<&crate::CertificateInfo>,
+    routes: &[(&str, bool)],
+) -> String {
     let c = host.totals();
     let get = |k: usize| c.get(k).copied().unwrap_or(0);
     let mut out = String::with_capacity(4096);
-    let _ = writeln!(
-        out,
-        "# HELP forkd_http_requests_total HTTP requests answered, by route and status class."
+    family(
+        &mut out,
+        "forkd_http_requests_total",
+        "counter",
+        "HTTP requests answered, by route and status class.",
     );
-    let _ = writeln!(out, "# TYPE forkd_http_requests_total counter");
-    for (r, route) in ROUTES.iter().enumerate() {
+    let labelled = &routes[..routes.len().min(LABELLED_ROUTES)];
+    let all = ROUTES
+        .iter()
+        .enumerate()
+        .map(|(r, name)| (*name, REQUESTS + r * 5))
+        .chain(
+            labelled
+                .iter()
+                .enumerate()
+                .map(|(i, (prefix, _))| (*prefix, MORE_AT + i * PER_ROUTE)),
+        );
+    for (route, first) in all {
         for class in 0..5 {
             let _ = writeln!(
                 out,
-                "forkd_http_requests_total{{route=\"{route}\",status=\"{}xx\"}} {}",
+                "forkd_http_requests_total{{route=\"{}\",status=\"{}xx\"}} {}",
+                label_value(route),
                 class + 1,
-                get(REQUESTS + r * 5 + class)
+                get(first + class)
             );
         }
     }
-    let _ = writeln!(out, "# HELP forkd_http_request_duration_seconds Time to answer a request, from its head to the response.");
-    let _ = writeln!(out, "# TYPE forkd_http_request_duration_seconds histogram");
+    for (name, what, profile, offset) in [
+        ("hits", "served from", CACHE_HITS, ROUTE_HITS),
+        ("misses", "that missed", CACHE_MISSES, ROUTE_MISSES),
+    ] {
+        family(
+            &mut out,
+            &format!("forkd_cache_{name}_total"),
+            "counter",
+            &format!("Answers of a cached route {what} the Redis cache."),
+        );
+        let _ = writeln!(
+            out,
+            "forkd_cache_{name}_total{{route=\"profile\"}} {}",
+            get(profile)
+        );
+        for (i, (prefix, cached)) in labelled.iter().enumerate() {
+            if *cached {
+                let _ = writeln!(
+                    out,
+                    "forkd_cache_{name}_total{{route=\"{}\"}} {}",
+                    label_value(prefix),
+                    get(MORE_AT + i * PER_ROUTE + offset)
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "forkd_http_request_duration_seconds",
+        "histogram",
+        "Time to answer a request, from its head to the response.",
+    );
     let mut cumulative = 0;
     for (b, bound) in BUCKETS.iter().enumerate() {
         cumulative += get(HISTOGRAM + b);
@@ -208,12 +314,15 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
         ),
     ];
     for (name, kind, help, value) in simple.into_iter().chain(figures).chain(queue) {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+        family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");
     }
-    let _ = writeln!(out, "# HELP forkd_worker_recycles_total Workers replaced for their own sake (recycle.*), by reason.");
-    let _ = writeln!(out, "# TYPE forkd_worker_recycles_total counter");
+    family(
+        &mut out,
+        "forkd_worker_recycles_total",
+        "counter",
+        "Workers replaced for their own sake (recycle.*), by reason.",
+    );
     for (reason, n) in &sup.recycles {
         let _ = writeln!(
             out,
@@ -222,15 +331,16 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
     }
     if let Some(c) = cert {
         let name = "forkd_tls_certificate_expiry_timestamp_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} When the certificate this worker serves expires (notAfter), in seconds since the epoch."
+        family(
+            &mut out,
+            name,
+            "gauge",
+            "When the certificate this worker serves expires (notAfter), in seconds since the epoch.",
         );
-        let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(
             out,
             "{name}{{file=\"{}\",serial=\"{}\"}} {}",
-            label(&c.file.display().to_string()),
+            label_value(&c.file.display().to_string()),
             c.serial,
             c.not_after
         );
@@ -255,8 +365,7 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
         ),
     ];
     for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
+        family(&mut out, name, "gauge", help);
         for w in &workers {
             let _ = writeln!(
                 out,
@@ -270,8 +379,14 @@ pub(crate) fn render(host: &dyn Host, cert: Option<&crate::CertificateInfo>) -> 
     out
 }
 
+/// A metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
 /// A label value with backslashes, quotes and newlines escaped.
-fn label(v: &str) -> String {
+fn label_value(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, REFERER, USER_AGENT};
 use hyper::{Method, Request, Response, Version};
 
-use crate::access::{Line, LoggedUser};
+use crate::access::{Line, LoggedUser, Routed};
 use crate::request_id::X_REQUEST_ID;
 
 use crate::response::{method_not_allowed, not_found, with_header, Body};
@@ -49,8 +49,23 @@ pub(crate) async fn handle(
         resp.headers_mut().remove(CONTENT_LENGTH);
     }
     let took = started.elapsed();
-    crate::metrics::record(st.host.as_ref(), route_index, resp.status().as_u16(), took);
+    let routed = resp.extensions().get::<Routed>().copied();
+    let label = routed.map_or(route_index, |r| r.label);
+    crate::metrics::record(st.host.as_ref(), label, resp.status().as_u16(), took);
     if let (Some(access), Some(l)) = (&st.access, &logged) {
+        let configured = routed
+            .and_then(|r| r.index)
+            .and_then(|i| st.settings.routes.get(i));
+        let upstream = match (configured, routed) {
+            (Some(r), _) => Some(r.upstream.to_string()),
+            (None, Some(_)) => st
+                .settings
+                .profile
+                .origin
+                .as_ref()
+                .map(|o| format!("http://{o}")),
+            (None, None) => None,
+        };
         let kept = access.log(&Line {
             client: l.client,
             method: &l.method,
@@ -65,6 +80,9 @@ pub(crate) async fn handle(
             user: resp.extensions().get::<LoggedUser>().map(|u| u.0.as_str()),
             referer: l.referer.as_deref(),
             user_agent: l.user_agent.as_deref(),
+            route: configured.map_or(crate::metrics::builtin_name(label), |r| r.prefix.as_str()),
+            upstream: upstream.as_deref(),
+            upstream_answer: routed.and_then(|r| r.upstream),
         });
         if !kept {
             st.host.count(crate::metrics::ACCESS_LINES_DROPPED, 1);

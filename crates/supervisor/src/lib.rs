@@ -53,7 +53,7 @@ pub use control_files::{control_socket_path, pidfile_path};
 pub use runner::run;
 pub use scoreboard::{
     heartbeat_fresh_ms, now_ms, ActivityView, Oldest, SupervisorFigures, WorkerActivity,
-    WorkerCell, WorkerState, COUNTERS,
+    WorkerCell, WorkerState, COUNTERS, MORE_COUNTERS,
 };
 pub use signals::SignalEvent;
 pub use sys::spawn_detached;
@@ -140,6 +140,10 @@ pub struct Live {
     /// What `forkd status` shows of the TLS certificates (read by the
     /// program, which also hands them to its workers).
     pub certificates: Vec<control::CertificateStatus>,
+    /// What the workers' further counters ([`MORE_COUNTERS`]) are per (the
+    /// program's routes, say): when a reload changes it, they start again
+    /// from zero, so that no figure carries over to another meaning.
+    pub more_counters_of: Vec<String>,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.

@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
 pub(crate) use crate::sys::RECYCLE_REASONS;
-use crate::sys::{Activity, Cell, SharedMapping, SharedSlice};
+use crate::sys::{Activity, Cell, MoreCounters, SharedMapping, SharedSlice};
 
 /// What a worker process says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -47,7 +47,7 @@ impl WorkerState {
 }
 
 /// Generic counters per cell.
-pub use crate::sys::COUNTERS;
+pub use crate::sys::{COUNTERS, MORE_COUNTERS};
 
 /// The oldest request a worker has in flight.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,13 +142,16 @@ pub(crate) struct Scoreboard {
     map: SharedMapping,
     view: SharedSlice<Cell>,
     activity: SharedSlice<Activity>,
+    more: SharedSlice<MoreCounters>,
     cells: usize,
 }
 
 /// The mapping's length for `cells` cells: the cells, then their
-/// activities.
+/// activities, then their further counters.
 fn mapping_len(cells: usize) -> NonZeroUsize {
-    let per_cell = std::mem::size_of::<Cell>() + std::mem::size_of::<Activity>();
+    let per_cell = std::mem::size_of::<Cell>()
+        + std::mem::size_of::<Activity>()
+        + std::mem::size_of::<MoreCounters>();
     NonZeroUsize::new(cells.max(1) * per_cell).expect("at least one cell")
 }
 
@@ -162,9 +165,12 @@ impl Scoreboard {
 
     fn with_map(map: SharedMapping, cells: usize) -> Self {
         let cells = cells.max(1);
+        let activities = cells * std::mem::size_of::<Cell>();
+        let more = activities + cells * std::mem::size_of::<Activity>();
         Scoreboard {
             view: map.view_at(0, cells),
-            activity: map.view_at(cells * std::mem::size_of::<Cell>(), cells),
+            activity: map.view_at(activities, cells),
+            more: map.view_at(more, cells),
             map,
             cells,
         }
@@ -174,8 +180,9 @@ impl Scoreboard {
     ///
     /// The cells must be where this build expects them: a build whose cells
     /// are larger than the previous one's is refused (EINVAL), and the
-    /// upgrade rolls back. The activities after them were added later: a
-    /// memfd without them (from an older build) is grown to hold them.
+    /// upgrade rolls back. The activities and further counters after them
+    /// were added later: a memfd without them (from an older build) is
+    /// grown to hold them.
     pub(crate) fn adopt(fd: std::os::fd::OwnedFd, cells: usize) -> nix::Result<Self> {
         let size = nix::sys::stat::fstat(&fd)?.st_size;
         if usize::try_from(size).unwrap_or(0) < cells.max(1) * std::mem::size_of::<Cell>() {
@@ -227,9 +234,23 @@ impl Scoreboard {
         for (k, counter) in c.counters.iter().enumerate() {
             retired.counters[k].fetch_add(counter.swap(0, Relaxed), Relaxed);
         }
+        let (mine, retired) = (self.more.get(i), self.more.get(0));
+        for (k, counter) in mine.counters.iter().enumerate() {
+            retired.counters[k].fetch_add(counter.swap(0, Relaxed), Relaxed);
+        }
         clear_activity(self.activity.get(i));
         c.pid.store(0, Relaxed);
         c.state.store(WorkerState::Free as u32, Relaxed);
+    }
+
+    /// Starts the further counters again from zero in every cell: what
+    /// they count changed (a reload changed the routes they are per).
+    pub(crate) fn restart_more_counters(&self) {
+        for i in 0..self.cells {
+            for c in &self.more.get(i).counters {
+                c.store(0, Relaxed);
+            }
+        }
     }
 
     /// What the worker in cell `i` is doing.
@@ -279,6 +300,7 @@ impl Scoreboard {
         WorkerCell {
             cells: self.view.clone(),
             activity: self.activity.clone(),
+            more: self.more.clone(),
             index: i,
         }
     }
@@ -306,6 +328,7 @@ pub struct SupervisorFigures {
 pub struct WorkerCell {
     cells: SharedSlice<Cell>,
     activity: SharedSlice<Activity>,
+    more: SharedSlice<MoreCounters>,
     index: usize,
 }
 
@@ -323,20 +346,26 @@ impl WorkerCell {
         text_words(text, &self.cell().info);
     }
 
-    /// Adds `n` to this worker's counter `k`.
+    /// Adds `n` to this worker's counter `k`: one of the cell's
+    /// [`COUNTERS`], or past them one of its [`MORE_COUNTERS`].
     pub fn add(&self, k: usize, n: u64) {
-        self.cell().counters[k].fetch_add(n, Relaxed);
+        match k.checked_sub(COUNTERS) {
+            None => self.cell().counters[k].fetch_add(n, Relaxed),
+            Some(m) => self.more.get(self.index).counters[m].fetch_add(n, Relaxed),
+        };
     }
 
-    /// Every counter summed over all workers, past and present.
-    pub fn totals(&self) -> [u64; COUNTERS] {
-        let mut sum = [0u64; COUNTERS];
+    /// Every counter (the cells' then the further ones) summed over all
+    /// workers, past and present.
+    pub fn totals(&self) -> Vec<u64> {
+        let mut sum = vec![0u64; COUNTERS + MORE_COUNTERS];
         for i in 0..self.cells.len() {
             let c = self.at(i);
             if i != 0 && c.state.load(Relaxed) == 0 {
                 continue;
             }
-            for (k, v) in c.counters.iter().enumerate() {
+            let more = &self.more.get(i).counters;
+            for (k, v) in c.counters.iter().chain(more).enumerate() {
                 sum[k] += v.load(Relaxed);
             }
         }

@@ -237,6 +237,20 @@ pub(crate) const INFO_WORDS: usize = 16;
 /// Generic counters per cell.
 pub const COUNTERS: usize = 64;
 
+/// More generic counters per cell (the worker's per-route figures), after
+/// the activities: a layout an older image never sees. Counter `k` of a
+/// worker is `COUNTERS + k` in [`crate::WorkerCell::add`].
+pub const MORE_COUNTERS: usize = 256;
+
+#[repr(C, align(64))]
+pub(crate) struct MoreCounters {
+    pub(crate) counters: [AtomicU64; MORE_COUNTERS],
+}
+
+// SAFETY: `repr(C)`, an array of atomics only: all-zero is valid, and all
+// access is atomic.
+unsafe impl SharedPlain for MoreCounters {}
+
 // SAFETY: a scoreboard cell is `repr(C)` and made only of atomic integers
 // and arrays of them: all-zero is a valid cell, and all access is atomic.
 unsafe impl SharedPlain for Cell {}

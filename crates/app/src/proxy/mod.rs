@@ -25,7 +25,7 @@ use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
-use crate::access::LoggedUser;
+use crate::access::{LoggedUser, Routed};
 use crate::body::{ClientFault, Fault};
 use crate::metrics;
 use crate::response::{bad_request, problem, Body};
@@ -47,14 +47,34 @@ fn ambiguous(path: &str) -> bool {
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
-/// Forwards `req` to the route's upstream and streams its answer back.
+/// Forwards `req` to the route's upstream and streams its answer back,
+/// marked with the route and what its upstream did ([`Routed`]).
 pub(crate) async fn forward(
+    req: Request<Incoming>,
+    st: &Arc<State>,
+    routes: &Routes,
+    route: &Route,
+    peer: SocketAddr,
+    request_id: &str,
+) -> Response<Body> {
+    let mut upstream = None;
+    let mut r = forward_to(req, st, routes, route, peer, request_id, &mut upstream).await;
+    r.extensions_mut().insert(Routed {
+        label: route.label,
+        index: route.index,
+        upstream,
+    });
+    r
+}
+
+async fn forward_to(
     mut req: Request<Incoming>,
     st: &Arc<State>,
     routes: &Routes,
     route: &Route,
     peer: SocketAddr,
     request_id: &str,
+    upstream: &mut Option<(Option<u16>, std::time::Duration)>,
 ) -> Response<Body> {
     if ambiguous(req.uri().path()) {
         return bad_request("The path has a dot segment or an escaped '.', '/' or '\\'.");
@@ -79,16 +99,7 @@ pub(crate) async fn forward(
     let cacheable = first.is_some();
     let mut filling = None;
     if let Some(first) = first {
-        let counted = |hit| {
-            if route.builtin.is_some() {
-                let k = if hit {
-                    metrics::CACHE_HITS
-                } else {
-                    metrics::CACHE_MISSES
-                };
-                st.host.count(k, 1);
-            }
-        };
+        let counted = |hit| metrics::count_cache(st.host.as_ref(), route.label, hit);
         match from_cache(st, route, &checked, &req, first).await {
             Ok(Ok(hit)) => {
                 counted(true);
@@ -102,7 +113,10 @@ pub(crate) async fn forward(
         }
     }
     if route.builtin.is_some() {
-        return builtin(st, route, &checked, req.headers(), cacheable, filling).await;
+        let asked = std::time::Instant::now();
+        let r = builtin(st, route, &checked, req.headers(), cacheable, filling).await;
+        *upstream = Some((Some(r.status().as_u16()), asked.elapsed()));
+        return r;
     }
     let who = &checked.who;
     // A writing method's target, whose cached answers a success ends.
@@ -175,6 +189,7 @@ pub(crate) async fn forward(
     } else {
         &route.once
     };
+    let asked = std::time::Instant::now();
     let sent = match written {
         None => {
             let r = tokio::time::timeout(route.cfg.timeout, pool.request(out)).await;
@@ -207,6 +222,13 @@ pub(crate) async fn forward(
             }
         }
     };
+    *upstream = Some((
+        sent.as_ref()
+            .ok()
+            .and_then(|r| r.as_ref().ok())
+            .map(|r| r.status().as_u16()),
+        asked.elapsed(),
+    ));
     let mut resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(_)) if fault.get().is_some() => {

@@ -41,6 +41,10 @@ pub(crate) struct Route {
     watch: std::sync::OnceLock<std::sync::Arc<crate::body::UpstreamBody>>,
     /// The answer comes from forkd itself, not from the upstream.
     pub(crate) builtin: Option<Builtin>,
+    /// What `/metrics` counts the route's requests under.
+    pub(crate) label: crate::metrics::Label,
+    /// Its place in the configuration (None for a built-in route).
+    pub(crate) index: Option<usize>,
     /// The cache fill's single-flight lock: how long its holder keeps it,
     /// and how long the others wait for the answer.
     pub(crate) fill_lock: (Duration, Duration),
@@ -70,7 +74,15 @@ impl Routes {
         proxy: &ProxySettings,
         profile: &ProfileSettings,
     ) -> Self {
-        let mut routes: Vec<Route> = routes.iter().map(|r| Route::new(r, proxy)).collect();
+        let mut routes: Vec<Route> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Route {
+                label: crate::metrics::label(i),
+                index: Some(i),
+                ..Route::new(r, proxy)
+            })
+            .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.cfg.prefix.len()));
         let settings = profile;
         let profile = RouteSettings {
@@ -96,6 +108,7 @@ impl Routes {
         };
         let profile = Route {
             builtin: Some(Builtin::Profile),
+            label: crate::metrics::builtin("profile"),
             fill_lock: (settings.lock_timeout, settings.lock_wait),
             ..Route::new(&profile, proxy)
         };
@@ -229,6 +242,8 @@ impl Route {
             once: pool(false),
             watch: std::sync::OnceLock::new(),
             builtin: None,
+            label: crate::metrics::builtin("other"),
+            index: None,
             // The fill may take `timeout` for the answer's head and as
             // long again for its body; the lock is released when it ends.
             fill_lock: (

@@ -413,6 +413,9 @@ impl<P: Program> Supervisor<P> {
             log::warn!("{} changes take effect at the next start", Fixed::KEYS);
         }
         let log_changed = new.live.log_file != self.settings.live.log_file;
+        if new.live.more_counters_of != self.settings.live.more_counters_of {
+            self.board.restart_more_counters();
+        }
         self.settings.live = new.live;
         self.plan.set_limits(limits(&self.settings.live));
         self.plan.set_recycling(self.settings.live.recycling);
