@@ -1,52 +1,44 @@
 //! The forkd worker: what runs in each forked process.
 //!
-//! - [`run`] builds a current-thread tokio runtime (after the fork, never
-//!   before), connects to Redis, serves HTTP through hyper on the
-//!   inherited listeners, beats its heartbeat from inside the runtime, and
-//!   drains on SIGTERM.
-//! - `server`: the runtime, the accept loop, the heartbeat and the drain.
-//! - `routes`: dispatch only.
-//! - `state`: what every handler of one worker shares.
-//! - `response`: problem+json and the other responses every route shares.
-//! - `auth`: login (limits, verify, session), logout, bearer tokens.
-//! - `cookie`: the session cookie and its CSRF check.
-//! - [`buckets`]: whose rate-limit bucket a request counts in.
-//! - `profile`: the responder behind the `/profile` route (the user
-//!   record, or `profile.origin` through the route's pooled client).
-//! - `health`: `/healthz`, `/readyz`, `/metrics`.
-//! - `client`: the client address (X-Forwarded-For through trusted proxies).
-//! - `origin`: the HTTP profile origin.
-//! - `proxy`: `[[route]]`s forwarded to upstream services.
-//! - `upstream`: each route's settings and pooled clients, and the
-//!   connector (TCP or unix socket); below the request path, it knows
-//!   neither `state` nor `proxy`.
-//! - `limiter`: the one rate limiter: every policy (a route's, the login
-//!   limits, `/profile`'s) in the one all-or-nothing Redis call, and
-//!   `rate_limit.on_redis_error` the same for all of them.
-//! - `body`: bodies: whole, streamed from an upstream, or a client's on
-//!   its way upstream (watched for the client's own faults).
-//! - `connection`: one connection: TLS, HTTP/1.1 or HTTP/2, its drain.
-//! - `proxy_protocol`: the PROXY protocol header a trusted proxy sends
-//!   first, and the stream that replays what was read past it.
-//! - `redirect`: the plain-to-HTTPS redirect of a redirecting listener.
-//! - `conns`: open connections and tunnels, and their graceful end.
-//! - `balance`: spreading lasting connections over the workers of a
-//!   shared listener.
-//! - `head_limit`: the problem+json answer to a head too large for hyper.
-//! - `request_head`: what every request head must be (one valid `Host`,
-//!   no padded values, within `http.max_header_bytes` exactly).
-//! - `local_limit`: the in-memory GCRA (the host limit, and the
-//!   limiter's fallback while Redis cannot answer).
-//! - `log_gate`: at most one Redis warning a second.
-//! - `metrics`: the counters in the scoreboard, and their text format.
-//! - `access`: the access log and its writer thread.
-//! - `request_id`: request ids, kept from the client or made.
-//! - `inflight`: requests in flight, and the oldest, for forensics.
-//! - `tls`: the certificate and key ([`Identity`], loaded by the
-//!   supervisor, inherited across fork) and each worker's rustls config.
-//! - `tickets`: session-ticket keys every worker shares ([`TicketKeys`],
-//!   made by the supervisor, rotated by a reload).
-//! - [`secrets`]: argon2id password hashes, the dummy hash, bearer tokens.
+//! [`run`] builds a current-thread tokio runtime (after the fork, never
+//! before), connects to Redis, serves HTTP through hyper on the inherited
+//! listeners, beats its heartbeat from inside the runtime, and drains on
+//! SIGTERM. A request goes through these phases, each a module, and each
+//! module uses only those listed after it (`bin/check-layout` holds it to
+//! that: no cycle between siblings):
+//!
+//! 1. `server`: the runtime, the accept loop, the heartbeat, the drain.
+//! 2. `connection`: one connection: the PROXY protocol header, TLS
+//!    (`tls`, shared session tickets in `tickets`), HTTP/1.1 or HTTP/2,
+//!    hyper's own head limit (`head_limit`), lasting connections spread
+//!    over the workers (`balance`).
+//! 3. `pipeline`: one request, start to end: the request context, the
+//!    dispatch to a built-in or a route, then the one place that counts
+//!    metrics and writes the access line.
+//! 4. `proxy`: a route's way: path checks, the gate, the cache (`cached`),
+//!    the upstream request and its headers (`headers`), tunnels.
+//! 5. `gate`: who is asking and whether they may: login, logout and
+//!    bearer tokens (`auth`, `cookie`), the one rate limiter (`limiter`,
+//!    whose buckets are in [`buckets`]), and `check`, which asks Redis
+//!    for the session, the policies and the cache probe in one call.
+//! 6. `cache`: the response cache: place, lookup, what may be stored,
+//!    the fill (`fill`) and what a write ends (`invalidate`).
+//! 7. `responders`: forkd's own answers: `/healthz`, `/readyz`,
+//!    `/metrics` (`health`), the `/profile` route's responder (`profile`,
+//!    `origin`), the redirect to HTTPS (`redirect`).
+//! 8. `state`: what every handler of one worker shares.
+//! 9. `upstream`: the routes' settings, pooled clients and connector.
+//! 10. `request`: the request context: the head's rules (`head`), the
+//!     request id (`id`), requests in flight (`inflight`), the client's
+//!     address as the limits see it (`client`).
+//!
+//! Below them, used by any: `response` (problem+json and the responses
+//! every route shares, the `RateLimit` headers), `body` (whole, streamed
+//! from an upstream, or a client's on its way up), `metrics` (counters in
+//! the scoreboard and their text format), `access` (the access log and its
+//! writer thread), `log_gate` (at most one warning a second),
+//! `local_limit` (the in-memory GCRA), `conns` (open connections and
+//! tunnels, for the drain), [`secrets`] (argon2id hashes, tokens).
 //!
 //! The worker knows nothing of the supervisor: it reports through the
 //! [`Host`] trait, which the binary implements over the scoreboard.
@@ -56,50 +48,39 @@
 #![allow(clippy::result_large_err)]
 
 mod access;
-mod auth;
-mod balance;
 mod body;
-pub mod buckets;
-mod client;
+mod cache;
 mod connection;
 mod conns;
-mod cookie;
-mod head_limit;
-mod health;
-mod inflight;
-mod limiter;
+mod gate;
 mod local_limit;
 mod log_gate;
 mod metrics;
-mod origin;
-mod profile;
+mod pipeline;
 mod proxy;
-mod proxy_protocol;
-mod redirect;
-mod request_head;
-mod request_id;
+mod request;
+mod responders;
 mod response;
-mod routes;
 pub mod secrets;
 mod server;
 mod state;
-mod tickets;
-mod tls;
 mod upstream;
+
+pub use gate::buckets;
 
 use std::net::{IpAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use access::{AccessFormat, AccessSettings};
+pub use connection::tickets::TicketKeys;
+pub use connection::tls::{CertificateInfo, Identity};
 pub use forkd_store::{Policy, StoreConfig};
 pub use hyper::header::{HeaderName, HeaderValue};
 pub use metrics::{
     MORE_AT as MORE_COUNTERS_AT, MORE_USED as MORE_COUNTERS_USED, USED as COUNTERS_USED,
 };
 pub use server::run;
-pub use tickets::TicketKeys;
-pub use tls::{CertificateInfo, Identity};
 
 /// Decides whether an address is a trusted proxy.
 pub type TrustedProxy = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;

@@ -129,6 +129,11 @@ pub fn token_hash(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
 }
 
+/// The first 16 bytes of a SHA-256, in hex.
+pub(crate) fn hex16(data: &[u8]) -> String {
+    hex(&Sha256::digest(data)[..16])
+}
+
 /// Lower-case hex of `bytes`, without a formatter call per byte: this runs
 /// several times for every authenticated request.
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -10,7 +10,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::{sleep, Instant};
 
 use crate::access::AccessLog;
-use crate::balance::{Balance, GIVE_WAY, GIVE_WAY_TRIES};
+use crate::connection::balance::{Balance, GIVE_WAY, GIVE_WAY_TRIES};
 use crate::state::State;
 use crate::{ListenerSettings, Worker};
 
@@ -233,7 +233,9 @@ async fn accept_all(
 ) -> Option<Stop> {
     let limits = Limits {
         total: Arc::new(Semaphore::new(state.settings.max_connections)),
-        per_client: crate::client::PerClient::new(state.settings.max_connections_per_client),
+        per_client: crate::request::client::PerClient::new(
+            state.settings.max_connections_per_client,
+        ),
         balance: shared.then(|| Arc::new(Mutex::new(Balance::new()))),
     };
     let loops: Vec<_> = listeners
@@ -262,7 +264,7 @@ async fn accept_all(
 #[derive(Clone)]
 struct Limits {
     total: Arc<Semaphore>,
-    per_client: Arc<crate::client::PerClient>,
+    per_client: Arc<crate::request::client::PerClient>,
     /// On shared listeners, the accepts of every loop of this worker (see
     /// `balance`).
     balance: Option<Arc<Mutex<Balance>>>,

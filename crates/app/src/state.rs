@@ -11,10 +11,10 @@ use tokio::sync::Semaphore;
 
 use crate::access::AccessLog;
 use crate::conns::Conns;
-use crate::inflight::InFlight;
 use crate::local_limit::LocalLimiter;
 use crate::log_gate::LogGate;
-use crate::request_id::RequestIds;
+use crate::request::id::RequestIds;
+use crate::request::inflight::InFlight;
 use crate::response::{unavailable, Body};
 use crate::secrets::DummyHash;
 use crate::upstream::Routes;

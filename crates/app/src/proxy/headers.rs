@@ -87,7 +87,7 @@ pub(crate) fn frame_upstream_answer<B>(r: &mut hyper::Response<B>) -> Result<(),
     }
     let h = r.headers_mut();
     if h.contains_key(TRANSFER_ENCODING) {
-        if crate::request_head::chunked_alone(h) != Some(true) {
+        if crate::request::head::chunked_alone(h) != Some(true) {
             return Err("a transfer coding other than chunked");
         }
         h.remove(TRANSFER_ENCODING);

@@ -3,19 +3,15 @@
 //! (keep-alive, bounded idle pool), bodies streamed both ways, the session
 //! checked here and the identity passed on in headers.
 //!
-//! - `check`: the session and the route's rate-limit policies, in one
-//!   Redis call;
-//! - `cache`: the response cache of GET routes;
-//! - `pool`: the routes of a worker and their pooled clients;
-//! - `connect`: TCP or unix socket, with the connect timeout;
-//! - `headers`: hop-by-hop, forwarding and identity headers.
-//! - `invalidate`: the cached answers a successful write ends.
+//! The phases of a route, in order: path checks; the gate
+//! (`crate::gate::check`: session, policies and cache probe in one Redis
+//! call); a cache hit or the single-flight wait (`cached`); the upstream
+//! request, its headers (`headers`: hop-by-hop, forwarding, identity) and
+//! its answer, or the route's built-in responder; the cache fill
+//! (`crate::cache::fill`). forward-auth (`GET /auth`) and tunnels too.
 
-mod cache;
-pub(crate) mod check;
-mod fill;
+mod cached;
 mod headers;
-mod invalidate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,10 +27,11 @@ use crate::metrics;
 use crate::response::{bad_request, problem, Body};
 use crate::state::State;
 
+use crate::cache::{self, fill::fill_cache, invalidate::Written};
+use crate::gate::check;
 use crate::upstream::{Route, Routes};
-use fill::{builtin, fill_cache, from_cache};
+use cached::{builtin, from_cache};
 use headers::{Forwarding, Identity};
-use invalidate::Written;
 
 /// A path that a prefix could be matched against in one way and the
 /// upstream read in another: a dot segment, or an escaped '.', '/' or '\'.
@@ -130,7 +127,7 @@ async fn forward_to(
     });
     let request_headers = filling.as_ref().map(|_| req.headers().clone());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let tls = req.extensions().get::<crate::tls::OverTls>().is_some();
+    let tls = req.extensions().get::<crate::request::OverTls>().is_some();
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path();
     let path = if route.cfg.strip_prefix && route.cfg.prefix != "/" {
@@ -177,7 +174,7 @@ async fn forward_to(
         },
     );
     if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
-        h.insert(crate::request_id::X_REQUEST_ID, v);
+        h.insert(crate::request::id::X_REQUEST_ID, v);
     }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
@@ -235,17 +232,15 @@ async fn forward_to(
             return client_fault(st, fault.get());
         }
         Ok(Err(e)) => {
-            return bad_gateway(
-                st,
-                route,
+            return route.bad_gateway(
+                &st.host,
                 &e,
                 "The upstream service could not be reached or gave no answer.",
             );
         }
         Err(_) => {
-            return gateway_timeout(
-                st,
-                route,
+            return route.gateway_timeout(
+                &st.host,
                 &format!(
                     "no answer within the route's timeout ({:?})",
                     route.cfg.timeout
@@ -255,9 +250,8 @@ async fn forward_to(
         }
     };
     if let Err(cause) = headers::frame_upstream_answer(&mut resp) {
-        return bad_gateway(
-            st,
-            route,
+        return route.bad_gateway(
+            &st.host,
             cause,
             "The upstream service's answer cannot be passed on as it is framed.",
         );
@@ -265,9 +259,8 @@ async fn forward_to(
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_side) = client_upgrade else {
-            return bad_gateway(
-                st,
-                route,
+            return route.bad_gateway(
+                &st.host,
                 "an unrequested 101",
                 "The upstream service switched protocols, which the request did not ask for.",
             );
@@ -315,19 +308,6 @@ fn cause(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// 502 for an upstream's own failure (`cause`, for the log), counted.
-fn bad_gateway(st: &State, route: &Route, cause: &str, detail: &str) -> Response<Body> {
-    route.watch(&st.host).failed(false, &cause);
-    problem(StatusCode::BAD_GATEWAY, "bad-gateway", detail)
-}
-
-/// 504 for an upstream that outlasted the route's timeout, counted and
-/// logged.
-fn gateway_timeout(st: &State, route: &Route, cause: &str, detail: &str) -> Response<Body> {
-    route.watch(&st.host).failed(true, &cause);
-    problem(StatusCode::GATEWAY_TIMEOUT, "gateway-timeout", detail)
 }
 
 /// The answer to a request whose client broke off or garbled its body
@@ -415,7 +395,7 @@ pub(crate) async fn forward_auth(
     }
     // The credentials are the cookie when there is no bearer token.
     let by_cookie =
-        !h.contains_key(hyper::header::AUTHORIZATION) && crate::auth::has_credentials(h, st);
+        !h.contains_key(hyper::header::AUTHORIZATION) && crate::gate::auth::has_credentials(h, st);
     let method = match method.map(|v| hyper::Method::from_bytes(v.as_bytes())) {
         Some(Ok(m)) => m,
         Some(Err(_)) => return bad_request("The original method is not an HTTP method."),

@@ -6,4 +6,4 @@
 mod connect;
 pub(crate) mod pool;
 
-pub(crate) use pool::{Route, Routes, Specs};
+pub(crate) use pool::{Route, Routes, Specs, PROFILE_POLICY};

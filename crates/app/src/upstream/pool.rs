@@ -2,7 +2,7 @@
 //! clients (connected on first use).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::header::HeaderName;
@@ -12,11 +12,15 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::connect::Connector;
 use crate::body::Body;
 use crate::{
-    PolicyBucket, ProfileSettings, ProxySettings, RouteAuth, RouteCache, RoutePolicy,
+    Host, PolicyBucket, ProfileSettings, ProxySettings, RouteAuth, RouteCache, RoutePolicy,
     RouteSettings, UpstreamAddr,
 };
 
 pub(crate) type Pool = Client<Connector, Body>;
+type Answer = hyper::Response<Body>;
+
+/// The built-in policy of the `/profile` route (`[rate_limit.profile]`).
+pub(crate) const PROFILE_POLICY: &str = "profile";
 
 /// The largest profile kept (an origin's answer is at most 64 KiB).
 const PROFILE_MAX_BYTES: u64 = 64 * 1024;
@@ -53,7 +57,7 @@ pub(crate) struct Route {
 /// A route whose upstream is a responder of forkd's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Builtin {
-    /// `GET /profile` (`crate::profile`).
+    /// `GET /profile` (`crate::responders::profile`).
     Profile,
 }
 
@@ -97,7 +101,7 @@ impl Routes {
             timeout: profile.origin_timeout,
             pass_authorization: false,
             policies: vec![RoutePolicy {
-                name: crate::buckets::PROFILE.into(),
+                name: PROFILE_POLICY.into(),
                 policy: profile.limit,
                 key: PolicyBucket::User,
             }],
@@ -251,6 +255,31 @@ impl Route {
                 cfg.timeout.min(Duration::from_secs(3)),
             ),
         }
+    }
+
+    /// 502 for the upstream's own failure (`cause`, for the log), counted.
+    pub(crate) fn bad_gateway(&self, host: &Arc<dyn Host>, cause: &str, detail: &str) -> Answer {
+        self.failure(host, false, cause, detail)
+    }
+
+    /// 504 for an upstream that outlasted the route's timeout, counted and
+    /// logged.
+    pub(crate) fn gateway_timeout(
+        &self,
+        host: &Arc<dyn Host>,
+        cause: &str,
+        detail: &str,
+    ) -> Answer {
+        self.failure(host, true, cause, detail)
+    }
+
+    fn failure(&self, host: &Arc<dyn Host>, timeout: bool, cause: &str, detail: &str) -> Answer {
+        self.watch(host).failed(timeout, &cause);
+        let (status, kind) = match timeout {
+            true => (hyper::StatusCode::GATEWAY_TIMEOUT, "gateway-timeout"),
+            false => (hyper::StatusCode::BAD_GATEWAY, "bad-gateway"),
+        };
+        crate::response::problem(status, kind, detail)
     }
 
     /// The watch on this route's answer bodies.

@@ -5,11 +5,10 @@
 use std::net::IpAddr;
 
 use forkd_store::Bucket;
-use sha2::{Digest, Sha256};
 
 /// A client's bucket; `scope` "" or ":ROUTE" for `user+route`.
 pub fn client(ip: IpAddr, scope: &str) -> Bucket {
-    let key = crate::client::client_key(ip);
+    let key = crate::request::client::client_key(ip);
     Bucket::Other {
         group: format!("c:{key}"),
         name: format!("c:{key}{scope}"),
@@ -18,7 +17,7 @@ pub fn client(ip: IpAddr, scope: &str) -> Bucket {
 
 /// The bucket of a value of header `name` (lower-case).
 pub fn header(name: &str, value: &[u8]) -> Bucket {
-    let hash = hex16(value);
+    let hash = crate::secrets::hex16(value);
     Bucket::Other {
         group: format!("h:{hash}"),
         name: format!("h:{name}:{hash}"),
@@ -39,19 +38,14 @@ pub fn user(scope: &str) -> Bucket {
 pub const LOGIN_CLIENT: &str = "login-ip";
 pub const LOGIN_NAME_CLIENT: &str = "login-user";
 pub const LOGIN_NAME: &str = "login-user-all";
-pub const PROFILE: &str = "profile";
+pub const PROFILE: &str = crate::upstream::PROFILE_POLICY;
 
 /// The key of a client's bucket in the login limits (`Bucket::Plain`).
 pub fn login_client(ip: IpAddr) -> String {
-    crate::client::client_key(ip)
+    crate::request::client::client_key(ip)
 }
 
 /// The key of (a login name, a client)'s bucket in the login limits.
 pub fn login_name_client(name: &str, ip: IpAddr) -> String {
-    format!("{name}|{}", crate::client::client_key(ip))
-}
-
-/// The first 16 bytes of a SHA-256, in hex.
-pub(crate) fn hex16(data: &[u8]) -> String {
-    crate::secrets::hex(&Sha256::digest(data)[..16])
+    format!("{name}|{}", crate::request::client::client_key(ip))
 }

@@ -20,11 +20,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::LoggedUser;
-use crate::client::client_ip;
+use crate::request::client::client_ip;
 use crate::response::{bad_request, json, no_store, problem, unavailable, with_header, Body};
 use crate::secrets;
 use crate::state::State;
-use crate::{buckets, limiter};
+use crate::{gate::buckets, gate::limiter};
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 16 * 1024;
@@ -46,7 +46,7 @@ pub(crate) async fn login(
         .auth
         .cookie
         .as_ref()
-        .and_then(|c| crate::cookie::read(req.headers(), &c.name))
+        .and_then(|c| crate::gate::cookie::read(req.headers(), &c.name))
         .and_then(secrets::parse_token);
     let (username, password) = match credentials(req, st).await {
         Ok(c) => c,
@@ -319,7 +319,7 @@ async fn start_session(st: &State, user: &User) -> Response<Body> {
     if let Some(c) = &auth.cookie {
         r.headers_mut().insert(
             SET_COOKIE,
-            crate::cookie::set(c, &token, auth.session_absolute),
+            crate::gate::cookie::set(c, &token, auth.session_absolute),
         );
     }
     r.extensions_mut().insert(LoggedUser(user.name.clone()));
@@ -468,7 +468,8 @@ pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Response<Body>
         Err(e) => return st.redis_down(&e),
     };
     if let Some(c) = &st.settings.auth.cookie {
-        r.headers_mut().insert(SET_COOKIE, crate::cookie::clear(c));
+        r.headers_mut()
+            .insert(SET_COOKIE, crate::gate::cookie::clear(c));
     }
     r
 }
@@ -488,7 +489,7 @@ pub(crate) fn has_credentials(h: &HeaderMap, st: &State) -> bool {
             .auth
             .cookie
             .as_ref()
-            .is_some_and(|c| crate::cookie::read(h, &c.name).is_some())
+            .is_some_and(|c| crate::gate::cookie::read(h, &c.name).is_some())
 }
 
 /// The session token: the bearer token, else the session cookie (when
@@ -504,7 +505,7 @@ pub(crate) fn session_token(
         let (uid, hash) = bearer_in(h)?;
         return Ok(Token { uid, hash });
     }
-    let Some(value) = cookie.and_then(|c| crate::cookie::read(h, &c.name)) else {
+    let Some(value) = cookie.and_then(|c| crate::gate::cookie::read(h, &c.name)) else {
         return Err(unauthorized_bearer(
             None,
             "A bearer token or the session cookie is required.",
@@ -513,7 +514,7 @@ pub(crate) fn session_token(
     let Some((uid, hash)) = secrets::parse_token(value) else {
         return Err(invalid_token());
     };
-    if crate::cookie::state_changing(method, h) && !crate::cookie::same_site(h) {
+    if crate::gate::cookie::state_changing(method, h) && !crate::gate::cookie::same_site(h) {
         return Err(problem(
             StatusCode::FORBIDDEN,
             "cross-site-request",

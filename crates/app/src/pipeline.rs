@@ -1,7 +1,9 @@
-//! Dispatch: a path and method to its handler, and what every request
-//! gets around it: a request id, its place among the requests in flight,
-//! and on the way out metrics, the access log line, the worker's pid and
-//! `Connection: close` while draining.
+//! One request, start to end ([`handle`]): the request context (its head
+//! checked, its id, its place among the requests in flight, the client's
+//! address), the dispatch of a path and method to a built-in or a route,
+//! and on the way out the one place that counts its metrics and writes
+//! its access line (by the route that answered: [`Routed`]), with the
+//! worker's pid and `Connection: close` while draining.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
@@ -12,11 +14,11 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, REFE
 use hyper::{Method, Request, Response, Version};
 
 use crate::access::{Line, LoggedUser, Routed};
-use crate::request_id::X_REQUEST_ID;
+use crate::request::id::X_REQUEST_ID;
 
 use crate::response::{method_not_allowed, not_found, with_header, Body};
 use crate::state::State;
-use crate::{auth, health, proxy};
+use crate::{gate::auth, proxy, responders::health};
 
 pub(crate) async fn handle(
     req: Request<Incoming>,
@@ -33,7 +35,7 @@ pub(crate) async fn handle(
     let logged = st.access.as_ref().map(|_| Logged::of(&req, &st, peer));
     let hsts = req
         .extensions()
-        .get::<crate::tls::OverTls>()
+        .get::<crate::request::OverTls>()
         .and(st.settings.tls.as_ref())
         .and_then(|t| t.hsts.clone());
     let mut abandoned = Abandoned(Some(&st));
@@ -103,7 +105,7 @@ pub(crate) async fn handle(
     // Counted and logged as the 400 it is; on HTTP/2 the stream is reset.
     if resp
         .extensions()
-        .get::<crate::request_head::Malformed>()
+        .get::<crate::request::head::Malformed>()
         .is_some()
     {
         return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
@@ -145,7 +147,7 @@ impl Logged {
                 .map(|v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
         };
         Logged {
-            client: crate::client::client_ip(
+            client: crate::request::client::client_ip(
                 peer.ip(),
                 req.headers(),
                 st.settings.trusted_proxy.as_ref(),
@@ -169,15 +171,18 @@ async fn route(
     peer: SocketAddr,
     id: &str,
 ) -> Response<Body> {
-    if let Err(r) = crate::request_head::check(&mut req, st.settings.max_header_bytes) {
+    if let Err(r) = crate::request::head::check(&mut req, st.settings.max_header_bytes) {
         if r.status() == hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
             st.host.count(crate::metrics::HEADS_TOO_LARGE, 1);
         }
         return r;
     }
-    if let Some(to) = req.extensions().get::<crate::redirect::ToHttps>() {
-        if !crate::redirect::served(req.uri().path()) {
-            return crate::redirect::to_https(&req, to.0);
+    if let Some(to) = req
+        .extensions()
+        .get::<crate::responders::redirect::ToHttps>()
+    {
+        if !crate::responders::redirect::served(req.uri().path()) {
+            return crate::responders::redirect::to_https(&req, to.0);
         }
     }
     // An authority (`GET host:80`) or `*` target names no path: nothing

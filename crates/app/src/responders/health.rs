@@ -39,8 +39,11 @@ pub(crate) fn metrics(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> 
     // Checked against the client as the rate limits see it: a request
     // relayed by a trusted (local) proxy is the forwarded client's, not the
     // proxy's.
-    let client =
-        crate::client::client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
+    let client = crate::request::client::client_ip(
+        peer.ip(),
+        req.headers(),
+        st.settings.trusted_proxy.as_ref(),
+    );
     if !(st.settings.metrics_allow)(client) {
         return problem(
             StatusCode::FORBIDDEN,

@@ -4,6 +4,12 @@
 //! and its graceful end when the worker drains: HTTP/1.1 finishes the
 //! request in flight, HTTP/2 sends GOAWAY and lets open streams finish.
 
+pub(crate) mod balance;
+pub(crate) mod head_limit;
+pub(crate) mod proxy_protocol;
+pub(crate) mod tickets;
+pub(crate) mod tls;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +22,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::connection::head_limit::HeadLimit;
+use crate::connection::proxy_protocol::{Prefixed, Refused};
 use crate::conns::Watcher;
-use crate::head_limit::HeadLimit;
-use crate::proxy_protocol::{Prefixed, Refused};
 use crate::state::State;
-use crate::{routes, ListenerSettings, Settings};
+use crate::{pipeline, ListenerSettings, Settings};
 
 /// How this worker speaks on its connections.
 pub(crate) struct Protocols {
@@ -48,7 +54,7 @@ impl Protocols {
     /// supervisor checked them, so this is not expected).
     pub(crate) fn new(s: &Settings) -> Result<Protocols, String> {
         // hyper's own cap on a head, above forkd's exact one.
-        let cap = crate::request_head::parser_cap(s.max_header_bytes);
+        let cap = crate::request::head::parser_cap(s.max_header_bytes);
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(s.header_read_timeout)
@@ -64,7 +70,7 @@ impl Protocols {
             .timer(TokioTimer::new())
             .max_concurrent_streams(s.http2.max_concurrent_streams)
             .max_header_list_size(
-                u32::try_from(crate::request_head::h2_list_cap(s.max_header_bytes))
+                u32::try_from(crate::request::head::h2_list_cap(s.max_header_bytes))
                     .unwrap_or(u32::MAX),
             )
             // A client that resets streams as fast as it opens them
@@ -74,9 +80,12 @@ impl Protocols {
             .keep_alive_timeout(s.header_read_timeout);
         let tls = match &s.tls {
             Some(t) => {
-                let config =
-                    crate::tls::server_config(&t.identity, s.http2.enabled, Some(&t.tickets))
-                        .map_err(|e| format!("cannot use the TLS certificate: {e}"))?;
+                let config = crate::connection::tls::server_config(
+                    &t.identity,
+                    s.http2.enabled,
+                    Some(&t.tickets),
+                )
+                .map_err(|e| format!("cannot use the TLS certificate: {e}"))?;
                 Some((TlsAcceptor::from(config), t.handshake_timeout))
             }
             None => None,
@@ -99,7 +108,7 @@ impl Protocols {
         state: Arc<State>,
         mut watcher: Watcher,
         listener: ListenerSettings,
-        caps: &Arc<crate::client::PerClient>,
+        caps: &Arc<crate::request::client::PerClient>,
     ) {
         let host = state.host.clone();
         let mut before = Vec::new();
@@ -108,7 +117,7 @@ impl Protocols {
         // forwarding headers a client sent through it.
         let mut anonymous = false;
         if listener.proxy_protocol {
-            let read = crate::proxy_protocol::read_header(&mut stream);
+            let read = crate::connection::proxy_protocol::read_header(&mut stream);
             let header = tokio::select! {
                 r = tokio::time::timeout(state.settings.header_read_timeout, read) => r,
                 () = watcher.stopping() => return,
@@ -244,17 +253,18 @@ async fn run<I>(
 {
     let service = service_fn(move |mut req| {
         if how.tls {
-            req.extensions_mut().insert(crate::tls::OverTls);
+            req.extensions_mut().insert(crate::request::OverTls);
         }
         if let Some(port) = how.to_https {
-            req.extensions_mut().insert(crate::redirect::ToHttps(port));
+            req.extensions_mut()
+                .insert(crate::responders::redirect::ToHttps(port));
         }
         if how.anonymous {
             for name in FORWARDING {
                 req.headers_mut().remove(name);
             }
         }
-        routes::handle(req, state.clone(), peer)
+        pipeline::handle(req, state.clone(), peer)
     });
     let io = TokioIo::new(io);
     let ended = match builder {

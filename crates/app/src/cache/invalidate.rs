@@ -6,7 +6,7 @@
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::Uri;
 
-use super::cache;
+use crate::cache;
 use crate::state::State;
 
 /// A request with a method that is not safe (RFC 9110 section 9.2.1) on
@@ -63,7 +63,7 @@ impl Written {
 /// their own caches and run out with their lifetime, as a browser's
 /// would.
 async fn invalidate(st: &State, target: &str, host: &str, uid: Option<&str>) {
-    let shared = forkd_store::CacheScope::Shared(crate::buckets::hex16(target.as_bytes()));
+    let shared = forkd_store::CacheScope::Shared(crate::secrets::hex16(target.as_bytes()));
     let own = uid.map(|uid| forkd_store::CacheScope::User(uid.to_owned()));
     let end = |scope: &forkd_store::CacheScope| {
         let url = st.store.cache_url(scope, target);

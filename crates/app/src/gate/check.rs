@@ -9,14 +9,14 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response};
 
-use super::cache::{self, Place};
-use crate::auth::{has_credentials, session_token};
-use crate::buckets;
-use crate::client::client_ip;
+use crate::cache::{self, Place};
+use crate::gate::auth::{has_credentials, session_token};
+use crate::gate::buckets;
+use crate::request::client::client_ip;
 use crate::response::{bad_request, Body};
 use crate::state::State;
 use crate::upstream::{Route, Specs};
-use crate::{limiter, PolicyBucket, RouteAuth};
+use crate::{gate::limiter, PolicyBucket, RouteAuth};
 
 /// Fields whose one value may hold commas (a browser's `User-Agent`, a
 /// Digest `Authorization`, a cookie string, a URL, a date): a policy keyed
@@ -71,7 +71,7 @@ impl Checked {
 /// The session id the upstream sees: a hash of the token's hash, so it is
 /// neither the token nor the key Redis keeps the session under.
 pub(crate) fn session_id(token_hash: &str) -> String {
-    crate::buckets::hex16(format!("forkd-session:{token_hash}").as_bytes())
+    crate::secrets::hex16(format!("forkd-session:{token_hash}").as_bytes())
 }
 
 /// Checks the request against `route` (or, with none, requires a session
@@ -166,7 +166,7 @@ pub(crate) async fn check(
         variant: &p.variant,
     });
     let Some(taken) = limiter::take(st, session.as_ref(), &limits, probe.as_ref()).await? else {
-        return Err(crate::auth::invalid_token());
+        return Err(crate::gate::auth::invalid_token());
     };
     let who = taken
         .identity

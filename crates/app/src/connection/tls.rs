@@ -40,10 +40,6 @@ static PREFERRED_SUITES: &[rustls::SupportedCipherSuite] = {
     ]
 };
 
-/// A request that came over TLS (a request extension).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct OverTls;
-
 /// A certificate chain and its key, checked to belong together.
 pub struct Identity {
     chain: Vec<CertificateDer<'static>>,

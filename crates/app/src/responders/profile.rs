@@ -9,7 +9,7 @@
 use hyper::header::{HeaderValue, CACHE_CONTROL};
 use hyper::{Response, StatusCode};
 
-use crate::origin::{self, OriginError};
+use crate::responders::origin::{self, OriginError};
 use crate::response::{json_text, not_found, problem, with_header, Body};
 use crate::state::State;
 use crate::upstream::Route;

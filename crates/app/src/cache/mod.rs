@@ -4,6 +4,9 @@
 //! part a cache in front of one app needs); single flight across workers
 //! and hosts through a Redis lock.
 
+pub(crate) mod fill;
+pub(crate) mod invalidate;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,14 +40,14 @@ fn variant(spec: &str, h: &HeaderMap) -> String {
         }
         text.push('\n');
     }
-    crate::buckets::hex16(text.as_bytes())
+    crate::secrets::hex16(text.as_bytes())
 }
 
 /// A tag of the `Host` a request named, which a write's invalidation is
 /// limited to (the target URI includes its authority).
 pub(crate) fn host_tag(host: Option<&HeaderValue>) -> String {
     let host = host.map_or(&b""[..], HeaderValue::as_bytes);
-    crate::buckets::hex16(&host.to_ascii_lowercase())
+    crate::secrets::hex16(&host.to_ascii_lowercase())
 }
 
 /// One request's place in the cache.
@@ -68,7 +71,7 @@ pub(crate) fn place(
 ) -> Place {
     let scope = match uid {
         Some(uid) => CacheScope::User(uid.to_owned()),
-        None => CacheScope::Shared(crate::buckets::hex16(target.as_bytes())),
+        None => CacheScope::Shared(crate::secrets::hex16(target.as_bytes())),
     };
     let spec_key = format!("{}|{target}", uid.unwrap_or(""));
     let spec = specs.get(&spec_key);

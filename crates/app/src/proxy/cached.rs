@@ -1,0 +1,93 @@
+//! A cached route's way through the cache: a hit, the single-flight lock
+//! and the wait for another request's answer, and a built-in responder's
+//! answer filled like an upstream's.
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response};
+
+use crate::access::LoggedUser;
+use crate::cache::{self, fill::fill_cache};
+use crate::gate::check;
+use crate::response::Body;
+use crate::state::State;
+use crate::upstream::Route;
+
+/// The answer of a route whose upstream is forkd's own responder, through
+/// the route's cache as an upstream's would be.
+pub(super) async fn builtin(
+    st: &State,
+    route: &Route,
+    checked: &check::Checked,
+    request_headers: &hyper::HeaderMap,
+    cacheable: bool,
+    filling: Option<(cache::Place, String)>,
+) -> Response<Body> {
+    let (Some([user, ..]), Some(uid)) = (&checked.who, &checked.uid) else {
+        return crate::gate::auth::invalid_token();
+    };
+    let answer = crate::responders::profile::answer(st, route, uid, user).await;
+    let mut r = match filling {
+        Some(fill) => {
+            let (parts, body) = answer.into_parts();
+            fill_cache(st, route, &fill, request_headers, parts, body, |b| b).await
+        }
+        None => answer,
+    };
+    if cacheable && !r.headers().contains_key(cache::X_CACHE) {
+        r.headers_mut()
+            .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
+    }
+    r.extensions_mut().insert(LoggedUser(user.clone()));
+    checked.add_headers(&mut r);
+    r
+}
+
+/// A cached answer, or the place to fill (with the lock's owner) when this
+/// request took the single-flight lock; `Ok(Err(None))` for a miss that
+/// another request is filling and that did not arrive in time. `first` is
+/// what the check's lookup found.
+pub(super) async fn from_cache(
+    st: &State,
+    route: &Route,
+    checked: &check::Checked,
+    req: &Request<Incoming>,
+    first: Result<Response<Body>, cache::Place>,
+) -> Result<Result<Response<Body>, Option<(cache::Place, String)>>, Response<Body>> {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uid = checked.uid.as_deref();
+    let hit = |mut r: Response<Body>| {
+        checked.add_headers(&mut r);
+        if let Some([user, ..]) = &checked.who {
+            r.extensions_mut().insert(LoggedUser(user.clone()));
+        }
+        r
+    };
+    let place = match first {
+        Ok(r) => return Ok(Ok(hit(r))),
+        Err(p) => p,
+    };
+    let owner = crate::secrets::nonce();
+    let (lock_ttl, wait) = route.fill_lock;
+    let wait_until = tokio::time::Instant::now() + wait;
+    match st
+        .store
+        .cache_lock(&place.url, &place.variant, &owner, lock_ttl)
+        .await
+    {
+        Ok(true) => return Ok(Err(Some((place, owner)))),
+        Ok(false) => {}
+        Err(e) => return Err(st.redis_down(&e)),
+    }
+    // Another request is asking the upstream: wait (bounded) for its
+    // answer, then ask the upstream ourselves.
+    while tokio::time::Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(r) = cache::lookup(st, &route.specs, uid, target, req.headers()).await? {
+            return Ok(Ok(hit(r)));
+        }
+    }
+    Ok(Err(None))
+}
