@@ -27,10 +27,11 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, h2::Error> {
     let started = std::time::Instant::now();
     let route_index = crate::metrics::route_index(req.uri().path());
-    let id = st.request_ids.for_request(req.headers());
+    let id_header = st.request_ids.for_request(req.headers());
+    let id = id_header.to_str().unwrap_or_default();
     let running = st
         .in_flight
-        .enter(req.method().as_str(), req.uri().path(), &id);
+        .enter(req.method().as_str(), req.uri().path(), id);
     // What the access line needs of the request, which the handler takes.
     let logged = st.access.as_ref().map(|_| Logged::of(&req, &st, peer));
     let hsts = req
@@ -40,7 +41,7 @@ pub(crate) async fn handle(
         .and_then(|t| t.hsts.clone());
     let mut abandoned = Abandoned(Some(&st));
     let mut resp = crate::response::REQUEST_ID
-        .scope(id.clone(), route(req, &st, peer, &id))
+        .scope(id_header.clone(), route(req, &st, peer, id))
         .await;
     abandoned.0 = None;
     drop(running);
@@ -78,7 +79,7 @@ pub(crate) async fn handle(
             duration: took,
             slot: st.slot,
             pid: st.pid,
-            request_id: &id,
+            request_id: id,
             user: resp.extensions().get::<LoggedUser>().map(|u| u.0.as_str()),
             referer: l.referer.as_deref(),
             user_agent: l.user_agent.as_deref(),
@@ -91,9 +92,7 @@ pub(crate) async fn handle(
         }
     }
     let headers = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    headers.insert(X_REQUEST_ID, id_header);
     headers.insert("x-forkd-pid", st.pid_header.clone());
     if let Some(v) = hsts {
         headers.insert(hyper::header::STRICT_TRANSPORT_SECURITY, v);
@@ -193,30 +192,42 @@ async fn route(
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let post = *req.method() == Method::POST;
     let get = *req.method() == Method::GET;
+    // The handlers that wait on Redis or an upstream are boxed: their
+    // state is large, and hyper moves the request's future once per
+    // request, so an unboxed one would cost every request (`/healthz`
+    // too) a copy of all of it.
     match req.uri().path() {
         "/healthz" if read => health::healthz(st),
-        "/readyz" if read => health::readyz(st).await,
+        "/readyz" if read => Box::pin(health::readyz(st)).await,
         "/metrics" if read => health::metrics(&req, st, peer),
         "/healthz" | "/readyz" | "/metrics" => method_not_allowed("GET, HEAD"),
-        "/login" if post => auth::login(req, st, peer).await,
-        "/logout" if post => auth::logout(req, st).await,
+        "/login" if post => Box::pin(auth::login(req, st, peer)).await,
+        "/logout" if post => Box::pin(auth::logout(req, st)).await,
         "/login" | "/logout" => method_not_allowed("POST"),
         // Every answer is the user's alone, never for a cache on the way.
         "/profile" if get => with_header(
-            proxy::forward(req, st, &st.routes, &st.routes.profile, peer, id).await,
+            Box::pin(proxy::forward(
+                req,
+                st,
+                &st.routes,
+                &st.routes.profile,
+                peer,
+                id,
+            ))
+            .await,
             CACHE_CONTROL,
             HeaderValue::from_static("private, no-store"),
         ),
         "/profile" => method_not_allowed("GET"),
         path if !path.is_empty() && path == st.settings.proxy.forward_auth_path => {
             if read {
-                proxy::forward_auth(req, st, peer).await
+                Box::pin(proxy::forward_auth(req, st, peer)).await
             } else {
                 method_not_allowed("GET, HEAD")
             }
         }
         path => match st.routes.find(path) {
-            Some(r) => proxy::forward(req, st, &st.routes, r, peer, id).await,
+            Some(r) => Box::pin(proxy::forward(req, st, &st.routes, r, peer, id)).await,
             None => not_found("There is no resource at this path."),
         },
     }

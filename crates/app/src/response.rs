@@ -13,7 +13,7 @@ pub(crate) use crate::body::Body;
 
 tokio::task_local! {
     /// The request id of the request being answered, for problem bodies.
-    pub(crate) static REQUEST_ID: String;
+    pub(crate) static REQUEST_ID: HeaderValue;
 }
 
 pub(crate) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -51,7 +51,7 @@ pub(crate) fn problem(status: StatusCode, kind: &str, detail: &str) -> Response<
     });
     // An extension member (RFC 9457 section 3.2), so that a client can
     // quote it and an operator find the access line and log.
-    if let Ok(id) = REQUEST_ID.try_with(String::clone) {
+    if let Ok(Some(id)) = REQUEST_ID.try_with(|v| v.to_str().ok().map(str::to_owned)) {
         body["request_id"] = serde_json::Value::from(id);
     }
     let mut r = json(status, &body);

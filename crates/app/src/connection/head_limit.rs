@@ -131,6 +131,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
+    /// hyper writes its heads and bodies together (writev) when the socket
+    /// can: its 431 is then a first slice that is the whole write.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if self.replaced || (first.len() == total && is_hyper_431(first)) {
+            return match self.poll_write(cx, first) {
+                Poll::Ready(Ok(_)) => Poll::Ready(Ok(total)),
+                other => other,
+            };
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         match this.drain(cx) {

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use hyper::header::HeaderName;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::HeaderMap;
 
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -37,16 +37,19 @@ impl RequestIds {
         }
     }
 
-    /// The request's id: the client's when valid, else a new one.
-    pub(crate) fn for_request(&self, headers: &HeaderMap) -> String {
+    /// The request's id, as the header it is echoed in: the client's
+    /// when valid (shared, not copied), else a new one.
+    pub(crate) fn for_request(&self, headers: &HeaderMap) -> HeaderValue {
         if let Some(id) = headers
             .get(X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| valid(v))
+            .filter(|v| v.to_str().is_ok_and(valid))
         {
-            return id.to_owned();
+            return id.clone();
         }
-        format!("{}-{:x}", self.prefix, self.next.fetch_add(1, Relaxed))
+        let made = format!("{}-{:x}", self.prefix, self.next.fetch_add(1, Relaxed));
+        // Hex digits and a dash: always a valid value.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(made))
+            .unwrap_or(HeaderValue::from_static("-"))
     }
 }
 
@@ -69,12 +72,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, "abc-123_x.y:z".parse().unwrap());
         assert_eq!(ids.for_request(&h), "abc-123_x.y:z");
+        let text = |v: HeaderValue| v.to_str().unwrap().to_owned();
         for bad in ["", "a b", "a\"b", "<script>", &"x".repeat(MAX_LEN + 1)] {
             let mut h = HeaderMap::new();
             if let Ok(v) = bad.parse() {
                 h.insert(X_REQUEST_ID, v);
             }
-            let made = ids.for_request(&h);
+            let made = text(ids.for_request(&h));
             assert_ne!(made, bad);
             assert!(valid(&made), "{made}");
         }
