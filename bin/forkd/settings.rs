@@ -200,11 +200,7 @@ pub(crate) fn app_settings(
         build: build_id().to_owned(),
         metrics_allow: matcher(c.metrics.allow.clone()),
         workers: c.workers,
-        on_redis_error: match c.rate_limit.on_redis_error {
-            forkd_config::OnRedisError::FailOpen => forkd_app::OnRedisError::FailOpen,
-            forkd_config::OnRedisError::FailClosed => forkd_app::OnRedisError::FailClosed,
-            forkd_config::OnRedisError::Local => forkd_app::OnRedisError::Local,
-        },
+        on_redis_error: c.rate_limit.on_redis_error,
         store: store_config(c),
         auth: forkd_app::AuthSettings {
             cost: hash_cost(c),
@@ -312,15 +308,8 @@ fn route(
 ) -> forkd_app::RouteSettings {
     forkd_app::RouteSettings {
         prefix: r.prefix.clone(),
-        upstream: match &r.upstream {
-            forkd_config::Upstream::Tcp(a) => forkd_app::UpstreamAddr::Tcp(a.clone()),
-            forkd_config::Upstream::Unix(p) => forkd_app::UpstreamAddr::Unix(p.clone()),
-        },
-        auth: match r.auth {
-            forkd_config::RouteAuth::Required => forkd_app::RouteAuth::Required,
-            forkd_config::RouteAuth::Optional => forkd_app::RouteAuth::Optional,
-            forkd_config::RouteAuth::None => forkd_app::RouteAuth::None,
-        },
+        upstream: Some(r.upstream.clone()),
+        auth: r.auth,
         strip_prefix: r.strip_prefix,
         connect_timeout: r.connect_timeout,
         timeout: r.timeout,

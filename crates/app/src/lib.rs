@@ -75,6 +75,7 @@ use std::time::Duration;
 pub use access::{AccessFormat, AccessSettings};
 pub use connection::tickets::TicketKeys;
 pub use connection::tls::{CertificateInfo, Identity};
+pub use forkd_config::{OnRedisError, RouteAuth, Upstream};
 pub use forkd_store::{Policy, StoreConfig};
 pub use hyper::header::{HeaderName, HeaderValue};
 pub use metrics::{
@@ -155,41 +156,14 @@ pub struct Http2Settings {
     pub max_concurrent_streams: u32,
 }
 
-/// Who may use a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteAuth {
-    Required,
-    Optional,
-    None,
-}
-
-/// Where a route's requests go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamAddr {
-    /// `HOST:PORT`.
-    Tcp(String),
-    Unix(std::path::PathBuf),
-    /// None: a built-in route (`/profile` without `profile.origin`) that
-    /// answers itself.
-    None,
-}
-
-impl std::fmt::Display for UpstreamAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamAddr::Tcp(a) => write!(f, "http://{a}"),
-            UpstreamAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-            UpstreamAddr::None => f.write_str("none"),
-        }
-    }
-}
-
 /// One `[[route]]`.
 #[derive(Debug, Clone)]
 pub struct RouteSettings {
     /// '/' then segments, no trailing '/'.
     pub prefix: String,
-    pub upstream: UpstreamAddr,
+    /// None: a built-in route (`/profile` without `profile.origin`) that
+    /// answers itself.
+    pub upstream: Option<Upstream>,
     pub auth: RouteAuth,
     pub strip_prefix: bool,
     pub connect_timeout: Duration,
@@ -262,15 +236,6 @@ pub struct SupervisorGauges {
     pub accept_backlog: u64,
     /// Workers recycled so far, by reason.
     pub recycles: Vec<(&'static str, u64)>,
-}
-
-/// What a rate limit does when Redis cannot answer it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnRedisError {
-    FailOpen,
-    FailClosed,
-    /// limit / workers, in each worker's memory.
-    Local,
 }
 
 /// Login and session settings.

@@ -60,7 +60,7 @@ pub(crate) async fn handle(
             .and_then(|r| r.index)
             .and_then(|i| st.settings.routes.get(i));
         let upstream = match (configured, routed) {
-            (Some(r), _) => Some(r.upstream.to_string()),
+            (Some(r), _) => r.upstream.as_ref().map(ToString::to_string),
             (None, Some(_)) => st
                 .settings
                 .profile

@@ -16,16 +16,16 @@ use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 
-use crate::UpstreamAddr;
+use crate::Upstream;
 
 #[derive(Clone)]
 pub(crate) struct Connector {
-    target: Arc<UpstreamAddr>,
+    target: Arc<Option<Upstream>>,
     timeout: Duration,
 }
 
 impl Connector {
-    pub(crate) fn new(target: UpstreamAddr, timeout: Duration) -> Self {
+    pub(crate) fn new(target: Option<Upstream>, timeout: Duration) -> Self {
         Connector {
             target: Arc::new(target),
             timeout,
@@ -54,16 +54,16 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let connect = async {
                 match &*target {
-                    UpstreamAddr::Tcp(addr) => {
+                    Some(Upstream::Tcp(addr)) => {
                         let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
                         let _ = s.set_nodelay(true);
                         Ok(Stream::Tcp(TokioIo::new(s)))
                     }
-                    UpstreamAddr::Unix(path) => {
+                    Some(Upstream::Unix(path)) => {
                         let s = tokio::net::UnixStream::connect(PathBuf::from(path)).await?;
                         Ok(Stream::Unix(TokioIo::new(s)))
                     }
-                    UpstreamAddr::None => Err(io::Error::new(
+                    None => Err(io::Error::new(
                         io::ErrorKind::NotConnected,
                         "the route has no upstream",
                     )),

@@ -13,7 +13,7 @@ use super::connect::Connector;
 use crate::body::Body;
 use crate::{
     Host, PolicyBucket, ProfileSettings, ProxySettings, RouteAuth, RouteCache, RoutePolicy,
-    RouteSettings, UpstreamAddr,
+    RouteSettings, Upstream,
 };
 
 pub(crate) type Pool = Client<Connector, Body>;
@@ -94,7 +94,7 @@ impl Routes {
             upstream: profile
                 .origin
                 .clone()
-                .map_or(UpstreamAddr::None, UpstreamAddr::Tcp),
+                .map(Upstream::Tcp),
             auth: RouteAuth::Required,
             strip_prefix: false,
             connect_timeout: profile.origin_timeout,
@@ -219,8 +219,8 @@ fn matches(prefix: &str, path: &str) -> bool {
 impl Route {
     fn new(cfg: &RouteSettings, proxy: &ProxySettings) -> Self {
         let authority = match &cfg.upstream {
-            UpstreamAddr::Tcp(a) => a.clone(),
-            UpstreamAddr::Unix(_) | UpstreamAddr::None => "localhost".to_owned(),
+            Some(Upstream::Tcp(a)) => a.clone(),
+            Some(Upstream::Unix(_)) | None => "localhost".to_owned(),
         };
         let pool = |retry: bool| {
             Client::builder(TokioExecutor::new())
@@ -292,7 +292,11 @@ impl Route {
                 std::sync::Arc::new(crate::body::UpstreamBody {
                     host: host.clone(),
                     prefix: self.cfg.prefix.clone(),
-                    upstream: self.cfg.upstream.to_string(),
+                    upstream: self
+                        .cfg
+                        .upstream
+                        .as_ref()
+                        .map_or("none".into(), ToString::to_string),
                     warnings: Default::default(),
                 })
             })
