@@ -1310,3 +1310,22 @@ fn the_profile_origin_is_reached_through_the_pooled_client() {
     assert_eq!(count(&origin.requests), 3);
     assert_eq!(count(&origin.connections), 1, "one kept-alive connection");
 }
+
+/// `profile.cache_ttl` between whole seconds is kept as written (less up
+/// to 10 % jitter), not cut to whole seconds by the route cache.
+#[test]
+fn a_fractional_profile_cache_ttl_is_kept() {
+    let redis = RedisServer::start();
+    let f = Forkd::start_with_redis(&redis, "workers = 1\n[profile]\ncache_ttl = 1.9\n");
+    f.add_user("fay", PW);
+    let t = token(f.port, "fay", PW);
+    assert_eq!(profile(f.port, &t).unwrap().header("x-cache"), Some("miss"));
+    let key = redis
+        .keys()
+        .into_iter()
+        .find(|k| k.contains(":cache:/profile#"))
+        .expect("the profile's entry");
+    let ttl: i64 = redis.raw(&["PTTL", &key])[0].trim().parse().unwrap();
+    // At least 1.71 s when made; whole seconds would have made it 1 s.
+    assert!((1_001..=1_900).contains(&ttl), "{ttl}");
+}

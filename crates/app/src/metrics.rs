@@ -81,10 +81,12 @@ fn route_base(label: Label) -> Option<usize> {
         .map(|i| MORE_AT + i * PER_ROUTE)
 }
 
-/// Counts a cache hit or miss of the route of `label`.
+/// Counts a cache hit or miss of the route of `label`: `/profile`'s, or
+/// a labelled route's (a route past [`LABELLED_ROUTES`] has no series).
 pub(crate) fn count_cache(host: &dyn Host, label: Label, hit: bool) {
     let k = match route_base(label) {
         Some(base) => base + if hit { ROUTE_HITS } else { ROUTE_MISSES },
+        None if label != builtin("profile") => return,
         None if hit => CACHE_HITS,
         None => CACHE_MISSES,
     };

@@ -180,6 +180,16 @@ impl Store {
         Ok(())
     }
 
+    /// Gives back, best effort, the places earlier calls of one check
+    /// took (one call per slot group); a failure is logged.
+    async fn refund_taken(&self, taken: &[(Vec<String>, Vec<Policy>)]) {
+        for (keys, policies) in taken {
+            if let Err(e) = self.refund_keys(keys.clone(), policies).await {
+                log::warn!("cannot give back rate-limit places: {e}");
+            }
+        }
+    }
+
     /// One refund call for keys of one slot.
     async fn refund_keys(&self, keys: Vec<String>, policies: &[Policy]) -> Result<()> {
         let args: Vec<Value> = policies
@@ -251,15 +261,24 @@ impl Store {
                 }
                 None => args.push(0i64.into()),
             }
-            let reply: Vec<Value> = self.run(scripts::route_check(), keys, args).await?;
+            let reply: Vec<Value> = match self.run(scripts::route_check(), keys, args).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // The earlier slots' places would stay taken for a
+                    // request that is not answered by these limits.
+                    self.refund_taken(&taken).await;
+                    return Err(e);
+                }
+            };
             let int = |i: usize| reply.get(i).and_then(Value::as_i64).unwrap_or(0);
             match int(0) {
                 0 => return Ok(RouteCheck::Unauthenticated),
                 1 | 2 => {}
                 other => {
+                    self.refund_taken(&taken).await;
                     return Err(StoreError::Protocol(format!(
                         "route check returned {other}"
-                    )))
+                    )));
                 }
             }
             if with_session {
@@ -276,15 +295,17 @@ impl Store {
                 ));
             }
             if int(0) == 2 {
-                for (keys, policies) in &taken {
-                    self.refund_keys(keys.clone(), policies).await?;
-                }
+                // Refused: what the earlier calls took goes back. A
+                // refund that fails leaves the refusal a refusal.
+                self.refund_taken(&taken).await;
                 break;
             }
-            taken.push((
-                limit_keys,
-                members.iter().map(|&i| limits[i].policy).collect(),
-            ));
+            if !members.is_empty() {
+                taken.push((
+                    limit_keys,
+                    members.iter().map(|&i| limits[i].policy).collect(),
+                ));
+            }
             let rest = &reply[(3 + 4 * members.len()).min(reply.len())..];
             if probing.is_some() {
                 probed = Some(CacheLookup::from_reply(rest));

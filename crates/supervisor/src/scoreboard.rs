@@ -176,7 +176,8 @@ impl Scoreboard {
         }
     }
 
-    /// Maps the scoreboard an upgrade handed over.
+    /// Maps the scoreboard an upgrade handed over; its further counters
+    /// start again from zero.
     ///
     /// The cells must be where this build expects them: a build whose cells
     /// are larger than the previous one's is refused (EINVAL), and the
@@ -189,7 +190,11 @@ impl Scoreboard {
             return Err(nix::errno::Errno::EINVAL);
         }
         let map = SharedMapping::from_fd(fd, mapping_len(cells))?;
-        Ok(Self::with_map(map, cells))
+        let board = Self::with_map(map, cells);
+        // What the further counters are per may differ in this build or
+        // this configuration: they start again from zero.
+        board.restart_more_counters();
+        Ok(board)
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {

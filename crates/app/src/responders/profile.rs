@@ -21,7 +21,9 @@ pub(crate) async fn answer(st: &State, route: &Route, uid: &str, user: &str) -> 
         Ok(p) => p,
         Err(r) => return r,
     };
-    let ttl = st.settings.profile.cache_ttl.as_secs().max(1);
+    // Whole seconds, rounded up: the route's `max_ttl` (cache_ttl itself)
+    // cuts it to the exact figure, 0.1 s included.
+    let ttl = (st.settings.profile.cache_ttl.as_secs_f64().ceil() as u64).max(1);
     with_header(
         json_text(StatusCode::OK, profile),
         CACHE_CONTROL,

@@ -91,10 +91,7 @@ impl Routes {
         let settings = profile;
         let profile = RouteSettings {
             prefix: "/profile".into(),
-            upstream: profile
-                .origin
-                .clone()
-                .map(Upstream::Tcp),
+            upstream: profile.origin.clone().map(Upstream::Tcp),
             auth: RouteAuth::Required,
             strip_prefix: false,
             connect_timeout: profile.origin_timeout,
