@@ -1311,12 +1311,13 @@ fn the_profile_origin_is_reached_through_the_pooled_client() {
     assert_eq!(count(&origin.connections), 1, "one kept-alive connection");
 }
 
-/// `profile.cache_ttl` between whole seconds is kept as written (less up
-/// to 10 % jitter), not cut to whole seconds by the route cache.
+/// `/profile` keeps one entry per user, whatever query a request adds
+/// (the responder reads none), for `profile.cache_ttl` as written (less
+/// up to 10 % jitter), not cut to whole seconds by the route cache.
 #[test]
-fn a_fractional_profile_cache_ttl_is_kept() {
+fn the_profile_entry_is_one_per_user_for_its_cache_ttl() {
     let redis = RedisServer::start();
-    let f = Forkd::start_with_redis(&redis, "workers = 1\n[profile]\ncache_ttl = 1.9\n");
+    let f = Forkd::start_with_redis(&redis, "workers = 1\n[profile]\ncache_ttl = 2.9\n");
     f.add_user("fay", PW);
     let t = token(f.port, "fay", PW);
     assert_eq!(profile(f.port, &t).unwrap().header("x-cache"), Some("miss"));
@@ -1326,6 +1327,17 @@ fn a_fractional_profile_cache_ttl_is_kept() {
         .find(|k| k.contains(":cache:/profile#"))
         .expect("the profile's entry");
     let ttl: i64 = redis.raw(&["PTTL", &key])[0].trim().parse().unwrap();
-    // At least 1.71 s when made; whole seconds would have made it 1 s.
-    assert!((1_001..=1_900).contains(&ttl), "{ttl}");
+    // At least 2.61 s when made; whole seconds would have made it 2 s.
+    assert!((2_001..=2_900).contains(&ttl), "{ttl}");
+    for query in ["/profile?a=1", "/profile?b=2"] {
+        let r = request(f.port, "GET", query, &[("Authorization", &bearer(&t))], b"").unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-cache"), Some("hit"), "{query}");
+    }
+    let entries = redis
+        .keys()
+        .into_iter()
+        .filter(|k| k.contains(":cache:/profile"))
+        .count();
+    assert_eq!(entries, 1);
 }

@@ -99,7 +99,7 @@ pub(crate) async fn check(
         let t = session_token(req.headers(), method, st)?;
         Some((t.uid, t.hash))
     };
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = route.map_or("/", |r| r.cache_target(req.uri()));
     let place = cache.and_then(|specs| match &token {
         Some((uid, _)) => Some(cache::place(specs, st, Some(uid), target, req.headers())),
         None if anonymous => Some(cache::place(specs, st, None, target, req.headers())),

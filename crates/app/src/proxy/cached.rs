@@ -56,7 +56,7 @@ pub(super) async fn from_cache(
     req: &Request<Incoming>,
     first: Result<Response<Body>, cache::Place>,
 ) -> Result<Result<Response<Body>, Option<(cache::Place, String)>>, Response<Body>> {
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = route.cache_target(req.uri());
     let uid = checked.uid.as_deref();
     let hit = |mut r: Response<Body>| {
         checked.add_headers(&mut r);

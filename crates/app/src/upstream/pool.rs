@@ -254,6 +254,16 @@ impl Route {
         }
     }
 
+    /// What the route's cache keys an answer by: the path and query, or
+    /// for a built-in responder, which reads no query, the path alone (so
+    /// that `/profile?x=1`, `?x=2`, ... are one entry, one load).
+    pub(crate) fn cache_target<'a>(&self, uri: &'a hyper::Uri) -> &'a str {
+        match self.builtin {
+            Some(_) => uri.path(),
+            None => uri.path_and_query().map_or("/", |p| p.as_str()),
+        }
+    }
+
     /// 502 for the upstream's own failure (`cause`, for the log), counted.
     pub(crate) fn bad_gateway(&self, host: &Arc<dyn Host>, cause: &str, detail: &str) -> Answer {
         self.failure(host, false, cause, detail)
