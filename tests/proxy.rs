@@ -1341,3 +1341,34 @@ fn the_profile_entry_is_one_per_user_for_its_cache_ttl() {
         .count();
     assert_eq!(entries, 1);
 }
+
+/// A cached route's fill that fails (the upstream refuses) leaves no
+/// single-flight lock behind, so the next request for the entry asks the
+/// upstream at once rather than waiting out a fill that will never come.
+/// (Before, the lock stayed its whole lifetime: twice the route's
+/// timeout, 61 s here.)
+#[test]
+fn a_failed_fill_releases_its_lock() {
+    let redis = RedisServer::start();
+    let closed = free_port();
+    let f = Forkd::start_with_redis(
+        &redis,
+        &format!(
+            "workers = 1\n[[route]]\nprefix = \"/c\"\nupstream = \"http://127.0.0.1:{closed}\"\n\
+             auth = \"none\"\ncache = true\n"
+        ),
+    );
+    assert_eq!(get(f.port, "/c/x").unwrap().status, 502);
+    let locks = || {
+        redis
+            .keys()
+            .into_iter()
+            .filter(|k| k.contains(":cachelock:"))
+            .count()
+    };
+    poll(Duration::from_secs(10), || (locks() == 0).then_some(()))
+        .expect("the fill's lock is released");
+    // And the next request is answered by the upstream's failure, not
+    // after another's wait: it takes the lock itself.
+    assert_eq!(get(f.port, "/c/x").unwrap().status, 502);
+}

@@ -13,8 +13,9 @@ use crate::upstream::Route;
 /// The answer to a request that took the cache lock (the upstream's, or a
 /// built-in responder's): stored when it may be and fits, with up to 10 %
 /// less time than it allows (so that entries made together do not expire
-/// together), and answered either way (`x-cache: miss`); then the lock
-/// is released. `stream` passes on an answer that is not kept.
+/// together), and answered either way (`x-cache: miss`). `stream`
+/// passes on an answer that is not kept. The lock is released by its
+/// holder's guard (`proxy::cached::Unlock`), however the request ends.
 pub(crate) async fn fill_cache<B>(
     st: &State,
     route: &Route,
@@ -27,68 +28,56 @@ pub(crate) async fn fill_cache<B>(
 where
     B: hyper::body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Unpin,
 {
-    let r = async {
-        let Some(limits) = route.cfg.cache else {
-            return Response::from_parts(parts, stream(body));
-        };
-        let miss = |mut r: Response<Body>| {
-            r.headers_mut()
-                .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
-            r
-        };
-        // The length the answer declared (an upstream's `Content-Length`), or
-        // the one a built-in answer has.
-        let length = hyper::body::Body::size_hint(&body).exact();
-        let keep = cache::storable(parts.status, &parts.headers, fill.0.shared, limits.max_ttl)
-            .filter(|_| length.is_some_and(|n| n <= limits.max_bytes));
-        let Some((ttl, spec)) = keep else {
-            return miss(Response::from_parts(parts, stream(body)));
-        };
-        let ttl = cache::jittered(ttl);
-        let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(
-            body,
-            limits.max_bytes as usize,
-        ));
-        let bytes = match tokio::time::timeout(route.cfg.timeout, read).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) => {
-                return route.bad_gateway(
-                    &st.host,
-                    &format!("the answer broke off during a cache fill: {e}"),
-                    "The upstream service broke off its answer.",
-                );
-            }
-            Err(_) => {
-                return route.gateway_timeout(
-                    &st.host,
-                    &format!(
+    let Some(limits) = route.cfg.cache else {
+        return Response::from_parts(parts, stream(body));
+    };
+    let miss = |mut r: Response<Body>| {
+        r.headers_mut()
+            .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
+        r
+    };
+    // The length the answer declared (an upstream's `Content-Length`), or
+    // the one a built-in answer has.
+    let length = hyper::body::Body::size_hint(&body).exact();
+    let keep = cache::storable(parts.status, &parts.headers, fill.0.shared, limits.max_ttl)
+        .filter(|_| length.is_some_and(|n| n <= limits.max_bytes));
+    let Some((ttl, spec)) = keep else {
+        return miss(Response::from_parts(parts, stream(body)));
+    };
+    let ttl = cache::jittered(ttl);
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        limits.max_bytes as usize,
+    ));
+    let bytes = match tokio::time::timeout(route.cfg.timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            return route.bad_gateway(
+                &st.host,
+                &format!("the answer broke off during a cache fill: {e}"),
+                "The upstream service broke off its answer.",
+            );
+        }
+        Err(_) => {
+            return route.gateway_timeout(
+                &st.host,
+                &format!(
                     "the answer did not end within the route's timeout ({:?}) during a cache fill",
                     route.cfg.timeout
                 ),
-                    "The upstream service did not finish its answer in time.",
-                )
-            }
-        };
-        cache::store(
-            st,
-            &route.specs,
-            &fill.0,
-            &spec,
-            request_headers,
-            (&parts.status, &parts.headers, &bytes),
-            ttl,
-        )
-        .await;
-        miss(Response::from_parts(parts, Body::new(bytes)))
-    }
+                "The upstream service did not finish its answer in time.",
+            )
+        }
+    };
+    cache::store(
+        st,
+        &route.specs,
+        &fill.0,
+        &spec,
+        request_headers,
+        (&parts.status, &parts.headers, &bytes),
+        ttl,
+    )
     .await;
-    let (place, owner) = fill;
-    if let Err(e) = st
-        .store
-        .cache_unlock(&place.url, &place.variant, owner)
-        .await
-    {
-        log::debug!("cannot release a cache lock: {e}");
-    }
-    r
+    miss(Response::from_parts(parts, Body::new(bytes)))
 }

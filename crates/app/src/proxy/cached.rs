@@ -2,6 +2,7 @@
 //! and the wait for another request's answer, and a built-in responder's
 //! answer filled like an upstream's.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -90,4 +91,48 @@ pub(super) async fn from_cache(
         }
     }
     Ok(Err(None))
+}
+
+/// Releases the cache fill's single-flight lock once the request that
+/// took it is done, however it ends: answered, refused, failed upstream,
+/// or dropped with its client. Without it, an early end would leave the
+/// lock for its whole lifetime (twice the route's timeout), and every
+/// request for the entry would wait out its bounded wait first.
+pub(super) struct Unlock {
+    st: Arc<State>,
+    url: forkd_store::CacheUrl,
+    variant: String,
+    owner: String,
+}
+
+impl Unlock {
+    pub(super) fn new(st: &Arc<State>, place: &cache::Place, owner: &str) -> Unlock {
+        Unlock {
+            st: st.clone(),
+            url: place.url.clone(),
+            variant: place.variant.clone(),
+            owner: owner.to_owned(),
+        }
+    }
+}
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        // A worker's runtime always runs its requests; at its very end the
+        // lock's own expiry releases it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let st = self.st.clone();
+        let (url, variant, owner) = (
+            self.url.clone(),
+            std::mem::take(&mut self.variant),
+            std::mem::take(&mut self.owner),
+        );
+        runtime.spawn(async move {
+            if let Err(e) = st.store.cache_unlock(&url, &variant, &owner).await {
+                log::debug!("cannot release a cache lock: {e}");
+            }
+        });
+    }
 }

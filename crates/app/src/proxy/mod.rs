@@ -109,6 +109,10 @@ async fn forward_to(
             Err(r) => return r,
         }
     }
+    // The fill's lock goes back when this request is done with it.
+    let _unlock = filling
+        .as_ref()
+        .map(|(place, owner)| cached::Unlock::new(st, place, owner));
     if route.builtin.is_some() {
         let asked = std::time::Instant::now();
         let r = builtin(st, route, &checked, req.headers(), cacheable, filling).await;
