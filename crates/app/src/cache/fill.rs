@@ -14,12 +14,13 @@ use crate::upstream::Route;
 /// built-in responder's): stored when it may be and fits, with up to 10 %
 /// less time than it allows (so that entries made together do not expire
 /// together), and answered either way (`x-cache: miss`). `stream`
-/// passes on an answer that is not kept. The lock is released by its
-/// holder's guard (`proxy::cached::Unlock`), however the request ends.
+/// passes on an answer that is not kept. The lock is released by the
+/// guard that holds it (`proxy::cached::Unlock`), however the request
+/// ends.
 pub(crate) async fn fill_cache<B>(
     st: &State,
     route: &Route,
-    fill: &(cache::Place, String),
+    place: &cache::Place,
     request_headers: &hyper::HeaderMap,
     parts: hyper::http::response::Parts,
     body: B,
@@ -39,7 +40,7 @@ where
     // The length the answer declared (an upstream's `Content-Length`), or
     // the one a built-in answer has.
     let length = hyper::body::Body::size_hint(&body).exact();
-    let keep = cache::storable(parts.status, &parts.headers, fill.0.shared, limits.max_ttl)
+    let keep = cache::storable(parts.status, &parts.headers, place.shared, limits.max_ttl)
         .filter(|_| length.is_some_and(|n| n <= limits.max_bytes));
     let Some((ttl, spec)) = keep else {
         return miss(Response::from_parts(parts, stream(body)));
@@ -72,7 +73,7 @@ where
     cache::store(
         st,
         &route.specs,
-        &fill.0,
+        place,
         &spec,
         request_headers,
         (&parts.status, &parts.headers, &bytes),

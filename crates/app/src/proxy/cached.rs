@@ -24,7 +24,7 @@ pub(super) async fn builtin(
     checked: &check::Checked,
     request_headers: &hyper::HeaderMap,
     cacheable: bool,
-    filling: Option<(cache::Place, String)>,
+    filling: Option<Unlock>,
 ) -> Response<Body> {
     let (Some([user, ..]), Some(uid)) = (&checked.who, &checked.uid) else {
         return crate::gate::auth::invalid_token();
@@ -33,7 +33,7 @@ pub(super) async fn builtin(
     let mut r = match filling {
         Some(fill) => {
             let (parts, body) = answer.into_parts();
-            fill_cache(st, route, &fill, request_headers, parts, body, |b| b).await
+            fill_cache(st, route, &fill.place, request_headers, parts, body, |b| b).await
         }
         None => answer,
     };
@@ -46,17 +46,17 @@ pub(super) async fn builtin(
     r
 }
 
-/// A cached answer, or the place to fill (with the lock's owner) when this
-/// request took the single-flight lock; `Ok(Err(None))` for a miss that
-/// another request is filling and that did not arrive in time. `first` is
-/// what the check's lookup found.
+/// A cached answer, or the place to fill (its lock held until the guard
+/// drops) when this request took the single-flight lock; `Ok(Err(None))`
+/// for a miss that another request is filling and that did not arrive in
+/// time. `first` is what the check's lookup found.
 pub(super) async fn from_cache(
-    st: &State,
+    st: &Arc<State>,
     route: &Route,
     checked: &check::Checked,
     req: &Request<Incoming>,
     first: Result<Response<Body>, cache::Place>,
-) -> Result<Result<Response<Body>, Option<(cache::Place, String)>>, Response<Body>> {
+) -> Result<Result<Response<Body>, Option<Unlock>>, Response<Body>> {
     let target = route.cache_target(req.uri());
     let uid = checked.uid.as_deref();
     let hit = |mut r: Response<Body>| {
@@ -78,7 +78,13 @@ pub(super) async fn from_cache(
         .cache_lock(&place.url, &place.variant, &owner, lock_ttl)
         .await
     {
-        Ok(true) => return Ok(Err(Some((place, owner)))),
+        Ok(true) => {
+            return Ok(Err(Some(Unlock {
+                st: st.clone(),
+                place,
+                owner,
+            })))
+        }
         Ok(false) => {}
         Err(e) => return Err(st.redis_down(&e)),
     }
@@ -93,27 +99,16 @@ pub(super) async fn from_cache(
     Ok(Err(None))
 }
 
-/// Releases the cache fill's single-flight lock once the request that
-/// took it is done, however it ends: answered, refused, failed upstream,
-/// or dropped with its client. Without it, an early end would leave the
-/// lock for its whole lifetime (twice the route's timeout), and every
-/// request for the entry would wait out its bounded wait first.
+/// The place a request fills, with the single-flight lock it took: the
+/// lock goes back when the request is done with it, however it ends
+/// (answered, refused, failed upstream, or dropped with its client).
+/// Without that, an early end would leave the lock for its whole lifetime
+/// (twice the route's timeout), and every request for the entry would
+/// wait out its bounded wait first.
 pub(super) struct Unlock {
     st: Arc<State>,
-    url: forkd_store::CacheUrl,
-    variant: String,
+    pub(super) place: cache::Place,
     owner: String,
-}
-
-impl Unlock {
-    pub(super) fn new(st: &Arc<State>, place: &cache::Place, owner: &str) -> Unlock {
-        Unlock {
-            st: st.clone(),
-            url: place.url.clone(),
-            variant: place.variant.clone(),
-            owner: owner.to_owned(),
-        }
-    }
 }
 
 impl Drop for Unlock {
@@ -125,8 +120,8 @@ impl Drop for Unlock {
         };
         let st = self.st.clone();
         let (url, variant, owner) = (
-            self.url.clone(),
-            std::mem::take(&mut self.variant),
+            self.place.url.clone(),
+            std::mem::take(&mut self.place.variant),
             std::mem::take(&mut self.owner),
         );
         runtime.spawn(async move {

@@ -109,10 +109,6 @@ async fn forward_to(
             Err(r) => return r,
         }
     }
-    // The fill's lock goes back when this request is done with it.
-    let _unlock = filling
-        .as_ref()
-        .map(|(place, owner)| cached::Unlock::new(st, place, owner));
     if route.builtin.is_some() {
         let asked = std::time::Instant::now();
         let r = builtin(st, route, &checked, req.headers(), cacheable, filling).await;
@@ -278,7 +274,7 @@ async fn forward_to(
         (Some(fill), Some(h)) => {
             let watch = route.watch(&st.host);
             let stream = move |b| Body::Stream(b, watch, None);
-            fill_cache(st, route, &fill, &h, parts, body, stream).await
+            fill_cache(st, route, &fill.place, &h, parts, body, stream).await
         }
         _ => {
             let mut r = Response::from_parts(
