@@ -76,9 +76,13 @@ pub(crate) fn builtin_name(label: Label) -> &'static str {
 
 /// The first counter of a configured route's label.
 fn route_base(label: Label) -> Option<usize> {
-    label
-        .checked_sub(ROUTES.len())
-        .map(|i| MORE_AT + i * PER_ROUTE)
+    label.checked_sub(ROUTES.len()).map(labelled_route)
+}
+
+/// The first counter of the labelled route at `index` in the
+/// configuration.
+fn labelled_route(index: usize) -> usize {
+    MORE_AT + index * PER_ROUTE
 }
 
 /// Counts a cache hit or miss of the route of `label`: `/profile`'s, or
@@ -144,7 +148,7 @@ pub(crate) fn render(
             labelled
                 .iter()
                 .enumerate()
-                .map(|(i, (prefix, _))| (*prefix, MORE_AT + i * PER_ROUTE)),
+                .map(|(i, (prefix, _))| (*prefix, labelled_route(i))),
         );
     for (route, first) in all {
         for class in 0..5 {
@@ -178,7 +182,7 @@ pub(crate) fn render(
                     out,
                     "forkd_cache_{name}_total{{route=\"{}\"}} {}",
                     label_value(prefix),
-                    get(MORE_AT + i * PER_ROUTE + offset)
+                    get(labelled_route(i) + offset)
                 );
             }
         }
