@@ -10,7 +10,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL};
 use hyper::{Response, StatusCode};
 
 use crate::responders::origin::{self, OriginError};
-use crate::response::{json_text, not_found, problem, with_header, Body};
+use crate::response::{json_text, not_found, with_header, Body};
 use crate::state::State;
 use crate::upstream::Route;
 
@@ -37,14 +37,11 @@ async fn load(st: &State, route: &Route, uid: &str, user: &str) -> Result<String
     if st.settings.profile.origin.is_some() {
         return origin::fetch(route, user).await.map_err(|e| match e {
             OriginError::NotFound => not_found("There is no profile for this user."),
-            OriginError::Failed(why) => {
-                route.watch(&st.host).failed(false, &why);
-                problem(
-                    StatusCode::BAD_GATEWAY,
-                    "bad-gateway",
-                    "The profile service did not answer properly.",
-                )
-            }
+            OriginError::Failed(why) => route.bad_gateway(
+                &st.host,
+                &why,
+                "The profile service did not answer properly.",
+            ),
         });
     }
     let record = match st.store.user(user).await {
