@@ -48,20 +48,17 @@ impl UpstreamBody {
             false => crate::metrics::UPSTREAM_FAILED,
         };
         self.host.count(counter, 1);
-        match self.warnings[usize::from(timeout)].pass() {
-            Some(0) => log::warn!(
+        let kind = match timeout {
+            true => "of this route's upstream timeouts",
+            false => "of this route's upstream failures",
+        };
+        self.warnings[usize::from(timeout)].warn(
+            format_args!(
                 "route {}: upstream {} failed: {cause}",
-                self.prefix,
-                self.upstream
+                self.prefix, self.upstream
             ),
-            Some(held) => log::warn!(
-                "route {}: upstream {} failed: {cause} ({held} more of this route's upstream {} since the last line)",
-                self.prefix,
-                self.upstream,
-                if timeout { "timeouts" } else { "failures" }
-            ),
-            None => {}
-        }
+            kind,
+        );
     }
 }
 

@@ -21,6 +21,16 @@ impl LogGate {
         self.pass_at(Instant::now())
     }
 
+    /// Logs `line` at warn when a line may be logged now, with how many
+    /// lines of its `kind` (plural) were held back since the last one.
+    pub(crate) fn warn(&self, line: std::fmt::Arguments<'_>, kind: &str) {
+        match self.pass() {
+            Some(0) => log::warn!("{line}"),
+            Some(held) => log::warn!("{line} ({held} more {kind} since the last line)"),
+            None => {}
+        }
+    }
+
     fn pass_at(&self, now: Instant) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match s.0 {

@@ -100,11 +100,8 @@ impl State {
     /// A Redis failure, counted, and logged at most once a while.
     pub(crate) fn redis_error(&self, e: &StoreError) {
         self.host.count(metrics::REDIS_ERRORS, 1);
-        match self.redis_warnings.pass() {
-            Some(0) => log::warn!("{e}"),
-            Some(held) => log::warn!("{e} ({held} more Redis errors since the last line)"),
-            None => {}
-        }
+        self.redis_warnings
+            .warn(format_args!("{e}"), "Redis errors");
     }
 
     /// The 503 for a Redis failure, counted, and logged at most once a

@@ -136,9 +136,10 @@ pub(crate) async fn give_back(st: &State, limits: &[Limit], taken: &Taken, uid: 
         }
         Held::Redis => {
             if let Err(e) = st.store.refund_limits(limits, uid).await {
-                if let Some(held) = st.redis_warnings.pass() {
-                    log::warn!("cannot give back rate-limit places: {e} ({held} more held back)");
-                }
+                st.redis_warnings.warn(
+                    format_args!("cannot give back rate-limit places: {e}"),
+                    "Redis errors",
+                );
             }
         }
     }
