@@ -65,11 +65,6 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// line's end, so that workers sharing it never interleave inside a line.
 const PIPE_CHUNK: usize = 4096;
 
-/// The user a handler authenticated, put in the response's extensions for
-/// the access log (extensions are never sent).
-#[derive(Debug, Clone)]
-pub(crate) struct LoggedUser(pub String);
-
 /// Which route answered and what its upstream did, put in the response's
 /// extensions by the proxy for the metrics and the access log.
 #[derive(Debug, Clone, Copy)]

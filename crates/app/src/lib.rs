@@ -28,11 +28,14 @@
 //!    `origin`), the redirect to HTTPS (`redirect`).
 //! 8. `state`: what every handler of one worker shares.
 //! 9. `upstream`: the routes' settings, pooled clients and connector.
-//! 10. `request`: the request context: the head's rules (`head`), the
+//! 10. `request`: the request context (`Context`, made once per request:
+//!     its id, the client's address, TLS, the user for the log): the
+//!     head's rules (`head`), the
 //!     request id (`id`), requests in flight (`inflight`), the client's
 //!     address as the limits see it (`client`).
 //!
-//! Below them, used by any: `response` (problem+json and the responses
+//! Below them, used by any: `refusal` (every refused or failed request,
+//! and its one conversion to problem+json), `response` (the plain answers
 //! every route shares, the `RateLimit` headers), `body` (whole, streamed
 //! from an upstream, or a client's on its way up), `metrics` (counters in
 //! the scoreboard and their text format), `access` (the access log and its
@@ -43,9 +46,6 @@
 //! The worker knows nothing of the supervisor: it reports through the
 //! [`Host`] trait, which the binary implements over the scoreboard.
 #![forbid(unsafe_code)]
-// Handlers return the response to send as their error: it is the whole
-// point of the error path, and it is built once per request.
-#![allow(clippy::result_large_err)]
 
 mod access;
 mod body;
@@ -58,6 +58,7 @@ mod log_gate;
 mod metrics;
 mod pipeline;
 mod proxy;
+mod refusal;
 mod request;
 mod responders;
 mod response;

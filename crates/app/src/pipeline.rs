@@ -5,7 +5,7 @@
 //! its access line (by the route that answered: [`Routed`]), with the
 //! worker's pid and `Connection: close` while draining.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -13,10 +13,12 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, REFERER, USER_AGENT};
 use hyper::{Method, Request, Response, Version};
 
-use crate::access::{Line, LoggedUser, Routed};
+use crate::access::{Line, Routed};
 use crate::request::id::X_REQUEST_ID;
+use crate::request::Context;
 
-use crate::response::{method_not_allowed, not_found, with_header, Body};
+use crate::refusal::{Answer, Problem, Refusal, Refused};
+use crate::response::{with_header, Body};
 use crate::state::State;
 use crate::{gate::auth, proxy, responders::health};
 
@@ -27,21 +29,24 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, h2::Error> {
     let started = std::time::Instant::now();
     let route_index = crate::metrics::route_index(req.uri().path());
-    let id_header = st.request_ids.for_request(req.headers());
-    let id = id_header.to_str().unwrap_or_default();
+    let id = st.request_ids.for_request(req.headers());
+    let cx = Context::new(&req, peer, id, st.settings.trusted_proxy.as_ref());
     let running = st
         .in_flight
-        .enter(req.method().as_str(), req.uri().path(), id);
+        .enter(req.method().as_str(), req.uri().path(), cx.id());
     // What the access line needs of the request, which the handler takes.
-    let logged = st.access.as_ref().map(|_| Logged::of(&req, &st, peer));
-    let hsts = req
-        .extensions()
-        .get::<crate::request::OverTls>()
-        .and(st.settings.tls.as_ref())
+    let logged = st.access.as_ref().map(|_| Logged::of(&req));
+    let hsts = st
+        .settings
+        .tls
+        .as_ref()
+        .filter(|_| cx.tls)
         .and_then(|t| t.hsts.clone());
     let mut abandoned = Abandoned(Some(&st));
-    let mut resp = crate::response::REQUEST_ID
-        .scope(id_header.clone(), route(req, &st, peer, id))
+    // Refusals are made into answers in the scope, with the request id.
+    let answer = async { route(req, &st, &cx).await.unwrap_or_else(Response::from) };
+    let mut resp = crate::refusal::REQUEST_ID
+        .scope(cx.id.clone(), answer)
         .await;
     abandoned.0 = None;
     drop(running);
@@ -55,6 +60,11 @@ pub(crate) async fn handle(
     let routed = resp.extensions().get::<Routed>().copied();
     let label = routed.map_or(route_index, |r| r.label);
     crate::metrics::record(st.host.as_ref(), label, resp.status().as_u16(), took);
+    match resp.extensions().get::<Refused>() {
+        Some(Refused(Problem::TooManyRequests)) => st.host.count(crate::metrics::RATE_LIMITED, 1),
+        Some(Refused(Problem::HeadTooLarge)) => st.host.count(crate::metrics::HEADS_TOO_LARGE, 1),
+        _ => {}
+    }
     if let (Some(access), Some(l)) = (&st.access, &logged) {
         let configured = routed
             .and_then(|r| r.index)
@@ -70,7 +80,7 @@ pub(crate) async fn handle(
             (None, None) => None,
         };
         let kept = access.log(&Line {
-            client: l.client,
+            client: cx.client,
             method: &l.method,
             path: &l.path,
             version: l.version,
@@ -79,8 +89,8 @@ pub(crate) async fn handle(
             duration: took,
             slot: st.slot,
             pid: st.pid,
-            request_id: id,
-            user: resp.extensions().get::<LoggedUser>().map(|u| u.0.as_str()),
+            request_id: cx.id(),
+            user: cx.user.get().map(String::as_str),
             referer: l.referer.as_deref(),
             user_agent: l.user_agent.as_deref(),
             route: configured.map_or(crate::metrics::builtin_name(label), |r| r.prefix.as_str()),
@@ -92,7 +102,7 @@ pub(crate) async fn handle(
         }
     }
     let headers = resp.headers_mut();
-    headers.insert(X_REQUEST_ID, id_header);
+    headers.insert(X_REQUEST_ID, cx.id);
     headers.insert("x-forkd-pid", st.pid_header.clone());
     if let Some(v) = hsts {
         headers.insert(hyper::header::STRICT_TRANSPORT_SECURITY, v);
@@ -104,7 +114,7 @@ pub(crate) async fn handle(
     // Counted and logged as the 400 it is; on HTTP/2 the stream is reset.
     if resp
         .extensions()
-        .get::<crate::request::head::Malformed>()
+        .get::<crate::refusal::Malformed>()
         .is_some()
     {
         return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
@@ -129,7 +139,6 @@ impl Drop for Abandoned<'_> {
 
 /// The parts of a request its access line shows.
 struct Logged {
-    client: IpAddr,
     method: String,
     /// Without the query, which may carry secrets.
     path: String,
@@ -139,18 +148,13 @@ struct Logged {
 }
 
 impl Logged {
-    fn of(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> Self {
+    fn of(req: &Request<Incoming>) -> Self {
         let header = |name| {
             req.headers()
                 .get(name)
                 .map(|v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
         };
         Logged {
-            client: crate::request::client::client_ip(
-                peer.ip(),
-                req.headers(),
-                st.settings.trusted_proxy.as_ref(),
-            ),
             method: req.method().as_str().to_owned(),
             path: req.uri().path().to_owned(),
             version: match req.version() {
@@ -164,18 +168,8 @@ impl Logged {
     }
 }
 
-async fn route(
-    mut req: Request<Incoming>,
-    st: &Arc<State>,
-    peer: SocketAddr,
-    id: &str,
-) -> Response<Body> {
-    if let Err(r) = crate::request::head::check(&mut req, st.settings.max_header_bytes) {
-        if r.status() == hyper::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
-            st.host.count(crate::metrics::HEADS_TOO_LARGE, 1);
-        }
-        return r;
-    }
+async fn route(mut req: Request<Incoming>, st: &Arc<State>, cx: &Context) -> Answer {
+    crate::request::head::check(&mut req, st.settings.max_header_bytes)?;
     if let Some(to) = req
         .extensions()
         .get::<crate::responders::redirect::ToHttps>()
@@ -187,48 +181,41 @@ async fn route(
     // An authority (`GET host:80`) or `*` target names no path: nothing
     // here, and no route's rules, applies to it.
     if !req.uri().path().starts_with('/') {
-        return crate::response::bad_request("The request target must be a path.");
+        return Err(Refusal::bad_request("The request target must be a path."));
     }
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let post = *req.method() == Method::POST;
     let get = *req.method() == Method::GET;
+    let not_allowed = |allow| Err(Refusal::method_not_allowed(allow));
     // The handlers that wait on Redis or an upstream are boxed: their
     // state is large, and hyper moves the request's future once per
     // request, so an unboxed one would cost every request (`/healthz`
     // too) a copy of all of it.
     match req.uri().path() {
-        "/healthz" if read => health::healthz(st),
+        "/healthz" if read => Ok(health::healthz(st)),
         "/readyz" if read => Box::pin(health::readyz(st)).await,
-        "/metrics" if read => health::metrics(&req, st, peer),
-        "/healthz" | "/readyz" | "/metrics" => method_not_allowed("GET, HEAD"),
-        "/login" if post => Box::pin(auth::login(req, st, peer)).await,
+        "/metrics" if read => health::metrics(st, cx),
+        "/healthz" | "/readyz" | "/metrics" => not_allowed("GET, HEAD"),
+        "/login" if post => Box::pin(auth::login(req, st, cx)).await,
         "/logout" if post => Box::pin(auth::logout(req, st)).await,
-        "/login" | "/logout" => method_not_allowed("POST"),
+        "/login" | "/logout" => not_allowed("POST"),
         // Every answer is the user's alone, never for a cache on the way.
-        "/profile" if get => with_header(
-            Box::pin(proxy::forward(
-                req,
-                st,
-                &st.routes,
-                &st.routes.profile,
-                peer,
-                id,
-            ))
-            .await,
+        "/profile" if get => Ok(with_header(
+            Box::pin(proxy::forward(req, st, &st.routes.profile, cx)).await,
             CACHE_CONTROL,
             HeaderValue::from_static("private, no-store"),
-        ),
-        "/profile" => method_not_allowed("GET"),
+        )),
+        "/profile" => not_allowed("GET"),
         path if !path.is_empty() && path == st.settings.proxy.forward_auth_path => {
             if read {
-                Box::pin(proxy::forward_auth(req, st, peer)).await
+                Box::pin(proxy::forward_auth(req, st, cx)).await
             } else {
-                method_not_allowed("GET, HEAD")
+                not_allowed("GET, HEAD")
             }
         }
         path => match st.routes.find(path) {
-            Some(r) => Box::pin(proxy::forward(req, st, &st.routes, r, peer, id)).await,
-            None => not_found("There is no resource at this path."),
+            Some(r) => Ok(Box::pin(proxy::forward(req, st, r, cx)).await),
+            None => Err(Refusal::not_found("There is no resource at this path.")),
         },
     }
 }

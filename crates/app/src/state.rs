@@ -6,16 +6,15 @@ use std::time::Duration;
 
 use forkd_store::{Store, StoreError};
 use hyper::header::HeaderValue;
-use hyper::Response;
 use tokio::sync::Semaphore;
 
 use crate::access::AccessLog;
 use crate::conns::Conns;
 use crate::local_limit::LocalLimiter;
 use crate::log_gate::LogGate;
+use crate::refusal::Refusal;
 use crate::request::id::RequestIds;
 use crate::request::inflight::InFlight;
-use crate::response::{unavailable, Body};
 use crate::secrets::DummyHash;
 use crate::upstream::Routes;
 use crate::{metrics, Host, Settings};
@@ -106,9 +105,9 @@ impl State {
 
     /// The 503 for a Redis failure, counted, and logged at most once a
     /// second.
-    pub(crate) fn redis_down(&self, e: &StoreError) -> Response<Body> {
+    pub(crate) fn redis_down(&self, e: &StoreError) -> Refusal {
         self.redis_error(e);
-        unavailable(
+        Refusal::unavailable(
             "The session store is unavailable; try again shortly.",
             REDIS_RETRY,
         )

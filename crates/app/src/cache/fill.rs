@@ -2,6 +2,7 @@
 //! single-flight lock (the upstream's, or a built-in responder's), stored
 //! when it may be.
 
+use crate::refusal::Answer;
 use hyper::header::HeaderValue;
 use hyper::Response;
 
@@ -25,12 +26,12 @@ pub(crate) async fn fill_cache<B>(
     parts: hyper::http::response::Parts,
     body: B,
     stream: impl FnOnce(B) -> Body,
-) -> Response<Body>
+) -> Answer
 where
     B: hyper::body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Unpin,
 {
     let Some(limits) = route.cfg.cache else {
-        return Response::from_parts(parts, stream(body));
+        return Ok(Response::from_parts(parts, stream(body)));
     };
     let miss = |mut r: Response<Body>| {
         r.headers_mut()
@@ -43,7 +44,7 @@ where
     let keep = cache::storable(parts.status, &parts.headers, place.shared, limits.max_ttl)
         .filter(|_| length.is_some_and(|n| n <= limits.max_bytes));
     let Some((ttl, spec)) = keep else {
-        return miss(Response::from_parts(parts, stream(body)));
+        return Ok(miss(Response::from_parts(parts, stream(body))));
     };
     let ttl = cache::jittered(ttl);
     let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(
@@ -53,21 +54,21 @@ where
     let bytes = match tokio::time::timeout(route.cfg.timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) => {
-            return route.bad_gateway(
+            return Err(route.bad_gateway(
                 &st.host,
                 &format!("the answer broke off during a cache fill: {e}"),
                 "The upstream service broke off its answer.",
-            );
+            ));
         }
         Err(_) => {
-            return route.gateway_timeout(
+            return Err(route.gateway_timeout(
                 &st.host,
                 &format!(
                     "the answer did not end within the route's timeout ({:?}) during a cache fill",
                     route.cfg.timeout
                 ),
                 "The upstream service did not finish its answer in time.",
-            )
+            ))
         }
     };
     cache::store(
@@ -80,5 +81,5 @@ where
         ttl,
     )
     .await;
-    miss(Response::from_parts(parts, Body::new(bytes)))
+    Ok(miss(Response::from_parts(parts, Body::new(bytes))))
 }

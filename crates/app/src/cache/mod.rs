@@ -17,6 +17,7 @@ use hyper::header::{
 };
 use hyper::{Response, StatusCode};
 
+use crate::refusal::Refusal;
 use crate::response::Body;
 use crate::state::State;
 use crate::upstream::Specs;
@@ -91,7 +92,7 @@ pub(crate) async fn lookup(
     uid: Option<&str>,
     target: &str,
     h: &HeaderMap,
-) -> Result<Result<Response<Body>, Place>, Response<Body>> {
+) -> Result<Result<Response<Body>, Place>, Refusal> {
     lookup_at(st, specs, place(specs, st, uid, target, h), h).await
 }
 
@@ -101,7 +102,7 @@ pub(crate) async fn lookup_at(
     specs: &Specs,
     place: Place,
     h: &HeaderMap,
-) -> Result<Result<Response<Body>, Place>, Response<Body>> {
+) -> Result<Result<Response<Body>, Place>, Refusal> {
     let found = st
         .store
         .cache_get(&place.url, &place.variant)
@@ -119,7 +120,7 @@ pub(crate) async fn resolve(
     mut place: Place,
     mut found: CacheLookup,
     h: &HeaderMap,
-) -> Result<Result<Response<Body>, Place>, Response<Body>> {
+) -> Result<Result<Response<Body>, Place>, Refusal> {
     for again in [true, false] {
         let stored = found.spec.take().unwrap_or_default();
         if stored == place.spec {

@@ -4,7 +4,7 @@
 //! password costs, are in [`crate::secrets`]; the session scripts are in
 //! the store. Bad input is answered before it reaches argon2 or Redis.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,9 +19,9 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::access::LoggedUser;
-use crate::request::client::client_ip;
-use crate::response::{bad_request, json, no_store, problem, unavailable, with_header, Body};
+use crate::refusal::{Answer, Problem, Refusal};
+use crate::request::Context;
+use crate::response::{json, no_store, Body, RATELIMIT, RATELIMIT_POLICY};
 use crate::secrets;
 use crate::state::State;
 use crate::{gate::buckets, gate::limiter};
@@ -33,12 +33,8 @@ const MAX_FIELD: usize = 1024;
 
 /// `POST /login`: one step per function, each answering on its own
 /// failure.
-pub(crate) async fn login(
-    req: Request<Incoming>,
-    st: &Arc<State>,
-    peer: SocketAddr,
-) -> Response<Body> {
-    let ip = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
+pub(crate) async fn login(req: Request<Incoming>, st: &Arc<State>, cx: &Context) -> Answer {
+    let ip = cx.client;
     // The session this browser had: ended once the new one is made, so a
     // cookie planted before the login is worth nothing after it.
     let before = st
@@ -48,61 +44,54 @@ pub(crate) async fn login(
         .as_ref()
         .and_then(|c| crate::gate::cookie::read(req.headers(), &c.name))
         .and_then(secrets::parse_token);
-    let (username, password) = match credentials(req, st).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (limits, taken) = match take_places(st, ip, &username).await {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let (username, password) = credentials(req, st).await?;
+    let (limits, taken) = take_places(st, ip, &username).await?;
     let give_back = || limiter::give_back(st, &limits, &taken, None);
     let Some(permit) = queue(st).await else {
         // Not a wrong password: its places go back.
         give_back().await;
-        return unavailable(
+        return Err(Refusal::unavailable(
             "Too many logins are being checked; try again shortly.",
             Duration::from_secs(1),
-        );
+        ));
     };
-    let user = match st.store.user(&username).await {
-        Ok(u) => u,
-        // The places are kept: through a flapping Redis the limits (then in
-        // memory) must still count what reaches them.
-        Err(e) => return st.redis_down(&e),
-    };
+    // On a Redis error the places are kept: through a flapping Redis the
+    // limits (then in memory) must still count what reaches them.
+    let user = st
+        .store
+        .user(&username)
+        .await
+        .map_err(|e| st.redis_down(&e))?;
     let phc = user.as_ref().map(|u| u.phc.clone());
     let (ok, rehash) = match verify(st, permit, phc, password).await {
         Ok(v) => v,
         Err(r) => {
             give_back().await;
-            return r;
+            return Err(r);
         }
     };
     let Some(user) = user.filter(|_| ok) else {
-        return unauthorized_login();
+        return Err(unauthorized_login());
     };
     give_back().await;
     if let Some(phc) = rehash {
         store_rehash(st, &user, &phc).await;
     }
-    let r = start_session(st, &user).await;
-    if let (Some((uid, hash)), true) = (before, r.status() == StatusCode::OK) {
+    let r = start_session(st, &user).await?;
+    cx.log_user(&user.name);
+    if let Some((uid, hash)) = before {
         if let Err(e) = st.store.end_session(&uid, &hash).await {
             log::warn!("cannot end the session a login replaced: {e}");
         }
     }
-    r
+    Ok(r)
 }
 
 /// The username and password of the body, checked before anything costs.
-async fn credentials(
-    req: Request<Incoming>,
-    st: &State,
-) -> Result<(String, String), Response<Body>> {
+async fn credentials(req: Request<Incoming>, st: &State) -> Result<(String, String), Refusal> {
     let body = read_json(req, st).await?;
     if !body.is_object() {
-        return Err(bad_request("The body must be a JSON object."));
+        return Err(Refusal::bad_request("The body must be a JSON object."));
     }
     let (username, password) = match (field(&body, "username"), field(&body, "password")) {
         (Ok(u), Ok(p)) => (u.to_owned(), p.to_owned()),
@@ -111,7 +100,7 @@ async fn credentials(
     // The rule of `forkd user add`: a name no user can have gets no Redis
     // command and no hash.
     if !forkd_store::valid_username(&username) {
-        return Err(bad_request(
+        return Err(Refusal::bad_request(
             "The username must be 1 to 64 letters, digits, '.', '_', '-' or '@'.",
         ));
     }
@@ -130,7 +119,7 @@ async fn take_places(
     st: &State,
     ip: IpAddr,
     username: &str,
-) -> Result<(Vec<Limit>, limiter::Taken), Response<Body>> {
+) -> Result<(Vec<Limit>, limiter::Taken), Refusal> {
     let auth = &st.settings.auth;
     let limit = |name: &str, key: String, policy: Policy| Limit {
         policy_name: name.to_owned(),
@@ -157,7 +146,7 @@ async fn take_places(
     let Some(taken) = limiter::take(st, None, &limits, None).await? else {
         // Only a session check answers "no session", and none was asked
         // for: a store that says so is not one to trust with the limits.
-        return Err(unavailable(
+        return Err(Refusal::unavailable(
             "The session store is unavailable; try again shortly.",
             Duration::from_secs(1),
         ));
@@ -176,13 +165,11 @@ async fn take_places(
         let state: Vec<String> = refused()
             .map(|(l, d)| crate::response::state_item(&l.policy_name, &d))
             .collect();
-        let mut r = limiter::too_many(st, "Too many login attempts; try again later.", wait);
-        crate::response::add_headers(
-            &mut r,
-            crate::response::header(&policy),
-            crate::response::header(&state),
-        );
-        return Err(r);
+        let r = Refusal::too_many("Too many login attempts; try again later.", wait);
+        return Err(r.with_all([
+            (RATELIMIT_POLICY, crate::response::header(&policy)),
+            (RATELIMIT, crate::response::header(&state)),
+        ]));
     }
     // Refused here is no failure, so the places taken above go back.
     let host = st
@@ -190,8 +177,7 @@ async fn take_places(
         .check("login-host", auth.login_host, st.settings.workers);
     if !host.allowed {
         limiter::give_back(st, &limits, &taken, None).await;
-        return Err(limiter::too_many(
-            st,
+        return Err(Refusal::too_many(
             "Too many logins on this server; try again shortly.",
             host.retry_after,
         ));
@@ -241,7 +227,7 @@ async fn verify(
     permit: OwnedSemaphorePermit,
     phc: Option<String>,
     password: String,
-) -> Result<(bool, Option<String>), Response<Body>> {
+) -> Result<(bool, Option<String>), Refusal> {
     let cost = st.settings.auth.cost;
     let dummy = st.dummy.clone();
     let checked = tokio::task::spawn_blocking(move || {
@@ -269,7 +255,7 @@ async fn verify(
     .await;
     let (ok, rehash) = checked.map_err(|e| {
         log::error!("password check failed: {e}");
-        unavailable(
+        Refusal::unavailable(
             "The password check failed; try again.",
             Duration::from_secs(1),
         )
@@ -294,7 +280,7 @@ async fn store_rehash(st: &State, user: &User, phc: &str) {
 }
 
 /// The session of a login whose password was right, and its token.
-async fn start_session(st: &State, user: &User) -> Response<Body> {
+async fn start_session(st: &State, user: &User) -> Answer {
     let auth = &st.settings.auth;
     let (token, hash) = secrets::new_token(&user.uid);
     match st
@@ -305,8 +291,8 @@ async fn start_session(st: &State, user: &User) -> Response<Body> {
         Ok(true) => {}
         // The password was changed, or the sessions revoked, while this
         // login checked the old one.
-        Ok(false) => return unauthorized_login(),
-        Err(e) => return st.redis_down(&e),
+        Ok(false) => return Err(unauthorized_login()),
+        Err(e) => return Err(st.redis_down(&e)),
     }
     if let Err(e) = st.store.touch_login(&user.name, now_unix()).await {
         log::warn!("cannot record the login of '{}': {e}", user.name);
@@ -322,8 +308,7 @@ async fn start_session(st: &State, user: &User) -> Response<Body> {
             crate::gate::cookie::set(c, &token, auth.session_absolute),
         );
     }
-    r.extensions_mut().insert(LoggedUser(user.name.clone()));
-    r
+    Ok(r)
 }
 
 fn now_unix() -> u64 {
@@ -334,10 +319,7 @@ fn now_unix() -> u64 {
 
 /// Reads a JSON body: 415 for another media type, 413 over 16 KiB, 408 when
 /// it does not arrive in time, 400 when it is not UTF-8 JSON.
-async fn read_json(
-    req: Request<Incoming>,
-    st: &State,
-) -> Result<serde_json::Value, Response<Body>> {
+async fn read_json(req: Request<Incoming>, st: &State) -> Result<serde_json::Value, Refusal> {
     let is_json = req
         .headers()
         .get(CONTENT_TYPE)
@@ -345,19 +327,12 @@ async fn read_json(
         .and_then(|v| v.split(';').next())
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
-        return Err(problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
+        return Err(Refusal::new(
+            Problem::UnsupportedMediaType,
             "The body must be application/json.",
         ));
     }
-    let too_large = || {
-        problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-            "The body must be at most 16 KiB.",
-        )
-    };
+    let too_large = || Refusal::new(Problem::PayloadTooLarge, "The body must be at most 16 KiB.");
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -369,61 +344,55 @@ async fn read_json(
     let collect = Limited::new(req.into_body(), MAX_BODY).collect();
     let bytes = match tokio::time::timeout(st.settings.header_read_timeout, collect).await {
         Err(_) => {
-            return Err(problem(
-                StatusCode::REQUEST_TIMEOUT,
-                "request-timeout",
+            return Err(Refusal::new(
+                Problem::RequestTimeout,
                 "The body did not arrive in time.",
             ))
         }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Ok(Err(_)) => return Err(bad_request("The body could not be read.")),
+        Ok(Err(_)) => return Err(Refusal::bad_request("The body could not be read.")),
         Ok(Ok(b)) => b.to_bytes(),
     };
     if std::str::from_utf8(&bytes).is_err() {
-        return Err(bad_request("The body is not valid UTF-8."));
+        return Err(Refusal::bad_request("The body is not valid UTF-8."));
     }
-    serde_json::from_slice(&bytes).map_err(|_| bad_request("The body is not valid JSON."))
+    serde_json::from_slice(&bytes).map_err(|_| Refusal::bad_request("The body is not valid JSON."))
 }
 
 /// A required, non-empty string field of at most 1 KiB.
-fn field<'a>(body: &'a serde_json::Value, name: &str) -> Result<&'a str, Response<Body>> {
-    match body.get(name) {
-        None | Some(serde_json::Value::Null) => Err(bad_request(&format!("`{name}` is missing."))),
-        Some(serde_json::Value::String(s)) if s.is_empty() => {
-            Err(bad_request(&format!("`{name}` is empty.")))
-        }
-        Some(serde_json::Value::String(s)) if s.len() > MAX_FIELD => {
-            Err(bad_request(&format!("`{name}` is longer than 1 KiB.")))
-        }
-        Some(serde_json::Value::String(s)) => Ok(s),
-        Some(_) => Err(bad_request(&format!("`{name}` must be a string."))),
-    }
+fn field<'a>(body: &'a serde_json::Value, name: &str) -> Result<&'a str, Refusal> {
+    let why = match body.get(name) {
+        Some(serde_json::Value::String(s)) if s.len() > MAX_FIELD => "is longer than 1 KiB",
+        Some(serde_json::Value::String(s)) if !s.is_empty() => return Ok(s),
+        Some(serde_json::Value::String(_)) => "is empty",
+        None | Some(serde_json::Value::Null) => "is missing",
+        Some(_) => "must be a string",
+    };
+    Err(Refusal::bad_request(format!("`{name}` {why}.")))
 }
 
-fn unauthorized_login() -> Response<Body> {
-    problem(
-        StatusCode::UNAUTHORIZED,
-        "invalid-credentials",
+fn unauthorized_login() -> Refusal {
+    Refusal::new(
+        Problem::InvalidCredentials,
         "The username or password is wrong.",
     )
 }
 
 // ---- bearer tokens ----
 
-fn unauthorized_bearer(error: Option<&str>, detail: &str) -> Response<Body> {
+fn unauthorized_bearer(error: Option<&str>, detail: &'static str) -> Refusal {
     let challenge = match error {
         Some(e) => format!("Bearer error=\"{e}\""),
         None => "Bearer".to_owned(),
     };
-    with_header(
-        problem(StatusCode::UNAUTHORIZED, "unauthorized", detail),
+    Refusal::new(Problem::Unauthorized, detail).with(
         WWW_AUTHENTICATE,
         HeaderValue::from_str(&challenge).expect("a plain ASCII challenge"),
     )
 }
 
 /// The bearer token's (uid, hash), or the 401 to answer.
-fn bearer_in(h: &HeaderMap) -> Result<(String, String), Response<Body>> {
+fn bearer_in(h: &HeaderMap) -> Result<(String, String), Refusal> {
     let Some(value) = h.get(AUTHORIZATION) else {
         return Err(unauthorized_bearer(None, "A bearer token is required."));
     };
@@ -444,7 +413,7 @@ fn bearer_in(h: &HeaderMap) -> Result<(String, String), Response<Body>> {
 }
 
 /// 401 for a well-formed token that is no session (any longer).
-pub(crate) fn invalid_token() -> Response<Body> {
+pub(crate) fn invalid_token() -> Refusal {
     unauthorized_bearer(
         Some("invalid_token"),
         "The token is unknown or has expired.",
@@ -453,25 +422,22 @@ pub(crate) fn invalid_token() -> Response<Body> {
 
 /// `POST /logout`: the session ends on every worker and host at once (and
 /// the cookie, when sessions are cookies too, is cleared).
-pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Response<Body> {
-    let t = match session_token(req.headers(), req.method(), st) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+pub(crate) async fn logout(req: Request<Incoming>, st: &State) -> Answer {
+    let t = session_token(req.headers(), req.method(), st)?;
     let mut r = match st.store.end_session(&t.uid, &t.hash).await {
         Ok(true) => {
             let mut r = Response::new(Body::default());
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
-        Ok(false) => invalid_token(),
-        Err(e) => return st.redis_down(&e),
+        Ok(false) => invalid_token().into(),
+        Err(e) => return Err(st.redis_down(&e)),
     };
     if let Some(c) = &st.settings.auth.cookie {
         r.headers_mut()
             .insert(SET_COOKIE, crate::gate::cookie::clear(c));
     }
-    r
+    Ok(r)
 }
 
 /// A session's token as a request carries it.
@@ -495,11 +461,7 @@ pub(crate) fn has_credentials(h: &HeaderMap, st: &State) -> bool {
 /// The session token: the bearer token, else the session cookie (when
 /// `auth.cookie`). A request authenticated by the cookie with a state-changing
 /// `method` must come from the site itself, else 403 (CSRF).
-pub(crate) fn session_token(
-    h: &HeaderMap,
-    method: &Method,
-    st: &State,
-) -> Result<Token, Response<Body>> {
+pub(crate) fn session_token(h: &HeaderMap, method: &Method, st: &State) -> Result<Token, Refusal> {
     let cookie = st.settings.auth.cookie.as_ref();
     if h.contains_key(AUTHORIZATION) || cookie.is_none() {
         let (uid, hash) = bearer_in(h)?;
@@ -515,9 +477,8 @@ pub(crate) fn session_token(
         return Err(invalid_token());
     };
     if crate::gate::cookie::state_changing(method, h) && !crate::gate::cookie::same_site(h) {
-        return Err(problem(
-            StatusCode::FORBIDDEN,
-            "cross-site-request",
+        return Err(Refusal::new(
+            Problem::CrossSite,
             "A request authenticated by the session cookie must come from this site (Origin or Referer), or carry X-Requested-With.",
         ));
     }

@@ -2,18 +2,17 @@
 //! one Redis call (the session and the user's buckets share its slot):
 //! the identity for the upstream, and the `RateLimit` headers.
 
-use std::net::SocketAddr;
-
 use forkd_store::{CacheProbe, Limit, SessionRef};
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request, Response};
 
 use crate::cache::{self, Place};
 use crate::gate::auth::{has_credentials, session_token};
 use crate::gate::buckets;
-use crate::request::client::client_ip;
-use crate::response::{bad_request, Body};
+use crate::refusal::Refusal;
+use crate::request::Context;
+use crate::response::{Body, RATELIMIT, RATELIMIT_POLICY};
 use crate::state::State;
 use crate::upstream::{Route, Specs};
 use crate::{gate::limiter, PolicyBucket, RouteAuth};
@@ -61,9 +60,17 @@ pub(crate) struct Checked {
 }
 
 impl Checked {
+    /// `RateLimit-Policy` and `RateLimit`, when the route has policies.
+    pub(crate) fn rate_headers(&self) -> [(HeaderName, Option<HeaderValue>); 2] {
+        let (policy, state) = self.rate.clone().unzip();
+        [(RATELIMIT_POLICY, policy), (RATELIMIT, state)]
+    }
+
     pub(crate) fn add_headers(&self, r: &mut Response<Body>) {
-        if let Some((policy, state)) = &self.rate {
-            crate::response::add_headers(r, Some(policy.clone()), Some(state.clone()));
+        for (name, value) in self.rate_headers() {
+            if let Some(v) = value {
+                r.headers_mut().insert(name, v);
+            }
         }
     }
 }
@@ -87,9 +94,9 @@ pub(crate) async fn check(
     method: &Method,
     st: &State,
     route: Option<&Route>,
-    peer: SocketAddr,
+    cx: &Context,
     cache: Option<&Specs>,
-) -> Result<Checked, Response<Body>> {
+) -> Result<Checked, Refusal> {
     let auth = route.map_or(RouteAuth::Required, |r| r.cfg.auth);
     let policies = route.map_or(&[][..], |r| &r.cfg.policies[..]);
     let anonymous = !has_credentials(req.headers(), st);
@@ -130,13 +137,13 @@ pub(crate) async fn check(
             // are one Cookie header (RFC 9113 section 8.2.3).
             let repeated = values.next().is_some() && *h != hyper::header::COOKIE;
             if repeated || first.is_some_and(listed) {
-                return Err(bad_request(&format!(
+                return Err(Refusal::bad_request(format!(
                     "The request repeats the {h} header, or lists values in it, which a rate limit counts by."
                 )));
             }
         }
     }
-    let client = client_ip(peer.ip(), req.headers(), st.settings.trusted_proxy.as_ref());
+    let client = cx.client;
     let prefix = route.map_or("", |r| r.cfg.prefix.as_str());
     let by_client = |scope: &str| buckets::client(client, scope);
     let limits: Vec<Limit> = policies
@@ -173,6 +180,9 @@ pub(crate) async fn check(
         .clone()
         .zip(token.as_ref())
         .map(|((user, role), (_, hash))| [user, role, session_id(hash)]);
+    if let Some([user, ..]) = &who {
+        cx.log_user(user);
+    }
     let uid = who.as_ref().and(token.map(|(uid, _)| uid));
     let state: Vec<String> = policies
         .iter()
@@ -189,9 +199,8 @@ pub(crate) async fn check(
         cache: None,
     };
     if let Some(wait) = taken.refused() {
-        let mut r = limiter::too_many(st, "Too many requests; see Retry-After.", wait);
-        checked.add_headers(&mut r);
-        return Err(r);
+        let r = Refusal::too_many("Too many requests; see Retry-After.", wait);
+        return Err(r.with_all(checked.rate_headers()));
     }
     let probed = taken.probed;
     // Read in the same call, or (on Redis Cluster, a shared entry) now.

@@ -9,13 +9,10 @@
 
 use std::time::Duration;
 
-use forkd_store::{Bucket, CacheLookup, CacheProbe, Decision, Limit, RouteCheck, SessionRef};
-use hyper::header::{HeaderValue, RETRY_AFTER};
-use hyper::{Response, StatusCode};
-
-use crate::response::{ceil_secs, problem, Body};
+use crate::refusal::Refusal;
 use crate::state::State;
-use crate::{metrics, OnRedisError};
+use crate::OnRedisError;
+use forkd_store::{Bucket, CacheLookup, CacheProbe, Decision, Limit, RouteCheck, SessionRef};
 
 /// Where a check took its places.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +57,7 @@ pub(crate) async fn take(
     session: Option<&SessionRef<'_>>,
     limits: &[Limit],
     probe: Option<&CacheProbe<'_>>,
-) -> Result<Option<Taken>, Response<Body>> {
+) -> Result<Option<Taken>, Refusal> {
     let e = match st.store.route_check(session, limits, probe).await {
         Ok(RouteCheck::Unauthenticated) => return Ok(None),
         Ok(RouteCheck::Checked {
@@ -143,13 +140,4 @@ pub(crate) async fn give_back(st: &State, limits: &[Limit], taken: &Taken, uid: 
             }
         }
     }
-}
-
-/// The 429 for a refusal: `Retry-After` the longest wait; counted.
-pub(crate) fn too_many(st: &State, detail: &str, wait: Duration) -> Response<Body> {
-    st.host.count(metrics::RATE_LIMITED, 1);
-    let mut r = problem(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail);
-    r.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
-    r
 }

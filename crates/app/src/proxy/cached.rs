@@ -9,9 +9,9 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
 
-use crate::access::LoggedUser;
 use crate::cache::{self, fill::fill_cache};
 use crate::gate::check;
+use crate::refusal::Refusal;
 use crate::response::Body;
 use crate::state::State;
 use crate::upstream::Route;
@@ -27,13 +27,15 @@ pub(super) async fn builtin(
     filling: Option<Unlock>,
 ) -> Response<Body> {
     let (Some([user, ..]), Some(uid)) = (&checked.who, &checked.uid) else {
-        return crate::gate::auth::invalid_token();
+        return crate::gate::auth::invalid_token().into();
     };
     let answer = crate::responders::profile::answer(st, route, uid, user).await;
     let mut r = match filling {
         Some(fill) => {
             let (parts, body) = answer.into_parts();
-            fill_cache(st, route, &fill.place, request_headers, parts, body, |b| b).await
+            fill_cache(st, route, &fill.place, request_headers, parts, body, |b| b)
+                .await
+                .unwrap_or_else(Response::from)
         }
         None => answer,
     };
@@ -41,7 +43,6 @@ pub(super) async fn builtin(
         r.headers_mut()
             .insert(cache::X_CACHE, HeaderValue::from_static("miss"));
     }
-    r.extensions_mut().insert(LoggedUser(user.clone()));
     checked.add_headers(&mut r);
     r
 }
@@ -56,14 +57,11 @@ pub(super) async fn from_cache(
     checked: &check::Checked,
     req: &Request<Incoming>,
     first: Result<Response<Body>, cache::Place>,
-) -> Result<Result<Response<Body>, Option<Unlock>>, Response<Body>> {
+) -> Result<Result<Response<Body>, Option<Unlock>>, Refusal> {
     let target = route.cache_target(req.uri());
     let uid = checked.uid.as_deref();
     let hit = |mut r: Response<Body>| {
         checked.add_headers(&mut r);
-        if let Some([user, ..]) = &checked.who {
-            r.extensions_mut().insert(LoggedUser(user.clone()));
-        }
         r
     };
     let place = match first {

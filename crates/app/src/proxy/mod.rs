@@ -13,7 +13,6 @@
 mod cached;
 mod headers;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -21,15 +20,17 @@ use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
-use crate::access::{LoggedUser, Routed};
+use crate::access::Routed;
 use crate::body::{ClientFault, Fault};
 use crate::metrics;
-use crate::response::{bad_request, problem, Body};
+use crate::refusal::{Answer, Problem, Refusal};
+use crate::request::Context;
+use crate::response::Body;
 use crate::state::State;
 
 use crate::cache::{self, fill::fill_cache, invalidate::Written};
 use crate::gate::check;
-use crate::upstream::{Route, Routes};
+use crate::upstream::Route;
 use cached::{builtin, from_cache};
 use headers::{Forwarding, Identity};
 
@@ -49,13 +50,13 @@ fn ambiguous(path: &str) -> bool {
 pub(crate) async fn forward(
     req: Request<Incoming>,
     st: &Arc<State>,
-    routes: &Routes,
     route: &Route,
-    peer: SocketAddr,
-    request_id: &str,
+    cx: &Context,
 ) -> Response<Body> {
     let mut upstream = None;
-    let mut r = forward_to(req, st, routes, route, peer, request_id, &mut upstream).await;
+    let mut r = forward_to(req, st, route, cx, &mut upstream)
+        .await
+        .unwrap_or_else(Response::from);
     r.extensions_mut().insert(Routed {
         label: route.label,
         index: route.index,
@@ -67,17 +68,17 @@ pub(crate) async fn forward(
 async fn forward_to(
     mut req: Request<Incoming>,
     st: &Arc<State>,
-    routes: &Routes,
     route: &Route,
-    peer: SocketAddr,
-    request_id: &str,
+    cx: &Context,
     upstream: &mut Option<(Option<u16>, std::time::Duration)>,
-) -> Response<Body> {
+) -> Answer {
     if ambiguous(req.uri().path()) {
-        return bad_request("The path has a dot segment or an escaped '.', '/' or '\\'.");
+        return Err(Refusal::bad_request(
+            "The path has a dot segment or an escaped '.', '/' or '\\'.",
+        ));
     }
-    if routes.crosses_routes(req.uri().path()) {
-        return crosses_routes();
+    if st.routes.crosses_routes(req.uri().path()) {
+        return Err(crosses_routes());
     }
     let method = req.method().clone();
     let upgrade = headers::wants_upgrade(req.headers());
@@ -86,10 +87,7 @@ async fn forward_to(
     } else {
         None
     };
-    let mut checked = match check::check(&req, &method, st, Some(route), peer, lookup).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+    let mut checked = check::check(&req, &method, st, Some(route), cx, lookup).await?;
     // The cache: a user's on an authenticated request; the shared one for
     // a request without credentials (never for one with them).
     let first = checked.cache.take();
@@ -97,23 +95,22 @@ async fn forward_to(
     let mut filling = None;
     if let Some(first) = first {
         let counted = |hit| metrics::count_cache(st.host.as_ref(), route.label, hit);
-        match from_cache(st, route, &checked, &req, first).await {
-            Ok(Ok(hit)) => {
+        match from_cache(st, route, &checked, &req, first).await? {
+            Ok(hit) => {
                 counted(true);
-                return hit;
+                return Ok(hit);
             }
-            Ok(Err(fill)) => {
+            Err(fill) => {
                 counted(false);
                 filling = fill;
             }
-            Err(r) => return r,
         }
     }
     if route.builtin.is_some() {
         let asked = std::time::Instant::now();
         let r = builtin(st, route, &checked, req.headers(), cacheable, filling).await;
         *upstream = Some((Some(r.status().as_u16()), asked.elapsed()));
-        return r;
+        return Ok(r);
     }
     let who = &checked.who;
     // A writing method's target, whose cached answers a success ends.
@@ -127,7 +124,6 @@ async fn forward_to(
     });
     let request_headers = filling.as_ref().map(|_| req.headers().clone());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let tls = req.extensions().get::<crate::request::OverTls>().is_some();
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path();
     let path = if route.cfg.strip_prefix && route.cfg.prefix != "/" {
@@ -143,11 +139,15 @@ async fn forward_to(
         None => format!("http://{}{path}", route.authority),
     };
     let Ok(uri) = target.parse::<Uri>() else {
-        return bad_request("The request target cannot be forwarded.");
+        return Err(Refusal::bad_request(
+            "The request target cannot be forwarded.",
+        ));
     };
     let h = &mut parts.headers;
     if headers::one_content_length(h).is_err() {
-        return bad_request("The request's Content-Length values differ.");
+        return Err(Refusal::bad_request(
+            "The request's Content-Length values differ.",
+        ));
     }
     headers::join_cookies(h);
     headers::strip_hop_by_hop(h, upgrade);
@@ -155,10 +155,10 @@ async fn forward_to(
     headers::set_forwarding(
         h,
         &Forwarding {
-            peer: peer.ip(),
-            trusted: (st.settings.trusted_proxy)(peer.ip()),
+            peer: cx.peer.ip(),
+            trusted: (st.settings.trusted_proxy)(cx.peer.ip()),
             upstream_host: &route.authority,
-            tls,
+            tls: cx.tls,
         },
     );
     let values = who
@@ -167,15 +167,17 @@ async fn forward_to(
     headers::set_identity(
         h,
         &Identity {
-            names: [&routes.names[0], &routes.names[1], &routes.names[2]],
+            names: [
+                &st.routes.names[0],
+                &st.routes.names[1],
+                &st.routes.names[2],
+            ],
             values,
             pass_authorization: route.cfg.pass_authorization,
             cookie_name: st.settings.auth.cookie.as_ref().map(|c| c.name.as_str()),
         },
     );
-    if let Ok(v) = hyper::header::HeaderValue::from_str(request_id) {
-        h.insert(crate::request::id::X_REQUEST_ID, v);
-    }
+    h.insert(crate::request::id::X_REQUEST_ID, cx.id.clone());
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     let idempotent = parts.method.is_idempotent();
@@ -229,41 +231,41 @@ async fn forward_to(
     let mut resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(_)) if fault.get().is_some() => {
-            return client_fault(st, fault.get());
+            return Err(client_fault(st, fault.get()));
         }
         Ok(Err(e)) => {
-            return route.bad_gateway(
+            return Err(route.bad_gateway(
                 &st.host,
                 &e,
                 "The upstream service could not be reached or gave no answer.",
-            );
+            ));
         }
         Err(_) => {
-            return route.gateway_timeout(
+            return Err(route.gateway_timeout(
                 &st.host,
                 &format!(
                     "no answer within the route's timeout ({:?})",
                     route.cfg.timeout
                 ),
                 "The upstream service did not answer in time.",
-            )
+            ))
         }
     };
     if let Err(cause) = headers::frame_upstream_answer(&mut resp) {
-        return route.bad_gateway(
+        return Err(route.bad_gateway(
             &st.host,
             cause,
             "The upstream service's answer cannot be passed on as it is framed.",
-        );
+        ));
     }
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         let Some(client_side) = client_upgrade else {
-            return route.bad_gateway(
+            return Err(route.bad_gateway(
                 &st.host,
                 "an unrequested 101",
                 "The upstream service switched protocols, which the request did not ask for.",
-            );
+            ));
         };
         let upstream_side = hyper::upgrade::on(&mut resp);
         tunnel(st, client_side, upstream_side);
@@ -274,7 +276,7 @@ async fn forward_to(
         (Some(fill), Some(h)) => {
             let watch = route.watch(&st.host);
             let stream = move |b| Body::Stream(b, watch, None);
-            fill_cache(st, route, &fill.place, &h, parts, body, stream).await
+            fill_cache(st, route, &fill.place, &h, parts, body, stream).await?
         }
         _ => {
             let mut r = Response::from_parts(
@@ -288,11 +290,8 @@ async fn forward_to(
             r
         }
     };
-    if let Some([user, ..]) = who {
-        r.extensions_mut().insert(LoggedUser(user.clone()));
-    }
     checked.add_headers(&mut r);
-    r
+    Ok(r)
 }
 
 /// What went wrong, for the log: the error and each of its sources
@@ -314,31 +313,24 @@ fn cause(e: &dyn std::error::Error) -> String {
 /// while it was forwarded: the client's fault, never the upstream's. A
 /// malformed body is 400; a client that went away is counted and logged
 /// as such, with nginx's 499 for the access log (nobody reads the answer).
-fn client_fault(st: &State, fault: Option<Fault>) -> Response<Body> {
+fn client_fault(st: &State, fault: Option<Fault>) -> Refusal {
     if fault == Some(Fault::Malformed) {
-        return bad_request("The request body's framing is malformed.");
+        return Refusal::bad_request("The request body's framing is malformed.");
     }
     st.host.count(metrics::CLIENTS_GONE, 1);
     log::debug!("a client went away before its request body ended");
-    let mut r = problem(
-        StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        "client-closed-request",
+    Refusal::new(
+        Problem::ClientClosed,
         "The client closed the connection before its request body ended.",
-    );
-    // A client that only half-closed reads this: give 499 its name.
-    r.extensions_mut()
-        .insert(hyper::ext::ReasonPhrase::from_static(
-            b"Client Closed Request",
-        ));
-    r
+    )
 }
 
 /// Writes on cached routes running detached in this worker, at most.
 static DETACHED_WRITES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
 
 /// 400 for a path that an app could read as another route's.
-fn crosses_routes() -> Response<Body> {
-    bad_request(
+fn crosses_routes() -> Refusal {
+    Refusal::bad_request(
         "The path reads as another route's path once escaped letters are decoded, ';' parameters dropped and '//' or dot segments resolved.",
     )
 }
@@ -370,17 +362,17 @@ fn one_of<'a>(h: &'a HeaderMap, names: &[&str]) -> Result<Option<&'a HeaderValue
 pub(crate) async fn forward_auth(
     mut req: Request<Incoming>,
     st: &Arc<State>,
-    peer: SocketAddr,
-) -> Response<Body> {
+    cx: &Context,
+) -> Answer {
     let h = req.headers();
     let (Ok(uri), Ok(method), Ok(host)) = (
         one_of(h, &["x-original-uri", "x-forwarded-uri"]),
         one_of(h, &["x-original-method", "x-forwarded-method"]),
         one_of(h, &["x-forwarded-host"]),
     ) else {
-        return bad_request(
+        return Err(Refusal::bad_request(
             "The original request is named twice, differently (X-Original-URI and X-Forwarded-Uri, X-Original-Method and X-Forwarded-Method, or X-Forwarded-Host).",
-        );
+        ));
     };
     // Not a path (an absolute URI, say): no route's rules, a session required.
     let original = uri
@@ -388,23 +380,29 @@ pub(crate) async fn forward_auth(
         .map(|v| v.split('?').next().unwrap_or(""))
         .filter(|p| p.starts_with('/'));
     if original.is_some_and(ambiguous) {
-        return bad_request("The original path has a dot segment or an escaped '.', '/' or '\\'.");
+        return Err(Refusal::bad_request(
+            "The original path has a dot segment or an escaped '.', '/' or '\\'.",
+        ));
     }
     if original.is_some_and(|p| st.routes.crosses_routes(p)) {
-        return crosses_routes();
+        return Err(crosses_routes());
     }
     // The credentials are the cookie when there is no bearer token.
     let by_cookie =
         !h.contains_key(hyper::header::AUTHORIZATION) && crate::gate::auth::has_credentials(h, st);
     let method = match method.map(|v| hyper::Method::from_bytes(v.as_bytes())) {
         Some(Ok(m)) => m,
-        Some(Err(_)) => return bad_request("The original method is not an HTTP method."),
+        Some(Err(_)) => {
+            return Err(Refusal::bad_request(
+                "The original method is not an HTTP method.",
+            ))
+        }
         // Asked about another request whose method is unknown: a cookie
         // session cannot be checked against cross-site use.
         None if uri.is_some() && by_cookie => {
-            return bad_request(
+            return Err(Refusal::bad_request(
                 "With the session cookie, forward-auth needs the original method (X-Original-Method or X-Forwarded-Method).",
-            )
+            ))
         }
         None => hyper::Method::GET,
     };
@@ -412,10 +410,7 @@ pub(crate) async fn forward_auth(
     if let Some(host) = host.cloned() {
         req.headers_mut().insert(hyper::header::HOST, host);
     }
-    let checked = match check::check(&req, &method, st, route, peer, None).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+    let checked = check::check(&req, &method, st, route, cx, None).await?;
     let mut r = crate::response::no_store(Response::new(Body::default()));
     checked.add_headers(&mut r);
     if let Some(values) = &checked.who {
@@ -426,9 +421,8 @@ pub(crate) async fn forward_auth(
                 }
             }
         }
-        r.extensions_mut().insert(LoggedUser(values[0].clone()));
     }
-    r
+    Ok(r)
 }
 
 /// Once both sides have switched protocols, copies bytes both ways until

@@ -23,10 +23,10 @@
 //!   library counts 32 bytes a field, so its cap sits at seven times the
 //!   limit. The 431 asks an HTTP/1.1 client to close the connection.
 
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, HOST, TRANSFER_ENCODING};
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::header::{HeaderMap, HeaderValue, HOST, TRANSFER_ENCODING};
+use hyper::{Request, Version};
 
-use crate::response::{bad_request, problem, Body};
+use crate::refusal::{Problem, Refusal};
 
 /// The most fields a request head may have: hyper's own cap on HTTP/1.1,
 /// held on HTTP/2 too.
@@ -46,30 +46,18 @@ pub(crate) fn h2_list_cap(max_header_bytes: usize) -> usize {
     max_header_bytes.saturating_mul(7).saturating_add(1024)
 }
 
-/// Marks the 400 of a malformed HTTP/2 request, whose stream is then reset
-/// with PROTOCOL_ERROR (RFC 9113 section 8.1.1: a stream error; a 400 is
-/// only what a server may send first).
-#[derive(Clone, Copy)]
-pub(crate) struct Malformed;
-
 /// Checks the head and gives the request the `Host` handlers read; Err
 /// is the answer to send instead.
-pub(crate) fn check<B>(
-    req: &mut Request<B>,
-    max_header_bytes: usize,
-) -> Result<(), Response<Body>> {
+pub(crate) fn check<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Refusal> {
     let h2 = req.version() == Version::HTTP_2;
-    checked(req, max_header_bytes).map_err(|mut r| {
-        if h2 && r.status() == StatusCode::BAD_REQUEST {
-            r.extensions_mut().insert(Malformed);
-        }
-        r
-    })
+    checked(req, max_header_bytes).map_err(|r| r.reset_on_h2(h2))
 }
 
-fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Response<Body>> {
+fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Refusal> {
     if req.method() == hyper::Method::CONNECT && req.uri().authority().is_none() {
-        return Err(bad_request("A CONNECT request must name an authority."));
+        return Err(Refusal::bad_request(
+            "A CONNECT request must name an authority.",
+        ));
     }
     let mut size = head_line_len(req);
     // HTTP/2's :authority stands for the Host line it becomes.
@@ -83,7 +71,7 @@ fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Respo
         size += name.as_str().len() + value.len() + 4;
         if let (Some(first), Some(last)) = (value.as_bytes().first(), value.as_bytes().last()) {
             if matches!(first, b' ' | b'\t') || matches!(last, b' ' | b'\t') {
-                return Err(bad_request(
+                return Err(Refusal::bad_request(
                     "A header value begins or ends with white space.",
                 ));
             }
@@ -91,14 +79,14 @@ fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Respo
     }
     // HTTP/1.1's parser takes at most 100 fields; HTTP/2 the same.
     if size + 2 > max_header_bytes || req.headers().len() > MAX_FIELDS {
-        return Err(too_large());
+        return Err(Refusal::head_too_large());
     }
     if req
         .uri()
         .scheme_str()
         .is_some_and(|s| !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https"))
     {
-        return Err(bad_request(
+        return Err(Refusal::bad_request(
             "The request target's scheme is not http or https.",
         ));
     }
@@ -109,13 +97,12 @@ fn checked<B>(req: &mut Request<B>, max_header_bytes: usize) -> Result<(), Respo
 /// A request body's transfer coding must be `chunked` alone: another
 /// (`gzip, chunked`) would reach an upstream as unlabelled coded bytes
 /// once hyper has undone the chunking (RFC 9112 section 6.1: 501).
-fn transfer_coding<B>(req: &Request<B>) -> Result<(), Response<Body>> {
+fn transfer_coding<B>(req: &Request<B>) -> Result<(), Refusal> {
     if chunked_alone(req.headers()) != Some(false) {
         return Ok(());
     }
-    Err(problem(
-        StatusCode::NOT_IMPLEMENTED,
-        "not-implemented",
+    Err(Refusal::new(
+        Problem::NotImplemented,
         "The request body's transfer coding is not chunked alone, which this server does not take.",
     ))
 }
@@ -149,28 +136,18 @@ fn head_line_len<B>(req: &Request<B>) -> usize {
     req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1".len() + 2
 }
 
-/// 431 for a head over the limit; the connection closes after it.
-fn too_large() -> Response<Body> {
-    let mut r = problem(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "request-header-too-large",
-        "The request head is larger than this server accepts.",
-    );
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("close"));
-    r
-}
-
 /// The `Host` rules above.
-fn host<B>(req: &mut Request<B>) -> Result<(), Response<Body>> {
+fn host<B>(req: &mut Request<B>) -> Result<(), Refusal> {
     let mut hosts = req.headers().get_all(HOST).iter();
     let given = hosts.next().cloned();
     if hosts.next().is_some() {
-        return Err(bad_request("The request has more than one Host header."));
+        return Err(Refusal::bad_request(
+            "The request has more than one Host header.",
+        ));
     }
     if let Some(h) = &given {
         if !valid_authority(h.as_bytes()) {
-            return Err(bad_request(
+            return Err(Refusal::bad_request(
                 "The Host header is not a host name or address with an optional port.",
             ));
         }
@@ -178,14 +155,14 @@ fn host<B>(req: &mut Request<B>) -> Result<(), Response<Body>> {
     let authority = req.uri().authority().map(|a| a.as_str().to_owned());
     match (req.version(), authority, given) {
         (Version::HTTP_2, Some(a), Some(h)) if !a.as_bytes().eq_ignore_ascii_case(h.as_bytes()) => {
-            return Err(bad_request(
+            return Err(Refusal::bad_request(
                 "The Host header names another authority than :authority.",
             ));
         }
         // An absolute-form target, or HTTP/2's :authority: the Host.
         (_, Some(a), _) => {
             if !valid_authority(a.as_bytes()) {
-                return Err(bad_request(
+                return Err(Refusal::bad_request(
                     "The request target's authority is not a host name or address with an optional port.",
                 ));
             }
@@ -194,10 +171,12 @@ fn host<B>(req: &mut Request<B>) -> Result<(), Response<Body>> {
             }
         }
         (Version::HTTP_11, None, None) => {
-            return Err(bad_request("An HTTP/1.1 request needs a Host header."));
+            return Err(Refusal::bad_request(
+                "An HTTP/1.1 request needs a Host header.",
+            ));
         }
         (Version::HTTP_2, None, None) => {
-            return Err(bad_request(
+            return Err(Refusal::bad_request(
                 "An HTTP/2 request needs :authority or a Host header.",
             ));
         }
@@ -281,7 +260,7 @@ mod tests {
     fn status(r: &mut Request<()>, max: usize) -> u16 {
         match check(r, max) {
             Ok(()) => 200,
-            Err(resp) => resp.status().as_u16(),
+            Err(r) => r.status().as_u16(),
         }
     }
 

@@ -2,14 +2,13 @@
 //! (reaches Redis) and `/metrics` (every worker's counters, for allowed
 //! clients).
 
-use std::net::SocketAddr;
-
 use bytes::Bytes;
-use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Response, StatusCode};
 
-use crate::response::{json, json_body, no_store, problem, unavailable, Body};
+use crate::refusal::{Answer, Problem, Refusal};
+use crate::request::Context;
+use crate::response::{json, json_body, no_store, Body};
 use crate::state::State;
 
 pub(crate) fn healthz(st: &State) -> Response<Body> {
@@ -17,39 +16,36 @@ pub(crate) fn healthz(st: &State) -> Response<Body> {
     no_store(json_body(StatusCode::OK, st.healthz.clone()))
 }
 
-pub(crate) async fn readyz(st: &State) -> Response<Body> {
+pub(crate) async fn readyz(st: &State) -> Answer {
     // A stop has begun (during `shutdown_delay` the worker still serves
     // everything else): load balancers must take this host out.
     if st.host.stopping() {
-        return no_store(unavailable(
-            "forkd is stopping; this host takes no new work.",
-            std::time::Duration::from_secs(1),
+        return Ok(no_store(
+            Refusal::unavailable(
+                "forkd is stopping; this host takes no new work.",
+                std::time::Duration::from_secs(1),
+            )
+            .into(),
         ));
     }
     match st.store.ping().await {
-        Ok(()) => no_store(json(
+        Ok(()) => Ok(no_store(json(
             StatusCode::OK,
             &serde_json::json!({"status": "ready", "redis": "ok"}),
-        )),
-        Err(e) => no_store(st.redis_down(&e)),
+        ))),
+        Err(e) => Ok(no_store(st.redis_down(&e).into())),
     }
 }
 
-pub(crate) fn metrics(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> Response<Body> {
+pub(crate) fn metrics(st: &State, cx: &Context) -> Answer {
     // Checked against the client as the rate limits see it: a request
     // relayed by a trusted (local) proxy is the forwarded client's, not the
     // proxy's.
-    let client = crate::request::client::client_ip(
-        peer.ip(),
-        req.headers(),
-        st.settings.trusted_proxy.as_ref(),
-    );
-    if !(st.settings.metrics_allow)(client) {
-        return problem(
-            StatusCode::FORBIDDEN,
-            "forbidden",
+    if !(st.settings.metrics_allow)(cx.client) {
+        return Err(Refusal::new(
+            Problem::Forbidden,
             "Metrics are not available from this address.",
-        );
+        ));
     }
     let cert = st.settings.tls.as_ref().map(|t| &t.identity.info);
     let routes: Vec<(&str, bool)> = st
@@ -67,5 +63,5 @@ pub(crate) fn metrics(req: &Request<Incoming>, st: &State, peer: SocketAddr) -> 
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
-    no_store(r)
+    Ok(no_store(r))
 }

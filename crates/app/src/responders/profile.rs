@@ -9,8 +9,9 @@
 use hyper::header::{HeaderValue, CACHE_CONTROL};
 use hyper::{Response, StatusCode};
 
+use crate::refusal::Refusal;
 use crate::responders::origin::{self, OriginError};
-use crate::response::{json_text, not_found, with_header, Body};
+use crate::response::{json_text, with_header, Body};
 use crate::state::State;
 use crate::upstream::Route;
 
@@ -19,7 +20,7 @@ use crate::upstream::Route;
 pub(crate) async fn answer(st: &State, route: &Route, uid: &str, user: &str) -> Response<Body> {
     let profile = match load(st, route, uid, user).await {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into(),
     };
     // Whole seconds, rounded up: the route's `max_ttl` (cache_ttl itself)
     // cuts it to the exact figure, 0.1 s included.
@@ -33,10 +34,10 @@ pub(crate) async fn answer(st: &State, route: &Route, uid: &str, user: &str) -> 
 }
 
 /// The profile from the origin or the user record.
-async fn load(st: &State, route: &Route, uid: &str, user: &str) -> Result<String, Response<Body>> {
+async fn load(st: &State, route: &Route, uid: &str, user: &str) -> Result<String, Refusal> {
     if st.settings.profile.origin.is_some() {
         return origin::fetch(route, user).await.map_err(|e| match e {
-            OriginError::NotFound => not_found("There is no profile for this user."),
+            OriginError::NotFound => Refusal::not_found("There is no profile for this user."),
             OriginError::Failed(why) => route.bad_gateway(
                 &st.host,
                 &why,
@@ -48,7 +49,7 @@ async fn load(st: &State, route: &Route, uid: &str, user: &str) -> Result<String
         // The session belongs to the user of its tag: a user deleted and
         // made again under the same name is someone else.
         Ok(Some(u)) if u.uid == uid => u,
-        Ok(_) => return Err(not_found("There is no profile for this user.")),
+        Ok(_) => return Err(Refusal::not_found("There is no profile for this user.")),
         Err(e) => return Err(st.redis_down(&e)),
     };
     let sessions = match st.store.session_count(uid).await {

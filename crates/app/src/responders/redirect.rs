@@ -8,7 +8,8 @@ use hyper::header::{HeaderValue, HOST, LOCATION};
 use hyper::{Request, Response, StatusCode};
 
 use crate::body::Body;
-use crate::response::{bad_request, no_store};
+use crate::refusal::{Answer, Refusal};
+use crate::response::no_store;
 
 /// A request that came in on a redirecting listener (a request
 /// extension): the HTTPS port to send it to.
@@ -21,14 +22,16 @@ pub(crate) fn served(path: &str) -> bool {
 }
 
 /// The redirect, or 400 when the request names no usable host.
-pub(crate) fn to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
+pub(crate) fn to_https(req: &Request<Incoming>, port: u16) -> Answer {
     let host = req
         .headers()
         .get(HOST)
         .and_then(|h| h.to_str().ok())
         .and_then(host_name);
     let Some(host) = host else {
-        return bad_request("This port redirects to HTTPS and needs a valid Host header.");
+        return Err(Refusal::bad_request(
+            "This port redirects to HTTPS and needs a valid Host header.",
+        ));
     };
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let location = if port == 443 {
@@ -37,12 +40,14 @@ pub(crate) fn to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
         format!("https://{host}:{port}{path}")
     };
     let Ok(location) = HeaderValue::from_str(&location) else {
-        return bad_request("The request path cannot be redirected.");
+        return Err(Refusal::bad_request(
+            "The request path cannot be redirected.",
+        ));
     };
     let mut r = Response::new(Body::new(""));
     *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
     r.headers_mut().insert(LOCATION, location);
-    no_store(r)
+    Ok(no_store(r))
 }
 
 /// The host of a `Host` value without its port: a DNS name or IPv4

@@ -17,7 +17,7 @@ use crate::{
 };
 
 pub(crate) type Pool = Client<Connector, Body>;
-type Answer = hyper::Response<Body>;
+use crate::refusal::{Problem, Refusal};
 
 /// The built-in policy of the `/profile` route (`[rate_limit.profile]`).
 pub(crate) const PROFILE_POLICY: &str = "profile";
@@ -265,7 +265,12 @@ impl Route {
     }
 
     /// 502 for the upstream's own failure (`cause`, for the log), counted.
-    pub(crate) fn bad_gateway(&self, host: &Arc<dyn Host>, cause: &str, detail: &str) -> Answer {
+    pub(crate) fn bad_gateway(
+        &self,
+        host: &Arc<dyn Host>,
+        cause: &str,
+        detail: &'static str,
+    ) -> Refusal {
         self.failure(host, false, cause, detail)
     }
 
@@ -275,18 +280,23 @@ impl Route {
         &self,
         host: &Arc<dyn Host>,
         cause: &str,
-        detail: &str,
-    ) -> Answer {
+        detail: &'static str,
+    ) -> Refusal {
         self.failure(host, true, cause, detail)
     }
 
-    fn failure(&self, host: &Arc<dyn Host>, timeout: bool, cause: &str, detail: &str) -> Answer {
+    fn failure(
+        &self,
+        host: &Arc<dyn Host>,
+        timeout: bool,
+        cause: &str,
+        detail: &'static str,
+    ) -> Refusal {
         self.watch(host).failed(timeout, &cause);
-        let (status, kind) = match timeout {
-            true => (hyper::StatusCode::GATEWAY_TIMEOUT, "gateway-timeout"),
-            false => (hyper::StatusCode::BAD_GATEWAY, "bad-gateway"),
-        };
-        crate::response::problem(status, kind, detail)
+        match timeout {
+            true => Refusal::new(Problem::GatewayTimeout, detail),
+            false => Refusal::new(Problem::BadGateway, detail),
+        }
     }
 
     /// The watch on this route's answer bodies.
