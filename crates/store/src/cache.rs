@@ -36,10 +36,11 @@ pub struct CacheUrl {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheLookup {
     /// The header names the URL's responses vary on, as stored (None when
-    /// nothing is cached for the URL).
+    /// nothing is cached for the URL, and when the entry was found: it was
+    /// made under the spec its variant names).
     pub spec: Option<String>,
     /// The entry for the variant asked for, and the ms it has left.
-    pub entry: Option<(Vec<u8>, i64)>,
+    pub entry: Option<(bytes::Bytes, i64)>,
 }
 
 impl CacheLookup {
@@ -50,8 +51,8 @@ impl CacheLookup {
             .filter(|v| !v.is_null())
             .and_then(Value::as_string);
         let entry = match reply.get(1) {
-            Some(Value::Bytes(b)) => Some(b.to_vec()),
-            Some(Value::String(s)) => Some(s.as_bytes().to_vec()),
+            Some(Value::Bytes(b)) => Some(b.clone()),
+            Some(Value::String(s)) => Some(s.inner().clone()),
             _ => None,
         };
         let ttl = reply.get(2).and_then(Value::as_i64).unwrap_or(0);
@@ -81,13 +82,16 @@ impl Store {
         }
     }
 
-    pub(crate) fn cache_keys(&self, url: &CacheUrl, variant: &str) -> [String; 3] {
-        let base = format!("{}{{{}}}", self.prefix, url.tag);
+    /// A URL's spec key and the entry key of `variant`.
+    pub(crate) fn cache_keys(&self, url: &CacheUrl, variant: &str) -> [String; 2] {
         [
-            format!("{base}:cachevary:{}", url.target),
-            format!("{base}:cache:{}#{variant}", url.target),
-            format!("{base}:cachelock:{}#{variant}", url.target),
+            self.tagged_key(&url.tag, &["cachevary:", &url.target]),
+            self.tagged_key(&url.tag, &["cache:", &url.target, "#", variant]),
         ]
+    }
+
+    fn cache_lock_key(&self, url: &CacheUrl, variant: &str) -> String {
+        self.tagged_key(&url.tag, &["cachelock:", &url.target, "#", variant])
     }
 
     /// The set of a URL's entry keys for one host (`host`: a tag of the
@@ -108,7 +112,7 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn cache_get(&self, url: &CacheUrl, variant: &str) -> Result<CacheLookup> {
-        let [spec, entry, _] = self.cache_keys(url, variant);
+        let [spec, entry] = self.cache_keys(url, variant);
         let reply: Vec<Value> = self
             .run(scripts::cache_get(), vec![spec, entry], vec![])
             .await?;
@@ -128,7 +132,7 @@ impl Store {
         entry: &[u8],
         ttl: Duration,
     ) -> Result<()> {
-        let [spec_key, entry_key, _] = self.cache_keys(url, variant);
+        let [spec_key, entry_key] = self.cache_keys(url, variant);
         let ms = ttl.as_millis().max(1) as i64;
         let _: () = self
             .run(
@@ -176,8 +180,8 @@ impl Store {
         owner: &str,
         ttl: Duration,
     ) -> Result<bool> {
-        let [_, _, lock] = self.cache_keys(url, variant);
-        self.lock(lock, owner, ttl).await
+        self.lock(self.cache_lock_key(url, variant), owner, ttl)
+            .await
     }
 
     /// Releases the lock if `owner` holds it.
@@ -185,8 +189,7 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn cache_unlock(&self, url: &CacheUrl, variant: &str, owner: &str) -> Result<()> {
-        let [_, _, lock] = self.cache_keys(url, variant);
-        self.unlock(lock, owner).await
+        self.unlock(self.cache_lock_key(url, variant), owner).await
     }
 
     /// Takes a single-flight lock (`SET NX PX`) for `owner`.

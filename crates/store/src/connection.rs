@@ -47,6 +47,7 @@ impl Store {
             "tcp"
         };
         Ok(Store {
+            clustered: client.client_config().server.is_clustered(),
             client,
             prefix: cfg.prefix.clone(),
             url_kind,

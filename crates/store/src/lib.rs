@@ -183,17 +183,32 @@ pub struct Store {
     prefix: String,
     url_kind: &'static str,
     max_delay: Duration,
+    /// Redis Cluster (read once: fred's config is cloned to be read).
+    clustered: bool,
 }
 
 impl Store {
     fn user_key(&self, name: &str) -> String {
         format!("{}user:{name}", self.prefix)
     }
+    /// `PREFIX{tag}:` and `rest` joined, made without a formatter: a
+    /// routed request makes several.
+    fn tagged_key(&self, tag: &str, rest: &[&str]) -> String {
+        let len = rest.iter().map(|r| r.len()).sum::<usize>();
+        let mut key = String::with_capacity(self.prefix.len() + tag.len() + 3 + len);
+        for part in [&self.prefix, "{", tag, "}:"]
+            .into_iter()
+            .chain(rest.iter().copied())
+        {
+            key.push_str(part);
+        }
+        key
+    }
     fn tagged(&self, uid: &str, rest: &str) -> String {
-        format!("{}{{{uid}}}:{rest}", self.prefix)
+        self.tagged_key(uid, &[rest])
     }
     fn session_key(&self, uid: &str, token_hash: &str) -> String {
-        self.tagged(uid, &format!("sess:{token_hash}"))
+        self.tagged_key(uid, &["sess:", token_hash])
     }
     fn index_key(&self, uid: &str) -> String {
         self.tagged(uid, "sessions")

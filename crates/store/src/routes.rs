@@ -77,7 +77,7 @@ impl Store {
     ) -> String {
         match (bucket, uid) {
             (Bucket::User { scope }, Some(uid)) => {
-                self.tagged(uid, &format!("rl:{policy_name}:u{scope}"))
+                self.tagged_key(uid, &["rl:", policy_name, ":u", scope])
             }
             (Bucket::User { scope }, None) => format!("{}rl:{policy_name}:u{scope}", self.prefix),
             (Bucket::Plain { name }, _) => format!("{}rl:{policy_name}:{name}", self.prefix),
@@ -140,7 +140,7 @@ impl Store {
     /// The calls `limits` take: the session with the user's buckets first,
     /// then one per other slot group (all in the first on a single Redis).
     fn slot_groups(&self, limits: &[Limit], session: bool) -> Vec<(Option<String>, Vec<usize>)> {
-        let clustered = self.client.client_config().server.is_clustered();
+        let clustered = self.clustered;
         let mut calls: Vec<(Option<String>, Vec<usize>)> = vec![(None, Vec::new())];
         for (i, l) in limits.iter().enumerate() {
             let group = match &l.bucket {
@@ -217,7 +217,7 @@ impl Store {
     ) -> Result<RouteCheck> {
         let key = |l: &Limit| self.bucket_key(&l.policy_name, &l.bucket, session.map(|s| s.uid));
         let calls = self.slot_groups(limits, session.is_some());
-        let clustered = self.client.client_config().server.is_clustered();
+        let clustered = self.clustered;
         let probe = probe.filter(|CacheProbe::Entry { url, .. }| {
             !clustered || session.is_some_and(|s| url.in_slot_of(s.uid))
         });
@@ -255,7 +255,7 @@ impl Store {
             let limit_keys = keys[first_limit..].to_vec();
             match probing {
                 Some(CacheProbe::Entry { url, variant }) => {
-                    let [spec, entry, _] = self.cache_keys(url, variant);
+                    let [spec, entry] = self.cache_keys(url, variant);
                     keys.extend([spec, entry]);
                     args.push(2i64.into());
                 }

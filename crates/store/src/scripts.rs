@@ -184,7 +184,8 @@ return 1
 // remaining, reset ms, retry ms for each limit}. After the limits, ARGV
 // has the number of cache keys to read once all allow (0 to 2: a URL's
 // spec, then an entry), the last of KEYS; an allowed reply then ends with
-// their values (false for none) and the last one's ms left.
+// their values (false for none, and for the earlier ones when the last is
+// there: a hit needs no spec) and the last one's ms left.
 script!(
     route_check,
     concat!(
@@ -230,12 +231,13 @@ for i = 1, n do
 end
 local m = tonumber(ARGV[5 + 2 * n]) or 0
 if m > 0 then
-  local v
-  for j = 1, m do
-    v = redis.call('GET', KEYS[base + n + j])
-    out[#out + 1] = v
+  local last = base + n + m
+  local v = redis.call('GET', KEYS[last])
+  for j = 1, m - 1 do
+    if v then out[#out + 1] = false else out[#out + 1] = redis.call('GET', KEYS[base + n + j]) end
   end
-  if v then out[#out + 1] = redis.call('PTTL', KEYS[base + n + m]) else out[#out + 1] = 0 end
+  out[#out + 1] = v
+  if v then out[#out + 1] = redis.call('PTTL', KEYS[last]) else out[#out + 1] = 0 end
 end
 return out
 "#
@@ -243,15 +245,14 @@ return out
 );
 
 // KEYS: a URL's cache spec, one of its entries. Returns {spec or nil,
-// entry or nil, the entry's ms left}.
+// entry or nil, the entry's ms left}; the spec is read only when there is
+// no entry (an entry was made under the spec its variant names).
 script!(
     cache_get,
     r#"
-local spec = redis.call('GET', KEYS[1])
 local entry = redis.call('GET', KEYS[2])
-local ttl = 0
-if entry then ttl = redis.call('PTTL', KEYS[2]) end
-return {spec, entry, ttl}
+if entry then return {false, entry, redis.call('PTTL', KEYS[2])} end
+return {redis.call('GET', KEYS[1]), false, 0}
 "#
 );
 

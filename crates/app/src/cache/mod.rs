@@ -122,13 +122,13 @@ pub(crate) async fn resolve(
     h: &HeaderMap,
 ) -> Result<Result<Response<Body>, Place>, Refusal> {
     for again in [true, false] {
+        // An entry at the variant's key was made under the spec the
+        // variant names: the answer for this request.
+        if let Some((entry, left_ms)) = &found.entry {
+            return Ok(decode(entry, *left_ms).ok_or(place));
+        }
         let stored = found.spec.take().unwrap_or_default();
         if stored == place.spec {
-            if let Some((entry, left_ms)) = &found.entry {
-                if let Some(r) = decode(entry, *left_ms) {
-                    return Ok(Ok(r));
-                }
-            }
             break;
         }
         specs.set(&place.spec_key, &stored);
@@ -263,50 +263,51 @@ pub(crate) async fn store(
     }
 }
 
-/// status, then the headers as JSON, then the ttl in ms, each on a line;
-/// then the body.
+/// The status and the ttl in ms, each on a line; each kept header as a
+/// `name:value` line, then an empty line; then the body. (A header value
+/// never holds a line end.) An entry of an older layout does not decode,
+/// and is filled again.
 fn encode(status: &StatusCode, h: &HeaderMap, body: &Bytes, ttl: Duration) -> Vec<u8> {
-    let pairs: Vec<(&str, String)> = h
-        .iter()
-        .filter(|(k, _)| kept(k))
-        .map(|(k, v)| {
-            (
-                k.as_str(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let mut out = format!(
-        "{}\n{}\n{}\n",
-        status.as_u16(),
-        serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".into()),
-        ttl.as_millis()
-    )
-    .into_bytes();
+    let mut out = format!("{}\n{}\n", status.as_u16(), ttl.as_millis()).into_bytes();
+    for (k, v) in h.iter().filter(|(k, _)| kept(k)) {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(v.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
     out.extend_from_slice(body);
     out
 }
 
 /// An entry as an answer, with `Age`; None for one that does not parse.
-fn decode(entry: &[u8], left_ms: i64) -> Option<Response<Body>> {
-    let mut parts = entry.splitn(4, |&b| b == b'\n');
-    let status: u16 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
-    let pairs: Vec<(String, String)> = serde_json::from_slice(parts.next()?).ok()?;
-    let ttl: i64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
-    let body = Bytes::copy_from_slice(parts.next().unwrap_or_default());
-    let mut r = Response::new(Body::new(body));
+/// The body and the header values are slices of `entry`, not copies.
+fn decode(entry: &Bytes, left_ms: i64) -> Option<Response<Body>> {
+    let line = |from: usize| {
+        let end = from + entry.get(from..)?.iter().position(|&b| b == b'\n')?;
+        Some((&entry[from..end], end + 1))
+    };
+    let number = |text: &[u8]| std::str::from_utf8(text).ok()?.parse::<i64>().ok();
+    let (status, at) = line(0)?;
+    let (ttl, mut at) = line(at)?;
+    let (status, ttl) = (u16::try_from(number(status)?).ok()?, number(ttl)?);
+    let mut r = Response::new(Body::default());
     *r.status_mut() = StatusCode::from_u16(status).ok()?;
-    for (k, v) in pairs {
-        if let (Ok(k), Ok(v)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(&v),
-        ) {
-            // An entry stored before framing headers were left out.
-            if kept(&k) {
-                r.headers_mut().append(k, v);
-            }
+    loop {
+        let (text, next) = line(at)?;
+        if text.is_empty() {
+            at = next;
+            break;
         }
+        let colon = text.iter().position(|&b| b == b':')?;
+        let name = HeaderName::from_bytes(&text[..colon]).ok()?;
+        let value = HeaderValue::from_maybe_shared(entry.slice(at + colon + 1..next - 1)).ok()?;
+        if kept(&name) {
+            r.headers_mut().append(name, value);
+        }
+        at = next;
     }
+    *r.body_mut() = Body::new(entry.slice(at..));
     let age = (ttl - left_ms.max(0)).max(0) / 1000;
     r.headers_mut().insert(AGE, HeaderValue::from(age as u64));
     r.headers_mut()
@@ -455,7 +456,7 @@ mod tests {
             &Bytes::from_static(b"hi\nthere"),
             Duration::from_secs(10),
         );
-        let r = decode(&e, 7_000).unwrap();
+        let r = decode(&Bytes::from(e), 7_000).unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["age"], "3");
         assert_eq!(r.headers()["x-cache"], "hit");
@@ -463,6 +464,9 @@ mod tests {
         // The framing comes from the stored body, never a stored header.
         assert!(!r.headers().contains_key("content-length"));
         assert!(!r.headers().contains_key("transfer-encoding"));
-        assert!(decode(b"garbage", 0).is_none());
+        assert_eq!(hyper::body::Body::size_hint(r.body()).exact(), Some(8));
+        for bad in [&b"garbage"[..], b"200\n[]\n10\nbody", b"200\n10\nx-a:1\n"] {
+            assert!(decode(&Bytes::from_static(bad), 0).is_none(), "{bad:?}");
+        }
     }
 }

@@ -37,10 +37,10 @@ use headers::{Forwarding, Identity};
 /// A path that a prefix could be matched against in one way and the
 /// upstream read in another: a dot segment, or an escaped '.', '/' or '\'.
 fn ambiguous(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
+    let escaped = |w: &[u8]| {
+        w[0] == b'%' && matches!((w[1], w[2] | 0x20), (b'2', b'e' | b'f') | (b'5', b'c'))
+    };
+    path.as_bytes().windows(3).any(escaped)
         || path.contains('\\')
         || path.split('/').any(|s| s == "." || s == "..")
 }
@@ -466,10 +466,13 @@ mod tests {
             "/a/./b",
             "/a\\b",
             "/a%5cb",
+            "/a%5Cb",
+            "/a%2E",
+            "/a%2F",
         ] {
             assert!(ambiguous(p), "{p}");
         }
-        for p in ["/api/x.y", "/api/..x", "/a/b"] {
+        for p in ["/api/x.y", "/api/..x", "/a/b", "/%2g", "/%3e", "/%2", "%5"] {
             assert!(!ambiguous(p), "{p}");
         }
     }
