@@ -288,7 +288,9 @@ fn gateway(strict: &Strict) -> Forkd {
     Forkd::start(&format!(
         "workers = 2\n\
          [[route]]\nprefix = \"/plain\"\nupstream = \"{u}\"\nauth = \"none\"\n\
-         [[route]]\nprefix = \"/cached\"\nupstream = \"{u}\"\nauth = \"none\"\ncache = true\n",
+         [[route]]\nprefix = \"/cached\"\nupstream = \"{u}\"\nauth = \"none\"\ncache = true\n\
+         policies = [\"g\"]\n\
+         [rate_limit.policy.g]\nlimit = 1000000\nwindow = 60\nkey = \"client\"\n",
         u = strict.url()
     ))
 }
@@ -366,6 +368,10 @@ fn answers_are_framed_by_their_body_and_never_desync_the_client() {
     assert!(read_framed(&mut c, false).is_err());
     let r = pipelined(f.port, "/cached/long-cl");
     assert_eq!(r.status, 502, "{r:?}");
+    // A failed fill is answered like any of the route's answers: with its
+    // rate-limit headers.
+    assert!(r.header("ratelimit").is_some(), "{r:?}");
+    assert!(r.header("ratelimit-policy").is_some(), "{r:?}");
 }
 
 #[test]

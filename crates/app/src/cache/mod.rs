@@ -291,6 +291,9 @@ fn decode(entry: &Bytes, left_ms: i64) -> Option<Response<Body>> {
     let (status, at) = line(0)?;
     let (ttl, mut at) = line(at)?;
     let (status, ttl) = (u16::try_from(number(status)?).ok()?, number(ttl)?);
+    if ttl < 0 {
+        return None;
+    }
     let mut r = Response::new(Body::default());
     *r.status_mut() = StatusCode::from_u16(status).ok()?;
     loop {
@@ -308,7 +311,7 @@ fn decode(entry: &Bytes, left_ms: i64) -> Option<Response<Body>> {
         at = next;
     }
     *r.body_mut() = Body::new(entry.slice(at..));
-    let age = (ttl - left_ms.max(0)).max(0) / 1000;
+    let age = ttl.saturating_sub(left_ms.max(0)).max(0) / 1000;
     r.headers_mut().insert(AGE, HeaderValue::from(age as u64));
     r.headers_mut()
         .insert(X_CACHE, HeaderValue::from_static("hit"));
@@ -465,7 +468,14 @@ mod tests {
         assert!(!r.headers().contains_key("content-length"));
         assert!(!r.headers().contains_key("transfer-encoding"));
         assert_eq!(hyper::body::Body::size_hint(r.body()).exact(), Some(8));
-        for bad in [&b"garbage"[..], b"200\n[]\n10\nbody", b"200\n10\nx-a:1\n"] {
+        for bad in [
+            &b"garbage"[..],
+            b"200\n[]\n10\nbody",
+            b"200\n10\nx-a:1\n",
+            b"200\n-9223372036854775808\n\n",
+            b"99999\n10\n\n",
+            b"200\n10\nno colon\n\n",
+        ] {
             assert!(decode(&Bytes::from_static(bad), 0).is_none(), "{bad:?}");
         }
     }

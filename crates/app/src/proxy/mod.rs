@@ -276,7 +276,9 @@ async fn forward_to(
         (Some(fill), Some(h)) => {
             let watch = route.watch(&st.host);
             let stream = move |b| Body::Stream(b, watch, None);
-            fill_cache(st, route, &fill.place, &h, parts, body, stream).await?
+            fill_cache(st, route, &fill.place, &h, parts, body, stream)
+                .await
+                .map_err(|r| r.with_all(checked.rate_headers()))?
         }
         _ => {
             let mut r = Response::from_parts(

@@ -17,28 +17,24 @@ pub(crate) fn client_ip(
     if !trusted(peer) {
         return peer;
     }
-    // Every hop, left to right, over all X-Forwarded-For lines: parsed from
-    // the bytes (a value that is not valid text spoils only its own hops),
-    // None for one that is not an address.
-    let hops: Vec<Option<IpAddr>> = headers
+    // Every hop, right to left, over all X-Forwarded-For lines, each parsed
+    // from the bytes (a value that is not valid text spoils only its own
+    // hops). Each trusted proxy vouches for the hop left of it; a hop that
+    // is not an address ends the walk: the client is the last hop a
+    // trusted proxy named.
+    let hops = headers
         .get_all("x-forwarded-for")
         .iter()
-        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
-        .map(|hop| {
-            std::str::from_utf8(hop)
-                .ok()
-                .and_then(|h| h.trim().parse::<IpAddr>().ok())
-                .map(canonical)
-        })
-        .collect();
-    // From the right: each trusted proxy vouches for the hop left of it. An
-    // unreadable hop ends the walk: the client is the last hop a trusted
-    // proxy named.
+        .rev()
+        .flat_map(|value| value.as_bytes().rsplit(|&b| b == b','));
     let mut client = peer;
-    for hop in hops.into_iter().rev() {
-        let Some(ip) = hop else { break };
-        client = ip;
-        if !trusted(ip) {
+    for hop in hops {
+        let hop = std::str::from_utf8(hop).ok();
+        let Some(ip) = hop.and_then(|h| h.trim().parse::<IpAddr>().ok()) else {
+            break;
+        };
+        client = canonical(ip);
+        if !trusted(client) {
             break;
         }
     }
