@@ -253,14 +253,7 @@ pub(crate) fn app_settings(
             .iter()
             .map(|r| route(r, &c.rate_limit.policy))
             .collect(),
-        proxy: forkd_app::ProxySettings {
-            user_header: header_name(&c.proxy.user_header),
-            role_header: header_name(&c.proxy.role_header),
-            session_header: header_name(&c.proxy.session_header),
-            max_idle_per_upstream: c.proxy.max_idle_per_upstream,
-            idle_timeout: c.proxy.idle_timeout,
-            forward_auth_path: c.proxy.forward_auth_path.clone(),
-        },
+        proxy: c.proxy.clone(),
         listeners: listener_settings(c),
         tls: tls.map(|id| forkd_app::TlsSettings {
             identity: id.clone(),
@@ -268,11 +261,7 @@ pub(crate) fn app_settings(
             handshake_timeout: c.tls.handshake_timeout,
             tickets: tickets.clone(),
         }),
-        http2: forkd_app::Http2Settings {
-            enabled: c.http2.enabled,
-            h2c: c.http2.h2c,
-            max_concurrent_streams: c.http2.max_concurrent_streams,
-        },
+        http2: c.http2.clone(),
     }
 }
 
@@ -329,22 +318,9 @@ fn route(
                         limit: p.limit as u32,
                         window: p.window,
                     },
-                    key: match &p.key {
-                        forkd_config::PolicyKey::User => forkd_app::PolicyBucket::User,
-                        forkd_config::PolicyKey::Client => forkd_app::PolicyBucket::Client,
-                        forkd_config::PolicyKey::UserRoute => forkd_app::PolicyBucket::UserRoute,
-                        forkd_config::PolicyKey::Header(h) => {
-                            forkd_app::PolicyBucket::Header(header_name(h))
-                        }
-                    },
+                    key: p.key.clone(),
                 })
             })
             .collect(),
     }
-}
-
-/// A header name the config has validated (letters, digits and '-').
-fn header_name(name: &str) -> forkd_app::HeaderName {
-    forkd_app::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
-        .expect("validated as a header name")
 }

@@ -131,12 +131,7 @@ impl hyper::body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Body::Full(f) => match Pin::new(f).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-                Poll::Ready(Some(Err(never))) => match never {},
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+            Body::Full(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
             Body::Stream(s, watch, client) => {
                 let polled = Pin::new(s).poll_frame(cx);
                 if let Poll::Ready(Some(Err(e))) = &polled {

@@ -76,7 +76,7 @@ use std::time::Duration;
 pub use access::{AccessFormat, AccessSettings};
 pub use connection::tickets::TicketKeys;
 pub use connection::tls::{CertificateInfo, Identity};
-pub use forkd_config::{OnRedisError, RouteAuth, Upstream};
+pub use forkd_config::{Http2, OnRedisError, PolicyKey, Proxy, RouteAuth, Upstream};
 pub use forkd_store::{Policy, StoreConfig};
 pub use hyper::header::{HeaderName, HeaderValue};
 pub use metrics::{
@@ -118,12 +118,15 @@ pub struct Settings {
     /// None: no access log.
     pub access_log: Option<AccessSettings>,
     pub routes: Vec<RouteSettings>,
-    pub proxy: ProxySettings,
+    /// What every route shares: the identity headers, the upstream pools'
+    /// idle connections, `forward_auth_path` ("" for none).
+    pub proxy: Proxy,
     /// How each listener speaks, in the order of the worker's listeners.
     pub listeners: Vec<ListenerSettings>,
     /// The certificate, for the listeners that speak TLS.
     pub tls: Option<TlsSettings>,
-    pub http2: Http2Settings,
+    /// HTTP/2: by ALPN on TLS, by prior knowledge on plain TCP (`h2c`).
+    pub http2: Http2,
 }
 
 /// How one listener speaks.
@@ -147,14 +150,6 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
     /// Session-ticket keys shared by every worker of this configuration.
     pub tickets: TicketKeys,
-}
-
-/// HTTP/2: by ALPN on TLS, by prior knowledge on plain TCP.
-#[derive(Debug, Clone, Copy)]
-pub struct Http2Settings {
-    pub enabled: bool,
-    pub h2c: bool,
-    pub max_concurrent_streams: u32,
 }
 
 /// One `[[route]]`.
@@ -191,32 +186,7 @@ pub struct RouteCache {
 pub struct RoutePolicy {
     pub name: String,
     pub policy: Policy,
-    pub key: PolicyBucket,
-}
-
-/// What a policy counts per.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PolicyBucket {
-    /// The user; the client address on an anonymous request.
-    User,
-    Client,
-    /// The user on this route; the client on this route when anonymous.
-    UserRoute,
-    /// The header's value; the client address when it is missing.
-    Header(HeaderName),
-}
-
-/// What every route shares.
-#[derive(Debug, Clone)]
-pub struct ProxySettings {
-    pub user_header: HeaderName,
-    pub role_header: HeaderName,
-    pub session_header: HeaderName,
-    pub max_idle_per_upstream: usize,
-    pub idle_timeout: Duration,
-    /// `GET` here answers nginx `auth_request`, Traefik `ForwardAuth` and
-    /// Envoy `ext_authz`; "" for none.
-    pub forward_auth_path: String,
+    pub key: PolicyKey,
 }
 
 /// One worker's gauges, as any worker reads them for /metrics.

@@ -12,7 +12,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -80,14 +80,11 @@ impl<S: AsyncWrite + Unpin> HeadLimit<S> {
     /// Writes what is pending of forkd's 431; Ready once it is all out.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending.is_empty() {
-            match Pin::new(&mut self.inner).poll_write(cx, &self.pending) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.pending.drain(..n);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.pending.drain(..n);
         }
         Poll::Ready(Ok(()))
     }
@@ -112,11 +109,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
         let this = &mut *self;
         if this.replaced {
             // After forkd's 431 nothing else goes out.
-            return match this.drain(cx) {
-                Poll::Ready(Ok(())) => Poll::Ready(Ok(buf.len())),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            };
+            return this.drain(cx).map_ok(|()| buf.len());
         }
         if is_hyper_431(buf) {
             this.host.count(crate::metrics::HEADS_TOO_LARGE, 1);
@@ -144,10 +137,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
             .find(|b| !b.is_empty())
             .map_or(&[][..], |b| &b[..]);
         if self.replaced || (first.len() == total && is_hyper_431(first)) {
-            return match self.poll_write(cx, first) {
-                Poll::Ready(Ok(_)) => Poll::Ready(Ok(total)),
-                other => other,
-            };
+            return self.poll_write(cx, first).map_ok(|_| total);
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
@@ -157,19 +147,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HeadLimit<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        match this.drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
-            other => other,
-        }
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        match this.drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
-            other => other,
-        }
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

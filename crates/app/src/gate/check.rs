@@ -15,7 +15,7 @@ use crate::request::Context;
 use crate::response::{Body, RATELIMIT, RATELIMIT_POLICY};
 use crate::state::State;
 use crate::upstream::{Route, Specs};
-use crate::{gate::limiter, PolicyBucket, RouteAuth};
+use crate::{gate::limiter, PolicyKey, RouteAuth};
 
 /// Fields whose one value may hold commas (a browser's `User-Agent`, a
 /// Digest `Authorization`, a cookie string, a URL, a date): a policy keyed
@@ -35,7 +35,7 @@ const ONE_VALUE_WITH_COMMAS: &[&str] = &[
 /// The value a header-keyed policy counts by: the field's (the cookies
 /// joined, as an HTTP/1.1 upstream gets them); None when it is missing or
 /// empty, which counts per client.
-fn header_key(h: &hyper::HeaderMap, name: &hyper::header::HeaderName) -> Option<Vec<u8>> {
+fn header_key(h: &hyper::HeaderMap, name: &str) -> Option<Vec<u8>> {
     let values: Vec<&[u8]> = h
         .get_all(name)
         .iter()
@@ -127,15 +127,15 @@ pub(crate) async fn check(
     // 5.3), could pass on a fresh first value while the app reads a spent
     // last one.
     for p in policies {
-        if let PolicyBucket::Header(h) = &p.key {
-            let mut values = req.headers().get_all(h).iter();
+        if let PolicyKey::Header(h) = &p.key {
+            let mut values = req.headers().get_all(h.as_str()).iter();
             let first = values.next();
             let listed = |v: &HeaderValue| {
                 v.as_bytes().contains(&b',') && !ONE_VALUE_WITH_COMMAS.contains(&h.as_str())
             };
             // HTTP/2 clients send each cookie as a field of its own; they
             // are one Cookie header (RFC 9113 section 8.2.3).
-            let repeated = values.next().is_some() && *h != hyper::header::COOKIE;
+            let repeated = values.next().is_some() && h != "cookie";
             if repeated || first.is_some_and(listed) {
                 return Err(Refusal::bad_request(format!(
                     "The request repeats the {h} header, or lists values in it, which a rate limit counts by."
@@ -152,12 +152,12 @@ pub(crate) async fn check(
             policy_name: p.name.clone(),
             policy: p.policy,
             bucket: match &p.key {
-                PolicyBucket::User if token.is_some() => buckets::user(""),
-                PolicyBucket::UserRoute if token.is_some() => buckets::user(&format!(":{prefix}")),
-                PolicyBucket::User | PolicyBucket::Client => by_client(""),
-                PolicyBucket::UserRoute => by_client(&format!(":{prefix}")),
-                PolicyBucket::Header(h) => match header_key(req.headers(), h) {
-                    Some(v) => buckets::header(h.as_str(), &v),
+                PolicyKey::User if token.is_some() => buckets::user(""),
+                PolicyKey::UserRoute if token.is_some() => buckets::user(&format!(":{prefix}")),
+                PolicyKey::User | PolicyKey::Client => by_client(""),
+                PolicyKey::UserRoute => by_client(&format!(":{prefix}")),
+                PolicyKey::Header(h) => match header_key(req.headers(), h) {
+                    Some(v) => buckets::header(h, &v),
                     None => by_client(""),
                 },
             },

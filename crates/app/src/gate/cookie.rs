@@ -35,12 +35,7 @@ pub(crate) fn set(c: &CookieSettings, token: &str, max_age: Duration) -> HeaderV
 
 /// `Set-Cookie` that removes it.
 pub(crate) fn clear(c: &CookieSettings) -> HeaderValue {
-    let secure = if c.secure { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!(
-        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
-        c.name
-    ))
-    .expect("a validated cookie name")
+    set(c, "", Duration::ZERO)
 }
 
 /// Requests a page of another site must not be able to make a browser

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Upstream;
 
@@ -33,11 +33,20 @@ impl Connector {
     }
 }
 
-/// A connection to an upstream.
-pub(crate) enum Stream {
-    Tcp(TokioIo<tokio::net::TcpStream>),
-    Unix(TokioIo<tokio::net::UnixStream>),
+/// A connection to an upstream: TCP or a unix socket.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// hyper-util's `TokioIo` gives a stream hyper's `Read` and `Write`, and
+/// is a `Connection` when the stream is one.
+impl Connection for Box<dyn Io> {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
 }
+
+pub(crate) type Stream = TokioIo<Box<dyn Io>>;
 
 impl tower_service::Service<Uri> for Connector {
     type Response = Stream;
@@ -57,11 +66,11 @@ impl tower_service::Service<Uri> for Connector {
                     Some(Upstream::Tcp(addr)) => {
                         let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
                         let _ = s.set_nodelay(true);
-                        Ok(Stream::Tcp(TokioIo::new(s)))
+                        Ok(TokioIo::new(Box::new(s) as Box<dyn Io>))
                     }
                     Some(Upstream::Unix(path)) => {
                         let s = tokio::net::UnixStream::connect(PathBuf::from(path)).await?;
-                        Ok(Stream::Unix(TokioIo::new(s)))
+                        Ok(TokioIo::new(Box::new(s) as Box<dyn Io>))
                     }
                     None => Err(io::Error::new(
                         io::ErrorKind::NotConnected,
@@ -77,51 +86,5 @@ impl tower_service::Service<Uri> for Connector {
                 )),
             }
         })
-    }
-}
-
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl Read for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
     }
 }

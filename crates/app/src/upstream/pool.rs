@@ -12,8 +12,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use super::connect::Connector;
 use crate::body::Body;
 use crate::{
-    Host, PolicyBucket, ProfileSettings, ProxySettings, RouteAuth, RouteCache, RoutePolicy,
-    RouteSettings, Upstream,
+    Host, PolicyKey, ProfileSettings, Proxy, RouteAuth, RouteCache, RoutePolicy, RouteSettings,
+    Upstream,
 };
 
 pub(crate) type Pool = Client<Connector, Body>;
@@ -73,11 +73,7 @@ pub(crate) struct Routes {
 
 impl Routes {
     /// The clients are made here but connect on first use.
-    pub(crate) fn new(
-        routes: &[RouteSettings],
-        proxy: &ProxySettings,
-        profile: &ProfileSettings,
-    ) -> Self {
+    pub(crate) fn new(routes: &[RouteSettings], proxy: &Proxy, profile: &ProfileSettings) -> Self {
         let mut routes: Vec<Route> = routes
             .iter()
             .enumerate()
@@ -100,7 +96,7 @@ impl Routes {
             policies: vec![RoutePolicy {
                 name: PROFILE_POLICY.into(),
                 policy: profile.limit,
-                key: PolicyBucket::User,
+                key: PolicyKey::User,
             }],
             cache: Some(RouteCache {
                 max_ttl: profile.cache_ttl,
@@ -116,11 +112,16 @@ impl Routes {
         Routes {
             routes,
             profile,
+            // Names the configuration validated (letters, digits, '-').
             names: [
-                proxy.user_header.clone(),
-                proxy.role_header.clone(),
-                proxy.session_header.clone(),
-            ],
+                &proxy.user_header,
+                &proxy.role_header,
+                &proxy.session_header,
+            ]
+            .map(|n| {
+                HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+                    .expect("a validated header name")
+            }),
         }
     }
 
@@ -214,7 +215,7 @@ fn matches(prefix: &str, path: &str) -> bool {
 }
 
 impl Route {
-    fn new(cfg: &RouteSettings, proxy: &ProxySettings) -> Self {
+    fn new(cfg: &RouteSettings, proxy: &Proxy) -> Self {
         let authority = match &cfg.upstream {
             Some(Upstream::Tcp(a)) => a.clone(),
             Some(Upstream::Unix(_)) | None => "localhost".to_owned(),
@@ -271,7 +272,8 @@ impl Route {
         cause: &str,
         detail: &'static str,
     ) -> Refusal {
-        self.failure(host, false, cause, detail)
+        self.watch(host).failed(false, &cause);
+        Refusal::new(Problem::BadGateway, detail)
     }
 
     /// 504 for an upstream that outlasted the route's timeout, counted and
@@ -282,21 +284,8 @@ impl Route {
         cause: &str,
         detail: &'static str,
     ) -> Refusal {
-        self.failure(host, true, cause, detail)
-    }
-
-    fn failure(
-        &self,
-        host: &Arc<dyn Host>,
-        timeout: bool,
-        cause: &str,
-        detail: &'static str,
-    ) -> Refusal {
-        self.watch(host).failed(timeout, &cause);
-        match timeout {
-            true => Refusal::new(Problem::GatewayTimeout, detail),
-            false => Refusal::new(Problem::BadGateway, detail),
-        }
+        self.watch(host).failed(true, &cause);
+        Refusal::new(Problem::GatewayTimeout, detail)
     }
 
     /// The watch on this route's answer bodies.
