@@ -2,11 +2,11 @@
 //! single-flight lock (the upstream's, or a built-in responder's), stored
 //! when it may be.
 
-use crate::refusal::Answer;
 use hyper::header::HeaderValue;
 use hyper::Response;
 
 use crate::cache;
+use crate::refusal::Answer;
 use crate::response::Body;
 use crate::state::State;
 use crate::upstream::Route;

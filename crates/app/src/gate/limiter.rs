@@ -5,14 +5,16 @@
 //! a place in no bucket. While Redis cannot answer,
 //! `rate_limit.on_redis_error` decides the same way for every policy; a
 //! request whose session must be checked is 503 whatever it says. The
-//! `RateLimit`, `RateLimit-Policy` and 429 answers are made here too.
+//! 429 is [`crate::refusal::Refusal::too_many`]; the `RateLimit` and
+//! `RateLimit-Policy` items are formatted in [`crate::response`].
 
 use std::time::Duration;
+
+use forkd_store::{Bucket, CacheLookup, CacheProbe, Decision, Limit, RouteCheck, SessionRef};
 
 use crate::refusal::Refusal;
 use crate::state::State;
 use crate::OnRedisError;
-use forkd_store::{Bucket, CacheLookup, CacheProbe, Decision, Limit, RouteCheck, SessionRef};
 
 /// Where a check took its places.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -156,7 +156,7 @@ async fn forward_to(
         h,
         &Forwarding {
             peer: cx.peer.ip(),
-            trusted: (st.settings.trusted_proxy)(cx.peer.ip()),
+            trusted: cx.trusted,
             upstream_host: &route.authority,
             tls: cx.tls,
         },
@@ -167,11 +167,7 @@ async fn forward_to(
     headers::set_identity(
         h,
         &Identity {
-            names: [
-                &st.routes.names[0],
-                &st.routes.names[1],
-                &st.routes.names[2],
-            ],
+            names: st.routes.names.each_ref(),
             values,
             pass_authorization: route.cfg.pass_authorization,
             cookie_name: st.settings.auth.cookie.as_ref().map(|c| c.name.as_str()),

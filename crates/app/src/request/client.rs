@@ -7,14 +7,16 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use hyper::header::HeaderMap;
 
-/// The client address of a request that arrived from `peer`.
+/// The client address of a request that arrived from `peer`
+/// (`peer_trusted`: whether it is a trusted proxy).
 pub(crate) fn client_ip(
     peer: IpAddr,
+    peer_trusted: bool,
     headers: &HeaderMap,
     trusted: &dyn Fn(IpAddr) -> bool,
 ) -> IpAddr {
     let peer = canonical(peer);
-    if !trusted(peer) {
+    if !peer_trusted {
         return peer;
     }
     // Every hop, right to left, over all X-Forwarded-For lines, each parsed
@@ -129,7 +131,10 @@ mod tests {
     #[test]
     fn untrusted_peer_is_the_client() {
         let peer: IpAddr = "192.0.2.1".parse().unwrap();
-        assert_eq!(client_ip(peer, &headers(&["1.2.3.4"]), &trusted), peer);
+        assert_eq!(
+            client_ip(peer, trusted(peer), &headers(&["1.2.3.4"]), &trusted),
+            peer
+        );
     }
 
     #[test]
@@ -137,22 +142,25 @@ mod tests {
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
         let h = headers(&["6.6.6.6, 1.2.3.4", "10.0.0.2"]);
         assert_eq!(
-            client_ip(peer, &h, &trusted),
+            client_ip(peer, trusted(peer), &h, &trusted),
             "1.2.3.4".parse::<IpAddr>().unwrap()
         );
         // A spoofed left-most entry is ignored.
         let h = headers(&["9.9.9.9, 5.5.5.5, 10.0.0.3"]);
         assert_eq!(
-            client_ip(peer, &h, &trusted),
+            client_ip(peer, trusted(peer), &h, &trusted),
             "5.5.5.5".parse::<IpAddr>().unwrap()
         );
         // Garbage ends the walk at the last hop a trusted proxy named.
         let h = headers(&["9.9.9.9, junk, 10.0.0.3"]);
         assert_eq!(
-            client_ip(peer, &h, &trusted),
+            client_ip(peer, trusted(peer), &h, &trusted),
             "10.0.0.3".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(client_ip(peer, &headers(&[]), &trusted), peer);
+        assert_eq!(
+            client_ip(peer, trusted(peer), &headers(&[]), &trusted),
+            peer
+        );
     }
 
     #[test]
@@ -163,7 +171,7 @@ mod tests {
             for l in lines {
                 h.append("x-forwarded-for", HeaderValue::from_bytes(l).unwrap());
             }
-            client_ip(peer, &h, &trusted)
+            client_ip(peer, trusted(peer), &h, &trusted)
         };
         let client: IpAddr = "1.2.3.4".parse().unwrap();
         // Not the proxy's own address: the client it names.

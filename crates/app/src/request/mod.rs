@@ -16,6 +16,8 @@ pub(crate) struct Context {
     pub(crate) id: hyper::header::HeaderValue,
     /// The connection's peer.
     pub(crate) peer: std::net::SocketAddr,
+    /// The peer is a trusted proxy (`http.trusted_proxies`).
+    pub(crate) trusted: bool,
     /// The client as the limits see it ([`client::client_ip`]).
     pub(crate) client: std::net::IpAddr,
     /// The request came over TLS.
@@ -31,10 +33,12 @@ impl Context {
         id: hyper::header::HeaderValue,
         trusted: &dyn Fn(std::net::IpAddr) -> bool,
     ) -> Self {
+        let peer_trusted = trusted(peer.ip());
         Context {
             id,
             peer,
-            client: client::client_ip(peer.ip(), req.headers(), trusted),
+            trusted: peer_trusted,
+            client: client::client_ip(peer.ip(), peer_trusted, req.headers(), trusted),
             tls: req.extensions().get::<OverTls>().is_some(),
             user: std::sync::OnceLock::new(),
         }
