@@ -33,6 +33,8 @@ pub(crate) fn store_config(c: &Config) -> forkd_store::StoreConfig {
         command_timeout: c.redis.command_timeout,
         connect_timeout: c.redis.connect_timeout,
         reconnect_max_delay: c.redis.reconnect_max_delay,
+        near_cache_bytes: c.redis.near_cache_mib << 20,
+        near_cache_max_age: c.redis.near_cache_max_age,
     }
 }
 

@@ -45,8 +45,13 @@ pub const LABELLED_ROUTES: usize = 32;
 const PER_ROUTE: usize = 7;
 const ROUTE_HITS: usize = 5;
 const ROUTE_MISSES: usize = 6;
+// The near cache's, after the routes'.
+const NEAR_HITS: usize = MORE_AT + LABELLED_ROUTES * PER_ROUTE;
+const NEAR_MISSES: usize = NEAR_HITS + 1;
+const NEAR_INVALIDATIONS: usize = NEAR_MISSES + 1;
+const NEAR_FLUSHES: usize = NEAR_INVALIDATIONS + 1;
 /// Further counters used; the scoreboard must have at least this many.
-pub const MORE_USED: usize = LABELLED_ROUTES * PER_ROUTE;
+pub const MORE_USED: usize = NEAR_FLUSHES + 1 - MORE_AT;
 
 /// The label a request is counted under: a built-in route's index in
 /// [`ROUTES`], or past them a configured route's place (see [`label`]).
@@ -95,6 +100,20 @@ pub(crate) fn count_cache(host: &dyn Host, label: Label, hit: bool) {
         None => CACHE_MISSES,
     };
     host.count(k, 1);
+}
+
+/// Adds what the near cache counted since the last call.
+pub(crate) fn count_near(host: &dyn Host, n: &forkd_store::NearCounts) {
+    for (k, v) in [
+        (NEAR_HITS, n.hits),
+        (NEAR_MISSES, n.misses),
+        (NEAR_INVALIDATIONS, n.invalidations),
+        (NEAR_FLUSHES, n.flushes),
+    ] {
+        if v > 0 {
+            host.count(k, v);
+        }
+    }
 }
 
 /// Reads one gauge of a worker.
@@ -286,6 +305,31 @@ pub(crate) fn render(
             "Connections to a PROXY protocol listener closed before a request: from an \
              untrusted peer, or without a valid header.",
             get(PROXY_HEADERS_REFUSED),
+        ),
+        (
+            "forkd_near_cache_hits_total",
+            "counter",
+            "Session and cached-answer lookups the workers' near caches answered.",
+            get(NEAR_HITS),
+        ),
+        (
+            "forkd_near_cache_misses_total",
+            "counter",
+            "Session and cached-answer lookups that went to Redis.",
+            get(NEAR_MISSES),
+        ),
+        (
+            "forkd_near_cache_invalidations_total",
+            "counter",
+            "Keys Redis said changed, each dropped from a near cache.",
+            get(NEAR_INVALIDATIONS),
+        ),
+        (
+            "forkd_near_cache_flushes_total",
+            "counter",
+            "Times a near cache was emptied: a connection lost, a FLUSHALL, a missed \
+             invalidation.",
+            get(NEAR_FLUSHES),
         ),
         (
             "forkd_access_log_lines_dropped_total",

@@ -155,6 +155,7 @@ async fn connect_store(cfg: &forkd_store::StoreConfig) -> Option<forkd_store::St
         }
     };
     store.start();
+    store.start_near(cfg);
     // Give Redis a moment before taking requests, so that a new worker of a
     // rolling reload serves from its first request; if Redis is down, serve
     // anyway (503 for what needs it) and connect when it appears.
@@ -175,6 +176,9 @@ fn spawn_heartbeat(state: &State, every: Duration) {
         loop {
             t.tick().await;
             beat.heartbeat();
+            if let Some(n) = described.near_counts() {
+                crate::metrics::count_near(beat.as_ref(), &n);
+            }
             let now = described.describe();
             if now != last {
                 beat.set_redis_info(&now);

@@ -38,6 +38,12 @@ pub struct Redis {
     pub connect_timeout: Duration,
     #[serde(serialize_with = "secs")]
     pub reconnect_max_delay: Duration,
+    /// The worker's near cache of sessions and cached answers, in MiB
+    /// (0: none).
+    pub near_cache_mib: usize,
+    /// The longest the near cache keeps anything.
+    #[serde(serialize_with = "secs")]
+    pub near_cache_max_age: Duration,
     pub server: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,

@@ -117,6 +117,10 @@ pub struct RawRedis {
     pub command_timeout: f64,
     pub connect_timeout: f64,
     pub reconnect_max_delay: f64,
+    /// MiB; 0: no near cache.
+    pub near_cache_mib: i64,
+    /// Seconds.
+    pub near_cache_max_age: f64,
     pub server: String,
     pub data_dir: Option<PathBuf>,
 }
@@ -130,6 +134,8 @@ impl Default for RawRedis {
             command_timeout: 1.0,
             connect_timeout: 1.0,
             reconnect_max_delay: 1.0,
+            near_cache_mib: 64,
+            near_cache_max_age: 60.0,
             server: "redis-server".into(),
             data_dir: None,
         }

@@ -217,6 +217,12 @@ impl RawRedis {
                 self.reconnect_max_delay,
                 0.05,
             )?,
+            near_cache_mib: count("redis.near_cache_mib", self.near_cache_mib, 0, 65_536)?,
+            near_cache_max_age: seconds(
+                "redis.near_cache_max_age",
+                self.near_cache_max_age,
+                0.001,
+            )?,
             server: self.server.clone(),
             data_dir: self.data_dir.clone(),
         })

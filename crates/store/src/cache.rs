@@ -159,13 +159,16 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn cache_invalidate(&self, url: &CacheUrl, host: &str) -> Result<()> {
-        let _: i64 = self
+        let ended: Vec<String> = self
             .run(
                 scripts::cache_invalidate(),
                 vec![self.cache_variants(url, host)],
                 vec![],
             )
             .await?;
+        // Gone from this worker's near cache before the write is answered;
+        // the others hear it from Redis.
+        self.near_forget(&ended);
         Ok(())
     }
 

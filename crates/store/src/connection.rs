@@ -46,8 +46,17 @@ impl Store {
         } else {
             "tcp"
         };
+        let clustered = client.client_config().server.is_clustered();
+        let near = (cfg.near_cache_bytes > 0 && !clustered).then(|| {
+            std::sync::Arc::new(crate::near::Near::new(
+                cfg.near_cache_bytes,
+                cfg.near_cache_max_age,
+            ))
+        });
         Ok(Store {
-            clustered: client.client_config().server.is_clustered(),
+            clustered,
+            near,
+            near_reader: Default::default(),
             client,
             prefix: cfg.prefix.clone(),
             url_kind,

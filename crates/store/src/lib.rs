@@ -36,6 +36,7 @@
 
 mod cache;
 mod connection;
+mod near;
 mod routes;
 mod scripts;
 mod sessions;
@@ -44,6 +45,7 @@ mod users;
 use std::time::Duration;
 
 pub use cache::{CacheLookup, CacheScope, CacheUrl};
+pub use near::{NearCounts, NearSession};
 pub use routes::{Bucket, CacheProbe, Limit, RouteCheck, SessionRef};
 
 use fred::prelude::*;
@@ -64,6 +66,10 @@ pub struct StoreConfig {
     /// A password to use instead of (or as well as none in) the URL, e.g.
     /// read from `redis.password_file`. Never logged.
     pub password: Option<String>,
+    /// The near cache's size in bytes (0: none), and the longest it keeps
+    /// anything.
+    pub near_cache_bytes: usize,
+    pub near_cache_max_age: Duration,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -185,6 +191,10 @@ pub struct Store {
     max_delay: Duration,
     /// Redis Cluster (read once: fred's config is cloned to be read).
     clustered: bool,
+    /// The near cache (None: off, or on Redis Cluster), and its reader
+    /// connection while tracking is on.
+    near: Option<std::sync::Arc<near::Near>>,
+    near_reader: std::sync::Arc<std::sync::Mutex<Option<Client>>>,
 }
 
 impl Store {

@@ -65,6 +65,9 @@ pub struct SessionRef<'a> {
     pub uid: &'a str,
     pub token_hash: &'a str,
     pub idle: Duration,
+    /// The near cache vouched for it: not checked again, its user's
+    /// buckets and cache are still its user's.
+    pub verified: bool,
 }
 
 impl Store {
@@ -226,7 +229,7 @@ impl Store {
         let mut decisions = vec![None; limits.len()];
         let mut taken: Vec<(Vec<String>, Vec<Policy>)> = Vec::new();
         for (n, (_, members)) in calls.iter().enumerate() {
-            let with_session = n == 0 && session.is_some();
+            let with_session = n == 0 && session.is_some_and(|s| !s.verified);
             let probing = probe.filter(|_| n == 0);
             if members.is_empty() && !with_session && probing.is_none() {
                 continue;

@@ -274,14 +274,14 @@ return redis.status_reply('OK')
 );
 
 // KEYS: the entry set of a URL and host. Deletes every entry the set
-// names, and the set; how many entries there were.
+// names, and the set; the entries' keys.
 script!(
     cache_invalidate,
     r#"
 local entries = redis.call('SMEMBERS', KEYS[1])
 for _, key in ipairs(entries) do redis.call('DEL', key) end
 redis.call('DEL', KEYS[1])
-return #entries
+return entries
 "#
 );
 

@@ -49,13 +49,17 @@ impl Store {
     /// # Errors
     /// Redis is unreachable.
     pub async fn end_session(&self, uid: &str, token_hash: &str) -> Result<bool> {
+        let key = self.session_key(uid, token_hash);
         let n: i64 = self
             .run(
                 scripts::end_session(),
-                vec![self.session_key(uid, token_hash), self.index_key(uid)],
+                vec![key.clone(), self.index_key(uid)],
                 vec![token_hash.into()],
             )
             .await?;
+        // Gone from this worker's near cache before the logout is
+        // answered; the others hear it from Redis.
+        self.near_forget(&[key]);
         Ok(n == 1)
     }
 

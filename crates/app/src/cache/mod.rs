@@ -96,13 +96,23 @@ pub(crate) async fn lookup(
     lookup_at(st, specs, place(specs, st, uid, target, h), h).await
 }
 
-/// Looks `place` up.
+/// The answer for `place` from the worker's near cache, when it holds
+/// it.
+pub(crate) fn near(st: &State, place: &Place) -> Option<Response<Body>> {
+    let (entry, left_ms) = st.store.near_entry(&place.url, &place.variant)?;
+    decode(&entry, left_ms)
+}
+
+/// Looks `place` up: in the near cache, then in Redis.
 pub(crate) async fn lookup_at(
     st: &State,
     specs: &Specs,
     place: Place,
     h: &HeaderMap,
 ) -> Result<Result<Response<Body>, Place>, Refusal> {
+    if let Some(r) = near(st, &place) {
+        return Ok(Ok(r));
+    }
     let found = st
         .store
         .cache_get(&place.url, &place.variant)
@@ -125,7 +135,12 @@ pub(crate) async fn resolve(
         // An entry at the variant's key was made under the spec the
         // variant names: the answer for this request.
         if let Some((entry, left_ms)) = &found.entry {
-            return Ok(decode(entry, *left_ms).ok_or(place));
+            let answer = decode(entry, *left_ms);
+            if answer.is_some() {
+                // Served from Redis: read into the near cache for next time.
+                st.store.near_fill_entry(&place.url, &place.variant);
+            }
+            return Ok(answer.ok_or(place));
         }
         let stored = found.spec.take().unwrap_or_default();
         if stored == place.spec {

@@ -112,12 +112,23 @@ pub(crate) async fn check(
         None if anonymous => Some(cache::place(specs, st, None, target, req.headers())),
         None => None,
     });
-    if token.is_none() && policies.is_empty() {
+    // A session the near cache holds needs no Redis command.
+    let near = token
+        .as_ref()
+        .and_then(|(uid, hash)| st.store.near_session(uid, hash))
+        .zip(token.as_ref())
+        .map(|(s, (_, hash))| [s.user, s.role, session_id(hash)]);
+    if (token.is_none() || near.is_some()) && policies.is_empty() {
         let cache = match (place, cache) {
             (Some(p), Some(specs)) => Some(cache::lookup_at(st, specs, p, req.headers()).await?),
             _ => None,
         };
+        if let Some([user, ..]) = &near {
+            cx.log_user(user);
+        }
         return Ok(Checked {
+            uid: near.as_ref().and(token.map(|(uid, _)| uid)),
+            who: near,
             cache,
             ..Checked::default()
         });
@@ -163,23 +174,32 @@ pub(crate) async fn check(
             },
         })
         .collect();
+    let idle = st.settings.auth.session_idle;
     let session = token.as_ref().map(|(uid, hash)| SessionRef {
         uid,
         token_hash: hash,
-        idle: st.settings.auth.session_idle,
+        idle,
+        verified: near.is_some(),
     });
-    let probe = place.as_ref().map(|p| CacheProbe::Entry {
-        url: &p.url,
-        variant: &p.variant,
-    });
+    let near_hit = place.as_ref().and_then(|p| cache::near(st, p));
+    let probe = place
+        .as_ref()
+        .filter(|_| near_hit.is_none())
+        .map(|p| CacheProbe::Entry {
+            url: &p.url,
+            variant: &p.variant,
+        });
     let Some(taken) = limiter::take(st, session.as_ref(), &limits, probe.as_ref()).await? else {
         return Err(crate::gate::auth::invalid_token());
     };
-    let who = taken
-        .identity
-        .clone()
-        .zip(token.as_ref())
-        .map(|((user, role), (_, hash))| [user, role, session_id(hash)]);
+    let checked_now = taken.identity.clone().zip(token.as_ref());
+    if let Some((_, (uid, hash))) = &checked_now {
+        // Checked in Redis: read into the near cache for next time.
+        st.store.near_fill_session(uid, hash, idle);
+    }
+    let who = checked_now
+        .map(|((user, role), (_, hash))| [user, role, session_id(hash)])
+        .or(near);
     if let Some([user, ..]) = &who {
         cx.log_user(user);
     }
@@ -205,6 +225,7 @@ pub(crate) async fn check(
     let probed = taken.probed;
     // Read in the same call, or (on Redis Cluster, a shared entry) now.
     checked.cache = match (place, cache, probed) {
+        _ if near_hit.is_some() => near_hit.map(Ok),
         (Some(p), Some(specs), Some(found)) => {
             Some(cache::resolve(st, specs, p, found, req.headers()).await?)
         }
