@@ -209,6 +209,63 @@ def http(method, port, path, body=None, headers=None):
     return status, out.split(b"\r\n\r\n", 1)[1].decode()
 
 
+class KeepAlive:
+    """One keep-alive HTTP/1.1 connection: GETs with a bearer token, the
+    status of each (bodies are short and Content-Length framed)."""
+
+    def __init__(self, port):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def get(self, path, token):
+        self.s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                       f"Authorization: Bearer {token}\r\n\r\n".encode())
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.s.recv(65536)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(self.buf) < length:
+            self.buf += self.s.recv(65536)
+        self.buf = self.buf[length:]
+        return int(head.split(b" ", 2)[1])
+
+    def close(self):
+        self.s.close()
+
+
+def revocation_ms(a, b, path, rounds):
+    """Logs in on instance `a`, warms `b`'s near cache with the session
+    (on one keep-alive connection, so one worker), logs out on `a`, and
+    measures from the logout's answer to the first 401 on `b`, asking in a
+    tight loop; `rounds` times. The ms of each (0 when `b` refused it
+    before the logout's answer was read)."""
+    out = []
+    for _ in range(rounds):
+        t = login_token(a, "bench")
+        conn = KeepAlive(b.port)
+        for _ in range(20):
+            assert conn.get(path, t) == 200
+        first = {}
+
+        def probe():
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if conn.get(path, t) == 401:
+                    first["at"] = time.monotonic()
+                    return
+        th = threading.Thread(target=probe)
+        th.start()
+        status, _ = http("POST", a.port, "/logout", headers={"Authorization": f"Bearer {t}"})
+        answered = time.monotonic()
+        assert status == 204, status
+        th.join()
+        conn.close()
+        if "at" not in first:
+            raise RuntimeError("the session outlived its logout on the other instance by 5 s")
+        out.append(max(0.0, (first["at"] - answered) * 1000))
+    return out
+
+
 def login_token(f, user):
     body = json.dumps({"username": user, "password": PASSWORD})
     status, text = http("POST", f.port, "/login", body, {"Content-Type": "application/json"})
@@ -589,6 +646,7 @@ def main():
             f'[[route]]\nprefix = "/open"\nupstream = "http://127.0.0.1:{up_port}"\nauth = "none"\n'
             f'[[route]]\nprefix = "/app"\nupstream = "http://127.0.0.1:{up_port}"\n'
             'policies = ["bench"]\n'
+            f'[[route]]\nprefix = "/sess"\nupstream = "http://127.0.0.1:{up_port}"\n'
             f'[[route]]\nprefix = "/kept"\nupstream = "http://127.0.0.1:{up_port}"\n'
             'strip_prefix = true\ncache = true\n'
             '[rate_limit.policy.bench]\nlimit = 1000000000\nwindow = 60\nkey = "user"\n'
@@ -598,12 +656,29 @@ def main():
         pt = login_token(p, "bench")
         rows.append(measure("forkd proxy, anonymous", p, redis,
                             lambda: wrk(p.url("/open/x"), secs), secs))
+        rows.append(measure("forkd proxy, session only", p, redis, lambda: wrk(
+            p.url("/sess/x"), secs, headers=[f"Authorization: Bearer {pt}"]), secs))
         rows.append(measure("forkd proxy, session auth and a policy", p, redis, lambda: wrk(
             p.url("/app/x"), secs, headers=[f"Authorization: Bearer {pt}"]), secs))
         status, _ = http("GET", p.port, "/kept/cacheable", headers={"Authorization": f"Bearer {pt}"})
         assert status == 200, status
         rows.append(measure("forkd proxy, cached authenticated GET", p, redis, lambda: wrk(
             p.url("/kept/cacheable"), secs, headers=[f"Authorization: Bearer {pt}"]), secs))
+        # Revocation across instances: a second one of the same config
+        # (same Redis, same prefix) serves a session under load while the
+        # first logs it out.
+        q = Forkd(tmp, "proxy-two", redis, open(p.config).read().split("workers = 2\n", 1)[1])
+        started.append(q)
+        load = threading.Thread(target=lambda: wrk(
+            q.url("/sess/x"), secs + 5, headers=[f"Authorization: Bearer {pt}"]))
+        load.start()
+        ms = sorted(revocation_ms(p, q, "/sess/x", 10 if args.quick else 50))
+        load.join()
+        rows.append({"scenario": "revocation on another instance, under load",
+                     "revocation_ms": ms,
+                     "p50_ms": ms[len(ms) // 2], "p99_ms": ms[min(len(ms) - 1, len(ms) * 99 // 100)]})
+        q.stop()
+        started.remove(q)
         p.stop()
         started.remove(p)
     finally:
@@ -740,14 +815,26 @@ def report(rows, notes, cores, args):
     direct, via = by["upstream direct (nginx, 1 worker)"], by["nginx proxy_pass, keep-alive upstream"]
     anon, authed = by["forkd proxy, anonymous"], by["forkd proxy, session auth and a policy"]
     kept = by["forkd proxy, cached authenticated GET"]
+    sess, rev = by["forkd proxy, session only"], by["revocation on another instance, under load"]
     print(f"  proxying one trivial upstream ({direct['rps']:.0f} req/s direct): nginx proxy_pass "
           f"{via['rps']:.0f}, forkd anonymous {anon['rps']:.0f}, forkd with a session check and a policy "
           f"{authed['rps']:.0f} req/s ({authed['evalsha_per_req']:.2f} Redis round trips per request); "
-          f"a cached authenticated GET {kept['rps']:.0f} req/s ({kept['evalsha_per_req']:.2f} round trips)")
+          f"a cached authenticated GET {kept['rps']:.0f} req/s ({kept['evalsha_per_req']:.2f} round trips); "
+          f"a session alone {sess['rps']:.0f} req/s ({sess['redis_cmds_per_req']:.2f} Redis commands per request)")
+    print(f"  revocation: a logout on one instance reached the other, under load, after p50 "
+          f"{rev['p50_ms']:.2f} ms, p99 {rev['p99_ms']:.2f} ms, max {rev['revocation_ms'][-1]:.2f} ms")
     targets += [
         at_least("forkd anonymous proxying >= nginx proxy_pass", anon, via),
         at_least("forkd proxying with session auth >= 0.8 x anonymous", authed, anon, 0.8),
         at_least("cached authenticated GET >= 0.5 x forkd's /healthz", kept, h, 0.5),
+        at_least("cached /profile (exact limit) >= 0.5 x /healthz", hit, h, 0.5),
+        ("Redis CPU <= 5 us per cached /profile", hit["redis_cpu_us_per_req"] <= 5.0,
+         f"{hit['redis_cpu_us_per_req']:.1f} us"),
+        at_least("proxy, session only >= 0.9 x anonymous", sess, anon, 0.9),
+        at_least("proxy, session and an exact policy >= 0.65 x anonymous", authed, anon, 0.65),
+        at_least("cached authenticated GET, no policy >= 0.8 x /healthz", kept, h, 0.8),
+        ("revocation on another instance under load: p99 <= 10 ms", rev["p99_ms"] <= 10,
+         f"p50 {rev['p50_ms']:.1f} ms, p99 {rev['p99_ms']:.1f} ms ({len(rev['revocation_ms'])} logouts)"),
         at_least("/healthz (reuseport) within 10 % of bare hyper workers",
                  by["healthz, reuseport listener"], by["bare hyper worker (reference)"], 0.9),
     ]

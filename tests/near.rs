@@ -102,6 +102,18 @@ fn a_warm_cached_get_costs_redis_nothing_and_with_a_policy_one_call_without_the_
         (near_metric(f.port, "hits") >= hits + 10.0).then_some(())
     })
     .expect("near cache hits counted");
+    // `forkd status` shows what the worker's near cache holds: the
+    // session, its user's epoch, the entry.
+    poll(PATIENCE, || {
+        let out = f.cli(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .any(|l| {
+                l.starts_with("redis: standalone (tcp)") && l.contains("; near cache: 3 held,")
+            })
+            .then_some(())
+    })
+    .expect("forkd status shows the session, the epoch and the entry held");
     // With a policy: the limit's one call, which neither checks the
     // session nor reads the entry.
     let path = "/p/me?cc=private%2Cmax-age%3D60";

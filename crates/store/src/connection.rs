@@ -144,10 +144,17 @@ impl Store {
             .map(|s| s.to_string())
             .collect();
         nodes.sort();
+        let near = match self.near_size() {
+            Some((entries, bytes)) if self.near_live() => {
+                format!("; near cache: {entries} held, {} KiB", bytes.div_ceil(1024))
+            }
+            Some(_) => "; near cache: not tracking".into(),
+            None => String::new(),
+        };
         if nodes.is_empty() {
-            format!("{mode} ({}), not connected", self.url_kind)
+            format!("{mode} ({}), not connected{near}", self.url_kind)
         } else {
-            format!("{mode} ({}): {}", self.url_kind, nodes.join(","))
+            format!("{mode} ({}): {}{near}", self.url_kind, nodes.join(","))
         }
     }
 

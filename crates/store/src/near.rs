@@ -419,6 +419,13 @@ impl Store {
         self.near.as_ref().map(|n| n.counts())
     }
 
+    /// Entries and bytes the near cache holds (None when it is off).
+    pub fn near_size(&self) -> Option<(usize, usize)> {
+        let near = self.near.as_ref()?;
+        let inner = near.lock();
+        Some((inner.slots.len(), inner.bytes))
+    }
+
     /// Whether the near cache may serve now (tracking is on).
     pub fn near_live(&self) -> bool {
         self.near.as_ref().is_some_and(|n| n.live.load(Relaxed))

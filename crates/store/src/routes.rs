@@ -264,7 +264,14 @@ impl Store {
                 }
                 None => args.push(0i64.into()),
             }
-            let reply: Vec<Value> = match self.run(scripts::route_check(), keys, args).await {
+            // The limits alone: the smaller script, the same reply.
+            let call = if !with_session && probing.is_none() {
+                args = args.into_iter().skip(4).take(2 * members.len()).collect();
+                self.run(scripts::take(), keys, args)
+            } else {
+                self.run(scripts::route_check(), keys, args)
+            };
+            let reply: Vec<Value> = match call.await {
                 Ok(r) => r,
                 Err(e) => {
                     // The earlier slots' places would stay taken for a

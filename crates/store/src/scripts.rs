@@ -61,6 +61,42 @@ end
     };
 }
 
+/// One GCRA step for each of `n` limits, all or none: KEYS[base + i] is
+/// limit i's state, ARGV[first + 2i - 1] and ARGV[first + 2i] its limit and
+/// window ms. Appends allowed, remaining, reset ms, retry ms of each to
+/// `out`; when one refuses, returns `out` with `out[1]` = 2 and takes
+/// nothing; else takes a place in each. Needs `now`.
+macro_rules! limits {
+    () => {
+        r#"
+local tats, all = {}, true
+for i = 1, n do
+  local limit, window = tonumber(ARGV[first + 2 * i - 1]), tonumber(ARGV[first + 2 * i])
+  local emission = window / limit
+  local tat = tonumber(redis.call('GET', KEYS[base + i]))
+  if not tat or tat < now then tat = now end
+  local new_tat = tat + emission
+  local allow_at = new_tat - window
+  local k = #out
+  if now < allow_at then
+    all = false
+    out[k + 1], out[k + 2], out[k + 3], out[k + 4] = 0, 0, math.ceil(tat - now), math.ceil(allow_at - now)
+  else
+    tats[i] = new_tat
+    out[k + 1], out[k + 2], out[k + 3], out[k + 4] = 1, math.floor((now - allow_at) / emission), math.ceil(new_tat - now), 0
+  end
+end
+if not all then
+  out[1] = 2
+  return out
+end
+for i = 1, n do
+  redis.call('SET', KEYS[base + i], string.format('%.3f', tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
+end
+"#
+    };
+}
+
 macro_rules! script {
     ($name:ident, $body:expr) => {
         pub(crate) fn $name() -> &'static Script {
@@ -205,30 +241,11 @@ if ARGV[1] == '1' then
   end
   user, role = s[1], s[5] or ''
 end
-local n = tonumber(ARGV[4])
-local out, tats, all = {1, user, role}, {}, true
-for i = 1, n do
-  local limit, window = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
-  local emission = window / limit
-  local tat = tonumber(redis.call('GET', KEYS[base + i]))
-  if not tat or tat < now then tat = now end
-  local new_tat = tat + emission
-  local allow_at = new_tat - window
-  if now < allow_at then
-    all = false
-    for _, v in ipairs({0, 0, math.ceil(tat - now), math.ceil(allow_at - now)}) do out[#out + 1] = v end
-  else
-    tats[i] = new_tat
-    for _, v in ipairs({1, math.floor((now - allow_at) / emission), math.ceil(new_tat - now), 0}) do out[#out + 1] = v end
-  end
-end
-if not all then
-  out[1] = 2
-  return out
-end
-for i = 1, n do
-  redis.call('SET', KEYS[base + i], string.format('%.3f', tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
-end
+local n, first = tonumber(ARGV[4]), 4
+local out = {1, user, role}
+"#,
+        limits!(),
+        r#"
 local m = tonumber(ARGV[5 + 2 * n]) or 0
 if m > 0 then
   local last = base + n + m
@@ -239,6 +256,29 @@ if m > 0 then
   out[#out + 1] = v
   if v then out[#out + 1] = redis.call('PTTL', KEYS[last]) else out[#out + 1] = 0 end
 end
+return out
+"#
+    )
+);
+
+// The limits alone, the most common call once the near cache holds the
+// session and the entry (no session to check, nothing to read): KEYS one
+// a limit; ARGV limit and window ms of each. Returns what route_check
+// does for them: {1 (allowed) or 2 (limited), '', '', then allowed,
+// remaining, reset ms, retry ms for each}; a place is taken in every one
+// only when all allow. Kept to what GCRA needs: about 2 us of Redis CPU
+// less than route_check's prelude and branches.
+script!(
+    take,
+    concat!(
+        r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local base, first, n = 0, 0, #KEYS
+local out = {1, '', ''}
+"#,
+        limits!(),
+        r#"
 return out
 "#
     )
