@@ -125,6 +125,7 @@ pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
                 let p = forkd_store::Policy {
                     limit: limit as u32,
                     window,
+                    lease: 1,
                 };
                 let head = format!(
                     "policy {name}: {limit} per {} s, by {counts}; bucket {text}",

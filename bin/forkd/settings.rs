@@ -50,6 +50,7 @@ pub(crate) fn policy(p: forkd_config::Policy) -> forkd_app::Policy {
     forkd_app::Policy {
         limit: p.limit,
         window: p.window,
+        lease: p.lease,
     }
 }
 
@@ -213,18 +214,22 @@ pub(crate) fn app_settings(
             login_ip: forkd_app::Policy {
                 limit: c.auth.login_ip_limit,
                 window: c.auth.login_ip_window,
+                lease: 1,
             },
             login_user: forkd_app::Policy {
                 limit: c.auth.login_user_limit,
                 window: c.auth.login_user_window,
+                lease: 1,
             },
             login_user_all: forkd_app::Policy {
                 limit: c.auth.login_user_all_limit,
                 window: c.auth.login_user_all_window,
+                lease: 1,
             },
             login_host: forkd_app::Policy {
                 limit: c.auth.login_host_limit,
                 window: c.auth.login_host_window,
+                lease: 1,
             },
             cookie: c.auth.cookie.then(|| forkd_app::CookieSettings {
                 name: c.auth.cookie_name.clone(),
@@ -319,6 +324,7 @@ fn route(
                     policy: forkd_app::Policy {
                         limit: p.limit as u32,
                         window: p.window,
+                        lease: p.lease,
                     },
                     key: p.key.clone(),
                 })

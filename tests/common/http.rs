@@ -246,6 +246,36 @@ pub fn profile(port: u16, token: &str) -> std::io::Result<Response> {
     )
 }
 
+/// `GET /profile` with a token whose session just ended elsewhere (a
+/// logout on another worker, `forkd user passwd`, `revoke`): each worker
+/// serves it from its near cache at most until Redis' invalidation
+/// reaches it, and never again once it has refused it. Polls until every
+/// worker in `pids` has refused it; panics if one serves it after
+/// refusing it, or past the test's patience.
+pub fn until_refused_everywhere(port: u16, token: &str, pids: &std::collections::HashSet<i32>) {
+    let mut refused = std::collections::HashSet::new();
+    super::poll(super::PATIENCE, || {
+        let r = profile(port, token).ok()?;
+        match r.status {
+            401 => {
+                assert_eq!(
+                    r.header("www-authenticate"),
+                    Some("Bearer error=\"invalid_token\""),
+                    "{r:?}"
+                );
+                refused.insert(r.pid());
+            }
+            200 => assert!(
+                !refused.contains(&r.pid()),
+                "served again after refusing: {r:?}"
+            ),
+            _ => panic!("{r:?}"),
+        }
+        (refused == *pids).then_some(())
+    })
+    .expect("every worker refuses the token");
+}
+
 /// Sends `n` requests built by `make` from `n` threads at once.
 pub fn concurrently<F>(n: usize, make: F) -> Vec<std::io::Result<Response>>
 where

@@ -40,7 +40,8 @@
 //! from an upstream, or a client's on its way up), `metrics` (counters in
 //! the scoreboard and their text format), `access` (the access log and its
 //! writer thread), `log_gate` (at most one warning a second),
-//! `local_limit` (the in-memory GCRA), `conns` (open connections and
+//! `local_limit` (the in-memory GCRA), `lease` (the cells of leased
+//! policies a worker holds), `conns` (open connections and
 //! tunnels, for the drain), [`secrets`] (argon2id hashes, tokens).
 //!
 //! The worker knows nothing of the supervisor: it reports through the
@@ -53,6 +54,7 @@ mod cache;
 mod connection;
 mod conns;
 mod gate;
+mod lease;
 mod local_limit;
 mod log_gate;
 mod metrics;

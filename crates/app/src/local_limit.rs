@@ -37,6 +37,7 @@ impl LocalLimiter {
                     remaining: 0,
                     reset: policy.window,
                     retry_after: Duration::from_secs(1),
+                    cells: 0,
                 };
             }
         }
@@ -49,6 +50,7 @@ impl LocalLimiter {
                 remaining: 0,
                 reset: tat - now,
                 retry_after: allow_at - now,
+                cells: 0,
             };
         }
         map.insert(key.to_owned(), new_tat);
@@ -58,6 +60,7 @@ impl LocalLimiter {
             remaining: spare as u64,
             reset: new_tat - now,
             retry_after: Duration::ZERO,
+            cells: 1,
         }
     }
 
@@ -87,6 +90,7 @@ mod tests {
         let p = Policy {
             limit: 10,
             window: Duration::from_secs(60),
+            lease: 1,
         };
         let allowed = (0..10).filter(|_| l.check("k", p, 2).allowed).count();
         assert_eq!(allowed, 5);
@@ -105,6 +109,7 @@ mod tests {
         let p = Policy {
             limit: 2,
             window: Duration::from_secs(60),
+            lease: 1,
         };
         for _ in 0..10 {
             assert!(l.check("k", p, 1).allowed);

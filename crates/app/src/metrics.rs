@@ -50,8 +50,13 @@ const NEAR_HITS: usize = MORE_AT + LABELLED_ROUTES * PER_ROUTE;
 const NEAR_MISSES: usize = NEAR_HITS + 1;
 const NEAR_INVALIDATIONS: usize = NEAR_MISSES + 1;
 const NEAR_FLUSHES: usize = NEAR_INVALIDATIONS + 1;
+// Leased rate-limit cells: kept by a worker beyond the one its request
+// spent, spent from a lease, given back unspent.
+pub(crate) const LEASE_KEPT: usize = NEAR_FLUSHES + 1;
+pub(crate) const LEASE_SPENT: usize = LEASE_KEPT + 1;
+pub(crate) const LEASE_RETURNED: usize = LEASE_SPENT + 1;
 /// Further counters used; the scoreboard must have at least this many.
-pub const MORE_USED: usize = NEAR_FLUSHES + 1 - MORE_AT;
+pub const MORE_USED: usize = LEASE_RETURNED + 1 - MORE_AT;
 
 /// The label a request is counted under: a built-in route's index in
 /// [`ROUTES`], or past them a configured route's place (see [`label`]).
@@ -330,6 +335,24 @@ pub(crate) fn render(
             "Times a near cache was emptied: a connection lost, a FLUSHALL, a missed \
              invalidation.",
             get(NEAR_FLUSHES),
+        ),
+        (
+            "forkd_rate_limit_leased_cells_total",
+            "counter",
+            "Cells of leased policies a worker took from Redis to spend itself.",
+            get(LEASE_KEPT),
+        ),
+        (
+            "forkd_rate_limit_lease_spent_total",
+            "counter",
+            "Requests a worker's lease allowed, with no Redis call.",
+            get(LEASE_SPENT),
+        ),
+        (
+            "forkd_rate_limit_lease_returned_total",
+            "counter",
+            "Leased cells given back to Redis unspent, at the lease's end or the worker's.",
+            get(LEASE_RETURNED),
         ),
         (
             "forkd_access_log_lines_dropped_total",

@@ -110,6 +110,14 @@ async fn serve(w: Worker) -> i32 {
     let dummy = state.dummy.clone();
     tokio::task::spawn_blocking(move || dummy.prepare());
     spawn_heartbeat(&state, settings.heartbeat_interval);
+    if settings
+        .routes
+        .iter()
+        .any(|r| r.policies.iter().any(|p| p.policy.lease > 1))
+        || settings.profile.limit.lease > 1
+    {
+        spawn_lease_ends(state.clone());
+    }
     let (stop_tx, stop_rx) = watch::channel(None);
     if let Err(e) = watch_signals(stop_tx, state.clone()) {
         log::error!("cannot install signal handlers: {e}");
@@ -131,6 +139,8 @@ async fn serve(w: Worker) -> i32 {
     state.draining.store(true, Relaxed);
     host.draining();
     drain(&state.conns, stop, settings.shutdown_timeout).await;
+    // What this worker's leases did not spend goes back.
+    crate::gate::limiter::end_leases(&state, true).await;
     if let Some(a) = &state.access {
         a.finish();
         if a.dropped() > 0 {
@@ -163,6 +173,17 @@ async fn connect_store(cfg: &forkd_store::StoreConfig) -> Option<forkd_store::St
         log::warn!("starting without Redis: {e}");
     }
     Some(store)
+}
+
+/// Gives back, four times a second, what ended leases did not spend.
+fn spawn_lease_ends(state: Arc<State>) {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            t.tick().await;
+            crate::gate::limiter::end_leases(&state, false).await;
+        }
+    });
 }
 
 /// The heartbeat runs on this runtime: if the event loop stalls, it stops.

@@ -40,6 +40,8 @@ pub(crate) struct State {
     pub(crate) dummy: Arc<DummyHash>,
     /// Used for rate limits while Redis cannot answer them.
     pub(crate) local_limits: LocalLimiter,
+    /// Cells of leased policies this worker holds.
+    pub(crate) leases: crate::lease::Leases,
     /// Redis errors are logged at most once a second.
     pub(crate) redis_warnings: LogGate,
     pub(crate) request_ids: RequestIds,
@@ -92,6 +94,7 @@ impl State {
             settings,
             store,
             local_limits: LocalLimiter::new(),
+            leases: Default::default(),
             redis_warnings: LogGate::default(),
         }
     }

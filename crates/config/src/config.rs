@@ -102,6 +102,8 @@ pub struct Policy {
     pub limit: u32,
     #[serde(serialize_with = "secs")]
     pub window: Duration,
+    /// Cells a worker takes at once (1: exact).
+    pub lease: u32,
 }
 
 /// What a rate limiter does when Redis cannot answer it.

@@ -235,6 +235,7 @@ impl Default for RawMetrics {
 pub struct RawPolicy {
     pub limit: i64,
     pub window: f64,
+    pub lease: i64,
 }
 
 /// The `/profile` policy's defaults, key by key: a table that sets only
@@ -244,6 +245,7 @@ impl Default for RawPolicy {
         RawPolicy {
             limit: 10,
             window: 60.0,
+            lease: 1,
         }
     }
 }

@@ -427,6 +427,7 @@ pub struct RawNamedPolicy {
     pub limit: i64,
     pub window: f64,
     pub key: String,
+    pub lease: i64,
 }
 
 impl Default for RawNamedPolicy {
@@ -435,6 +436,7 @@ impl Default for RawNamedPolicy {
             limit: 60,
             window: 60.0,
             key: "user".into(),
+            lease: 1,
         }
     }
 }
@@ -446,12 +448,28 @@ pub struct NamedPolicy {
     #[serde(serialize_with = "secs")]
     pub window: Duration,
     pub key: PolicyKey,
+    /// Cells a worker takes from Redis at once and spends itself (1:
+    /// exact, one call a request).
+    pub lease: u32,
 }
 
 /// The names of the built-in policies: the login limits (set by `[auth]`
 /// `login_*`) and `/profile`'s (`[rate_limit.profile]`). `forkd limit`
 /// knows them; no `[rate_limit.policy]` may take them.
 pub const BUILTIN_POLICIES: [&str; 4] = ["login-ip", "login-user", "login-user-all", "profile"];
+
+/// A policy's `lease`: 1 (exact) to 10000, and no more than its limit.
+pub(crate) fn lease(key: &str, lease: i64, limit: i64) -> Result<u32, ConfigError> {
+    if (1..=10_000).contains(&lease) && lease <= limit {
+        Ok(lease as u32)
+    } else {
+        Err(bad(
+            key.to_owned(),
+            lease,
+            "expected 1 (exact) to 10000 cells, and no more than the limit",
+        ))
+    }
+}
 
 /// Every `[rate_limit.policy.NAME]`, checked.
 pub(crate) fn validate_policies(
@@ -508,6 +526,7 @@ pub(crate) fn validate_policies(
                 limit: p.limit as u64,
                 window: secs_in(at("window"), p.window, 0.001, 86_400.0)?,
                 key,
+                lease: lease(&at("lease"), p.lease, p.limit)?,
             },
         );
     }

@@ -395,6 +395,7 @@ impl RawPolicy {
         Ok(Policy {
             limit: count(&format!("{table}.limit"), self.limit, 1, 1_000_000_000)?,
             window: seconds(&format!("{table}.window"), self.window, 0.001)?,
+            lease: crate::routes::lease(&format!("{table}.lease"), self.lease, self.limit)?,
         })
     }
 }

@@ -130,6 +130,8 @@ pub struct User {
 pub struct Policy {
     pub limit: u32,
     pub window: Duration,
+    /// Cells a worker takes at once (1: exact, one call a request).
+    pub lease: u32,
 }
 
 /// A rate-limit answer.
@@ -142,6 +144,8 @@ pub struct Decision {
     pub reset: Duration,
     /// When denied: until the next request is allowed.
     pub retry_after: Duration,
+    /// Cells taken: 1, or up to the policy's lease.
+    pub cells: u32,
 }
 
 /// Whether `name` is a valid user name: 1 to 64 of ASCII letters, digits,
@@ -246,5 +250,6 @@ pub(crate) fn decision(allowed: bool, remaining: i64, reset_ms: i64, retry_ms: i
         remaining: remaining.max(0) as u64,
         reset: ms(reset_ms),
         retry_after: ms(retry_ms),
+        cells: u32::from(allowed),
     }
 }

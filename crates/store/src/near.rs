@@ -403,9 +403,17 @@ impl Store {
         if let Some(near) = &self.near {
             let mut inner = near.lock();
             for k in keys {
+                // A placeholder too: the fill it stands for read the key
+                // before this change.
                 Near::remove(&mut inner, k.as_bytes());
             }
         }
+    }
+
+    /// A session Redis has just refused: dropped from memory with any
+    /// fill of it on its way, so that this worker never serves it again.
+    pub fn near_forget_session(&self, uid: &str, token_hash: &str) {
+        self.near_forget(&[self.session_key(uid, token_hash)]);
     }
 
     fn near_reader(&self) -> Option<(Arc<Near>, Client)> {

@@ -32,7 +32,13 @@ pub struct Limit {
     pub policy_name: String,
     pub policy: Policy,
     pub bucket: Bucket,
+    /// Cells to take: 1, or for a lease up to the policy's `lease`.
+    pub want: u32,
 }
+
+/// What one call of a check took: its keys, and the policy and cells of
+/// each, to give back if a later call refuses.
+type Taken = (Vec<String>, Vec<(Policy, u32)>);
 
 /// What [`Store::route_check`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,7 +183,8 @@ impl Store {
                 .iter()
                 .map(|&i| self.bucket_key(&limits[i].policy_name, &limits[i].bucket, uid))
                 .collect();
-            let policies: Vec<Policy> = members.iter().map(|&i| limits[i].policy).collect();
+            let policies: Vec<(Policy, u32)> =
+                members.iter().map(|&i| (limits[i].policy, 1)).collect();
             self.refund_keys(keys, &policies).await?;
         }
         Ok(())
@@ -185,7 +192,7 @@ impl Store {
 
     /// Gives back, best effort, the places earlier calls of one check
     /// took (one call per slot group); a failure is logged.
-    async fn refund_taken(&self, taken: &[(Vec<String>, Vec<Policy>)]) {
+    async fn refund_taken(&self, taken: &[Taken]) {
         for (keys, policies) in taken {
             if let Err(e) = self.refund_keys(keys.clone(), policies).await {
                 log::warn!("cannot give back rate-limit places: {e}");
@@ -193,14 +200,25 @@ impl Store {
         }
     }
 
-    /// One refund call for keys of one slot.
-    async fn refund_keys(&self, keys: Vec<String>, policies: &[Policy]) -> Result<()> {
+    /// Gives back `cells` of `limit` (`uid`: the user, for a user's
+    /// bucket) that a lease took and did not spend.
+    ///
+    /// # Errors
+    /// Redis is unreachable.
+    pub async fn return_cells(&self, limit: &Limit, uid: Option<&str>, cells: u32) -> Result<()> {
+        let key = self.bucket_key(&limit.policy_name, &limit.bucket, uid);
+        self.refund_keys(vec![key], &[(limit.policy, cells)]).await
+    }
+
+    /// One refund call for keys of one slot: (policy, cells) of each.
+    async fn refund_keys(&self, keys: Vec<String>, policies: &[(Policy, u32)]) -> Result<()> {
         let args: Vec<Value> = policies
             .iter()
-            .flat_map(|p| {
+            .flat_map(|(p, cells)| {
                 [
                     (p.limit as i64).into(),
                     (p.window.as_millis() as i64).into(),
+                    i64::from(*cells).into(),
                 ]
             })
             .collect();
@@ -227,7 +245,7 @@ impl Store {
         let mut identity = None;
         let mut probed = None;
         let mut decisions = vec![None; limits.len()];
-        let mut taken: Vec<(Vec<String>, Vec<Policy>)> = Vec::new();
+        let mut taken: Vec<Taken> = Vec::new();
         for (n, (_, members)) in calls.iter().enumerate() {
             let with_session = n == 0 && session.is_some_and(|s| !s.verified);
             let probing = probe.filter(|_| n == 0);
@@ -252,8 +270,10 @@ impl Store {
             let first_limit = keys.len();
             for &i in members {
                 keys.push(key(&limits[i]));
-                args.push((limits[i].policy.limit as i64).into());
-                args.push((limits[i].policy.window.as_millis() as i64).into());
+                let p = limits[i].policy;
+                args.push((p.limit as i64).into());
+                args.push((p.window.as_millis() as i64).into());
+                args.push(i64::from(limits[i].want.max(1)).into());
             }
             let limit_keys = keys[first_limit..].to_vec();
             match probing {
@@ -266,7 +286,7 @@ impl Store {
             }
             // The limits alone: the smaller script, the same reply.
             let call = if !with_session && probing.is_none() {
-                args = args.into_iter().skip(4).take(2 * members.len()).collect();
+                args = args.into_iter().skip(4).take(3 * members.len()).collect();
                 self.run(scripts::take(), keys, args)
             } else {
                 self.run(scripts::route_check(), keys, args)
@@ -296,13 +316,10 @@ impl Store {
                 identity = Some((text(1), text(2)));
             }
             for (k, &i) in members.iter().enumerate() {
-                let at = 3 + 4 * k;
-                decisions[i] = Some(decision(
-                    int(at) == 1,
-                    int(at + 1),
-                    int(at + 2),
-                    int(at + 3),
-                ));
+                let at = 3 + 5 * k;
+                let mut d = decision(int(at) == 1, int(at + 1), int(at + 2), int(at + 3));
+                d.cells = u32::try_from(int(at + 4)).unwrap_or(0);
+                decisions[i] = Some(d);
             }
             if int(0) == 2 {
                 // Refused: what the earlier calls took goes back. A
@@ -313,10 +330,13 @@ impl Store {
             if !members.is_empty() {
                 taken.push((
                     limit_keys,
-                    members.iter().map(|&i| limits[i].policy).collect(),
+                    members
+                        .iter()
+                        .map(|&i| (limits[i].policy, decisions[i].map_or(1, |d| d.cells)))
+                        .collect(),
                 ));
             }
-            let rest = &reply[(3 + 4 * members.len()).min(reply.len())..];
+            let rest = &reply[(3 + 5 * members.len()).min(reply.len())..];
             if probing.is_some() {
                 probed = Some(CacheLookup::from_reply(rest));
             }

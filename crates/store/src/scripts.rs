@@ -61,29 +61,36 @@ end
     };
 }
 
-/// One GCRA step for each of `n` limits, all or none: KEYS[base + i] is
-/// limit i's state, ARGV[first + 2i - 1] and ARGV[first + 2i] its limit and
-/// window ms. Appends allowed, remaining, reset ms, retry ms of each to
-/// `out`; when one refuses, returns `out` with `out[1]` = 2 and takes
-/// nothing; else takes a place in each. Needs `now`.
+/// GCRA for each of `n` limits, all or none: KEYS[base + i] is limit i's
+/// state; ARGV[first + 3i - 2], ARGV[first + 3i - 1] and ARGV[first + 3i]
+/// its limit, window ms and the cells wanted (1; more for a lease). A
+/// lease gets what it wants while a quarter of what is left covers it,
+/// then that quarter (at least 1), so that near the limit it does not
+/// hold what another worker's client needs. Appends allowed, remaining,
+/// reset ms, retry ms and the cells taken of each to `out`; when one
+/// refuses, returns `out` with `out[1]` = 2 and takes nothing; else takes
+/// them in each. Needs `now`.
 macro_rules! limits {
     () => {
         r#"
 local tats, all = {}, true
 for i = 1, n do
-  local limit, window = tonumber(ARGV[first + 2 * i - 1]), tonumber(ARGV[first + 2 * i])
+  local at = first + 3 * i
+  local limit, window, want = tonumber(ARGV[at - 2]), tonumber(ARGV[at - 1]), tonumber(ARGV[at])
   local emission = window / limit
   local tat = tonumber(redis.call('GET', KEYS[base + i]))
   if not tat or tat < now then tat = now end
-  local new_tat = tat + emission
-  local allow_at = new_tat - window
+  local left = math.floor((now + window - tat) / emission)
+  local cells = math.min(want, math.max(1, math.floor(left / 4)))
+  local new_tat = tat + emission * cells
+  local allow_at = tat + emission - window
   local k = #out
   if now < allow_at then
     all = false
-    out[k + 1], out[k + 2], out[k + 3], out[k + 4] = 0, 0, math.ceil(tat - now), math.ceil(allow_at - now)
+    out[k + 1], out[k + 2], out[k + 3], out[k + 4], out[k + 5] = 0, 0, math.ceil(tat - now), math.ceil(allow_at - now), 0
   else
     tats[i] = new_tat
-    out[k + 1], out[k + 2], out[k + 3], out[k + 4] = 1, math.floor((now - allow_at) / emission), math.ceil(new_tat - now), 0
+    out[k + 1], out[k + 2], out[k + 3], out[k + 4], out[k + 5] = 1, math.max(0, left - cells), math.ceil(new_tat - now), 0, cells
   end
 end
 if not all then
@@ -215,9 +222,10 @@ return 1
 // session, index, epoch first), then its rate limits (one key each). The
 // limits are all read and decided first; a place is taken in every one
 // only when all allow. ARGV: has session, idle ms, token hash, the number
-// of limits, then limit and window ms of each. Returns {0} for no valid
-// session, else {1 (allowed) or 2 (limited), user, role, then allowed,
-// remaining, reset ms, retry ms for each limit}. After the limits, ARGV
+// of limits, then limit, window ms and cells wanted of each (see
+// `limits!`). Returns {0} for no valid session, else {1 (allowed) or 2
+// (limited), user, role, then allowed, remaining, reset ms, retry ms and
+// cells taken for each limit}. After the limits, ARGV
 // has the number of cache keys to read once all allow (0 to 2: a URL's
 // spec, then an entry), the last of KEYS; an allowed reply then ends with
 // their values (false for none, and for the earlier ones when the last is
@@ -246,7 +254,7 @@ local out = {1, user, role}
 "#,
         limits!(),
         r#"
-local m = tonumber(ARGV[5 + 2 * n]) or 0
+local m = tonumber(ARGV[5 + 3 * n]) or 0
 if m > 0 then
   local last = base + n + m
   local v = redis.call('GET', KEYS[last])
@@ -263,10 +271,10 @@ return out
 
 // The limits alone, the most common call once the near cache holds the
 // session and the entry (no session to check, nothing to read): KEYS one
-// a limit; ARGV limit and window ms of each. Returns what route_check
-// does for them: {1 (allowed) or 2 (limited), '', '', then allowed,
-// remaining, reset ms, retry ms for each}; a place is taken in every one
-// only when all allow. Kept to what GCRA needs: about 2 us of Redis CPU
+// a limit; ARGV limit, window ms and cells wanted of each. Returns what
+// route_check does for them: {1 (allowed) or 2 (limited), '', '', then
+// allowed, remaining, reset ms, retry ms and cells taken for each}; cells
+// are taken in every one only when all allow. Kept to what GCRA needs: about 2 us of Redis CPU
 // less than route_check's prelude and branches.
 script!(
     take,
@@ -382,9 +390,10 @@ return 0
 "#
 );
 
-// KEYS: limit states. ARGV: limit, window ms of each, in order. Gives
-// back what one request took of each (a successful login does not use up
-// a failure budget; a request a later slot's call refused costs nothing).
+// KEYS: limit states. ARGV: limit, window ms and cells of each, in order.
+// Gives back those cells of each: what one request took (a successful
+// login does not use up a failure budget; a request a later slot's call
+// refused costs nothing), or what a lease did not spend.
 script!(
     refund,
     concat!(
@@ -395,7 +404,7 @@ local n = 0
 for i, key in ipairs(KEYS) do
   local tat = tonumber(redis.call('GET', key))
   if tat then
-    local back = tat - tonumber(ARGV[2 * i]) / tonumber(ARGV[2 * i - 1])
+    local back = tat - tonumber(ARGV[3 * i - 1]) / tonumber(ARGV[3 * i - 2]) * tonumber(ARGV[3 * i])
     if back <= now then
       redis.call('DEL', key)
     else

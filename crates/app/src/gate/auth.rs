@@ -125,6 +125,7 @@ async fn take_places(
         policy_name: name.to_owned(),
         policy,
         bucket: Bucket::Plain { name: key },
+        want: 1,
     };
     let limits = vec![
         limit(

@@ -162,6 +162,7 @@ pub(crate) async fn check(
         .map(|p| Limit {
             policy_name: p.name.clone(),
             policy: p.policy,
+            want: 1,
             bucket: match &p.key {
                 PolicyKey::User if token.is_some() => buckets::user(""),
                 PolicyKey::UserRoute if token.is_some() => buckets::user(&format!(":{prefix}")),
@@ -190,6 +191,9 @@ pub(crate) async fn check(
             variant: &p.variant,
         });
     let Some(taken) = limiter::take(st, session.as_ref(), &limits, probe.as_ref()).await? else {
+        if let Some((uid, hash)) = &token {
+            st.store.near_forget_session(uid, hash);
+        }
         return Err(crate::gate::auth::invalid_token());
     };
     let checked_now = taken.identity.clone().zip(token.as_ref());

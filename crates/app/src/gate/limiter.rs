@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use forkd_store::{Bucket, CacheLookup, CacheProbe, Decision, Limit, RouteCheck, SessionRef};
 
+use crate::lease;
 use crate::refusal::Refusal;
 use crate::state::State;
 use crate::OnRedisError;
@@ -55,6 +56,100 @@ impl Taken {
 /// the answer to send instead (503 when Redis cannot answer and the
 /// policies may not go on without it).
 pub(crate) async fn take(
+    st: &State,
+    session: Option<&SessionRef<'_>>,
+    limits: &[Limit],
+    probe: Option<&CacheProbe<'_>>,
+) -> Result<Option<Taken>, Refusal> {
+    if limits.iter().any(|l| l.policy.lease > 1) {
+        return take_leased(st, session, limits, probe).await;
+    }
+    take_exact(st, session, limits, probe).await
+}
+
+/// [`take`] with leased limits: each spends a cell of this worker's
+/// lease when it holds one, else asks Redis for a new lease in the call
+/// the others make; a refusal puts back the cells spent here.
+async fn take_leased(
+    st: &State,
+    session: Option<&SessionRef<'_>>,
+    limits: &[Limit],
+    probe: Option<&CacheProbe<'_>>,
+) -> Result<Option<Taken>, Refusal> {
+    let uid = session.map(|s| s.uid);
+    let now = std::time::Instant::now();
+    let mut spent: Vec<(usize, String, Decision)> = Vec::new();
+    let mut asked: Vec<(usize, Limit, Option<String>)> = Vec::new();
+    for (i, l) in limits.iter().enumerate() {
+        if l.policy.lease <= 1 {
+            asked.push((i, l.clone(), None));
+            continue;
+        }
+        let key = lease::key(l, uid);
+        match st.leases.spend(&key, now) {
+            Some(d) => spent.push((i, key, d)),
+            None => asked.push((
+                i,
+                Limit {
+                    want: l.policy.lease,
+                    ..l.clone()
+                },
+                Some(key),
+            )),
+        }
+    }
+    let ask: Vec<Limit> = asked.iter().map(|(_, l, _)| l.clone()).collect();
+    let taken = match take_exact(st, session, &ask, probe).await {
+        Ok(Some(t)) => t,
+        other => {
+            for (_, key, _) in &spent {
+                st.leases.unspend(key);
+            }
+            return other;
+        }
+    };
+    let refused = taken.refused().is_some();
+    if !spent.is_empty() && !refused {
+        st.host
+            .count(crate::metrics::LEASE_SPENT, spent.len() as u64);
+    }
+    let mut decisions = vec![None; limits.len()];
+    for ((i, l, key), d) in asked.into_iter().zip(taken.decisions) {
+        if let (Some(key), Some(d)) = (key, d.filter(|_| !refused)) {
+            st.host.count(
+                crate::metrics::LEASE_KEPT,
+                u64::from(d.cells.saturating_sub(1)),
+            );
+            st.leases.keep(key, &l, uid, &d);
+        }
+        decisions[i] = d;
+    }
+    for (i, key, d) in spent {
+        if refused {
+            st.leases.unspend(&key);
+        }
+        decisions[i] = Some(d);
+    }
+    Ok(Some(Taken { decisions, ..taken }))
+}
+
+/// Gives back the cells of the leases past their lifetime (every lease
+/// with `all`, when the worker stops).
+pub(crate) async fn end_leases(st: &State, all: bool) {
+    for (limit, uid, cells) in st.leases.ended(std::time::Instant::now(), all) {
+        match st.store.return_cells(&limit, uid.as_deref(), cells).await {
+            Ok(()) => st
+                .host
+                .count(crate::metrics::LEASE_RETURNED, u64::from(cells)),
+            Err(e) => st.redis_warnings.warn(
+                format_args!("cannot give back leased rate-limit cells: {e}"),
+                "Redis errors",
+            ),
+        }
+    }
+}
+
+async fn take_exact(
     st: &State,
     session: Option<&SessionRef<'_>>,
     limits: &[Limit],
