@@ -114,6 +114,7 @@ fn a_warm_cached_get_costs_redis_nothing_and_with_a_policy_one_call_without_the_
             .then_some(())
     })
     .expect("forkd status shows the session, the epoch and the entry held");
+    let flushes = near_metric(f.port, "flushes");
     // With a policy: the limit's one call, which neither checks the
     // session nor reads the entry.
     let path = "/p/me?cc=private%2Cmax-age%3D60";
@@ -130,6 +131,22 @@ fn a_warm_cached_get_costs_redis_nothing_and_with_a_policy_one_call_without_the_
             "{sent:?}"
         );
     }
+    // The liveness checks (a PING and CLIENT TRACKINGINFO a second) found
+    // nothing wrong all along: no flush since the first warm hits, over
+    // at least two more heartbeats.
+    for _ in 0..2 {
+        let hits = near_metric(f.port, "hits");
+        poll(PATIENCE, || {
+            let _ = request(f.port, "GET", CACHED, &[("Authorization", &t)], b"");
+            (near_metric(f.port, "hits") > hits).then_some(())
+        })
+        .expect("a later heartbeat");
+    }
+    assert_eq!(near_metric(f.port, "flushes"), flushes);
+    // Rate-limit keys, written by every request with a policy, are never
+    // tracked: nothing the near cache holds changed, so Redis sent no
+    // invalidation at all.
+    assert_eq!(near_metric(f.port, "invalidations"), 0.0);
 }
 
 /// Requests over new connections (spread over the workers by the

@@ -2,8 +2,11 @@
 //! of its bucket in this worker, the limiter's one all-or-nothing call
 //! takes up to K cells of it from Redis (fewer near the limit, see the
 //! `limits!` script) and the worker spends the rest itself, with no Redis
-//! call, for at most a second (or the policy's window if shorter). What
-//! is left then goes back to Redis, as it does when the worker stops.
+//! call, for at most a second, and never past the moment Redis stops
+//! counting the cells it took (the bucket's state then, `reset`): a cell
+//! spent later would be one the bucket no longer holds against anyone.
+//! What is left at the end goes back to Redis (as much of it as Redis
+//! still counts), as it does when the worker stops.
 //!
 //! Cells are taken in Redis before they are spent, so the limit is never
 //! exceeded across workers and hosts. The price is early refusals: while
@@ -26,6 +29,8 @@ struct Lease {
     uid: Option<String>,
     /// Left in Redis when it was taken.
     remaining: u64,
+    /// Until when Redis counts what this lease took (the bucket's state
+    /// right after it).
     reset_at: Instant,
 }
 
@@ -68,20 +73,19 @@ impl Leases {
     }
 
     /// Keeps the cells a call took beyond the one its request spends
-    /// (none when it took one). Cells an older lease of the key still
-    /// holds stay with it and go back with the new one.
+    /// (none when it took one). An older lease of the key, past its time,
+    /// is replaced: what it still held is not given back (an early
+    /// refusal at worst, never one request too many).
     pub(crate) fn keep(&self, key: String, limit: &Limit, uid: Option<&str>, d: &Decision) {
         if d.cells <= 1 {
             return;
         }
         let now = Instant::now();
-        let lifetime = limit.policy.window.min(Duration::from_secs(1));
-        let mut held = self.lock();
-        let before = held.get(&key).map_or(0, |l| l.cells);
-        held.insert(
+        let lifetime = limit.policy.window.min(Duration::from_secs(1)).min(d.reset);
+        self.lock().insert(
             key,
             Lease {
-                cells: d.cells - 1 + before,
+                cells: d.cells - 1,
                 until: now + lifetime,
                 limit: limit.clone(),
                 uid: uid.map(str::to_owned),
@@ -92,7 +96,9 @@ impl Leases {
     }
 
     /// Takes out the leases past their lifetime (all of them with
-    /// `all`): (limit, user, cells left) of each that holds any.
+    /// `all`): (limit, user, cells to give back) of each with any left
+    /// that Redis still counts (the cells' share of the time until
+    /// `reset_at`: what has run out there is not given back twice).
     pub(crate) fn ended(&self, now: Instant, all: bool) -> Vec<(Limit, Option<String>, u32)> {
         let mut held = self.lock();
         let over: Vec<String> = held
@@ -102,8 +108,13 @@ impl Leases {
             .collect();
         over.into_iter()
             .filter_map(|k| held.remove(&k))
-            .filter(|l| l.cells > 0)
-            .map(|l| (l.limit, l.uid, l.cells))
+            .filter_map(|l| {
+                let p = l.limit.policy;
+                let emission = p.window.as_secs_f64() / f64::from(p.limit.max(1));
+                let counted = l.reset_at.saturating_duration_since(now).as_secs_f64();
+                let back = l.cells.min((counted / emission).floor() as u32);
+                (back > 0).then_some((l.limit, l.uid, back))
+            })
             .collect()
     }
 }
@@ -137,6 +148,19 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_ends_when_redis_stops_counting_its_cells() {
+        let leases = Leases::default();
+        let l = limit();
+        let k = key(&l, None);
+        let mut short = taken(8);
+        short.reset = Duration::from_millis(100);
+        leases.keep(k.clone(), &l, None, &short);
+        assert!(leases.spend(&k, Instant::now()).is_some());
+        let at = Instant::now() + Duration::from_millis(150);
+        assert!(leases.spend(&k, at).is_none(), "spent after Redis let go");
+    }
+
+    #[test]
     fn a_lease_is_spent_cell_by_cell_then_is_empty() {
         let leases = Leases::default();
         let l = limit();
@@ -165,9 +189,16 @@ mod tests {
         assert!(leases.ended(Instant::now(), false).is_empty());
         let later = Instant::now() + Duration::from_secs(2);
         assert!(leases.spend(&k, later).is_none(), "spent past its time");
+        // 2 s into the 10 s that Redis counts 8 cells of 0.6 s each for:
+        // what is left of that, not more than the 6 held.
         let back = leases.ended(later, false);
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].2, 6);
         assert!(leases.ended(later, true).is_empty());
+        // Past what Redis counts, nothing goes back.
+        leases.keep(k.clone(), &l, None, &taken(8));
+        assert!(leases
+            .ended(Instant::now() + Duration::from_secs(11), true)
+            .is_empty());
     }
 }

@@ -51,8 +51,9 @@ enum Value {
     },
     /// A user's revocation epoch (0 when unset).
     Epoch(u64),
-    /// A cached answer, as stored.
-    Entry(Bytes),
+    /// A cached answer, as stored, and when Redis expires it (its `Age`
+    /// is counted from that, whatever `max_age` cuts off).
+    Entry(Bytes, Instant),
 }
 
 enum Slot {
@@ -142,18 +143,18 @@ impl Near {
         c.fetch_add(1, Relaxed);
     }
 
-    /// Puts a placeholder under `key` unless something is there: the
-    /// number to complete it with.
+    /// Puts a placeholder under `key` unless another fill's is there:
+    /// the number to complete it with. A value held is replaced: a fill
+    /// follows a request the near cache could not answer (its session
+    /// was due for renewal, or its user's epoch was gone), so what is
+    /// held may be what cannot be served.
     fn begin(&self, key: &[u8]) -> Option<u64> {
         if !self.live.load(Relaxed) {
             return None;
         }
         let mut inner = self.lock();
-        let now = Instant::now();
-        match inner.slots.peek(key) {
-            Some(Slot::Pending(_)) => return None,
-            Some(Slot::Ready { until, .. }) if now < *until => return None,
-            _ => {}
+        if let Some(Slot::Pending(_)) = inner.slots.peek(key) {
+            return None;
         }
         inner.next_fill += 1;
         let n = inner.next_fill;
@@ -177,7 +178,7 @@ impl Near {
             + match &value {
                 Value::Session { user, role, .. } => user.len() + role.len(),
                 Value::Epoch(_) => 8,
-                Value::Entry(b) => b.len(),
+                Value::Entry(b, _) => b.len(),
             };
         if size > self.max_bytes / 4 {
             Self::remove(&mut inner, key);
@@ -281,7 +282,9 @@ impl Store {
         let now = Instant::now();
         let [_, key] = self.cache_keys(url, variant);
         let hit = match near.get(key.as_bytes(), now) {
-            Some((Value::Entry(b), until)) => Some((b, (until - now).as_millis() as i64)),
+            Some((Value::Entry(b, expires), _)) => {
+                Some((b, expires.saturating_duration_since(now).as_millis() as i64))
+            }
             _ => None,
         };
         near.count(hit.is_some());
@@ -377,14 +380,14 @@ impl Store {
             };
             let value = match read.await {
                 Ok(reply) => match (reply.first(), reply.get(1).and_then(FredValue::as_i64)) {
-                    (Some(FredValue::Bytes(b)), Some(ttl)) if ttl > 0 => Some((
-                        Value::Entry(b.clone()),
-                        t0 + Duration::from_millis(ttl as u64),
-                    )),
-                    (Some(FredValue::String(s)), Some(ttl)) if ttl > 0 => Some((
-                        Value::Entry(s.inner().clone()),
-                        t0 + Duration::from_millis(ttl as u64),
-                    )),
+                    (Some(FredValue::Bytes(b)), Some(ttl)) if ttl > 0 => {
+                        let expires = t0 + Duration::from_millis(ttl as u64);
+                        Some((Value::Entry(b.clone(), expires), expires))
+                    }
+                    (Some(FredValue::String(s)), Some(ttl)) if ttl > 0 => {
+                        let expires = t0 + Duration::from_millis(ttl as u64);
+                        Some((Value::Entry(s.inner().clone(), expires), expires))
+                    }
                     _ => None,
                 },
                 Err(e) => {
@@ -509,9 +512,10 @@ async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Result<(), Erro
     let mut invalidations = listener.invalidation_rx();
     let mut listener_errors = listener.error_rx();
     let mut reader_errors = reader.error_rx();
-    let _l = listener.init().await?;
-    let _r = reader.init().await?;
     let ended = async {
+        // Inside, so that the one made is closed if the other fails.
+        let _l = listener.init().await?;
+        let _r = reader.init().await?;
         // Named for an operator's CLIENT LIST (and the tests' CLIENT KILL).
         let () = listener.client_setname("forkd-near-listener").await?;
         let () = reader.client_setname("forkd-near-reader").await?;
@@ -548,6 +552,18 @@ async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Result<(), Erro
                     if !listener.is_connected() || !reader.is_connected() {
                         return Ok(());
                     }
+                    // A half-open connection says nothing by itself: the
+                    // listener must answer, and Redis must still have
+                    // somewhere to send the reader's invalidations.
+                    let asked = tokio::time::timeout(cfg.command_timeout, async {
+                        let _: FredValue = listener.ping(None).await?;
+                        reader.client_trackinginfo::<FredValue>().await
+                    });
+                    match asked.await {
+                        Ok(Ok(info)) if !format!("{info:?}").contains("broken_redirect") => {}
+                        Ok(Err(e)) => return Err(e),
+                        _ => return Ok(()),
+                    }
                 }
             }
         }
@@ -575,7 +591,7 @@ mod tests {
         n.complete(
             key.as_bytes(),
             fill,
-            Some((Value::Entry(Bytes::from_static(body)), until)),
+            Some((Value::Entry(Bytes::from_static(body), until), until)),
         );
     }
 
@@ -588,8 +604,16 @@ mod tests {
         let n = live(1 << 20);
         entry(&n, "a", b"1");
         assert!(held(&n, "a"));
-        // One fill at a time per key.
+        // One fill at a time per key; a new one replaces what is held.
+        let again = n.begin(b"a").unwrap();
         assert!(n.begin(b"a").is_none());
+        assert!(!held(&n, "a"));
+        n.complete(
+            b"a",
+            again,
+            Some((Value::Epoch(1), Instant::now() + Duration::from_secs(9))),
+        );
+        assert!(held(&n, "a"));
         // Invalidated while its read was on its way: not kept.
         let fill = n.begin(b"b").unwrap();
         assert!(n.begin(b"b").is_none());
