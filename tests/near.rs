@@ -252,6 +252,17 @@ fn a_lost_tracking_connection_or_a_restarted_redis_empties_the_near_cache() {
     }
 }
 
+/// forkd with the test-only `failpoint` set, and alice's bearer token.
+fn with_failpoint(redis: &RedisServer, api: &Upstream, failpoint: &str) -> (Forkd, String) {
+    let mut f = Forkd::configure(&routes(api, ""));
+    f.env.push(("FORKD_REDIS_URL".into(), redis.url()));
+    f.spawn(&[("FORKD_FAILPOINTS", failpoint)]);
+    f.wait_ready();
+    f.add_user("alice", PW);
+    let t = bearer(&token(f.port, "alice", PW));
+    (f, t)
+}
+
 /// An invalidation that comes in while a fill's read is on its way (the
 /// test-only failpoint holds the fill 0.8 s between its read and storing
 /// it): what the fill read is not kept.
@@ -259,12 +270,7 @@ fn a_lost_tracking_connection_or_a_restarted_redis_empties_the_near_cache() {
 fn a_fill_overtaken_by_an_invalidation_is_not_kept() {
     let redis = RedisServer::start();
     let api = Upstream::tcp();
-    let mut f = Forkd::configure(&routes(&api, ""));
-    f.env.push(("FORKD_REDIS_URL".into(), redis.url()));
-    f.spawn(&[("FORKD_FAILPOINTS", "near-fill-slow")]);
-    f.wait_ready();
-    f.add_user("alice", PW);
-    let t = bearer(&token(f.port, "alice", PW));
+    let (f, t) = with_failpoint(&redis, &api, "near-fill-slow");
     let mut monitor = Monitor::start(&redis);
     // The Redis path answers and starts the session's fill.
     let r = request(f.port, "GET", CACHED, &[("Authorization", &t)], b"").unwrap();
@@ -273,7 +279,7 @@ fn a_fill_overtaken_by_an_invalidation_is_not_kept() {
     let mut n = 0;
     poll(PATIENCE, || {
         n += 1;
-        let sent = monitor.sent_before_marker(&format!("fill-{n}"));
+        let sent = monitor.all_before_marker(&format!("fill-{n}"));
         sent.iter()
             .any(|l| l.to_lowercase().contains("\"hmget\""))
             .then_some(())
@@ -305,4 +311,51 @@ fn a_session_used_from_memory_is_still_renewed() {
         from_memory = near_metric(f.port, "hits");
     }
     assert!(from_memory > 0.0);
+}
+
+/// Invalidations arriving faster than the worker reads them (the
+/// test-only failpoint makes the channel hold 2 and the worker read one a
+/// second): the one lost is not trusted to have been harmless; the near
+/// cache is emptied.
+#[test]
+fn a_lagging_invalidation_channel_empties_the_near_cache() {
+    let redis = RedisServer::start();
+    let api = Upstream::tcp();
+    let (f, t) = with_failpoint(&redis, &api, "near-slow-listener");
+    let mut monitor = Monitor::start(&redis);
+    for path in [
+        CACHED,
+        "/u/two?cc=max-age%3D60",
+        "/u/three?cc=max-age%3D60",
+        "/u/four?cc=max-age%3D60",
+    ] {
+        until_warm(f.port, &mut monitor, path, &t, 0);
+    }
+    drop(monitor);
+    let keys = redis.keys();
+    let entry = |part: &str| {
+        keys.iter()
+            .find(|k| k.contains(":cache:") && k.contains(part))
+            .unwrap_or_else(|| panic!("no entry for {part} in {keys:?}"))
+            .clone()
+    };
+    let session = session_key(&redis);
+    // One message the worker takes at once (then it waits a second)...
+    redis.raw(&["PEXPIRE", &entry("/four"), "600000"]);
+    // ...then three while it waits: the channel keeps the last two, and
+    // the session's end is the one lost. The other two are of answers
+    // the session's requests do not ask for.
+    assert_eq!(redis.raw(&["DEL", &session]).concat(), "1");
+    redis.raw(&["PEXPIRE", &entry("/two"), "600000"]);
+    redis.raw(&["PEXPIRE", &entry("/three"), "600000"]);
+    // The worker then finds it lagged, and serves the session no more.
+    poll(PATIENCE, || {
+        let r = request(f.port, "GET", CACHED, &[("Authorization", &t)], b"").unwrap();
+        (r.status == 401).then_some(())
+    })
+    .expect("the ended session refused once the lag is seen");
+    poll(PATIENCE, || {
+        (near_metric(f.port, "flushes") >= 2.0).then_some(())
+    })
+    .expect("the lag counted as a flush");
 }

@@ -151,10 +151,28 @@ impl Monitor {
         }
     }
 
+    /// What requests sent before a marker: [`Monitor::all_before_marker`]
+    /// but the lines of forkd's near-cache connections (named
+    /// `forkd-near-*`: their fills, and the PING and CLIENT TRACKINGINFO
+    /// that check them every second, belong to no request).
+    pub fn sent_before_marker(&mut self, marker: &str) -> Vec<String> {
+        let sent = self.all_before_marker(marker);
+        let list = redis_cli_lines(&["-p", &self.port.to_string()], &["CLIENT", "LIST"]);
+        let near: Vec<String> = list
+            .iter()
+            .filter(|l| l.contains(" name=forkd-near-"))
+            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("addr=")))
+            .map(|a| format!(" {a}]"))
+            .collect();
+        sent.into_iter()
+            .filter(|l| !near.iter().any(|a| l.contains(a.as_str())))
+            .collect()
+    }
+
     /// Sends a marker, then returns what clients sent before it: MONITOR
     /// shows the commands a script runs too, marked "lua", which are left
     /// out.
-    pub fn sent_before_marker(&mut self, marker: &str) -> Vec<String> {
+    pub fn all_before_marker(&mut self, marker: &str) -> Vec<String> {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string(), "ECHO", marker])
             .stdin(Stdio::null())

@@ -469,17 +469,24 @@ impl Store {
     }
 }
 
-/// With the test-only failpoint `near-fill-slow` set (FORKD_FAILPOINTS),
-/// a fill waits between its read and storing what it read, so that a test
-/// can change the key meanwhile.
+/// Whether the test-only failpoint `name` is set (FORKD_FAILPOINTS).
+fn failpoint(name: &str) -> bool {
+    cfg!(feature = "failpoints")
+        && std::env::var("FORKD_FAILPOINTS").is_ok_and(|v| v.split(',').any(|p| p.trim() == name))
+}
+
+/// With the failpoint `near-fill-slow`, a fill waits between its read and
+/// storing what it read, so that a test can change the key meanwhile.
 async fn slow_fill() {
-    #[cfg(feature = "failpoints")]
-    if std::env::var("FORKD_FAILPOINTS")
-        .is_ok_and(|v| v.split(',').any(|p| p.trim() == "near-fill-slow"))
-    {
+    if failpoint("near-fill-slow") {
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
 }
+
+/// With the failpoint `near-slow-listener`, the invalidation channel holds
+/// 2 messages and the near cache reads one a second, so that a test can
+/// make it lag.
+const SLOW_LISTENER: &str = "near-slow-listener";
 
 /// A client of its own for the near cache: no reconnection (a lost
 /// connection is a flush and a new pair), no retry.
@@ -493,7 +500,7 @@ fn own_client(cfg: &StoreConfig) -> Result<Client, Error> {
     Builder::from_config(config)
         .with_performance_config(|p| {
             p.default_command_timeout = timeout;
-            p.broadcast_channel_capacity = 4096;
+            p.broadcast_channel_capacity = if failpoint(SLOW_LISTENER) { 2 } else { 4096 };
         })
         .with_connection_config(|c| {
             c.connection_timeout = connect;
@@ -537,7 +544,11 @@ async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Result<(), Erro
         }
         near.flush(true);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let slow = failpoint(SLOW_LISTENER);
         loop {
+            if slow {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             tokio::select! {
                 m = invalidations.recv() => match m {
                     Ok(inv) if inv.keys.is_empty() => near.flush(true),
