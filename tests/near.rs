@@ -83,9 +83,7 @@ fn until_warm(
 fn a_warm_cached_get_costs_redis_nothing_and_with_a_policy_one_call_without_the_session() {
     let redis = RedisServer::start();
     let api = Upstream::tcp();
-    let f = Forkd::start_with_redis(&redis, &routes(&api, ""));
-    f.add_user("alice", PW);
-    let t = bearer(&token(f.port, "alice", PW));
+    let (f, t) = with_alice(&redis, &api, "", "");
     let mut monitor = Monitor::start(&redis);
     until_warm(f.port, &mut monitor, CACHED, &t, 0);
     let hits = near_metric(f.port, "hits");
@@ -252,11 +250,18 @@ fn a_lost_tracking_connection_or_a_restarted_redis_empties_the_near_cache() {
     }
 }
 
-/// forkd with the test-only `failpoint` set, and alice's bearer token.
-fn with_failpoint(redis: &RedisServer, api: &Upstream, failpoint: &str) -> (Forkd, String) {
-    let mut f = Forkd::configure(&routes(api, ""));
+/// forkd on `redis` with the routes, `extra` config and the test-only
+/// `failpoints` (FORKD_FAILPOINTS, "" for none), alice added; her bearer
+/// token.
+fn with_alice(
+    redis: &RedisServer,
+    api: &Upstream,
+    extra: &str,
+    failpoints: &str,
+) -> (Forkd, String) {
+    let mut f = Forkd::configure(&routes(api, extra));
     f.env.push(("FORKD_REDIS_URL".into(), redis.url()));
-    f.spawn(&[("FORKD_FAILPOINTS", failpoint)]);
+    f.spawn(&[("FORKD_FAILPOINTS", failpoints)]);
     f.wait_ready();
     f.add_user("alice", PW);
     let t = bearer(&token(f.port, "alice", PW));
@@ -270,7 +275,7 @@ fn with_failpoint(redis: &RedisServer, api: &Upstream, failpoint: &str) -> (Fork
 fn a_fill_overtaken_by_an_invalidation_is_not_kept() {
     let redis = RedisServer::start();
     let api = Upstream::tcp();
-    let (f, t) = with_failpoint(&redis, &api, "near-fill-slow");
+    let (f, t) = with_alice(&redis, &api, "", "near-fill-slow");
     let mut monitor = Monitor::start(&redis);
     // The Redis path answers and starts the session's fill.
     let r = request(f.port, "GET", CACHED, &[("Authorization", &t)], b"").unwrap();
@@ -300,9 +305,7 @@ fn a_fill_overtaken_by_an_invalidation_is_not_kept() {
 fn a_session_used_from_memory_is_still_renewed() {
     let redis = RedisServer::start();
     let api = Upstream::tcp();
-    let f = Forkd::start_with_redis(&redis, &routes(&api, "[auth]\nsession_idle_timeout = 1"));
-    f.add_user("alice", PW);
-    let t = bearer(&token(f.port, "alice", PW));
+    let (f, t) = with_alice(&redis, &api, "[auth]\nsession_idle_timeout = 1", "");
     let start = Instant::now();
     let mut from_memory = 0.0;
     while start.elapsed() < Duration::from_secs(4) {
@@ -321,7 +324,7 @@ fn a_session_used_from_memory_is_still_renewed() {
 fn a_lagging_invalidation_channel_empties_the_near_cache() {
     let redis = RedisServer::start();
     let api = Upstream::tcp();
-    let (f, t) = with_failpoint(&redis, &api, "near-slow-listener");
+    let (f, t) = with_alice(&redis, &api, "", "near-slow-listener");
     let mut monitor = Monitor::start(&redis);
     for path in [
         CACHED,

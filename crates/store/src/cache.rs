@@ -43,6 +43,16 @@ pub struct CacheLookup {
     pub entry: Option<(bytes::Bytes, i64)>,
 }
 
+/// A stored entry as fred's reply buffer (no copy), whichever way fred
+/// typed it.
+pub(crate) fn entry_bytes(v: &Value) -> Option<bytes::Bytes> {
+    match v {
+        Value::Bytes(b) => Some(b.clone()),
+        Value::String(s) => Some(s.inner().clone()),
+        _ => None,
+    }
+}
+
 impl CacheLookup {
     /// From a script's {spec or nil, entry or nil, the entry's ms left}.
     pub(crate) fn from_reply(reply: &[Value]) -> Self {
@@ -50,11 +60,7 @@ impl CacheLookup {
             .first()
             .filter(|v| !v.is_null())
             .and_then(Value::as_string);
-        let entry = match reply.get(1) {
-            Some(Value::Bytes(b)) => Some(b.clone()),
-            Some(Value::String(s)) => Some(s.inner().clone()),
-            _ => None,
-        };
+        let entry = reply.get(1).and_then(entry_bytes);
         let ttl = reply.get(2).and_then(Value::as_i64).unwrap_or(0);
         CacheLookup {
             spec,

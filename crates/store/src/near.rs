@@ -379,17 +379,14 @@ impl Store {
                 p.all::<Vec<FredValue>>().await
             };
             let value = match read.await {
-                Ok(reply) => match (reply.first(), reply.get(1).and_then(FredValue::as_i64)) {
-                    (Some(FredValue::Bytes(b)), Some(ttl)) if ttl > 0 => {
+                Ok(reply) => {
+                    let entry = reply.first().and_then(crate::cache::entry_bytes);
+                    let ttl = reply.get(1).and_then(FredValue::as_i64).unwrap_or(0);
+                    entry.filter(|_| ttl > 0).map(|b| {
                         let expires = t0 + Duration::from_millis(ttl as u64);
-                        Some((Value::Entry(b.clone(), expires), expires))
-                    }
-                    (Some(FredValue::String(s)), Some(ttl)) if ttl > 0 => {
-                        let expires = t0 + Duration::from_millis(ttl as u64);
-                        Some((Value::Entry(s.inner().clone(), expires), expires))
-                    }
-                    _ => None,
-                },
+                        (Value::Entry(b, expires), expires)
+                    })
+                }
                 Err(e) => {
                     log::debug!("near cache: cannot read an entry: {e}");
                     None
