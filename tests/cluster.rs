@@ -280,6 +280,154 @@ impl Drop for Sentinel {
     }
 }
 
+/// Waits until `forkd status` shows every worker's near cache tracking.
+fn near_tracking(f: &Forkd) {
+    poll(PATIENCE, || {
+        let out = f.cli(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("redis: ")).collect();
+        (!lines.is_empty()
+            && lines
+                .iter()
+                .all(|l| l.contains("; near cache: ") && l.contains(" held, ")))
+        .then_some(())
+    })
+    .expect("every worker's near cache is tracking");
+}
+
+/// How many of forkd's near-cache connections the node on `port` has.
+fn near_connections(cluster: &RedisCluster, port: u16) -> usize {
+    cluster
+        .cli_at(port, &["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains(" name=forkd-near-"))
+        .count()
+}
+
+/// GETs `path` on `port` until one is a cache hit that sent no primary
+/// any command (MONITOR on each); panics after the test's patience.
+fn until_warm(port: u16, monitors: &mut [Monitor], path: &str, auth: &str) {
+    let mut n = 0;
+    poll(PATIENCE, || {
+        n += 1;
+        let r = request(port, "GET", path, &[("Authorization", auth)], b"").unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        let sent: Vec<String> = monitors
+            .iter_mut()
+            .flat_map(|m| m.sent_before_marker(&format!("warm-{n}")))
+            .collect();
+        (r.header("x-cache") == Some("hit") && sent.is_empty()).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{path} never answered from the near cache"));
+}
+
+/// GETs `path` on `port` until it answers 401; panics after the test's
+/// patience (less than the near cache's 60 s `near_cache_max_age`, so an
+/// invalidation that never came fails the test).
+fn until_refused(port: u16, path: &str, auth: &str) {
+    poll(PATIENCE, || {
+        let r = request(port, "GET", path, &[("Authorization", auth)], b"").unwrap();
+        (r.status == 401).then_some(())
+    })
+    .expect("the session ended on the other instance too");
+}
+
+/// The near cache on Redis Cluster: each worker has a listener and a
+/// reader on every primary; a warm hit sends no node anything; a logout
+/// on one instance reaches the other's memory; after the failover of the
+/// primary that owns the user's slot, the pairs are made again on the new
+/// primaries, and a logout there reaches it as well.
+#[test]
+fn the_near_cache_tracks_every_primary_and_follows_a_failover() {
+    let mut cluster = RedisCluster::start();
+    let api = Upstream::tcp();
+    let config = format!(
+        "workers = 1\nshutdown_timeout = 5\n\
+         [[route]]\nprefix = \"/u\"\nupstream = \"{}\"\nstrip_prefix = true\ncache = true\n",
+        api.url()
+    );
+    let a = Forkd::start_with_redis(&cluster, &config);
+    let b = Forkd::start_with_redis(&cluster, &config);
+    a.add_user("nell", PW);
+    let path = "/u/me?cc=private%2Cmax-age%3D60";
+    let pairs_everywhere = |cluster: &RedisCluster| {
+        let primaries = cluster.primaries();
+        assert_eq!(primaries.len(), 3, "{primaries:?}");
+        for &p in &primaries {
+            // Two instances, one worker each, a listener and a reader.
+            poll(PATIENCE, || {
+                (near_connections(cluster, p) == 4).then_some(())
+            })
+            .unwrap_or_else(|| panic!("no near-cache pairs on the primary on {p}"));
+        }
+        primaries
+    };
+    let primaries = pairs_everywhere(&cluster);
+
+    let t = format!("Bearer {}", token(a.port, "nell", PW));
+    let mut monitors: Vec<Monitor> = primaries.iter().map(|&p| Monitor::at(p)).collect();
+    until_warm(b.port, &mut monitors, path, &t);
+    let r = request(a.port, "POST", "/logout", &[("Authorization", &t)], b"").unwrap();
+    assert_eq!(r.status, 204, "{r:?}");
+    until_refused(b.port, path, &t);
+    drop(monitors);
+
+    // The primary that owns the user's slot hands over to its replica
+    // (CLUSTER FAILOVER: no connection is lost, and the old primary, now a
+    // replica, is told nothing of the writes it copies) while B holds a
+    // new session in memory.
+    let raw = token(a.port, "nell", PW);
+    let t = format!("Bearer {raw}");
+    let owner = cluster.primary_of(&format!("{{{}}}", &raw[..12]));
+    let replica = cluster.replica_of(owner);
+    let mut monitors: Vec<Monitor> = primaries.iter().map(|&p| Monitor::at(p)).collect();
+    until_warm(b.port, &mut monitors, path, &t);
+    drop(monitors);
+    cluster.wait_replicated(owner);
+    assert_eq!(
+        cluster.cli_at(replica, &["CLUSTER", "FAILOVER"]).trim(),
+        "OK"
+    );
+    poll(Duration::from_secs(60), || {
+        let now = cluster.primaries();
+        (now.contains(&replica) && !now.contains(&owner)).then_some(())
+    })
+    .expect("the replica took over");
+    let primaries = pairs_everywhere(&cluster);
+    let r = request(a.port, "POST", "/logout", &[("Authorization", &t)], b"").unwrap();
+    assert_eq!(r.status, 204, "{r:?}");
+    until_refused(b.port, path, &t);
+
+    // The primary that owns the user's slot is killed while B holds a
+    // new session in memory.
+    let raw = token(a.port, "nell", PW);
+    let t = format!("Bearer {raw}");
+    let owner = cluster.primary_of(&format!("{{{}}}", &raw[..12]));
+    let mut monitors: Vec<Monitor> = primaries.iter().map(|&p| Monitor::at(p)).collect();
+    until_warm(b.port, &mut monitors, path, &t);
+    drop(monitors);
+    cluster.wait_replicated(owner);
+    cluster.kill(owner);
+    poll(Duration::from_secs(60), || {
+        (cluster.primaries().len() == 3 && !cluster.primaries().contains(&owner)).then_some(())
+    })
+    .expect("a replica took over");
+    let primaries = pairs_everywhere(&cluster);
+    let mut monitors: Vec<Monitor> = primaries.iter().map(|&p| Monitor::at(p)).collect();
+    until_warm(b.port, &mut monitors, path, &t);
+    let r = request(a.port, "POST", "/logout", &[("Authorization", &t)], b"").unwrap();
+    assert_eq!(r.status, 204, "{r:?}");
+    until_refused(b.port, path, &t);
+    // `forkd status` shows the near cache on the cluster.
+    let out = b.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("redis: cluster (tcp)") && l.contains("; near cache: ")),
+        "{text}"
+    );
+}
+
 fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "--raw"])
@@ -292,7 +440,8 @@ fn cli(port: u16, args: &[&str]) -> String {
 #[test]
 fn a_sentinel_failover_keeps_the_login() {
     let mut s = Sentinel::start();
-    let mut f = Forkd::configure("workers = 2\n");
+    let mut f =
+        Forkd::configure("workers = 2\n[rate_limit.profile]\nlimit = 100000\nwindow = 60\n");
     f.env.push(("FORKD_REDIS_URL".into(), s.url()));
     f.spawn(&[]);
     f.wait_ready();
@@ -320,6 +469,22 @@ fn a_sentinel_failover_keeps_the_login() {
     })
     .expect("the same login works after the failover");
     eprintln!("sentinel failover: the login worked again after {back:?}");
+    // The near cache found the new primary through the sentinels: both
+    // workers track there, and a logout reaches both.
+    near_tracking(&f);
+    let auth = format!("Bearer {t}");
+    let warm = |n: usize| {
+        let mut run = 0;
+        poll(PATIENCE, || {
+            let r = request(f.port, "GET", "/profile", &[("Authorization", &auth)], b"").ok()?;
+            run = if r.status == n as u16 { run + 1 } else { 0 };
+            (run >= 20).then_some(())
+        })
+    };
+    warm(200).expect("the session served again");
+    let r = request(f.port, "POST", "/logout", &[("Authorization", &auth)], b"").unwrap();
+    assert_eq!(r.status, 204, "{r:?}");
+    warm(401).expect("both workers refuse the ended session");
     // Each sentinel learns of the new primary in its own time.
     for &sentinel in &s.sentinels {
         poll(PATIENCE, || {
@@ -574,6 +739,8 @@ fn a_tls_cluster_with_a_password_works() {
     assert_eq!(profile(f.port, &t).unwrap().status, 200);
     let status = String::from_utf8_lossy(&f.cli(&["status"]).stdout).into_owned();
     assert!(status.contains("redis: cluster (tls)"), "{status}");
+    // The near cache's pairs on every primary made it over TLS too.
+    near_tracking(&f);
     assert!(!f.log_text().contains(password));
 }
 

@@ -129,7 +129,7 @@ fn a_warm_cached_get_costs_redis_nothing_and_with_a_policy_one_call_without_the_
             "{sent:?}"
         );
     }
-    // The liveness checks (a PING and CLIENT TRACKINGINFO a second) found
+    // The liveness checks (a PING, CLIENT TRACKINGINFO and ROLE a second) found
     // nothing wrong all along: no flush since the first warm hits, over
     // at least two more heartbeats.
     for _ in 0..2 {

@@ -136,24 +136,25 @@ pub struct Monitor {
 
 impl Monitor {
     pub fn start(redis: &RedisServer) -> Monitor {
+        Monitor::at(redis.port)
+    }
+
+    /// MONITOR on the server (or cluster node) on `port`.
+    pub fn at(port: u16) -> Monitor {
         let mut child = Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string(), "monitor"])
+            .args(["-p", &port.to_string(), "monitor"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .expect("redis-cli runs");
         let mut lines = BufReader::new(child.stdout.take().expect("a pipe")).lines();
         assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("OK"));
-        Monitor {
-            child,
-            lines,
-            port: redis.port,
-        }
+        Monitor { child, lines, port }
     }
 
     /// What requests sent before a marker: [`Monitor::all_before_marker`]
     /// but the lines of forkd's near-cache connections (named
-    /// `forkd-near-*`: their fills, and the PING and CLIENT TRACKINGINFO
+    /// `forkd-near-*`: their fills, and the PING, CLIENT TRACKINGINFO and ROLE
     /// that check them every second, belong to no request).
     pub fn sent_before_marker(&mut self, marker: &str) -> Vec<String> {
         let sent = self.all_before_marker(marker);
@@ -346,6 +347,47 @@ impl RedisCluster {
             }
         }
         panic!("no primary for slot {slot}:\n{nodes}");
+    }
+
+    /// The ports of the primaries that own slots now.
+    pub fn primaries(&self) -> Vec<u16> {
+        let nodes = self.cli_at(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        let mut ports: Vec<u16> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() >= 9 && f[2].contains("master") && !f[2].contains("fail"))
+            .filter_map(|f| f[1].split('@').next()?.rsplit(':').next()?.parse().ok())
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// The port of the replica of the primary on `port`.
+    pub fn replica_of(&self, port: u16) -> u16 {
+        let nodes = self.cli_at(self.live_ports()[0], &["CLUSTER", "NODES"]);
+        let fields: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let port_of = |f: &[&str]| -> Option<u16> {
+            f.get(1)?
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        };
+        let id = fields
+            .iter()
+            .find(|f| port_of(f) == Some(port))
+            .map(|f| f[0])
+            .unwrap_or_else(|| panic!("no node on {port}:\n{nodes}"));
+        fields
+            .iter()
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+            .and_then(|f| port_of(f))
+            .unwrap_or_else(|| panic!("no replica of {port}:\n{nodes}"))
     }
 
     /// Waits until the primary on `port` has been copied by its replica.

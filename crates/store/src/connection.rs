@@ -7,6 +7,10 @@ use fred::prelude::*;
 
 use crate::{Result, Store, StoreConfig, StoreError};
 
+/// The cap of the reconnect backoff on Redis Cluster, whatever
+/// `redis.reconnect_max_delay` says.
+const CLUSTER_RECONNECT_MAX_MS: u32 = 250;
+
 impl Store {
     /// Builds the client without connecting.
     ///
@@ -22,7 +26,13 @@ impl Store {
         if let Some(p) = &cfg.password {
             config.password = Some(p.clone());
         }
-        let max = cfg.reconnect_max_delay.as_millis().clamp(50, 60_000) as u32;
+        let mut max = cfg.reconnect_max_delay.as_millis().clamp(50, 60_000) as u32;
+        // On Redis Cluster a lost node is most often a failover, over as
+        // soon as a replica takes over: the next try, which reads the map
+        // of the slots anew, should not be a second away.
+        if config.server.is_clustered() {
+            max = max.min(CLUSTER_RECONNECT_MAX_MS);
+        }
         let mut policy = ReconnectPolicy::new_exponential(0, 50, max, 2);
         policy.set_jitter(max / 10 + 10);
         let timeout = cfg.command_timeout;
@@ -47,7 +57,7 @@ impl Store {
             "tcp"
         };
         let clustered = client.client_config().server.is_clustered();
-        let near = (cfg.near_cache_bytes > 0 && !clustered).then(|| {
+        let near = (cfg.near_cache_bytes > 0).then(|| {
             std::sync::Arc::new(crate::near::Near::new(
                 cfg.near_cache_bytes,
                 cfg.near_cache_max_age,
@@ -56,7 +66,7 @@ impl Store {
         Ok(Store {
             clustered,
             near,
-            near_reader: Default::default(),
+            near_readers: Default::default(),
             client,
             prefix: cfg.prefix.clone(),
             url_kind,

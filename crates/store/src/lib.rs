@@ -195,10 +195,10 @@ pub struct Store {
     max_delay: Duration,
     /// Redis Cluster (read once: fred's config is cloned to be read).
     clustered: bool,
-    /// The near cache (None: off, or on Redis Cluster), and its reader
-    /// connection while tracking is on.
+    /// The near cache (None: off), and its readers (one a primary) while
+    /// tracking is on.
     near: Option<std::sync::Arc<near::Near>>,
-    near_reader: std::sync::Arc<std::sync::Mutex<Option<Client>>>,
+    near_readers: std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<near::Readers>>>>,
 }
 
 impl Store {

@@ -2,28 +2,35 @@
 //! memory, and kept true by Redis (server-assisted client-side caching,
 //! `CLIENT TRACKING`).
 //!
-//! - Two connections of the near cache's own, beside the command client:
-//!   the *listener* (RESP2) subscribes to `__redis__:invalidate`; the
-//!   *reader* has tracking on, in the default mode, redirected to the
-//!   listener. Redis remembers every key the reader reads and tells the
-//!   listener when one changes, expires or is evicted; `FLUSHALL` or
-//!   `FLUSHDB` is a message with no keys. Everything the near cache holds
-//!   was read on the reader. Rate-limit keys never are: their writes, one
-//!   a request, cost no invalidation.
+//! - Two connections of the near cache's own to each primary, beside the
+//!   command client: the *listener* (RESP2) subscribes to
+//!   `__redis__:invalidate`; the *reader* has tracking on, in the default
+//!   mode, redirected to the listener on the same node. Redis remembers
+//!   every key the reader reads and tells the listener when one changes,
+//!   expires or is evicted; `FLUSHALL` or `FLUSHDB` is a message with no
+//!   keys. Everything the near cache holds was read on the reader of the
+//!   primary that owns the key. Rate-limit keys never are: their writes,
+//!   one a request, cost no invalidation. (`BCAST` mode tracks by prefix,
+//!   but a key's kind comes after its hash tag: no prefix tells a session
+//!   from a rate-limit key.)
+//! - One primary when standalone or under Sentinel (found through the
+//!   sentinels, as the command client finds it); on Redis Cluster, a pair
+//!   for each primary in the command client's map of the slots, and a key
+//!   is read on the reader of the primary that owns its slot.
 //! - A fill puts a placeholder in before its read and keeps what it read
 //!   only if its placeholder is still there: an invalidation that came in
 //!   before the reply (on the other connection) took it out.
 //! - What is served is never older than Redis' own expiry of the key
 //!   (counted from before the read was sent) nor than `max_age`.
-//! - Either connection lost or killed, tracking not confirmed, a flush, a
-//!   lagged or closed invalidation channel: everything is dropped, and
-//!   nothing is served from memory until both connections are back and
-//!   tracking is on again. Requests meanwhile take the Redis path, which
-//!   answers 503 while Redis cannot be reached, as without a near cache.
+//! - Any connection lost or killed, tracking not confirmed, a node no
+//!   longer a primary, a changed map of the slots, a `MOVED` or `ASK`
+//!   answer to a fill, a flush, a lagged or closed invalidation channel:
+//!   everything is dropped, and nothing is served from memory until every
+//!   pair is back and tracking is on again. Requests meanwhile take the
+//!   Redis path, which answers 503 while Redis cannot be reached, as
+//!   without a near cache.
 //! - Bounded: at most `max_bytes` of keys and values, least recently used
 //!   first out.
-//! - Off on Redis Cluster: each node would need a listener of its own and
-//!   every slot migration a flush; every request takes the Redis path.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,12 +38,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::*;
-use fred::types::config::Config;
 use fred::types::Value as FredValue;
 use lru::LruCache;
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::{Store, StoreConfig};
+
+mod tracking;
+
+use tracking::track;
+pub(crate) use tracking::Readers;
 
 /// What the near cache holds under a key.
 #[derive(Debug, Clone)]
@@ -295,10 +305,10 @@ impl Store {
     /// background (`idle`: the session idle timeout, for when it is due
     /// for renewal).
     pub fn near_fill_session(&self, uid: &str, token_hash: &str, idle: Duration) {
-        let Some((near, reader)) = self.near_reader() else {
+        let skey = self.session_key(uid, token_hash);
+        let Some((near, readers, reader)) = self.near_reader(&skey) else {
             return;
         };
-        let skey = self.session_key(uid, token_hash);
         let ekey = self.epoch_key(uid);
         let Some(n) = near.begin(skey.as_bytes()) else {
             return;
@@ -349,7 +359,7 @@ impl Store {
                     (session, Some((Value::Epoch(epoch), e_until)))
                 }
                 Err(e) => {
-                    log::debug!("near cache: cannot read a session: {e}");
+                    readers.read_failed(&e);
                     (None, None)
                 }
             };
@@ -363,10 +373,10 @@ impl Store {
 
     /// Reads a cached answer into memory, in the background.
     pub fn near_fill_entry(&self, url: &crate::CacheUrl, variant: &str) {
-        let Some((near, reader)) = self.near_reader() else {
+        let [_, key] = self.cache_keys(url, variant);
+        let Some((near, readers, reader)) = self.near_reader(&key) else {
             return;
         };
-        let [_, key] = self.cache_keys(url, variant);
         let Some(n) = near.begin(key.as_bytes()) else {
             return;
         };
@@ -388,7 +398,7 @@ impl Store {
                     })
                 }
                 Err(e) => {
-                    log::debug!("near cache: cannot read an entry: {e}");
+                    readers.read_failed(&e);
                     None
                 }
             };
@@ -416,10 +426,13 @@ impl Store {
         self.near_forget(&[self.session_key(uid, token_hash)]);
     }
 
-    fn near_reader(&self) -> Option<(Arc<Near>, Client)> {
+    /// The near cache, its readers and the one that reads `key` (the
+    /// reader of the primary that owns it), while tracking is on.
+    fn near_reader(&self, key: &str) -> Option<(Arc<Near>, Arc<Readers>, Client)> {
         let near = self.near.clone()?;
-        let reader = self.near_reader.lock().ok()?.clone()?;
-        Some((near, reader))
+        let readers = self.near_readers.lock().ok()?.clone()?;
+        let reader = readers.for_key(key)?;
+        Some((near, readers, reader))
     }
 
     /// The near cache's counts since the last call (None when it is off).
@@ -456,7 +469,7 @@ impl Store {
                     Err(e) => log::debug!("near cache: {e}"),
                 }
                 near.flush(false);
-                if let Ok(mut r) = store.near_reader.lock() {
+                if let Ok(mut r) = store.near_readers.lock() {
                     *r = None;
                 }
                 tokio::time::sleep(delay).await;
@@ -478,109 +491,6 @@ async fn slow_fill() {
     if failpoint("near-fill-slow") {
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
-}
-
-/// With the failpoint `near-slow-listener`, the invalidation channel holds
-/// 2 messages and the near cache reads one a second, so that a test can
-/// make it lag.
-const SLOW_LISTENER: &str = "near-slow-listener";
-
-/// A client of its own for the near cache: no reconnection (a lost
-/// connection is a flush and a new pair), no retry.
-fn own_client(cfg: &StoreConfig) -> Result<Client, Error> {
-    let mut config = Config::from_url(&cfg.url)?;
-    config.fail_fast = true;
-    if let Some(p) = &cfg.password {
-        config.password = Some(p.clone());
-    }
-    let (timeout, connect) = (cfg.command_timeout, cfg.connect_timeout);
-    Builder::from_config(config)
-        .with_performance_config(|p| {
-            p.default_command_timeout = timeout;
-            p.broadcast_channel_capacity = if failpoint(SLOW_LISTENER) { 2 } else { 4096 };
-        })
-        .with_connection_config(|c| {
-            c.connection_timeout = connect;
-            c.internal_command_timeout = connect;
-            c.max_command_attempts = 1;
-        })
-        .build()
-}
-
-/// One life of the near cache's connections: made, tracking on, then
-/// invalidations applied until either connection is lost (Ok when they
-/// were up).
-async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Result<(), Error> {
-    let listener = own_client(cfg)?;
-    let reader = own_client(cfg)?;
-    let mut invalidations = listener.invalidation_rx();
-    let mut listener_errors = listener.error_rx();
-    let mut reader_errors = reader.error_rx();
-    let ended = async {
-        // Inside, so that the one made is closed if the other fails.
-        let _l = listener.init().await?;
-        let _r = reader.init().await?;
-        // Named for an operator's CLIENT LIST (and the tests' CLIENT KILL).
-        let () = listener.client_setname("forkd-near-listener").await?;
-        let () = reader.client_setname("forkd-near-reader").await?;
-        let id: i64 = listener.client_id().await?;
-        listener.subscribe("__redis__:invalidate").await?;
-        let () = reader
-            .client_tracking(
-                "on",
-                Some(id),
-                Vec::<String>::new(),
-                false,
-                false,
-                false,
-                false,
-            )
-            .await?;
-        if let Ok(mut r) = store.near_reader.lock() {
-            *r = Some(reader.clone());
-        }
-        near.flush(true);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let slow = failpoint(SLOW_LISTENER);
-        loop {
-            if slow {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            tokio::select! {
-                m = invalidations.recv() => match m {
-                    Ok(inv) if inv.keys.is_empty() => near.flush(true),
-                    Ok(inv) => near.invalidate(&inv.keys),
-                    // Invalidations were missed: drop everything.
-                    Err(RecvError::Lagged(_)) => near.flush(true),
-                    Err(RecvError::Closed) => return Ok(()),
-                },
-                e = listener_errors.recv() => return e.map_or(Ok(()), |(e, _)| Err(e)),
-                e = reader_errors.recv() => return e.map_or(Ok(()), |(e, _)| Err(e)),
-                _ = tick.tick() => {
-                    if !listener.is_connected() || !reader.is_connected() {
-                        return Ok(());
-                    }
-                    // A half-open connection says nothing by itself: the
-                    // listener must answer, and Redis must still have
-                    // somewhere to send the reader's invalidations.
-                    let asked = tokio::time::timeout(cfg.command_timeout, async {
-                        let _: FredValue = listener.ping(None).await?;
-                        reader.client_trackinginfo::<FredValue>().await
-                    });
-                    match asked.await {
-                        Ok(Ok(info)) if !format!("{info:?}").contains("broken_redirect") => {}
-                        Ok(Err(e)) => return Err(e),
-                        _ => return Ok(()),
-                    }
-                }
-            }
-        }
-    };
-    let r: Result<(), Error> = ended.await;
-    near.flush(false);
-    let _ = listener.quit().await;
-    let _ = reader.quit().await;
-    r
 }
 
 #[cfg(test)]
