@@ -250,6 +250,54 @@ fn a_lost_tracking_connection_or_a_restarted_redis_empties_the_near_cache() {
     }
 }
 
+/// An ACL user as Redis' docs suggest (`+@all -@dangerous`): the near
+/// cache needs no command of the `@dangerous` category (ROLE, INFO,
+/// MONITOR…), so it tracks and serves from memory all the same.
+#[test]
+fn the_near_cache_works_for_an_acl_user_without_dangerous_commands() {
+    let redis = RedisServer::start();
+    let ok = redis.raw(&[
+        "ACL",
+        "SETUSER",
+        "app",
+        "on",
+        ">app-secret",
+        "~*",
+        "&*",
+        "+@all",
+        "-@dangerous",
+    ]);
+    assert_eq!(ok.concat(), "OK");
+    let api = Upstream::tcp();
+    let mut f = Forkd::configure(&routes(&api, ""));
+    f.env.push((
+        "FORKD_REDIS_URL".into(),
+        format!("redis://app:app-secret@127.0.0.1:{}", redis.port),
+    ));
+    f.spawn(&[]);
+    f.wait_ready();
+    f.add_user("alice", PW);
+    let t = bearer(&token(f.port, "alice", PW));
+    let mut monitor = Monitor::start(&redis);
+    until_warm(f.port, &mut monitor, CACHED, &t, 0);
+    // Over several of the near cache's once-a-second checks: no flush
+    // (counted at heartbeats: the first one counts the warm-up's).
+    let heartbeat = || {
+        let hits = near_metric(f.port, "hits");
+        poll(PATIENCE, || {
+            let _ = request(f.port, "GET", CACHED, &[("Authorization", &t)], b"");
+            (near_metric(f.port, "hits") > hits).then_some(())
+        })
+        .expect("a later heartbeat");
+    };
+    heartbeat();
+    let flushes = near_metric(f.port, "flushes");
+    for _ in 0..3 {
+        heartbeat();
+    }
+    assert_eq!(near_metric(f.port, "flushes"), flushes);
+}
+
 /// forkd on `redis` with the routes, `extra` config and the test-only
 /// `failpoints` (FORKD_FAILPOINTS, "" for none), alice added; her bearer
 /// token.

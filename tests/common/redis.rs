@@ -349,7 +349,8 @@ impl RedisCluster {
         panic!("no primary for slot {slot}:\n{nodes}");
     }
 
-    /// The ports of the primaries that own slots now.
+    /// The ports of the primaries that own slots now, as one node sees
+    /// them and each says of itself.
     pub fn primaries(&self) -> Vec<u16> {
         let nodes = self.cli_at(self.live_ports()[0], &["CLUSTER", "NODES"]);
         let mut ports: Vec<u16> = nodes
@@ -357,6 +358,8 @@ impl RedisCluster {
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() >= 9 && f[2].contains("master") && !f[2].contains("fail"))
             .filter_map(|f| f[1].split('@').next()?.rsplit(':').next()?.parse().ok())
+            // One node's view may lag a failover: each must say so itself.
+            .filter(|&p| self.cli_at(p, &["ROLE"]).lines().next() == Some("master"))
             .collect();
         ports.sort_unstable();
         ports

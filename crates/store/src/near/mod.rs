@@ -461,11 +461,24 @@ impl Store {
         };
         let store = self.clone();
         let cfg = cfg.clone();
+        // As the command client's: on Redis Cluster a failover is over
+        // once a replica takes over.
+        let max = if self.clustered {
+            cfg.reconnect_max_delay.min(Duration::from_millis(250))
+        } else {
+            cfg.reconnect_max_delay
+        };
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(50);
             loop {
+                let began = Instant::now();
                 match track(&store, &near, &cfg).await {
-                    Ok(()) => delay = Duration::from_millis(50),
+                    // A life that lasted starts the backoff again; short
+                    // ones (a slot moving back and forth) keep backing off.
+                    Ok(()) if began.elapsed() > Duration::from_secs(10) => {
+                        delay = Duration::from_millis(50)
+                    }
+                    Ok(()) => {}
                     Err(e) => log::debug!("near cache: {e}"),
                 }
                 near.flush(false);
@@ -473,7 +486,7 @@ impl Store {
                     *r = None;
                 }
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(cfg.reconnect_max_delay);
+                delay = (delay * 2).min(max);
             }
         });
     }

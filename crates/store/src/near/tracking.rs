@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
+use fred::types::client::Invalidation;
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::{Config, Server, ServerConfig};
 use fred::types::Value as FredValue;
-use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::Receiver;
 use tokio::sync::Notify;
 
 use super::{failpoint, Near};
@@ -46,10 +47,11 @@ impl Readers {
     }
 
     /// A fill's read failed: when because the slot is no longer where the
-    /// map said, the pairs are made again.
+    /// map said (MOVED), the pairs are made again. ASK (a slot migrating)
+    /// lasts the whole migration: the fill is just not kept.
     pub(super) fn read_failed(&self, e: &Error) {
         log::debug!("near cache: a fill's read failed: {e}");
-        if *e.kind() == ErrorKind::Cluster {
+        if *e.kind() == ErrorKind::Cluster && e.details().starts_with("MOVED") {
             self.moved.notify_one();
         }
     }
@@ -71,7 +73,9 @@ async fn primaries(
     }
     // A map kept from before would miss a primary that took over without
     // a connection lost (CLUSTER FAILOVER).
-    store.client.sync_cluster().await?;
+    tokio::time::timeout(cfg.command_timeout, store.client.sync_cluster())
+        .await
+        .map_err(|_| Error::new(ErrorKind::Timeout, "no map of the slots in time"))??;
     let routing = store
         .client
         .cached_cluster_state()
@@ -116,13 +120,24 @@ struct Pair {
     reader: Client,
 }
 
+/// What a pair says, listened to from before it connects, so that nothing
+/// it says while the other pairs are made is missed.
+struct Heard {
+    invalidations: Receiver<Invalidation>,
+    listener_errors: Receiver<(Error, Option<Server>)>,
+    reader_errors: Receiver<(Error, Option<Server>)>,
+}
+
 impl Pair {
     /// Connects both and turns tracking on, redirected to the listener.
-    async fn connect(config: Config, cfg: &StoreConfig) -> Result<Pair, Error> {
-        let pair = Pair {
-            listener: own_client(config.clone(), cfg)?,
-            reader: own_client(config, cfg)?,
+    async fn connect(config: Config, cfg: &StoreConfig) -> Result<(Pair, Heard), Error> {
+        let (listener, reader) = (own_client(config.clone(), cfg)?, own_client(config, cfg)?);
+        let heard = Heard {
+            invalidations: listener.invalidation_rx(),
+            listener_errors: listener.error_rx(),
+            reader_errors: reader.error_rx(),
         };
+        let pair = Pair { listener, reader };
         let (listener, reader) = (&pair.listener, &pair.reader);
         let made = async {
             let _l = listener.init().await?;
@@ -145,7 +160,7 @@ impl Pair {
                 .await
         };
         match made.await {
-            Ok(()) => Ok(pair),
+            Ok(()) => Ok((pair, heard)),
             Err(e) => {
                 pair.quit().await;
                 Err(e)
@@ -158,12 +173,61 @@ impl Pair {
         let _ = self.reader.quit().await;
     }
 
+    /// Whether the pair still does its job: both connected, the listener
+    /// answering, Redis still with somewhere to send the reader's
+    /// invalidations (a half-open connection says nothing by itself); on
+    /// Redis Cluster, the node still a primary (a replica is told nothing
+    /// of the writes it copies) in a cluster that is up (a primary cut off
+    /// from the others says `cluster_state:fail` once the node timeout
+    /// has passed, as its replica takes over). CLUSTER NODES and CLUSTER
+    /// INFO, unlike ROLE, are not in the `@dangerous` ACL category.
+    async fn check(&self, cfg: &StoreConfig, clustered: bool) -> Result<bool, Error> {
+        if !self.listener.is_connected() || !self.reader.is_connected() {
+            return Ok(false);
+        }
+        let asked = tokio::time::timeout(cfg.command_timeout, async {
+            let _: FredValue = self.listener.ping(None).await?;
+            let p = self.reader.pipeline();
+            let () = p.client_trackinginfo().await?;
+            if clustered {
+                let () = p.cluster_nodes().await?;
+                let () = p.cluster_info().await?;
+            }
+            p.all::<Vec<FredValue>>().await
+        });
+        Ok(match asked.await {
+            Ok(Ok(reply)) => {
+                let tracking = reply.first().map(|i| format!("{i:?}")).unwrap_or_default();
+                let text = |i: usize| {
+                    reply
+                        .get(i)
+                        .and_then(FredValue::as_string)
+                        .unwrap_or_default()
+                };
+                let primary = !clustered
+                    || text(1)
+                        .lines()
+                        .find(|l| l.contains("myself"))
+                        .and_then(|l| l.split(' ').nth(2))
+                        .is_some_and(|flags| flags.split(',').any(|f| f == "master"));
+                let up = !clustered || text(2).contains("cluster_state:ok");
+                !tracking.contains("broken_redirect") && primary && up
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => false,
+        })
+    }
+}
+
+impl Heard {
     /// Applies the listener's invalidations until either connection is
     /// lost (Ok when it simply closed).
-    async fn follow(&self, near: &Near) -> Result<(), Error> {
-        let mut invalidations = self.listener.invalidation_rx();
-        let mut listener_errors = self.listener.error_rx();
-        let mut reader_errors = self.reader.error_rx();
+    async fn follow(mut self, near: &Near) -> Result<(), Error> {
+        let (invalidations, listener_errors, reader_errors) = (
+            &mut self.invalidations,
+            &mut self.listener_errors,
+            &mut self.reader_errors,
+        );
         let slow = failpoint(SLOW_LISTENER);
         loop {
             if slow {
@@ -182,39 +246,6 @@ impl Pair {
             }
         }
     }
-
-    /// Whether the pair still does its job: both connected, the listener
-    /// answering, Redis still with somewhere to send the reader's
-    /// invalidations (a half-open connection says nothing by itself), and
-    /// the node still a primary (a replica is told nothing of the writes
-    /// it replicates).
-    async fn check(&self, cfg: &StoreConfig) -> Result<bool, Error> {
-        if !self.listener.is_connected() || !self.reader.is_connected() {
-            return Ok(false);
-        }
-        let asked = tokio::time::timeout(cfg.command_timeout, async {
-            let _: FredValue = self.listener.ping(None).await?;
-            let p = self.reader.pipeline();
-            let () = p.client_trackinginfo().await?;
-            let role = CustomCommand::new_static("ROLE", ClusterHash::FirstKey, false);
-            let () = p.custom(role, Vec::<FredValue>::new()).await?;
-            p.all::<Vec<FredValue>>().await
-        });
-        Ok(match asked.await {
-            Ok(Ok(reply)) => {
-                let tracking = reply.first().map(|i| format!("{i:?}")).unwrap_or_default();
-                let primary = match reply.get(1) {
-                    Some(FredValue::Array(role)) => {
-                        role.first().and_then(FredValue::as_str).as_deref() == Some("master")
-                    }
-                    _ => false,
-                };
-                !tracking.contains("broken_redirect") && primary
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => false,
-        })
-    }
 }
 
 /// One life of the near cache's connections: a pair for each primary
@@ -225,8 +256,11 @@ pub(super) async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Resu
     let mut pairs: Vec<Pair> = Vec::with_capacity(configs.len());
     let mut servers = Vec::with_capacity(configs.len());
     let ended = async {
+        let mut heard = Vec::with_capacity(configs.len());
         for (server, config) in configs {
-            pairs.push(Pair::connect(config, cfg).await?);
+            let (pair, h) = Pair::connect(config, cfg).await?;
+            pairs.push(pair);
+            heard.push(h);
             servers.push(server);
         }
         let readers = Arc::new(Readers {
@@ -242,13 +276,14 @@ pub(super) async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Resu
             *r = Some(readers.clone());
         }
         near.flush(true);
-        let followed = futures::future::select_all(pairs.iter().map(|p| Box::pin(p.follow(near))));
+        let followed =
+            futures::future::select_all(heard.into_iter().map(|h| Box::pin(h.follow(near))));
         let checked = async {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 for pair in &pairs {
-                    if !pair.check(cfg).await? {
+                    if !pair.check(cfg, routing.is_some()).await? {
                         return Ok(());
                     }
                 }
