@@ -186,6 +186,9 @@ fn port_already_served_by_another_process_is_refused() {
     let out = f.cli(&["start"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already in use"), "{}", stderr(&out));
+    // A refused start leaves no pidfile behind.
+    let pidfile = f.dir.path().join("run/forkd.pid");
+    assert!(!pidfile.exists(), "{} left behind", pidfile.display());
     drop(squatter);
     // The same holds for a socket that itself uses SO_REUSEPORT, which would
     // otherwise share the port silently.
@@ -286,6 +289,7 @@ fn daemon_start_reports_a_failed_start() {
     let out = f.cli(&["start", "--daemon"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already in use"), "{}", stderr(&out));
+    assert!(!f.dir.path().join("run/forkd.pid").exists());
     drop(squatter);
 }
 

@@ -128,16 +128,19 @@ fn no_runtime_directory_in_tmp_for_a_user_without_a_session() {
     let config = dir.path().join("forkd.toml");
     std::fs::write(&config, "workers = 1\n").unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(BIN)
-        .arg("--config")
-        .arg(&config)
-        .arg("status")
-        .env_remove("XDG_RUNTIME_DIR")
-        .env_remove("RUNTIME_DIRECTORY")
-        .output()
-        .unwrap();
+    let as_nobody = |command: &str| {
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+            .arg(BIN)
+            .arg("--config")
+            .arg(&config)
+            .arg(command)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("RUNTIME_DIRECTORY")
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody("status");
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -146,4 +149,18 @@ fn no_runtime_directory_in_tmp_for_a_user_without_a_session() {
     );
     let uid = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
     assert!(!Path::new(&format!("/tmp/forkd-{uid}")).exists());
+    // The shipped config's comment names no fallback in /tmp either.
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/forkd.toml")).unwrap();
+    assert!(!shipped.contains("/tmp/forkd"), "config/forkd.toml");
+    // What it suggests is a line the config takes as written.
+    let line = err
+        .split("e.g. ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no example in {err}"));
+    assert!(line.starts_with("runtime_dir = \"/"), "{line}");
+    std::fs::write(&config, format!("workers = 1\n{line}\n")).unwrap();
+    let out = as_nobody("check-config");
+    assert!(out.status.success(), "{line}: {}", stderr(&out));
 }

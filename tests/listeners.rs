@@ -81,9 +81,9 @@ fn plain_tls_and_redirecting_listeners_serve_side_by_side() {
         r.header("strict-transport-security").as_deref(),
         Some("max-age=600")
     );
-    // TLS on the plain port, and plain HTTP on the TLS port, fail.
+    // TLS on the plain port fails; plain HTTP on the TLS port is told so.
     assert_eq!(curl(Some(&ca), plain, "/healthz", &[]).status, 0);
-    assert_eq!(curl(None, tls, "/healthz", &[]).status, 0);
+    assert_eq!(curl(None, tls, "/healthz", &[]).status, 400);
 
     // The redirecting listener: 308 to the same path and query on the TLS
     // port; health checks are served there as they are.

@@ -299,6 +299,27 @@ fn ttin_ttou_and_scale_change_the_worker_count() {
     signal(f.pid(), Signal::SIGTTOU);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(f.wait_workers(Some(1)).len(), 1);
+
+    // A reload goes back to the config's `workers`, and its answer says
+    // so; a reload that changes nothing says nothing of it.
+    let out = f.cli(&["scale", "3"]);
+    assert!(out.status.success());
+    assert_eq!(f.wait_workers(Some(3)).len(), 3);
+    let out = f.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("workers: 3 -> 2, as the config's `workers` says"),
+        "{said}"
+    );
+    assert_eq!(f.wait_workers(Some(2)).len(), 2);
+    let out = f.cli(&["reload"]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("workers:"));
 }
 
 #[test]

@@ -162,10 +162,17 @@ fn https_serves_http1_and_http2_alike() {
         refused.body
     );
 
-    // Plain HTTP on the TLS port is a failed handshake, counted; the
-    // workers serve on.
-    let plain = get(f.port, "/healthz");
-    assert!(!matches!(plain, Ok(r) if r.status == 200));
+    // Plain HTTP on the TLS port is told so; a broken ClientHello is a
+    // failed handshake, counted; the workers serve on.
+    assert_eq!(get(f.port, "/healthz").unwrap().status, 400);
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+        s.write_all(&[0x16, 0x03, 0x01, 0x00, 0x02, 0xff, 0xff])
+            .unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let _ = s.read(&mut [0u8; 64]);
+    }
     let metrics = poll(PATIENCE, || {
         let m = curl(ca, f.port, "/metrics", &["--http2"]);
         let parsed = parse_exposition(&m.body);
@@ -507,6 +514,34 @@ fn what_a_client_sends_in_its_hello_never_writes_a_log_line() {
     expect(&curl(Some(&pki.ca()), f.port, "/healthz", &[]), 200, "2");
     let log = f.log_text();
     assert!(!log.contains("SNI"), "{log}");
+}
+
+/// Plain HTTP sent to an HTTPS port gets a plain-HTTP 400 that says so
+/// (as nginx does), not a TLS alert that curl calls HTTP/0.9; the port
+/// still speaks HTTPS after it.
+#[test]
+fn plain_http_to_an_https_port_is_told_so() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("localhost", KeyKind::Ecdsa);
+    let redis = RedisServer::start();
+    let f = https_forkd(&redis, &leaf, "", "workers = 1\n");
+    let r = request(f.port, "GET", "/healthz", &[], b"").expect("a plain-HTTP answer");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.header("connection"), Some("close"));
+    let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body["type"], "urn:forkd:problem:bad-request");
+    assert!(
+        body["detail"].as_str().unwrap().contains("HTTPS port"),
+        "{body}"
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{}/healthz", f.port))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{out:?}");
+    expect(&curl(Some(&pki.ca()), f.port, "/healthz", &[]), 200, "2");
 }
 
 /// One TLS connection with `openssl s_client` that asks for /healthz,

@@ -353,6 +353,12 @@ pub(crate) fn reload(target: &Target) -> anyhow::Result<()> {
                 outcome.generation,
                 outcome.replaced.len()
             );
+            if let Some([from, to]) = outcome.workers {
+                println!(
+                    "workers: {from} -> {to}, as the config's `workers` says \
+                     (forkd scale lasts until a reload; set workers in the config to keep it)"
+                );
+            }
             Ok(())
         }
         Some(e) => bail!("reload failed, the previous workers keep serving: {e}"),

@@ -133,11 +133,26 @@ pub(crate) fn resolve_runtime_dir(configured: Option<&Path>) -> Result<PathBuf, 
         Ok(x) if !x.is_empty() => Ok(Path::new(&x).join("forkd")),
         _ => Err(format!(
             "no runtime directory: set runtime_dir in the config (a directory of \
-             your own, e.g. runtime_dir = \"$HOME/.forkd/run\"), or XDG_RUNTIME_DIR \
+             your own, e.g. runtime_dir = {:?}), or XDG_RUNTIME_DIR \
              (a login session sets it: export XDG_RUNTIME_DIR=/run/user/{})",
+            own_runtime_dir_example(),
             nix::unistd::geteuid()
         )),
     }
+}
+
+/// A runtime directory to suggest: in the user's home, spelled out (the
+/// config takes absolute paths only, no `$HOME`).
+fn own_runtime_dir_example() -> String {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|h| h.is_absolute())
+        .or_else(|| {
+            let user = nix::unistd::User::from_uid(nix::unistd::geteuid());
+            user.ok().flatten().map(|u| u.dir)
+        })
+        .unwrap_or_else(|| "/home/YOU".into());
+    home.join(".forkd/run").display().to_string()
 }
 
 /// The managed redis-server's data directory when `redis.data_dir` is

@@ -125,13 +125,7 @@ impl RawListen {
             } else {
                 format!("listen[{i}]")
             };
-            let address: SocketAddr = e.address.parse().map_err(|_| {
-                bad(
-                    &key,
-                    &e.address,
-                    "expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080",
-                )
-            })?;
+            let address = resolve(&e.address).map_err(|why| bad(&key, &e.address, &why))?;
             let tls = e.tls.unwrap_or(has_tls && !e.redirect_https);
             if tls && !has_tls {
                 return Err(bad(
@@ -184,5 +178,61 @@ impl RawListen {
             ));
         }
         Ok(out)
+    }
+}
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` with a host name looked up
+/// when the config is read (as `upstream`'s are, so that `localhost` works
+/// in both): its first IPv4 address, else its first.
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = address.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let expected =
+        "expected IP:PORT or HOST:PORT, e.g. 127.0.0.1:8080, [::1]:8080 or localhost:8080";
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(expected.into());
+    };
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    let Some(port) = port.parse::<u16>().ok().filter(|_| name_ok) else {
+        return Err(expected.into());
+    };
+    let found: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("the host name does not resolve: {e}"))?
+        .collect();
+    found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| "the host name resolves to no address".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve;
+
+    /// `listen` takes a host name as `upstream` does (one rule for both):
+    /// looked up when the config is read, its IPv4 address first.
+    #[test]
+    fn listen_takes_localhost_as_upstream_does() {
+        assert_eq!(
+            resolve("localhost:8080"),
+            Ok("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(resolve("[::1]:8080"), Ok("[::1]:8080".parse().unwrap()));
+        for (bad, why) in [
+            ("no-such-host.invalid:8080", "does not resolve"),
+            ("local host:8080", "HOST:PORT"),
+            ("localhost:http", "HOST:PORT"),
+            ("localhost", "HOST:PORT"),
+        ] {
+            let e = resolve(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

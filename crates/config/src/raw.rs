@@ -398,8 +398,35 @@ pub(crate) fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> Confi
             _ => format!("line {line}, column {column}: "),
         }
     });
+    let message = e.message().trim_end();
     ConfigError::Parse {
         path: path.to_owned(),
-        message: format!("{}{}", at.unwrap_or_default(), e.message().trim_end()),
+        message: format!(
+            "{}{}",
+            at.unwrap_or_default(),
+            unknown_key(message).unwrap_or_else(|| message.to_owned())
+        ),
     }
+}
+
+/// serde's "unknown field `X`, expected one of `a`, `b`, …" said as an
+/// operator wants it: the nearest key when one is within two edits (one
+/// for a key of five letters or fewer), else the keys there are.
+fn unknown_key(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (key, rest) = rest.split_once('`')?;
+    let known: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    let nearest = known
+        .iter()
+        .map(|k| (strsim::osa_distance(key, k), *k))
+        .filter(|(d, k)| *d <= if k.len() <= 5 { 1 } else { 2 })
+        .min();
+    Some(match nearest {
+        Some((_, k)) => format!("unknown key `{key}`; did you mean `{k}`?"),
+        None if known.is_empty() => format!("unknown key `{key}`: this table takes no keys"),
+        None => format!(
+            "unknown key `{key}`; the keys here are {}",
+            known.join(", ")
+        ),
+    })
 }

@@ -98,6 +98,31 @@ fn unknown_key_is_named() {
     assert!(e.to_string().contains("max_conn"), "{e}");
 }
 
+/// A mistyped key is answered with the key meant, not every key there is.
+#[test]
+fn a_mistyped_key_suggests_the_nearest() {
+    let e = parse("workerz = 3\n").unwrap_err().to_string();
+    assert!(
+        e.contains("unknown key `workerz`; did you mean `workers`?"),
+        "{e}"
+    );
+    assert!(!e.contains("`instance`"), "{e}");
+    let e = parse("[http]\nmax_conections = 3\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `max_connections`?"), "{e}");
+    let e = parse("[redis]\nurll = \"redis://x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean `url`?"), "{e}");
+    // Nothing near: the keys there are.
+    let e = parse("[tls]\ncolour = 1\n").unwrap_err().to_string();
+    assert!(
+        e.contains("unknown key `colour`; the keys here are") && e.contains("cert_file"),
+        "{e}"
+    );
+}
+
 #[test]
 fn bad_values_are_named() {
     let e = parse("workers = 0").unwrap().validate(2).unwrap_err();
@@ -375,7 +400,7 @@ fn a_listener_that_cannot_work_is_refused_naming_it() {
     let cases = [
         ("listen = []\n", "`listen`", "1 to 16"),
         (
-            "listen = [\"127.0.0.1:1\", \"localhost:2\"]\n",
+            "listen = [\"127.0.0.1:1\", \"no host:2\"]\n",
             "`listen[1]`",
             "IP:PORT",
         ),

@@ -151,6 +151,29 @@ impl Protocols {
                 }
             }
         };
+        // A client speaking plain HTTP to an HTTPS listener is told so, in
+        // plain HTTP, as nginx does; a TLS client's first byte is 0x16.
+        if listener.tls && self.tls.is_some() {
+            let first = match before.first() {
+                Some(&b) => Some(b),
+                None => {
+                    let mut b = [0u8; 1];
+                    let peek = tokio::time::timeout(
+                        state.settings.header_read_timeout,
+                        stream.peek(&mut b),
+                    );
+                    tokio::select! {
+                        r = peek => matches!(r, Ok(Ok(1))).then_some(b[0]),
+                        () = watcher.stopping() => return,
+                    }
+                }
+            };
+            if first.is_some_and(|b| b.is_ascii_uppercase()) {
+                let io = HeadLimit::new(Prefixed::new(before, stream), host);
+                plain_http_on_tls(&self.http1, io, watcher).await;
+                return;
+            }
+        }
         let stream = Prefixed::new(before, stream);
         let to_https = listener.redirect_https;
         let tls = match (&self.tls, listener.tls) {
@@ -273,6 +296,27 @@ async fn run<I>(
     };
     if let Err(e) = ended {
         log::debug!("connection ended: {e}");
+    }
+}
+
+/// Answers every request of a plain-HTTP connection to an HTTPS listener
+/// with 400 and closes it.
+async fn plain_http_on_tls<I>(builder: &http1::Builder, io: I, mut watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(|_req| async {
+        let refusal = crate::refusal::Refusal::bad_request(
+            "This port speaks HTTPS: the plain HTTP request was sent to an HTTPS port.",
+        )
+        .with(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        Ok::<_, std::convert::Infallible>(hyper::Response::<crate::body::Body>::from(refusal))
+    });
+    if let Err(e) = drive!(builder.serve_connection(TokioIo::new(io), service), watcher) {
+        log::debug!("plain HTTP on an HTTPS listener: {e}");
     }
 }
 

@@ -56,6 +56,10 @@ pub struct ReloadOutcome {
     pub replaced: Vec<(usize, i32, i32)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The pool size before and after, when the reload changed it (the
+    /// config's `workers` replaces what `forkd scale` set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<[usize; 2]>,
 }
 
 /// What the main loop must do.
@@ -428,6 +432,7 @@ impl Plan {
     fn end_changes(&mut self, out: &mut Vec<Action>) {
         if let Some(r) = self.reload.take() {
             out.push(Action::ReloadDone(ReloadOutcome {
+                workers: None,
                 ok: false,
                 generation: r.generation,
                 replaced: r.replaced,

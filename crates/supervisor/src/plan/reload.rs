@@ -69,6 +69,7 @@ impl Plan {
             }
         }
         out.push(Action::ReloadDone(ReloadOutcome {
+            workers: None,
             ok: false,
             generation: r.generation,
             replaced: r.replaced,
@@ -154,6 +155,7 @@ impl Plan {
                         r.replaced.len()
                     );
                     out.push(Action::ReloadDone(ReloadOutcome {
+                        workers: None,
                         ok: true,
                         generation: r.generation,
                         replaced: r.replaced,

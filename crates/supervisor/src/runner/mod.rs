@@ -79,6 +79,9 @@ pub(crate) struct Supervisor<P: Program> {
     pid: i32,
     pub(crate) started_ms: u64,
     control_path: PathBuf,
+    /// The pool size before and after the reload under way, when it
+    /// changes it: told in the reload's answer.
+    resized: Option<[usize; 2]>,
 }
 
 impl<P: Program> Supervisor<P> {
@@ -429,7 +432,14 @@ impl<P: Program> Supervisor<P> {
         self.systemd.reloading();
         let mut actions = self.plan.begin_reload(now);
         let workers = self.settings.live.workers;
-        if workers != self.plan.target() {
+        let before = self.plan.target();
+        self.resized = None;
+        if workers != before {
+            log::info!(
+                "reload: {before} -> {workers} worker(s), the config's `workers` \
+                 (forkd scale lasts until a reload)"
+            );
+            self.resized = Some([before, workers]);
             actions.extend(self.scale(workers, now));
         }
         actions
@@ -437,6 +447,7 @@ impl<P: Program> Supervisor<P> {
 
     fn refuse_reload(&mut self, error: String) -> Vec<Action> {
         self.reply_reload(ReloadOutcome {
+            workers: None,
             ok: false,
             generation: self.plan.generation(),
             replaced: Vec::new(),
@@ -447,10 +458,11 @@ impl<P: Program> Supervisor<P> {
 
     /// A rolling replacement has ended: the one an upgrade runs, or a
     /// reload's.
-    fn reload_done(&mut self, outcome: ReloadOutcome) {
+    fn reload_done(&mut self, mut outcome: ReloadOutcome) {
         if matches!(self.upgrade, Some(Upgrade::Replacing { .. })) {
             return self.upgrade_done(&outcome);
         }
+        outcome.workers = self.resized.take();
         if !outcome.ok {
             self.program.abandon_reload();
         }

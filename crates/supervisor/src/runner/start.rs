@@ -69,6 +69,7 @@ pub fn run<P: Program>(
 
 /// A fresh start: directories and files (as root, then handed to the
 /// account), the listener and control socket, then privileges dropped.
+/// A start that fails after taking the pidfile removes it.
 fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>, Error> {
     let fixed = &settings.fixed;
     let account = match &fixed.user {
@@ -82,22 +83,62 @@ fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>
         false,
     )?;
     let pidfile = Pidfile::acquire(&runtime, &fixed.instance)?;
+    let parts = match prepare(&mut settings, &runtime, &pidfile, account.as_ref()) {
+        Ok(parts) => parts,
+        Err(e) => {
+            pidfile.remove();
+            return Err(e);
+        }
+    };
+    let (sockets, control, signals, board, plan, redis) = parts;
+    Ok(Supervisor::new(
+        settings,
+        program,
+        Parts {
+            pidfile,
+            sockets,
+            control,
+            board,
+            signals,
+            plan,
+            redis,
+            started_ms: now_ms(),
+        },
+    ))
+}
+
+/// What a start makes once it holds the pidfile.
+type Prepared = (
+    listen::Sockets,
+    UnixListener,
+    Signals,
+    Scoreboard,
+    Plan,
+    Option<RedisChild>,
+);
+
+fn prepare(
+    settings: &mut Settings,
+    runtime: &PrivateDir,
+    pidfile: &Pidfile,
+    account: Option<&privs::Account>,
+) -> Result<Prepared, Error> {
     if let Some(path) = &settings.live.log_file {
         let log = crate::open_log(path)?;
         crate::point_output_at(&log)?;
-        if let Some(acct) = &account {
+        if let Some(acct) = account {
             give_file(&log, path, acct)?;
         }
     }
-    if let Some(r) = &fixed.redis {
+    if let Some(r) = &settings.fixed.redis {
         // Its append-only file holds password hashes and sessions.
-        PrivateDir::prepare(&r.dir, "redis data directory", account.as_ref(), true)?;
+        PrivateDir::prepare(&r.dir, "redis data directory", account, true)?;
     }
-    let sockets = listen::Sockets::new(first_listeners(&mut settings)?)?;
+    let sockets = listen::Sockets::new(first_listeners(settings)?)?;
     let fixed = &settings.fixed;
     let control_path = control_socket_path(&fixed.runtime_dir, &fixed.instance);
     let control = bind_control(&control_path)?;
-    if let Some(acct) = &account {
+    if let Some(acct) = account {
         // Everything the supervisor (and its redis-server) writes later
         // must belong to the account first (the directories already do).
         let name = control_path
@@ -135,20 +176,7 @@ fn start<P: Program>(mut settings: Settings, program: P) -> Result<Supervisor<P>
     );
     plan.set_recycling(settings.live.recycling);
     let redis = fixed.redis.clone().map(RedisChild::new);
-    Ok(Supervisor::new(
-        settings,
-        program,
-        Parts {
-            pidfile,
-            sockets,
-            control,
-            board,
-            signals,
-            plan,
-            redis,
-            started_ms: now_ms(),
-        },
-    ))
+    Ok((sockets, control, signals, board, plan, redis))
 }
 
 /// The sockets systemd passed (socket activation), or new ones bound to
@@ -236,6 +264,7 @@ impl<P: Program> Supervisor<P> {
             conns: Vec::new(),
             pid: std::process::id() as i32,
             started_ms: parts.started_ms,
+            resized: None,
         }
     }
 }
