@@ -282,6 +282,60 @@ fn daemon_start_returns_when_ready_and_stop_waits() {
     assert!(port_free(f.port));
 }
 
+/// `forkd logs`: the daemon's last lines, then (`--follow`) what it
+/// writes next; without a log file, where the logs go instead.
+#[test]
+fn logs_shows_the_daemons_last_lines_and_follows() {
+    let f = Forkd::configure("workers = 1\n");
+    let out = f.cli(&["logs"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("no log file at") && err.contains("journalctl"),
+        "{err}"
+    );
+    let out = f.cli(&["start", "--daemon"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = f.cli(&["logs", "-n", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let whole = std::fs::read_to_string(f.dir.path().join("run/forkd.log")).unwrap();
+    assert!(whole.contains(&text) && whole.lines().count() > 2, "{text}");
+
+    let mut follow = Command::new(BIN)
+        .arg("--config")
+        .arg(&f.config)
+        .args(["logs", "--follow", "-n", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let out = f.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut seen = Vec::new();
+    let found = poll(PATIENCE, || {
+        seen.extend(rx.try_iter());
+        seen.iter()
+            .any(|l| l.contains("reloading the configuration"))
+            .then_some(())
+    });
+    let _ = follow.kill();
+    let _ = follow.wait();
+    found.unwrap_or_else(|| panic!("--follow never showed the reload: {seen:?}"));
+    let out = f.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 #[test]
 fn daemon_start_reports_a_failed_start() {
     let f = Forkd::configure("workers = 1\n");

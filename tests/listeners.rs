@@ -67,6 +67,34 @@ fn plain_tls_and_redirecting_listeners_serve_side_by_side() {
     f.add_user("ann", PW);
     let ca = pki.ca();
 
+    // `forkd status` tells the listeners apart, and says where its
+    // configuration came from.
+    let out = f.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("listening on "))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with(&format!(
+            "listening on http://127.0.0.1:{plain}, https://127.0.0.1:{tls}, \
+             http://127.0.0.1:{redirect} (redirects to https) ("
+        )),
+        "{text}"
+    );
+    let config = std::fs::canonicalize(&f.config).unwrap();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with(&format!("config: {}, environment ", config.display()))
+                && l.contains("FORKD_REDIS_URL")
+        ),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&f.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(json["listeners"][1]["scheme"], "https", "{json}");
+    assert_eq!(json["listeners"][2]["redirect_https"], true, "{json}");
+
     // Plain HTTP/1.1 without HSTS; HTTPS with h2 and HSTS.
     let r = curl(None, plain, "/healthz", &["--http1.1"]);
     expect(&r, 200, "1.1");

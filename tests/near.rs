@@ -112,6 +112,17 @@ fn a_warm_cached_get_costs_redis_nothing_and_with_a_policy_one_call_without_the_
             .then_some(())
     })
     .expect("forkd status shows the session, the epoch and the entry held");
+    // And the routes it serves.
+    let text = String::from_utf8_lossy(&f.cli(&["status"]).stdout).into_owned();
+    for route in [
+        format!("route /u -> {} (auth required, cache)", api.url()),
+        format!(
+            "route /p -> {} (auth required, cache, policies per-user)",
+            api.url()
+        ),
+    ] {
+        assert!(text.lines().any(|l| l == route), "{route}\n{text}");
+    }
     let flushes = near_metric(f.port, "flushes");
     // With a policy: the limit's one call, which neither checks the
     // session nor reads the entry.

@@ -54,6 +54,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the last lines of the log file (log_file, or the one
+    /// `start --daemon` writes), and with --follow what is written next.
+    Logs {
+        /// How many lines.
+        #[arg(short = 'n', long, default_value_t = 20, value_name = "N")]
+        lines: usize,
+        /// Keep printing what is written, as `tail -f` (through rotations).
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Set the number of workers.
     Scale {
         /// The new number of workers.
@@ -199,9 +209,28 @@ pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         s.generation,
         duration(s.uptime_ms)
     );
+    // Each listener with its scheme, so that HTTP and HTTPS read apart.
+    let listening = if s.listeners.is_empty() {
+        s.listen.clone()
+    } else {
+        s.listeners
+            .iter()
+            .map(|l| {
+                let mut d = format!("{}://{}", l.scheme, l.address);
+                if l.redirect_https {
+                    d.push_str(" (redirects to https)");
+                }
+                if l.proxy_protocol {
+                    d.push_str(" (PROXY protocol)");
+                }
+                d
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
         "listening on {} ({} listener); {}/{} workers ready; supervisor RSS {}",
-        s.listen,
+        listening,
         s.listener,
         s.workers_ready,
         s.workers_wanted,
@@ -219,6 +248,19 @@ pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     );
     if let Some((slot, why)) = &s.recycling {
         println!("recycling slot {slot} now ({why})");
+    }
+    if !s.config_source.is_empty() {
+        println!("config: {}", s.config_source);
+    }
+    for r in &s.routes {
+        let mut how = vec![format!("auth {}", r.auth)];
+        if r.cache {
+            how.push("cache".into());
+        }
+        if !r.policies.is_empty() {
+            how.push(format!("policies {}", r.policies.join(" ")));
+        }
+        println!("route {} -> {} ({})", r.prefix, r.upstream, how.join(", "));
     }
     for c in &s.certificates {
         println!(
@@ -416,10 +458,7 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
     }
     let dir = &target.runtime_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log = config
-        .log_file
-        .clone()
-        .unwrap_or_else(|| dir.join(format!("{}.log", config.instance)));
+    let log = crate::logs::log_path(config);
     let log_out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

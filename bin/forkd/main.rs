@@ -16,6 +16,7 @@
 mod cli;
 mod limits;
 mod logging;
+mod logs;
 mod manpage;
 mod settings;
 mod source;
@@ -71,6 +72,7 @@ fn main() -> ExitCode {
         | Command::CheckConfig { .. }
         | Command::User { .. }
         | Command::Limit { .. }
+        | Command::Logs { .. }
         | Command::Cache { .. } => {
             let config = match source.load() {
                 Ok(c) => c,
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
                 Command::User { command } => users::run(&config, command),
                 Command::Limit { command } => limits::run(&config, command),
                 Command::Cache { command } => limits::purge(&config, command),
+                Command::Logs { lines, follow } => logs::run(&config, lines, follow),
                 _ => {
                     check_config(&source, config, tls.as_deref());
                     Ok(())
@@ -142,6 +145,7 @@ fn main() -> ExitCode {
                 Command::Upgrade => cli::upgrade(&target),
                 Command::User { .. }
                 | Command::Limit { .. }
+                | Command::Logs { .. }
                 | Command::Cache { .. }
                 | Command::UpgradeProbe => {
                     unreachable!()
@@ -248,6 +252,8 @@ fn start(
     tls: Option<std::sync::Arc<forkd_app::Identity>>,
     inherited: Option<forkd_supervisor::InheritedState>,
 ) -> anyhow::Result<()> {
+    // Before this process sets any variable of its own.
+    let source_described = source.describe();
     if nix::unistd::geteuid().is_root() && config.user.is_none() && inherited.is_none() {
         log::warn!("running as root with no `user` configured; workers keep root privileges");
     }
@@ -276,8 +282,9 @@ fn start(
     {
         std::env::set_var(forkd_config::env_name("redis.data_dir"), dir);
     }
-    let settings = supervisor_settings(&config, tls.as_deref());
+    let settings = supervisor_settings(&config, tls.as_deref(), &source_described);
     let program = Forkd {
+        described: source_described,
         source,
         config,
         tls,

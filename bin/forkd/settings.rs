@@ -88,7 +88,11 @@ pub(crate) fn date(secs: i64) -> String {
     jiff::Timestamp::from_second(secs).map_or_else(|_| secs.to_string(), |t| t.to_string())
 }
 
-pub(crate) fn supervisor_settings(c: &Config, tls: Option<&forkd_app::Identity>) -> Settings {
+pub(crate) fn supervisor_settings(
+    c: &Config,
+    tls: Option<&forkd_app::Identity>,
+    source: &str,
+) -> Settings {
     Settings {
         fixed: forkd_supervisor::Fixed {
             instance: c.instance.clone(),
@@ -143,6 +147,33 @@ pub(crate) fn supervisor_settings(c: &Config, tls: Option<&forkd_app::Identity>)
             // The workers count per route, by the route's place in the
             // configuration (forkd_app's metrics).
             more_counters_of: c.route.iter().map(|r| r.prefix.clone()).collect(),
+            listeners: c
+                .listen
+                .iter()
+                .map(|l| forkd_supervisor::control::ListenerStatus {
+                    address: l.address.to_string(),
+                    scheme: if l.tls { "https" } else { "http" }.to_owned(),
+                    redirect_https: l.redirect_https,
+                    proxy_protocol: l.proxy_protocol,
+                })
+                .collect(),
+            routes: c
+                .route
+                .iter()
+                .map(|r| forkd_supervisor::control::RouteStatus {
+                    prefix: r.prefix.clone(),
+                    upstream: r.upstream.to_string(),
+                    auth: match r.auth {
+                        forkd_config::RouteAuth::Required => "required",
+                        forkd_config::RouteAuth::Optional => "optional",
+                        forkd_config::RouteAuth::None => "none",
+                    }
+                    .to_owned(),
+                    cache: r.cache,
+                    policies: r.policies.clone(),
+                })
+                .collect(),
+            config_source: source.to_owned(),
         },
     }
 }

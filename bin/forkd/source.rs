@@ -27,6 +27,38 @@ pub(crate) struct ConfigSource {
 }
 
 impl ConfigSource {
+    /// Where the configuration comes from, for `forkd status`: the file
+    /// (or the built-in defaults), then the environment variables and the
+    /// flags that override it. Read before forkd sets any variable itself.
+    pub(crate) fn describe(&self) -> String {
+        let mut out = match self.file() {
+            Some(p) => std::fs::canonicalize(&p).unwrap_or(p).display().to_string(),
+            None => "built-in defaults (no config file)".to_owned(),
+        };
+        let mut env: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| {
+                forkd_config::keys()
+                    .iter()
+                    .any(|key| forkd_config::env_name(key) == *k)
+            })
+            .collect();
+        env.sort();
+        if !env.is_empty() {
+            out.push_str(&format!(", environment {}", env.join(" ")));
+        }
+        let flags: Vec<String> = self
+            .overrides
+            .pairs()
+            .iter()
+            .map(|(k, _)| format!("--{}", k.replace('_', "-")))
+            .collect();
+        if !flags.is_empty() {
+            out.push_str(&format!(", flags {}", flags.join(" ")));
+        }
+        out
+    }
+
     /// The file in use: `--config` (or FORKD_CONFIG), else
     /// `config/forkd.toml` when it exists, else none (built-in defaults).
     pub(crate) fn file(&self) -> Option<PathBuf> {

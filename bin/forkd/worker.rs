@@ -23,6 +23,8 @@ pub(crate) struct Forkd {
     /// reload rotates them.
     pub(crate) tickets: forkd_app::TicketKeys,
     pub(crate) previous: Option<(Config, Option<Arc<Identity>>, forkd_app::TicketKeys)>,
+    /// Where the configuration came from (read once, at start).
+    pub(crate) described: String,
 }
 
 impl Program for Forkd {
@@ -60,7 +62,7 @@ impl Program for Forkd {
         // keep serving the pair they have.
         let tls = load_tls(&new)?;
         let tickets = self.tickets.rotate()?;
-        let settings = supervisor_settings(&new, tls.as_deref());
+        let settings = supervisor_settings(&new, tls.as_deref(), &self.described);
         let config = std::mem::replace(&mut self.config, new);
         let tls = std::mem::replace(&mut self.tls, tls);
         let tickets = std::mem::replace(&mut self.tickets, tickets);

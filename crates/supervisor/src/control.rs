@@ -117,6 +117,37 @@ pub struct Status {
     /// The TLS certificates that new workers serve.
     #[serde(default)]
     pub certificates: Vec<CertificateStatus>,
+    /// Each listener, as bound, and what it speaks.
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
+    /// The routes new workers serve.
+    #[serde(default)]
+    pub routes: Vec<RouteStatus>,
+    /// Where the configuration in use came from: the file, and the
+    /// environment variables and flags over it.
+    #[serde(default)]
+    pub config_source: String,
+}
+
+/// A listener in a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub address: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    pub redirect_https: bool,
+    pub proxy_protocol: bool,
+}
+
+/// A route in a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteStatus {
+    pub prefix: String,
+    pub upstream: String,
+    /// `required`, `optional` or `none`.
+    pub auth: String,
+    pub cache: bool,
+    pub policies: Vec<String>,
 }
 
 /// A TLS certificate in a status report.

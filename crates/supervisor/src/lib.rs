@@ -144,6 +144,11 @@ pub struct Live {
     /// program's routes, say): when a reload changes it, they start again
     /// from zero, so that no figure carries over to another meaning.
     pub more_counters_of: Vec<String>,
+    /// What `forkd status` shows of the listeners (in `Fixed::listen`'s
+    /// order), the routes and where the configuration came from.
+    pub listeners: Vec<control::ListenerStatus>,
+    pub routes: Vec<control::RouteStatus>,
+    pub config_source: String,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.

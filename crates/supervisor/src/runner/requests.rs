@@ -175,6 +175,16 @@ impl<P: Program> Supervisor<P> {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             build: self.settings.fixed.build.clone(),
             listen: crate::listen::describe(&self.sockets.addrs()),
+            // As bound: a configured port 0 has become the real port.
+            listeners: {
+                let mut l = self.settings.live.listeners.clone();
+                for (l, a) in l.iter_mut().zip(self.sockets.addrs()) {
+                    l.address = a.to_string();
+                }
+                l
+            },
+            routes: self.settings.live.routes.clone(),
+            config_source: self.settings.live.config_source.clone(),
             listener: self.settings.fixed.listener.name().to_owned(),
             generation: self.plan.generation(),
             phase: match (self.plan.phase(), self.plan.reloading()) {
