@@ -64,6 +64,13 @@ pub(crate) enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// A live view of the running instance: workers, requests a second,
+    /// latency, routes, Redis; keys: r reload, + and - scale, q quit.
+    Top {
+        /// Print one frame (after two samples a second apart) and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Set the number of workers.
     Scale {
         /// The new number of workers.
@@ -169,7 +176,7 @@ pub(crate) fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connect(target: &Target) -> anyhow::Result<Client> {
+pub(crate) fn connect(target: &Target) -> anyhow::Result<Client> {
     Client::connect(&target.control_socket()).map_err(|e| match e {
         forkd_supervisor::control::ClientError::NotRunning(_) => {
             anyhow::anyhow!("instance '{}' is not running", target.instance)
@@ -178,11 +185,33 @@ fn connect(target: &Target) -> anyhow::Result<Client> {
     })
 }
 
-fn expect_ok(reply: Reply) -> anyhow::Result<Reply> {
+pub(crate) fn expect_ok(reply: Reply) -> anyhow::Result<Reply> {
     match reply {
         Reply::Error { message } => bail!("{message}"),
         other => Ok(other),
     }
+}
+
+/// Each listener with its scheme, so that HTTP and HTTPS read apart (the
+/// bare addresses from a supervisor too old to say).
+pub(crate) fn listening(s: &Status) -> String {
+    if s.listeners.is_empty() {
+        return s.listen.clone();
+    }
+    s.listeners
+        .iter()
+        .map(|l| {
+            let mut d = format!("{}://{}", l.scheme, l.address);
+            if l.redirect_https {
+                d.push_str(" (redirects to https)");
+            }
+            if l.proxy_protocol {
+                d.push_str(" (PROXY protocol)");
+            }
+            d
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub(crate) fn fetch_status(target: &Target) -> anyhow::Result<Status> {
@@ -209,28 +238,9 @@ pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         s.generation,
         duration(s.uptime_ms)
     );
-    // Each listener with its scheme, so that HTTP and HTTPS read apart.
-    let listening = if s.listeners.is_empty() {
-        s.listen.clone()
-    } else {
-        s.listeners
-            .iter()
-            .map(|l| {
-                let mut d = format!("{}://{}", l.scheme, l.address);
-                if l.redirect_https {
-                    d.push_str(" (redirects to https)");
-                }
-                if l.proxy_protocol {
-                    d.push_str(" (PROXY protocol)");
-                }
-                d
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     println!(
         "listening on {} ({} listener); {}/{} workers ready; supervisor RSS {}",
-        listening,
+        listening(&s),
         s.listener,
         s.workers_ready,
         s.workers_wanted,
@@ -541,7 +551,7 @@ fn print_log_tail(path: &std::path::Path, from: u64) {
     }
 }
 
-fn duration(ms: u64) -> String {
+pub(crate) fn duration(ms: u64) -> String {
     let s = ms / 1000;
     match s {
         0..=59 => format!("{}.{}s", s, (ms % 1000) / 100),
@@ -551,6 +561,6 @@ fn duration(ms: u64) -> String {
     }
 }
 
-fn bytes(b: u64) -> String {
+pub(crate) fn bytes(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }

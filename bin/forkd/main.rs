@@ -20,6 +20,7 @@ mod logs;
 mod manpage;
 mod settings;
 mod source;
+mod top;
 mod users;
 mod worker;
 
@@ -142,6 +143,7 @@ fn main() -> ExitCode {
                 Command::Reload => cli::reload(&target),
                 Command::Status { json } => cli::status(&target, json),
                 Command::Scale { workers } => cli::scale(&target, workers),
+                Command::Top { once } => top::run(&target, once),
                 Command::Upgrade => cli::upgrade(&target),
                 Command::User { .. }
                 | Command::Limit { .. }

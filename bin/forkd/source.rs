@@ -8,6 +8,7 @@ use clap::Args;
 use forkd_config::{Config, ConfigError, RawConfig};
 
 /// A running instance, as the client commands find it.
+#[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub(crate) instance: String,
     pub(crate) runtime_dir: PathBuf,
