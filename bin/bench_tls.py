@@ -54,7 +54,7 @@ def run(b, tmp, redis, secs, high, token, rows, started, nginxes):
     rows.append(b.measure("TLS profile cache hit, keep-alive", t, redis, lambda: b.wrk(
         url("/profile"), secs, headers=[f"Authorization: Bearer {token}"]), secs))
     # h2load before the handshakes: right after a run of short connections
-    # the workers leave new ones to the race (README "Listener modes"),
+    # the workers leave new ones to the race (docs/operations.md, "Listener modes"),
     # which would then decide where h2load's 4 connections land.
     h2 = b.measure("h2load /healthz, 4 conns x 10 streams", t, redis,
                    lambda: h2load(url("/healthz"), secs), secs)

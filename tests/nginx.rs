@@ -1,5 +1,5 @@
-//! nginx as a real client of forkd's forward-auth: README.md's nginx
-//! example, read from the README at test time and run as written (only its
+//! nginx as a real client of forkd's forward-auth: docs/gateway.md's nginx
+//! example, read from that page at test time and run as written (only its
 //! addresses replaced), in front of an upstream (the harness's `Upstream`),
 //! with forkd's `/auth` deciding, tested end to end through nginx.
 
@@ -13,7 +13,7 @@ use common::*;
 
 const PW: &str = "nginx-secret";
 
-/// What the README's example names, which the test replaces with its own.
+/// What the example names, which the test replaces with its own.
 const README_LISTEN: &str = "listen 80;";
 const README_FORKD: &str = "127.0.0.1:8080";
 const README_APP: &str = "127.0.0.1:9000";
@@ -27,16 +27,12 @@ fn fenced<'a>(text: &'a str, lang: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// README.md's section "forkd in front of your app": its nginx example and
+/// docs/gateway.md ("forkd in front of your app"): its nginx example and
 /// the forkd settings (the TOML block with `trusted_proxies`) it goes with.
 fn readme_example() -> (String, String) {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let section = readme
-        .split("\n## forkd in front of your app\n")
-        .nth(1)
-        .expect("README.md has the section \"forkd in front of your app\"");
-    let section = section.split("\n## ").next().unwrap();
+    let section = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/gateway.md"))
+        .expect("docs/gateway.md");
+    let section = section.as_str();
     let nginx = fenced(section, "nginx");
     assert_eq!(nginx.len(), 1, "one nginx example in the section");
     let toml: Vec<&str> = fenced(section, "toml")
@@ -47,11 +43,11 @@ fn readme_example() -> (String, String) {
     (nginx[0].to_owned(), toml[0].to_owned())
 }
 
-/// `text` with every `from` replaced by `to`; the README must name `from`.
+/// `text` with every `from` replaced by `to`; the example must name `from`.
 fn substitute(text: &str, from: &str, to: &str) -> String {
     assert!(
         text.contains(from),
-        "the README's nginx example no longer names {from}:\n{text}"
+        "docs/gateway.md's nginx example no longer names {from}:\n{text}"
     );
     text.replace(from, to)
 }
@@ -64,7 +60,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    /// Runs the README's example with forkd on `forkd` and the app on
+    /// Runs the example with forkd on `forkd` and the app on
     /// `upstream`.
     fn start(forkd: u16, upstream: u16) -> Option<Nginx> {
         let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
@@ -144,7 +140,7 @@ impl Drop for Nginx {
     }
 }
 
-/// forkd's config for these tests: `extra`, then the README's TOML block
+/// forkd's config for these tests: `extra`, then the TOML block of docs/gateway.md
 /// (nginx's address in `http.trusted_proxies`).
 fn forkd_config(extra: &str) -> String {
     let (_, settings) = readme_example();

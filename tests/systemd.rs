@@ -367,11 +367,11 @@ fn the_package_ships_the_committed_config_not_an_edited_working_copy() {
     };
     // The README's install by hand: its line that installs the config,
     // run in `repo` with another destination.
-    let readme = std::fs::read_to_string(src.join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(src.join("docs/systemd.md")).unwrap();
     let line = readme
         .lines()
         .find(|l| l.contains("config/forkd.toml") && l.ends_with(" /etc/forkd/forkd.toml"))
-        .expect("README.md installs config/forkd.toml as /etc/forkd/forkd.toml");
+        .expect("docs/systemd.md installs config/forkd.toml as /etc/forkd/forkd.toml");
     let by_hand = |dest: &str| -> String {
         let dest = tmp.path().join(dest);
         let line = line.replace("/etc/forkd/forkd.toml", dest.to_str().unwrap());

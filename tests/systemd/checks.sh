@@ -188,16 +188,16 @@ check() { # NAME FUNCTION: run FUNCTION, which calls bad/note
 bad() { problems+=("$*"); }
 note() { notes+=("$*"); }
 
-# 1. The README's install block, line by line, from the repository root.
+# 1. docs/systemd.md's install block, line by line, from the repository root.
 check_install() {
     local lines line rc out t0 ms h s
     lines=$(awk '/^## Running under systemd/ {sec = 1; next}
                  sec && /^## / {exit}
                  sec && /^```sh/ {blk = 1; next}
                  blk && /^```/ {exit}
-                 blk {print}' README.md)
+                 blk {print}' docs/systemd.md)
     if ! grep -qx 'systemctl enable --now forkd' <<<"$lines"; then
-        bad "README.md's 'Running under systemd' has no sh block with 'systemctl enable --now forkd'; installing by hand"
+        bad "docs/systemd.md's 'Running under systemd' has no sh block with 'systemctl enable --now forkd'; installing by hand"
         lines=$'install -m 0755 target/release/forkd /usr/local/bin/forkd\ninstall -m 0644 -D config/forkd.toml /etc/forkd/forkd.toml\nuseradd --system --no-create-home --shell /usr/sbin/nologin forkd\ninstall -m 0644 systemd/forkd.service systemd/forkd@.service systemd/forkd.socket /etc/systemd/system/\nsystemctl daemon-reload\nsystemctl enable --now forkd'
     fi
     while IFS= read -r line; do
@@ -211,7 +211,7 @@ check_install() {
         echo "\$ $line  (exit $rc, ${ms} ms)" >>"$results/install.log"
         echo "$out" >>"$results/install.log"
         if [ "$rc" != 0 ]; then
-            bad "README line '$line' exited $rc: $(tail -n 3 <<<"$out" | oneline)"
+            bad "docs/systemd.md line '$line' exited $rc: $(tail -n 3 <<<"$out" | oneline)"
         fi
         if [ "$line" = "systemctl enable --now forkd" ]; then
             note "enable --now took ${ms} ms"
@@ -464,7 +464,7 @@ check_instances() {
 }
 
 # 9. The Debian package (bin/package), on a machine without forkd: the
-# README install of checks 1-8 is undone first, user included.
+# The docs' install of checks 1-8 is undone first, user included.
 pkg_leftovers() { # what of forkd is on disk outside the test's own files
     find /etc /usr /lib /var/lib /var/log -name '*forkd*' -not -name 'test-forkd.*' \
         -not -path '/var/log/journal/*' 2>/dev/null | sort
@@ -560,7 +560,7 @@ check_package() {
     getent passwd forkd >/dev/null && note "the forkd user stays after purge, as Debian keeps system users"
 }
 
-check "1 install as README says; enable --now returns once workers serve" check_install
+check "1 install as docs/systemd.md says; enable --now returns once workers serve" check_install
 check "2 systemctl reload: same MainPID, new workers" check_reload
 check "3 upgrade to a new build: same MainPID, new build" check_upgrade
 check "4 upgrade to a broken binary: exit 1, no failed request, no restart" check_broken_upgrade

@@ -4,7 +4,7 @@
 //! Nothing here names a key. The list of keys, and what kind of value each
 //! takes, come from the serialized defaults of [`RawConfig`], so a new key
 //! is written once in `raw.rs` (and checked in `validate.rs`); the tests
-//! prove the example file, the README and the validated config list the
+//! prove the example file, docs/configuration.md and the validated config list the
 //! same keys.
 
 use std::sync::OnceLock;
