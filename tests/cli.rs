@@ -336,6 +336,36 @@ fn logs_shows_the_daemons_last_lines_and_follows() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// docs/cli-reference.md is what the binary says of itself: regenerate it
+/// with `forkd cli-reference > docs/cli-reference.md` when a flag changes.
+#[test]
+fn the_cli_reference_is_what_the_binary_prints() {
+    let out = Command::new(BIN)
+        .arg("cli-reference")
+        .env("FORKD_CONFIG", "/a/path/that/must/not/show")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let file = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/cli-reference.md"
+    ))
+    .unwrap();
+    assert!(
+        generated == file,
+        "docs/cli-reference.md is stale: run `forkd cli-reference > docs/cli-reference.md`"
+    );
+    for command in [
+        "## forkd start",
+        "## forkd top",
+        "## forkd logs",
+        "## forkd user add",
+    ] {
+        assert!(file.contains(&format!("{command}\n")), "{command}");
+    }
+}
+
 #[test]
 fn daemon_start_reports_a_failed_start() {
     let f = Forkd::configure("workers = 1\n");

@@ -23,6 +23,7 @@ pub(crate) struct Cli {
         short = 'c',
         global = true,
         env = "FORKD_CONFIG",
+        hide_env_values = true,
         value_name = "FILE"
     )]
     pub(crate) config: Option<PathBuf>,
@@ -95,6 +96,9 @@ pub(crate) enum Command {
     /// command into DIR.
     #[command(hide = true)]
     Manpage { dir: Option<PathBuf> },
+    /// Print docs/cli-reference.md: every command's --help, in Markdown.
+    #[command(hide = true)]
+    CliReference,
     /// Manage users (stored in Redis).
     User {
         #[command(subcommand)]

@@ -130,6 +130,7 @@ fn main() -> ExitCode {
         Command::UpgradeProbe => return upgrade_probe(),
         Command::Completions { shell } => cli::completions(shell),
         Command::Manpage { dir } => manpage::run(dir.as_deref()),
+        Command::CliReference => manpage::reference(),
         command => {
             let target = match source.target() {
                 Ok(t) => t,
@@ -152,7 +153,9 @@ fn main() -> ExitCode {
                 | Command::UpgradeProbe => {
                     unreachable!()
                 }
-                Command::Completions { .. } | Command::Manpage { .. } => unreachable!(),
+                Command::Completions { .. } | Command::Manpage { .. } | Command::CliReference => {
+                    unreachable!()
+                }
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
             }
         }

@@ -95,3 +95,37 @@ fn write_commands(cmd: &clap::Command, dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `forkd cli-reference`: docs/cli-reference.md, every visible command's
+/// `--help` as the binary prints it (tests/cli.rs holds the file to it).
+pub(crate) fn reference() -> anyhow::Result<()> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut out = String::from(
+        "# CLI reference\n\n\
+         Every command's `--help`, generated from forkd's own definitions by\n\
+         `forkd cli-reference > docs/cli-reference.md`; the tests fail when this\n\
+         file and the binary differ. What the commands are for, with examples:\n\
+         [docs/cli.md](cli.md).\n",
+    );
+    reference_of(&mut cmd, "forkd", &mut out);
+    print!("{out}");
+    Ok(())
+}
+
+fn reference_of(cmd: &mut clap::Command, path: &str, out: &mut String) {
+    let help = cmd.clone().bin_name(path).render_long_help().to_string();
+    out.push_str(&format!(
+        "\n## {path}\n\n```text\n{}\n```\n",
+        help.trim_end()
+    ));
+    let subs: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    for mut sub in subs {
+        let name = format!("{path} {}", sub.get_name());
+        reference_of(&mut sub, &name, out);
+    }
+}

@@ -29,6 +29,8 @@ mod listen;
 mod location;
 mod overrides;
 mod raw;
+#[cfg(test)]
+mod reference_tests;
 mod routes;
 #[cfg(test)]
 mod tests;
