@@ -1,10 +1,15 @@
-//! README.md's tour, run as written: its `sh` blocks, in order, in one
+//! The docs' examples, run as written. README.md's tour, with the examples
+//! of docs/operations.md and docs/cli.md: their `sh` blocks, in order, in one
 //! bash session (`set -euo pipefail`), in a directory laid out like the
 //! repository (`config/forkd.toml`, a copy of the shipped one), against a
 //! forkd started as `bin/run` starts it. Only what a machine cannot share
 //! is replaced: the ports (8080, 9000), the binary's path, and the
 //! runtime and data directories (given through their `FORKD_*`
-//! variables). What the README says the commands print is checked.
+//! variables). What the README says the commands print is checked. And
+//! docs/https.md's example on its own. (docs/gateway.md's nginx example
+//! runs in tests/nginx.rs, docs/systemd.md's install in the systemd
+//! checks, docs/cluster.md's bin/cluster in tests/cluster.rs, and
+//! docs/performance.md's bin/bench --quick in bin/test.)
 
 mod common;
 
@@ -12,10 +17,10 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// The README's `sh` blocks, but the first (`bin/run`, `bin/test`).
-fn tour() -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+/// The `sh` blocks of `page` (a path in the repository).
+fn sh_blocks(page: &str) -> Vec<String> {
+    let path = format!("{}/{page}", env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut blocks = Vec::new();
     let mut current: Option<String> = None;
     for line in readme.lines() {
@@ -32,11 +37,26 @@ fn tour() -> Vec<String> {
             _ => {}
         }
     }
+    blocks
+}
+
+/// The README's `sh` blocks, but the first (`bin/run`, `bin/test`), with
+/// the examples of docs/operations.md and docs/cli.md run against the same
+/// forkd before the last (which stops it).
+fn tour() -> Vec<String> {
+    let mut blocks = sh_blocks("README.md");
     assert!(
         blocks.first().is_some_and(|b| b.starts_with("bin/run")),
         "the README starts with bin/run: {blocks:?}"
     );
     blocks.remove(0);
+    let last = blocks.pop().expect("the CLI block");
+    blocks.extend(sh_blocks("docs/operations.md"));
+    let signals = sh_blocks("docs/cli.md");
+    assert_eq!(signals.len(), 1, "docs/cli.md has one sh block, the signal");
+    // Its pidfile is where this test's runtime directory is.
+    blocks.push(signals[0].replace("/run/forkd/", "$FORKD_RUNTIME_DIR/"));
+    blocks.push(last);
     blocks
 }
 
@@ -130,4 +150,66 @@ fn the_readme_tour_runs_as_written() {
     said("top --once", " workers ");
     said("scale", "scaling to 4 worker(s)");
     said("stop", "forkd stopped");
+    said("docs/operations.md, /readyz", "\n200\n");
+    said(
+        "docs/operations.md, a request id of the client's",
+        "\"request_id\":\"my-trace-1\"",
+    );
+}
+
+/// docs/https.md's example: a certificate made with openssl, forkd started
+/// with it through the environment (as `bin/run` would be), curl over
+/// HTTP/2 and HTTP/1.1, and the certificate in `forkd status`.
+#[test]
+fn the_https_example_runs_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/forkd.toml")).unwrap();
+    let config = shipped.replace(
+        "listen = \"127.0.0.1:8080\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(dir.path().join("config/forkd.toml"), config).unwrap();
+    // Its blocks, one after the other: the first starts forkd.
+    let example = sh_blocks("docs/https.md").concat();
+    let run = example
+        .lines()
+        .find(|l| l.ends_with(" bin/run"))
+        .expect("a line that ends with bin/run");
+    // bin/run is `forkd start` in the foreground; here in the background,
+    // until it answers.
+    let started = run.replace(" bin/run", &format!(" {BIN} start >forkd.out 2>&1 &"));
+    let wait = format!(
+        "for i in $(seq 200); do curl -sf --cacert \"$tls/cert.pem\" \
+         https://127.0.0.1:{port}/readyz >/dev/null && break; sleep 0.1; done\n"
+    );
+    let script = format!(
+        "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n{}\necho '=== done'\n",
+        example
+            .replace(run, &format!("{started}\n{wait}"))
+            .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
+            .replace("target/release/forkd", BIN)
+    );
+    let out = Command::new("setsid")
+        .args(["bash", "-c", &script])
+        .current_dir(dir.path())
+        .env("FORKD_RUNTIME_DIR", dir.path().join("run"))
+        .env("FORKD_REDIS_DATA_DIR", dir.path().join("data"))
+        // The example's `mktemp -d` goes into the test's directory.
+        .env("TMPDIR", dir.path())
+        .env_remove("FORKD_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("=== done"),
+        "{text}\n{err}"
+    );
+    assert!(text.contains("HTTP/2 200"), "{text}");
+    assert!(text.contains("1.1\n"), "{text}");
+    assert!(text.contains("certificate "), "{text}");
 }
