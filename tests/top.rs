@@ -85,21 +85,24 @@ fn top_shows_the_workers_and_reloads_and_scales_from_the_keyboard() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // Both workers, the rates and the keys.
-    let pane = tmux.until("both workers", |p| {
-        pids.iter().all(|pid| p.contains(&format!(" {pid} "))) && p.contains("REQ/S")
+    // Both workers, the listener and the keys (polled as one: a capture
+    // may catch a frame half drawn).
+    tmux.until("both workers, the listener and the keys", |p| {
+        pids.iter().all(|pid| p.contains(&format!(" {pid} ")))
+            && p.contains("REQ/S")
+            && p.contains("listening on http://127.0.0.1:")
+            && p.contains("q quit  r reload  +/- scale (2 worker(s) wanted)")
     });
-    assert!(pane.contains("listening on http://127.0.0.1:"), "{pane}");
-    assert!(
-        pane.contains("q quit  r reload  +/- scale (2 worker(s) wanted)"),
-        "{pane}"
-    );
     // Requests show as a rate, and /metrics was read (p50 is computed).
     for _ in 0..50 {
         assert_eq!(f.get("/healthz").unwrap().status, 200);
     }
     tmux.until("a latency from /metrics", |p| {
         p.contains("p50 ≤") && p.contains("requests/s:")
+    });
+    // Redis' round trip as each worker sees it (the near cache's check).
+    tmux.until("Redis' round trip", |p| {
+        p.contains("; ping ") && p.contains(" ms")
     });
 
     // `+` scales to three workers.

@@ -156,7 +156,13 @@ impl Store {
         nodes.sort();
         let near = match self.near_size() {
             Some((entries, bytes)) if self.near_live() => {
-                format!("; near cache: {entries} held, {} KiB", bytes.div_ceil(1024))
+                let ping = self.near_ping().map_or(String::new(), |d| {
+                    format!("; ping {:.1} ms", d.as_secs_f64() * 1000.0)
+                });
+                format!(
+                    "; near cache: {entries} held, {} KiB{ping}",
+                    bytes.div_ceil(1024)
+                )
             }
             Some(_) => "; near cache: not tracking".into(),
             None => String::new(),

@@ -106,6 +106,9 @@ pub(crate) struct Near {
     misses: AtomicU64,
     invalidations: AtomicU64,
     flushes: AtomicU64,
+    /// The slowest listener's PING at the last check, in microseconds
+    /// (u64::MAX: none since tracking was last made).
+    ping_us: AtomicU64,
 }
 
 /// Bytes a slot is counted for beside its key and value.
@@ -126,6 +129,7 @@ impl Near {
             misses: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            ping_us: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -445,6 +449,17 @@ impl Store {
         let near = self.near.as_ref()?;
         let inner = near.lock();
         Some((inner.slots.len(), inner.bytes))
+    }
+
+    /// The round trip of the near cache's last liveness PING (the slowest
+    /// primary's), while tracking is on: Redis' latency as this worker
+    /// sees it, at no command's cost beyond the check's own.
+    pub fn near_ping(&self) -> Option<Duration> {
+        let near = self.near.as_ref().filter(|n| n.live.load(Relaxed))?;
+        match near.ping_us.load(Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// Whether the near cache may serve now (tracking is on).

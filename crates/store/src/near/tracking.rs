@@ -1,6 +1,7 @@
 //! The near cache's connections: a listener and a reader on each primary,
 //! made again after any loss, and which reader reads which key.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -181,12 +182,19 @@ impl Pair {
     /// from the others says `cluster_state:fail` once the node timeout
     /// has passed, as its replica takes over). CLUSTER NODES and CLUSTER
     /// INFO, unlike ROLE, are not in the `@dangerous` ACL category.
-    async fn check(&self, cfg: &StoreConfig, clustered: bool) -> Result<bool, Error> {
+    async fn check(
+        &self,
+        cfg: &StoreConfig,
+        clustered: bool,
+        ping: &mut Duration,
+    ) -> Result<bool, Error> {
         if !self.listener.is_connected() || !self.reader.is_connected() {
             return Ok(false);
         }
         let asked = tokio::time::timeout(cfg.command_timeout, async {
+            let began = std::time::Instant::now();
             let _: FredValue = self.listener.ping(None).await?;
+            *ping = (*ping).max(began.elapsed());
             let p = self.reader.pipeline();
             let () = p.client_trackinginfo().await?;
             if clustered {
@@ -252,6 +260,7 @@ impl Heard {
 /// made, then invalidations applied until any connection is lost or the
 /// primaries change (Ok when they were up).
 pub(super) async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Result<(), Error> {
+    near.ping_us.store(u64::MAX, Relaxed);
     let (routing, configs) = primaries(store, cfg).await?;
     let mut pairs: Vec<Pair> = Vec::with_capacity(configs.len());
     let mut servers = Vec::with_capacity(configs.len());
@@ -282,11 +291,13 @@ pub(super) async fn track(store: &Store, near: &Near, cfg: &StoreConfig) -> Resu
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
+                let mut ping = Duration::ZERO;
                 for pair in &pairs {
-                    if !pair.check(cfg, routing.is_some()).await? {
+                    if !pair.check(cfg, routing.is_some(), &mut ping).await? {
                         return Ok(());
                     }
                 }
+                near.ping_us.store(ping.as_micros() as u64, Relaxed);
                 // Slots moved, or a primary came or went.
                 let now = store.client.cached_cluster_state();
                 if routing.as_ref().map(|r| r.slots()) != now.as_ref().map(|r| r.slots())
