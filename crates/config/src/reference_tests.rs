@@ -78,3 +78,57 @@ fn the_documented_keys_and_defaults_are_the_code_s() {
         "{keys_seen} keys, {defaults_checked} defaults"
     );
 }
+
+/// Every TOML example of the README and the docs is a configuration forkd
+/// takes as written (alone, on top of the defaults).
+#[test]
+fn every_toml_example_in_the_docs_is_a_valid_config() {
+    let pages = [
+        ("README.md", include_str!("../../../README.md")),
+        ("docs/api.md", include_str!("../../../docs/api.md")),
+        ("docs/cli.md", include_str!("../../../docs/cli.md")),
+        ("docs/cluster.md", include_str!("../../../docs/cluster.md")),
+        (
+            "docs/configuration.md",
+            include_str!("../../../docs/configuration.md"),
+        ),
+        ("docs/gateway.md", include_str!("../../../docs/gateway.md")),
+        ("docs/https.md", include_str!("../../../docs/https.md")),
+        (
+            "docs/operations.md",
+            include_str!("../../../docs/operations.md"),
+        ),
+        ("docs/redis.md", include_str!("../../../docs/redis.md")),
+        (
+            "docs/security.md",
+            include_str!("../../../docs/security.md"),
+        ),
+        ("docs/systemd.md", include_str!("../../../docs/systemd.md")),
+    ];
+    let mut checked = 0;
+    for (page, text) in pages {
+        let mut block: Option<String> = None;
+        for line in text.lines() {
+            match (&mut block, line) {
+                (None, "```toml") => block = Some(String::new()),
+                (Some(b), "```") => {
+                    let example = std::mem::take(b);
+                    block = None;
+                    let valid = toml::from_str::<RawConfig>(&example)
+                        .map_err(|e| e.to_string())
+                        .and_then(|raw| raw.validate(2).map_err(|e| e.to_string()));
+                    if let Err(e) = valid {
+                        panic!("{page}: this example is refused: {e}\n{example}");
+                    }
+                    checked += 1;
+                }
+                (Some(b), l) => {
+                    b.push_str(l);
+                    b.push('\n');
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(checked >= 5, "{checked} TOML examples");
+}
