@@ -303,15 +303,24 @@ fn logs_shows_the_daemons_last_lines_and_follows() {
     let whole = std::fs::read_to_string(f.dir.path().join("run/forkd.log")).unwrap();
     assert!(whole.contains(&text) && whole.lines().count() > 2, "{text}");
 
+    /// Killed when dropped, a failed assertion too.
+    struct Follow(std::process::Child);
+    impl Drop for Follow {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut follow = Command::new(BIN)
         .arg("--config")
         .arg(&f.config)
-        .args(["logs", "--follow", "-n", "0"])
+        .args(["logs", "--follow", "-n", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(Follow)
         .unwrap();
-    let stdout = follow.stdout.take().unwrap();
+    let stdout = follow.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
@@ -320,6 +329,9 @@ fn logs_shows_the_daemons_last_lines_and_follows() {
             }
         }
     });
+    // The last line first: once it is shown, the end is measured and
+    // what comes next is followed.
+    poll(PATIENCE, || rx.try_recv().ok()).expect("--follow -n 1 shows the last line");
     let out = f.cli(&["reload"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let mut seen = Vec::new();
@@ -329,8 +341,7 @@ fn logs_shows_the_daemons_last_lines_and_follows() {
             .any(|l| l.contains("reloading the configuration"))
             .then_some(())
     });
-    let _ = follow.kill();
-    let _ = follow.wait();
+    drop(follow);
     found.unwrap_or_else(|| panic!("--follow never showed the reload: {seen:?}"));
     let out = f.cli(&["stop"]);
     assert!(out.status.success(), "{}", stderr(&out));

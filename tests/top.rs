@@ -124,6 +124,13 @@ fn top_shows_the_workers_and_reloads_and_scales_from_the_keyboard() {
     })
     .expect("top quit on q");
 
+    // Without a terminal, it says what to use instead.
+    let out = f.cli(&["top"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forkd top --once"),
+        "{out:?}"
+    );
     // `--once` prints one frame, for scripts.
     let out = f.cli(&["top", "--once"]);
     let frame = String::from_utf8_lossy(&out.stdout);

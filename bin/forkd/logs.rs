@@ -46,10 +46,12 @@ pub(crate) fn run(config: &Config, lines: usize, follow: bool) -> anyhow::Result
     let mut inode = file.metadata()?.ino();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        // Rotated (a new file at the path) or truncated: from its start.
-        match std::fs::metadata(&path) {
+        // Rotated (a new file at the path): the rest of the old one, then
+        // the new one from its start. Truncated: from its start.
+        match std::fs::symlink_metadata(&path) {
             Ok(m) if m.ino() != inode => {
                 if let Ok(f) = open(&path) {
+                    copy_from(&mut file, at, &mut out)?;
                     file = f;
                     inode = m.ino();
                     at = 0;
@@ -64,12 +66,14 @@ pub(crate) fn run(config: &Config, lines: usize, follow: bool) -> anyhow::Result
     }
 }
 
-/// Opens the log without blocking (a FIFO put in its place) and only if
-/// it is a regular file.
+/// Opens the log without following a link (the log belongs to the
+/// service's account, and root may be the one reading), without blocking
+/// (a FIFO put in its place), and only if it is a regular file.
 fn open(path: &Path) -> std::io::Result<File> {
+    let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOFOLLOW;
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .custom_flags(flags.bits())
         .open(path)?;
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::other(format!(
@@ -93,7 +97,10 @@ fn tail_start(file: &mut File, end: u64, lines: usize) -> std::io::Result<u64> {
         let n = (pos - floor).min(buf.len() as u64) as usize;
         pos -= n as u64;
         file.seek(SeekFrom::Start(pos))?;
-        file.read_exact(&mut buf[..n])?;
+        if file.read_exact(&mut buf[..n]).is_err() {
+            // Truncated meanwhile: what is left, from its start.
+            return Ok(0);
+        }
         for i in (0..n).rev() {
             // The newline that ends the last line is not a line break.
             if buf[i] == b'\n' && pos + i as u64 + 1 != end {

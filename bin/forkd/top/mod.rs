@@ -261,7 +261,10 @@ pub(crate) fn run(target: &Target, once: bool) -> anyhow::Result<()> {
         print!("{}", view::text(&model, 120, 40));
         return Ok(());
     }
-    let mut terminal = ratatui::init();
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        anyhow::bail!("forkd top needs a terminal; forkd top --once prints one frame");
+    }
+    let mut terminal = ratatui::try_init()?;
     let result = live(target, &mut model, &mut terminal);
     ratatui::restore();
     result
@@ -284,11 +287,22 @@ fn live(
     terminal: &mut ratatui::DefaultTerminal,
 ) -> anyhow::Result<()> {
     let (tx, answers) = mpsc::channel();
-    let mut due = Instant::now() + TICK;
+    // Samples are taken on a thread of their own, so that a slow instance
+    // never holds the screen or the keys back.
+    let (sent, samples) = mpsc::channel();
+    let sampled = target.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(TICK);
+        if sent
+            .send(sample(&sampled).map_err(|e| format!("{e:#}")))
+            .is_err()
+        {
+            return;
+        }
+    });
     loop {
         terminal.draw(|f| view::draw(f, model))?;
-        let wait = due.saturating_duration_since(Instant::now());
-        if event::poll(wait)? {
+        if event::poll(Duration::from_millis(100))? {
             if let Event::Key(k) = event::read()? {
                 if k.kind != KeyEventKind::Press {
                     continue;
@@ -328,11 +342,10 @@ fn live(
         for said in answers.try_iter() {
             model.message = said;
         }
-        if Instant::now() >= due {
-            due = Instant::now() + TICK;
-            match sample(target) {
+        for s in samples.try_iter() {
+            match s {
                 Ok(s) => next(model, s),
-                Err(e) => model.message = format!("{e:#}"),
+                Err(e) => model.message = e,
             }
         }
     }

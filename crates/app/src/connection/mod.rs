@@ -152,18 +152,27 @@ impl Protocols {
             }
         };
         // A client speaking plain HTTP to an HTTPS listener is told so, in
-        // plain HTTP, as nginx does; a TLS client's first byte is 0x16.
-        if listener.tls && self.tls.is_some() {
+        // plain HTTP, as nginx does; a TLS client's first byte is 0x16. The
+        // wait for that byte is part of the handshake's time.
+        let mut handshake_by = None;
+        if let (true, Some((_, timeout))) = (listener.tls, &self.tls) {
+            let by = tokio::time::Instant::now() + *timeout;
+            handshake_by = Some(by);
             let first = match before.first() {
                 Some(&b) => Some(b),
                 None => {
                     let mut b = [0u8; 1];
-                    let peek = tokio::time::timeout(
-                        state.settings.header_read_timeout,
-                        stream.peek(&mut b),
-                    );
+                    let peek = tokio::time::timeout_at(by, stream.peek(&mut b));
                     tokio::select! {
-                        r = peek => matches!(r, Ok(Ok(1))).then_some(b[0]),
+                        r = peek => match r {
+                            Ok(Ok(1)) => Some(b[0]),
+                            Ok(_) => return,
+                            Err(_) => {
+                                host.count(crate::metrics::TLS_HANDSHAKE_FAILURES, 1);
+                                log::debug!("TLS handshake with {peer} timed out");
+                                return;
+                            }
+                        },
                         () = watcher.stopping() => return,
                     }
                 }
@@ -198,8 +207,9 @@ impl Protocols {
             };
             return run(builder, io, state, peer, how, watcher).await;
         };
+        let by = handshake_by.unwrap_or_else(|| tokio::time::Instant::now() + *timeout);
         let handshake = tokio::select! {
-            r = tokio::time::timeout(*timeout, acceptor.accept(stream)) => r,
+            r = tokio::time::timeout_at(by, acceptor.accept(stream)) => r,
             () = watcher.stopping() => return,
         };
         let tls = match handshake {

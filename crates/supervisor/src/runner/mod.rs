@@ -430,16 +430,22 @@ impl<P: Program> Supervisor<P> {
             }
         }
         self.systemd.reloading();
+        // A reload asked for while one runs is folded into it, and so is
+        // what it says of the pool's size.
+        let folded = self.plan.reloading();
         let mut actions = self.plan.begin_reload(now);
         let workers = self.settings.live.workers;
         let before = self.plan.target();
-        self.resized = None;
+        if !folded {
+            self.resized = None;
+        }
         if workers != before {
             log::info!(
                 "reload: {before} -> {workers} worker(s), the config's `workers` \
                  (forkd scale lasts until a reload)"
             );
-            self.resized = Some([before, workers]);
+            let from = self.resized.map_or(before, |[from, _]| from);
+            self.resized = Some([from, workers]);
             actions.extend(self.scale(workers, now));
         }
         actions
