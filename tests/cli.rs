@@ -377,6 +377,40 @@ fn the_cli_reference_is_what_the_binary_prints() {
     }
 }
 
+/// `forkd status --show-config`: the configuration the running instance uses,
+/// with what its own environment set, seen from a terminal that has none
+/// of it (where `check-config` cannot know).
+#[test]
+fn status_config_shows_what_the_running_instance_uses() {
+    let mut f = Forkd::configure("workers = 1\n");
+    f.env
+        .push(("FORKD_HTTP_MAX_CONNECTIONS".into(), "123".into()));
+    f.spawn(&[]);
+    f.wait_ready();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&f.config)
+        .args(["status", "--show-config"])
+        .env_remove("FORKD_HTTP_MAX_CONNECTIONS")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.contains("max_connections = 123"), "{text}");
+    assert!(
+        text.contains("environment FORKD_HTTP_MAX_CONNECTIONS"),
+        "{text}"
+    );
+    let here = Command::new(BIN)
+        .arg("--config")
+        .arg(&f.config)
+        .arg("check-config")
+        .env_remove("FORKD_HTTP_MAX_CONNECTIONS")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&here.stdout).contains("max_connections = 123"));
+}
+
 #[test]
 fn daemon_start_reports_a_failed_start() {
     let f = Forkd::configure("workers = 1\n");

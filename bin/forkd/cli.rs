@@ -54,6 +54,10 @@ pub(crate) enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print the configuration the running instance uses (with what
+        /// its environment and flags set; secrets masked) instead.
+        #[arg(long, conflicts_with = "json")]
+        show_config: bool,
     },
     /// Print the last lines of the log file (log_file, or the one
     /// `start --daemon` writes), and with --follow what is written next.
@@ -226,8 +230,22 @@ pub(crate) fn fetch_status(target: &Target) -> anyhow::Result<Status> {
     }
 }
 
-pub(crate) fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::Result<()> {
     let s = fetch_status(target)?;
+    if show_config {
+        if s.config.is_empty() {
+            bail!(
+                "this forkd ({}) does not say its configuration; upgrade it",
+                s.build
+            );
+        }
+        println!(
+            "# the configuration of instance '{}' (pid {}): {}",
+            s.instance, s.pid, s.config_source
+        );
+        print!("{}", s.config);
+        return Ok(());
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());

@@ -142,7 +142,7 @@ fn main() -> ExitCode {
             match command {
                 Command::Stop { timeout } => cli::stop(&target, timeout),
                 Command::Reload => cli::reload(&target),
-                Command::Status { json } => cli::status(&target, json),
+                Command::Status { json, show_config } => cli::status(&target, json, show_config),
                 Command::Scale { workers } => cli::scale(&target, workers),
                 Command::Top { once } => top::run(&target, once),
                 Command::Upgrade => cli::upgrade(&target),

@@ -174,6 +174,7 @@ pub(crate) fn supervisor_settings(
                 })
                 .collect(),
             config_source: source.to_owned(),
+            config: c.to_toml(),
         },
     }
 }

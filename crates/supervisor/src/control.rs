@@ -127,6 +127,10 @@ pub struct Status {
     /// environment variables and flags over it.
     #[serde(default)]
     pub config_source: String,
+    /// The configuration in use, as `forkd check-config` prints it
+    /// (secrets masked).
+    #[serde(default)]
+    pub config: String,
 }
 
 /// A listener in a status report.

@@ -149,6 +149,8 @@ pub struct Live {
     pub listeners: Vec<control::ListenerStatus>,
     pub routes: Vec<control::RouteStatus>,
     pub config_source: String,
+    /// The configuration in use, as `forkd check-config` prints it.
+    pub config: String,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.

@@ -185,6 +185,7 @@ impl<P: Program> Supervisor<P> {
             },
             routes: self.settings.live.routes.clone(),
             config_source: self.settings.live.config_source.clone(),
+            config: self.settings.live.config.clone(),
             listener: self.settings.fixed.listener.name().to_owned(),
             generation: self.plan.generation(),
             phase: match (self.plan.phase(), self.plan.reloading()) {
