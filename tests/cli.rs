@@ -343,6 +343,12 @@ fn logs_shows_the_daemons_last_lines_and_follows() {
     });
     drop(follow);
     found.unwrap_or_else(|| panic!("--follow never showed the reload: {seen:?}"));
+    // Like the other client commands, it reads only where to look: a
+    // value a start would refuse does not stop it.
+    let text = std::fs::read_to_string(&f.config).unwrap();
+    std::fs::write(&f.config, format!("{text}\nshutdown_timeout = -1\n")).unwrap();
+    let out = f.cli(&["logs", "-n", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let out = f.cli(&["stop"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -480,6 +480,7 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
     let target = Target {
         instance: config.instance.clone(),
         runtime_dir: runtime_dir_of(config),
+        log_file: config.log_file.clone(),
     };
     if let Ok(s) = fetch_status(&target) {
         bail!(
@@ -490,7 +491,7 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
     }
     let dir = &target.runtime_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log = crate::logs::log_path(config);
+    let log = crate::logs::log_path(&target);
     let log_out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

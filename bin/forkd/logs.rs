@@ -8,24 +8,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use forkd_config::Config;
 
-use crate::source::runtime_dir_of;
+use crate::source::Target;
 
 /// Where the instance logs when not in the foreground: `log_file`, or,
 /// for `forkd start --daemon`, INSTANCE.log in the runtime directory.
-pub(crate) fn log_path(config: &Config) -> PathBuf {
-    config
+pub(crate) fn log_path(target: &Target) -> PathBuf {
+    target
         .log_file
         .clone()
-        .unwrap_or_else(|| runtime_dir_of(config).join(format!("{}.log", config.instance)))
+        .unwrap_or_else(|| target.runtime_dir.join(format!("{}.log", target.instance)))
 }
 
 /// The most read from the end of the file to find the last lines.
 const MAX_TAIL_BYTES: u64 = 8 << 20;
 
-pub(crate) fn run(config: &Config, lines: usize, follow: bool) -> anyhow::Result<()> {
-    let path = log_path(config);
+pub(crate) fn run(target: &Target, lines: usize, follow: bool) -> anyhow::Result<()> {
+    let path = log_path(target);
     let mut file = match open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(

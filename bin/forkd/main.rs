@@ -73,7 +73,6 @@ fn main() -> ExitCode {
         | Command::CheckConfig { .. }
         | Command::User { .. }
         | Command::Limit { .. }
-        | Command::Logs { .. }
         | Command::Cache { .. } => {
             let config = match source.load() {
                 Ok(c) => c,
@@ -116,7 +115,6 @@ fn main() -> ExitCode {
                 Command::User { command } => users::run(&config, command),
                 Command::Limit { command } => limits::run(&config, command),
                 Command::Cache { command } => limits::purge(&config, command),
-                Command::Logs { lines, follow } => logs::run(&config, lines, follow),
                 _ => {
                     check_config(&source, config, tls.as_deref());
                     Ok(())
@@ -145,10 +143,10 @@ fn main() -> ExitCode {
                 Command::Status { json, show_config } => cli::status(&target, json, show_config),
                 Command::Scale { workers } => cli::scale(&target, workers),
                 Command::Top { once } => top::run(&target, once),
+                Command::Logs { lines, follow } => logs::run(&target, lines, follow),
                 Command::Upgrade => cli::upgrade(&target),
                 Command::User { .. }
                 | Command::Limit { .. }
-                | Command::Logs { .. }
                 | Command::Cache { .. }
                 | Command::UpgradeProbe => {
                     unreachable!()

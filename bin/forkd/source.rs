@@ -12,6 +12,8 @@ use forkd_config::{Config, ConfigError, RawConfig};
 pub(crate) struct Target {
     pub(crate) instance: String,
     pub(crate) runtime_dir: PathBuf,
+    /// `log_file`, when set (`forkd logs`).
+    pub(crate) log_file: Option<PathBuf>,
 }
 
 impl Target {
@@ -142,6 +144,7 @@ impl ConfigSource {
         Ok(Target {
             runtime_dir,
             instance: loc.instance,
+            log_file: loc.log_file,
         })
     }
 }

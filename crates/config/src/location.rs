@@ -14,6 +14,8 @@ use crate::{env_name, ConfigError};
 pub struct Location {
     pub instance: String,
     pub runtime_dir: Option<PathBuf>,
+    /// Where it logs, when not to stderr (`forkd logs`).
+    pub log_file: Option<PathBuf>,
 }
 
 impl Location {
@@ -29,6 +31,7 @@ impl Location {
         let mut loc = Location {
             instance: RawConfig::default().instance,
             runtime_dir: None,
+            log_file: None,
         };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -43,12 +46,17 @@ impl Location {
             if let Some(d) = table.get("runtime_dir").and_then(|v| v.as_str()) {
                 loc.runtime_dir = Some(d.into());
             }
+            if let Some(f) = table.get("log_file").and_then(|v| v.as_str()) {
+                loc.log_file = Some(f.into());
+            }
         }
         for (k, v) in vars {
             if k == env_name("instance") {
                 loc.instance = v;
             } else if k == env_name("runtime_dir") {
                 loc.runtime_dir = Some(v.into());
+            } else if k == env_name("log_file") {
+                loc.log_file = Some(v.into());
             }
         }
         Ok(loc)
