@@ -1,14 +1,14 @@
 //! The docs' examples, run as written. README.md's tour, with the examples
-//! of docs/operations.md and docs/cli.md: their `sh` blocks, in order, in one
+//! of docs/operations.md, docs/api.md and docs/cli.md: their `sh` blocks, in order, in one
 //! bash session (`set -euo pipefail`), in a directory laid out like the
 //! repository (`config/forkd.toml`, a copy of the shipped one), against a
 //! forkd started as `bin/run` starts it. Only what a machine cannot share
-//! is replaced: the ports (8080, 9000), the binary's path, and the
-//! runtime and data directories (given through their `FORKD_*`
-//! variables). What the README says the commands print is checked. And
+//! is replaced: the ports (8080, 9000), the binary's path (and `forkd` is
+//! the built one, first on the PATH), and the runtime and data
+//! directories (given through their `FORKD_*` variables). What the README says the commands print is checked. And
 //! docs/https.md's example on its own. (docs/gateway.md's nginx example
-//! runs in tests/nginx.rs, docs/systemd.md's install in the systemd
-//! checks, docs/cluster.md's bin/cluster in tests/cluster.rs, and
+//! runs in tests/nginx.rs, docs/systemd.md's blocks in the systemd
+//! checks (bin/systemd-test), docs/cluster.md's bin/cluster in tests/cluster.rs, and
 //! docs/performance.md's bin/bench --quick in bin/test.)
 
 mod common;
@@ -41,8 +41,8 @@ fn sh_blocks(page: &str) -> Vec<String> {
 }
 
 /// The README's `sh` blocks, but the first (`bin/run`, `bin/test`), with
-/// the examples of docs/operations.md and docs/cli.md run against the same
-/// forkd before the last (which stops it).
+/// the examples of docs/operations.md, docs/api.md and docs/cli.md run
+/// against the same forkd before the last (which stops it).
 fn tour() -> Vec<String> {
     let mut blocks = sh_blocks("README.md");
     assert!(
@@ -52,12 +52,25 @@ fn tour() -> Vec<String> {
     blocks.remove(0);
     let last = blocks.pop().expect("the CLI block");
     blocks.extend(sh_blocks("docs/operations.md"));
+    let users = sh_blocks("docs/api.md");
+    assert_eq!(users.len(), 1, "docs/api.md has one sh block, the users'");
+    blocks.extend(users);
     let signals = sh_blocks("docs/cli.md");
     assert_eq!(signals.len(), 1, "docs/cli.md has one sh block, the signal");
     // Its pidfile is where this test's runtime directory is.
     blocks.push(signals[0].replace("/run/forkd/", "$FORKD_RUNTIME_DIR/"));
     blocks.push(last);
     blocks
+}
+
+/// PATH with the built forkd's directory first.
+fn path_with_forkd() -> String {
+    let dir = std::path::Path::new(BIN).parent().expect("BIN is a path");
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 #[test]
@@ -114,6 +127,8 @@ fn the_readme_tour_runs_as_written() {
             .current_dir(dir.path())
             .envs(env.clone())
             .env_remove("FORKD_CONFIG")
+            // The docs' `forkd` is the one installed on the PATH.
+            .env("PATH", path_with_forkd())
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -151,6 +166,10 @@ fn the_readme_tour_runs_as_written() {
     said("scale", "scaling to 4 worker(s)");
     said("stop", "forkd stopped");
     said("docs/operations.md, /readyz", "\n200\n");
+    said("docs/api.md, user add", "user 'bob' added (role admin)");
+    said("docs/api.md, user passwd", "password of 'bob' changed");
+    said("docs/api.md, user list", "bob");
+    said("docs/api.md, user del", "user 'bob' deleted");
     said(
         "docs/operations.md, a request id of the client's",
         "\"request_id\":\"my-trace-1\"",

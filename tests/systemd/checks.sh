@@ -188,33 +188,48 @@ check() { # NAME FUNCTION: run FUNCTION, which calls bad/note
 bad() { problems+=("$*"); }
 note() { notes+=("$*"); }
 
+# docs/systemd.md's sh block number N (from 1) of the section whose heading
+# is SECTION, a line per command, comments and trailing blanks dropped.
+doc_block() { # SECTION N
+    awk -v want="$2" -v sec_name="$1" '
+        $0 == sec_name {sec = 1; next}
+        sec && /^## / {exit}
+        sec && /^```sh/ {n++; blk = (n == want); next}
+        blk && /^```/ {exit}
+        blk {print}' docs/systemd.md |
+        while IFS= read -r line; do
+            line=${line%%#*}
+            line=${line%"${line##*[![:space:]]}"}
+            [ -n "$line" ] && printf '%s\n' "$line"
+        done
+}
+
+# Runs one line of the docs as written, from the repository root, into
+# $results/docs.log; sets doc_out and doc_ms, and calls bad unless it
+# exits 0.
+run_doc_line() { # LINE
+    local t0 rc
+    t0=$(now_ms)
+    doc_out=$(timeout 120 bash -c "$1" 2>&1)
+    rc=$?
+    doc_ms=$(($(now_ms) - t0))
+    { echo "\$ $1  (exit $rc, ${doc_ms} ms)"; echo "$doc_out"; } >>"$results/docs.log"
+    [ "$rc" = 0 ] || bad "docs/systemd.md line '$1' exited $rc: $(tail -n 3 <<<"$doc_out" | oneline)"
+    return "$rc"
+}
+
 # 1. docs/systemd.md's install block, line by line, from the repository root.
 check_install() {
-    local lines line rc out t0 ms h s
-    lines=$(awk '/^## Running under systemd/ {sec = 1; next}
-                 sec && /^## / {exit}
-                 sec && /^```sh/ {blk = 1; next}
-                 blk && /^```/ {exit}
-                 blk {print}' docs/systemd.md)
+    local lines line h s
+    lines=$(doc_block '## Running under systemd' 1)
     if ! grep -qx 'systemctl enable --now forkd' <<<"$lines"; then
         bad "docs/systemd.md's 'Running under systemd' has no sh block with 'systemctl enable --now forkd'; installing by hand"
         lines=$'install -m 0755 target/release/forkd /usr/local/bin/forkd\ninstall -m 0644 -D config/forkd.toml /etc/forkd/forkd.toml\nuseradd --system --no-create-home --shell /usr/sbin/nologin forkd\ninstall -m 0644 systemd/forkd.service systemd/forkd@.service systemd/forkd.socket /etc/systemd/system/\nsystemctl daemon-reload\nsystemctl enable --now forkd'
     fi
     while IFS= read -r line; do
-        line=${line%%#*}
-        line=${line%"${line##*[![:space:]]}"}
-        [ -n "$line" ] || continue
-        t0=$(now_ms)
-        out=$(timeout 120 bash -c "$line" 2>&1)
-        rc=$?
-        ms=$(($(now_ms) - t0))
-        echo "\$ $line  (exit $rc, ${ms} ms)" >>"$results/install.log"
-        echo "$out" >>"$results/install.log"
-        if [ "$rc" != 0 ]; then
-            bad "docs/systemd.md line '$line' exited $rc: $(tail -n 3 <<<"$out" | oneline)"
-        fi
+        run_doc_line "$line"
         if [ "$line" = "systemctl enable --now forkd" ]; then
-            note "enable --now took ${ms} ms"
+            note "enable --now took ${doc_ms} ms"
             # At once, no retry: enable --now returns when READY=1 came,
             # which must mean every worker serves.
             if h=$(healthz); then
@@ -463,15 +478,43 @@ check_instances() {
     active forkd@b.service && bad "forkd@b still active after stop"
 }
 
-# 9. The Debian package (bin/package), on a machine without forkd: the
-# The docs' install of checks 1-8 is undone first, user included.
+# 9. docs/systemd.md's "Operate it" block, line by line, on the running
+# service: reload, status, a user, a new binary and an upgrade, the
+# journal, a stop.
+check_operate() {
+    local lines line mp
+    timeout 120 systemctl start forkd.service || bad "systemctl start forkd failed"
+    wait_for 30 serving || bad "not serving before the docs' operations"
+    lines=$(doc_block '## Running under systemd' 2)
+    [ "$(tail -n 1 <<<"$lines")" = "systemctl stop forkd" ] ||
+        bad "docs/systemd.md's second block does not end with 'systemctl stop forkd': $(oneline <<<"$lines")"
+    mp=$(main_pid)
+    while IFS= read -r line; do
+        [ "$line" = "systemctl stop forkd" ] && { [ "$(main_pid)" = "$mp" ] || bad "MainPID changed from $mp to $(main_pid) before the stop"; }
+        run_doc_line "$line" || continue
+        case "$line" in
+        *" status") [[ "$doc_out" == *"running"* ]] || bad "'$line' printed no running instance: $(oneline <<<"$doc_out")" ;;
+        *" upgrade"*) wait_for 30 all_ready || bad "not every worker ready after '$line'" ;;
+        "systemctl reload forkd") wait_for 30 all_ready || bad "not every worker ready after the reload" ;;
+        journalctl*) [[ "$doc_out" == *"forkd"* ]] || bad "'$line' showed no line of forkd" ;;
+        esac
+        case "$line" in
+        *"user add "*) note "user added" ;;
+        esac
+    done <<<"$lines"
+    active forkd.service && bad "forkd.service still active after the block's 'systemctl stop forkd'"
+    note "$(grep -c . <<<"$lines") lines run"
+}
+
+# 10. The Debian package (bin/package), on a machine without forkd: the
+# The docs' install of checks 1-9 is undone first, user included.
 pkg_leftovers() { # what of forkd is on disk outside the test's own files
     find /etc /usr /lib /var/lib /var/log -name '*forkd*' -not -name 'test-forkd.*' \
         -not -path '/var/log/journal/*' 2>/dev/null | sort
 }
 check_package() {
-    local deb=/forkd-systemd-test/debs/forkd.deb next=/forkd-systemd-test/debs/forkd-next.deb
-    local out rc mp nr b0 b1 u seen left
+    local next=/forkd-systemd-test/debs/forkd-next.deb
+    local out rc mp nr b0 b1 u seen left lines install_line enable_line
     timeout 120 systemctl stop forkd.socket forkd.service 'forkd@*.service' >/dev/null 2>&1
     timeout 60 systemctl disable forkd.service forkd.socket >/dev/null 2>&1
     rm -f /etc/systemd/system/forkd.service /etc/systemd/system/forkd@.service /etc/systemd/system/forkd.socket \
@@ -485,10 +528,19 @@ check_package() {
     [ -z "$left" ] || bad "before the install, left from checks 1-8: $(oneline <<<"$left")"
     CLI=/usr/bin/forkd
 
-    out=$(timeout 120 dpkg -i "$deb" 2>&1)
-    rc=$?
-    echo "$out" >"$results/dpkg-install.out"
-    [ "$rc" = 0 ] || bad "dpkg -i forkd.deb exited $rc: $(tail -n 3 <<<"$out" | oneline)"
+    # docs/systemd.md's package block: bin/systemd-test ran its first line
+    # (bin/package) on the host and put the .deb where the second finds it.
+    lines=$(doc_block '## Debian package' 1)
+    install_line=$(sed -n 2p <<<"$lines")
+    enable_line=$(sed -n 3p <<<"$lines")
+    [ "$(sed -n 1p <<<"$lines")" = bin/package ] && [ "$(grep -c . <<<"$lines")" = 3 ] ||
+        bad "docs/systemd.md's package block is not bin/package, an install and an enable: $(oneline <<<"$lines")"
+    [[ "$install_line" == *"./target/debian/forkd_"*".deb"* ]] ||
+        bad "docs/systemd.md's package block does not install ./target/debian/forkd_*.deb: $install_line"
+    [ "$enable_line" = "systemctl enable --now forkd" ] ||
+        bad "docs/systemd.md's package block does not end with 'systemctl enable --now forkd': $enable_line"
+    run_doc_line "$install_line"
+    echo "$doc_out" >"$results/dpkg-install.out"
     [ "$(dpkg-query -W -f='${Status}' forkd 2>&1)" = "install ok installed" ] ||
         bad "dpkg-query: $(dpkg-query -W -f='${Status}' forkd 2>&1)"
     u=$(getent passwd forkd)
@@ -510,7 +562,7 @@ check_package() {
     out=$(bash -c '. /usr/share/bash-completion/completions/forkd && complete -p forkd' 2>&1) || bad "bash completion: $out"
     [ -s /usr/share/zsh/vendor-completions/_forkd ] && [ -s /usr/share/fish/vendor_completions.d/forkd.fish ] || bad "no zsh or fish completion"
 
-    out=$(timeout 120 systemctl enable --now forkd 2>&1) || bad "systemctl enable --now forkd: $out"
+    run_doc_line "$enable_line"
     wait_for 60 serving || bad "the packaged forkd does not serve: $(systemctl is-active forkd.service), $(healthz)"
     [ "$(st "d['pid']")" = "$(main_pid)" ] || bad "status pid $(st "d['pid']") is not MainPID $(main_pid)"
 
@@ -568,7 +620,8 @@ check "5 kill -9 of the supervisor: workers gone, systemd restarts it" check_kil
 check "6 all workers SIGSTOPped: the watchdog restarts forkd" check_watchdog
 check "7 socket activation: no failed request across a kill of forkd" check_socket
 check "8 forkd@a and forkd@b side by side, and beside forkd.service" check_instances
-check "9 the .deb: install, start, upgrade in place under load, remove, purge" check_package
+check "9 operate it as docs/systemd.md says: reload, status, user add, upgrade, journal, stop" check_operate
+check "10 the .deb: install, start, upgrade in place under load, remove, purge" check_package
 
 echo "$npass $nfail" >"$results/done"
 echo "== checks: $npass passed, $nfail failed"
