@@ -22,6 +22,44 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Output into a pipe whose reader has gone (`forkd status | head` once
+/// head has its lines) ends the command quietly, as it ends `ls`: exit 0,
+/// nothing on stderr, no panic. The read end is closed before the command
+/// starts, so its first write fails.
+#[test]
+fn a_closed_pipe_on_stdout_ends_a_command_quietly() {
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("forkd.log");
+    let f = Forkd::start(&format!(
+        "workers = 1\nlog_file = {:?}\n",
+        log.display().to_string()
+    ));
+    f.wait_workers(Some(1));
+    let config = f.config.display().to_string();
+    for args in [
+        vec!["--config", &config, "status"],
+        vec!["--config", &config, "check-config"],
+        vec!["config-reference"],
+        vec!["--config", &config, "logs"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "forkd {args:?} into a closed pipe: {:?}, stderr {}",
+            out.status,
+            stderr(&out)
+        );
+    }
+}
+
 #[test]
 fn unknown_key_exits_64_naming_the_key() {
     let f = Forkd::configure("workerz = 3\n");

@@ -93,13 +93,24 @@ fn top_shows_the_workers_and_reloads_and_scales_from_the_keyboard() {
             && p.contains("listening on http://127.0.0.1:")
             && p.contains("q quit  r reload  +/- scale (2 worker(s) wanted)")
     });
-    // Requests show as a rate, and /metrics was read (p50 is computed).
-    for _ in 0..50 {
-        assert_eq!(f.get("/healthz").unwrap().status, 200);
-    }
-    tmux.until("a latency from /metrics", |p| {
-        p.contains("p50 ≤") && p.contains("requests/s:")
-    });
+    // Requests show as a rate, /metrics was read (p50 is computed), and
+    // a worker's row shows its own p50 and p99 (from `forkd status`).
+    // Requests go on until a frame shows them: a quantile covers the last
+    // second only.
+    let mut last = String::new();
+    poll(PATIENCE, || {
+        for _ in 0..20 {
+            assert_eq!(f.get("/healthz").unwrap().status, 200);
+        }
+        last = tmux.pane();
+        let worker_latency = last.lines().any(|l| {
+            pids.iter().any(|pid| l.contains(&format!(" {pid} ")))
+                && l.matches('≤').count() == 2
+                && l.contains("ms ")
+        });
+        (last.contains("p50 ≤") && last.contains("requests/s:") && worker_latency).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the pane never showed the latencies:\n{last}"));
     // Redis' round trip as each worker sees it (the near cache's check).
     tmux.until("Redis' round trip", |p| {
         p.contains("; ping ") && p.contains(" ms")

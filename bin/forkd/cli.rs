@@ -103,6 +103,10 @@ pub(crate) enum Command {
     /// Print docs/cli-reference.md: every command's --help, in Markdown.
     #[command(hide = true)]
     CliReference,
+    /// Print docs/configuration.md's key table: every key, its default and
+    /// what it means.
+    #[command(hide = true)]
+    ConfigReference,
     /// Manage users (stored in Redis).
     User {
         #[command(subcommand)]
@@ -239,18 +243,20 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
                 s.build
             );
         }
-        println!(
+        outln!(
             "# the configuration of instance '{}' (pid {}): {}",
-            s.instance, s.pid, s.config_source
+            s.instance,
+            s.pid,
+            s.config_source
         );
-        print!("{}", s.config);
+        out!("{}", s.config);
         return Ok(());
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "forkd {} (build {}) instance '{}': pid {}, {}, generation {}, up {}",
         s.version,
         s.build,
@@ -260,7 +266,7 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
         s.generation,
         duration(s.uptime_ms)
     );
-    println!(
+    outln!(
         "listening on {} ({} listener); {}/{} workers ready; supervisor RSS {}",
         listening(&s),
         s.listener,
@@ -268,7 +274,7 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
         s.workers_wanted,
         bytes(s.rss_bytes)
     );
-    println!(
+    outln!(
         "accept queue {}/{}; recycled: {}",
         s.accept_queue.queued,
         s.accept_queue.backlog,
@@ -279,10 +285,10 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
             .join(", ")
     );
     if let Some((slot, why)) = &s.recycling {
-        println!("recycling slot {slot} now ({why})");
+        outln!("recycling slot {slot} now ({why})");
     }
     if !s.config_source.is_empty() {
-        println!("config: {}", s.config_source);
+        outln!("config: {}", s.config_source);
     }
     for r in &s.routes {
         let mut how = vec![format!("auth {}", r.auth)];
@@ -292,10 +298,10 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
         if !r.policies.is_empty() {
             how.push(format!("policies {}", r.policies.join(" ")));
         }
-        println!("route {} -> {} ({})", r.prefix, r.upstream, how.join(", "));
+        outln!("route {} -> {} ({})", r.prefix, r.upstream, how.join(", "));
     }
     for c in &s.certificates {
-        println!(
+        outln!(
             "certificate {}: {} (serial {}), expires {}",
             c.file,
             c.subject,
@@ -303,7 +309,7 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
             crate::settings::date(c.not_after)
         );
     }
-    println!(
+    outln!(
         "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>8} {:>6} {:>10} {:>8} {:>9}",
         "SLOT",
         "PID",
@@ -318,7 +324,7 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
         "HEARTBEAT"
     );
     for w in &s.workers {
-        println!(
+        outln!(
             "{:<5} {:<8} {:<4} {:<9} {:>9} {:>10} {:>8} {:>6} {:>10} {:>8} {:>9}",
             w.slot,
             w.pid,
@@ -335,7 +341,7 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
     }
     for w in &s.workers {
         if let Some(o) = &w.oldest {
-            println!(
+            outln!(
                 "slot {} pid {}: oldest request {} (id {}) for {}",
                 w.slot,
                 w.pid,
@@ -345,9 +351,11 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
             );
         }
         if w.hash_queue > 0 {
-            println!(
+            outln!(
                 "slot {} pid {}: {} login(s) waiting for a password check",
-                w.slot, w.pid, w.hash_queue
+                w.slot,
+                w.pid,
+                w.hash_queue
             );
         }
     }
@@ -358,16 +366,16 @@ pub(crate) fn status(target: &Target, json: bool, show_config: bool) -> anyhow::
         .collect();
     replaced.dedup();
     for (slot, why) in replaced {
-        println!("slot {slot}: last replaced: {why}");
+        outln!("slot {slot}: last replaced: {why}");
     }
     let mut redis: Vec<&str> = s.workers.iter().map(|w| w.redis.as_str()).collect();
     redis.sort();
     redis.dedup();
     for r in redis.iter().filter(|r| !r.is_empty()) {
-        println!("redis: {r}");
+        outln!("redis: {r}");
     }
     for (slot, ms) in &s.backoff {
-        println!(
+        outln!(
             "slot {slot}: crashed at start; next worker in {}",
             duration(*ms)
         );
@@ -399,14 +407,14 @@ pub(crate) fn stop(target: &Target, timeout: Option<f64>) -> anyhow::Result<()> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("forkd stopped (pid {pid})");
+    outln!("forkd stopped (pid {pid})");
     Ok(())
 }
 
 /// One line per replaced worker: (slot, old pid, new pid).
 fn print_replaced(replaced: &[(usize, i32, i32)]) {
     for (slot, old, new) in replaced {
-        println!("slot {slot}: pid {old} -> {new}");
+        outln!("slot {slot}: pid {old} -> {new}");
     }
 }
 
@@ -422,13 +430,13 @@ pub(crate) fn reload(target: &Target) -> anyhow::Result<()> {
     print_replaced(&outcome.replaced);
     match outcome.error {
         None => {
-            println!(
+            outln!(
                 "reloaded: generation {}, {} worker(s) replaced",
                 outcome.generation,
                 outcome.replaced.len()
             );
             if let Some([from, to]) = outcome.workers {
-                println!(
+                outln!(
                     "workers: {from} -> {to}, as the config's `workers` says \
                      (forkd scale lasts until a reload; set workers in the config to keep it)"
                 );
@@ -448,7 +456,7 @@ pub(crate) fn upgrade(target: &Target) -> anyhow::Result<()> {
     print_replaced(&outcome.replaced);
     match outcome.error {
         None => {
-            println!(
+            outln!(
                 "upgraded from build {} to build {}: {} worker(s) replaced",
                 outcome.from_build,
                 outcome.to_build,
@@ -467,7 +475,7 @@ pub(crate) fn scale(target: &Target, workers: usize) -> anyhow::Result<()> {
     let mut c = connect(target)?;
     match expect_ok(c.request(&Request::Scale { workers }, Duration::from_secs(10))?)? {
         Reply::Scaled { workers } => {
-            println!("scaling to {workers} worker(s)");
+            outln!("scaling to {workers} worker(s)");
             Ok(())
         }
         other => bail!("unexpected reply: {other:?}"),
@@ -524,7 +532,7 @@ pub(crate) fn start_daemon(source: &ConfigSource, config: &Config) -> anyhow::Re
         }
         if let Ok(s) = fetch_status(&target) {
             if s.workers_ready >= s.workers_wanted {
-                println!(
+                outln!(
                     "forkd started: pid {}, {} worker(s) ready, listening on {}; log: {}",
                     s.pid,
                     s.workers_ready,

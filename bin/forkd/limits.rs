@@ -26,7 +26,7 @@ pub(crate) fn purge(config: &Config, cmd: CacheCommand) -> anyhow::Result<()> {
     rt.block_on(async {
         let store = crate::users::connect(config).await?;
         let n = store.cache_purge(&prefix).await?;
-        println!("purged {n} cached answer(s) under {prefix}");
+        outln!("purged {n} cached answer(s) under {prefix}");
         Ok(())
     })
 }
@@ -132,8 +132,8 @@ pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
                     window.as_secs_f64(),
                 );
                 match store.peek_bucket(name, &bucket, uid.as_deref(), p).await? {
-                    None => println!("{head}: {limit} left (whole)"),
-                    Some(d) => println!(
+                    None => outln!("{head}: {limit} left (whole)"),
+                    Some(d) => outln!(
                         "{head}: {} left, whole again in {} s",
                         d.remaining,
                         d.reset.as_millis().div_ceil(1000)
@@ -142,7 +142,7 @@ pub(crate) fn run(config: &Config, cmd: LimitCommand) -> anyhow::Result<()> {
             }
             LimitCommand::Reset { .. } => {
                 let held = store.reset_bucket(name, &bucket, uid.as_deref()).await?;
-                println!(
+                outln!(
                     "bucket {text} of policy {name}: {}",
                     if held { "reset" } else { "was already whole" }
                 );

@@ -116,7 +116,12 @@ fn tail_start(file: &mut File, end: u64, lines: usize) -> std::io::Result<u64> {
 /// Copies what the file holds from `at` on; returns where it ended.
 fn copy_from(file: &mut File, at: u64, out: &mut impl Write) -> std::io::Result<u64> {
     file.seek(SeekFrom::Start(at))?;
-    let n = std::io::copy(file, out)?;
-    out.flush()?;
+    // Only writing fails with a broken pipe: the reader of stdout is gone.
+    let gone = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => crate::stdout_failed(&e),
+        _ => e,
+    };
+    let n = std::io::copy(file, out).map_err(gone)?;
+    out.flush().map_err(gone)?;
     Ok(at + n)
 }

@@ -13,6 +13,21 @@
 //! - `manpage`: forkd(1) and the per-command pages.
 #![forbid(unsafe_code)]
 
+/// `print!` to stdout, but a pipe closed early (`forkd status | head`)
+/// ends the command quietly, as it ends a Unix tool, instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::write_stdout(format_args!($($t)*))
+    };
+}
+
+/// `println!` as [`out!`] is `print!`.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
 mod cli;
 mod limits;
 mod logging;
@@ -38,6 +53,24 @@ use worker::Forkd;
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 64;
+
+/// Writes to stdout for [`out!`] and [`outln!`].
+pub(crate) fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+/// Ends the command after a failed write to stdout: quietly (exit 0) when
+/// the reader has gone, as `ls | head` does, else with the error.
+pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("forkd: cannot write to stdout: {e}");
+    std::process::exit(EXIT_FAILURE.into());
+}
 
 fn main() -> ExitCode {
     // First, while the process is single-threaded: the state an upgrade
@@ -129,6 +162,10 @@ fn main() -> ExitCode {
         Command::Completions { shell } => cli::completions(shell),
         Command::Manpage { dir } => manpage::run(dir.as_deref()),
         Command::CliReference => manpage::reference(),
+        Command::ConfigReference => {
+            out!("{}", forkd_config::key_table());
+            Ok(())
+        }
         command => {
             let target = match source.target() {
                 Ok(t) => t,
@@ -151,7 +188,10 @@ fn main() -> ExitCode {
                 | Command::UpgradeProbe => {
                     unreachable!()
                 }
-                Command::Completions { .. } | Command::Manpage { .. } | Command::CliReference => {
+                Command::Completions { .. }
+                | Command::Manpage { .. }
+                | Command::CliReference
+                | Command::ConfigReference => {
                     unreachable!()
                 }
                 Command::Start { .. } | Command::CheckConfig { .. } => unreachable!(),
@@ -198,7 +238,7 @@ fn upgrade_probe() -> ExitCode {
     };
     match checked() {
         Ok(()) => {
-            println!("{}", forkd_supervisor::probe_answer(build_id()));
+            outln!("{}", forkd_supervisor::probe_answer(build_id()));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -219,12 +259,12 @@ fn program_exists(program: &str) -> bool {
 
 fn check_config(source: &ConfigSource, config: Config, tls: Option<&forkd_app::Identity>) {
     match source.file() {
-        Some(p) => println!("# configuration OK: {} with overrides applied", p.display()),
-        None => println!("# configuration OK: built-in defaults with overrides applied"),
+        Some(p) => outln!("# configuration OK: {} with overrides applied", p.display()),
+        None => outln!("# configuration OK: built-in defaults with overrides applied"),
     }
     if let Some(id) = tls {
         let i = &id.info;
-        println!(
+        outln!(
             "# certificate OK: {} (serial {}), valid {} to {}",
             i.subject,
             i.serial,
@@ -232,7 +272,7 @@ fn check_config(source: &ConfigSource, config: Config, tls: Option<&forkd_app::I
             settings::date(i.not_after)
         );
     }
-    print!("{}", config.to_toml());
+    out!("{}", config.to_toml());
 }
 
 /// What a start needs beyond a valid configuration.

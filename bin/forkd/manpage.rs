@@ -109,7 +109,7 @@ pub(crate) fn reference() -> anyhow::Result<()> {
          [docs/cli.md](cli.md).\n",
     );
     reference_of(&mut cmd, "forkd", &mut out);
-    print!("{out}");
+    out!("{out}");
     Ok(())
 }
 

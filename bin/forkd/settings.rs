@@ -147,6 +147,10 @@ pub(crate) fn supervisor_settings(
             // The workers count per route, by the route's place in the
             // configuration (forkd_app's metrics).
             more_counters_of: c.route.iter().map(|r| r.prefix.clone()).collect(),
+            latency: forkd_supervisor::LatencyCounters {
+                first: forkd_app::LATENCY_COUNTERS_AT,
+                bounds: forkd_app::LATENCY_BOUNDS.to_vec(),
+            },
             listeners: c
                 .listen
                 .iter()

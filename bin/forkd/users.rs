@@ -64,7 +64,7 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                     generation: 0,
                 };
                 store.add_user(&user).await?;
-                println!("user '{}' added (role {})", user.name, user.role);
+                outln!("user '{}' added (role {})", user.name, user.role);
             }
             UserCommand::Passwd { name, .. } => {
                 existing(&store, &name).await?;
@@ -74,18 +74,18 @@ pub(crate) fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                 let uid = store.set_password(&name, &phc).await?;
                 let n = store.remove_sessions(&uid).await?;
                 store.forget_cached(&uid).await?;
-                println!("password of '{name}' changed; {n} session(s) ended");
+                outln!("password of '{name}' changed; {n} session(s) ended");
             }
             UserCommand::Del { name } => {
                 store
                     .delete_user(&name, config.auth.session_absolute_timeout)
                     .await?;
-                println!("user '{name}' deleted");
+                outln!("user '{name}' deleted");
             }
             UserCommand::Revoke { name } => {
                 existing(&store, &name).await?;
                 let n = store.revoke(&name).await?;
-                println!("{n} session(s) of '{name}' ended");
+                outln!("{n} session(s) of '{name}' ended");
             }
             UserCommand::List => list(&store).await?,
         }
@@ -133,16 +133,21 @@ async fn hash(password: String, cost: secrets::HashCost) -> anyhow::Result<Strin
 
 async fn list(store: &Store) -> anyhow::Result<()> {
     let names = store.user_names().await?;
-    println!(
+    outln!(
         "{:<24} {:<10} {:<24} {:<20} {:<20} {:>8}",
-        "NAME", "ROLE", "DISPLAY NAME", "CREATED", "LAST LOGIN", "SESSIONS"
+        "NAME",
+        "ROLE",
+        "DISPLAY NAME",
+        "CREATED",
+        "LAST LOGIN",
+        "SESSIONS"
     );
     for name in names {
         let Some(u) = store.user(&name).await? else {
             continue;
         };
         let sessions = store.session_count(&u.uid).await?;
-        println!(
+        outln!(
             "{:<24} {:<10} {:<24} {:<20} {:<20} {:>8}",
             u.name,
             u.role,

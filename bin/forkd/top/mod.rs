@@ -150,15 +150,47 @@ impl Model {
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let total = buckets.last()?.1;
-        if total <= 0.0 {
+        quantile_of(&buckets, q)
+    }
+
+    /// A worker's `q` quantile of request durations between the samples,
+    /// from the histogram `forkd status` gives of each worker (None for a
+    /// worker not in both samples, or that answered nothing in between).
+    pub(crate) fn worker_quantile(&self, pid: i32, q: f64) -> Option<f64> {
+        let prev = self.prev.as_ref()?;
+        let find = |s: &Status| s.workers.iter().find(|w| w.pid == pid).cloned();
+        let (now, before) = (find(&self.now.status)?, find(&prev.status)?);
+        let bounds = &self.now.status.latency_bounds;
+        let n = now.latency_buckets.len();
+        if n != bounds.len() + 1 || before.latency_buckets.len() != n || bounds.is_empty() {
             return None;
         }
-        buckets
+        let mut cumulative = 0.0;
+        let buckets: Vec<(f64, f64)> = now
+            .latency_buckets
             .iter()
-            .find(|(_, cumulative)| *cumulative >= q * total)
-            .map(|(bound, _)| *bound)
+            .zip(&before.latency_buckets)
+            .enumerate()
+            .map(|(i, (n, b))| {
+                cumulative += n.saturating_sub(*b) as f64;
+                (bounds.get(i).copied().unwrap_or(f64::INFINITY), cumulative)
+            })
+            .collect();
+        quantile_of(&buckets, q)
     }
+}
+
+/// The upper bound of the bucket the `q` quantile falls in, from (bound,
+/// cumulative count) pairs in the order of their bounds; None for none.
+fn quantile_of(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= q * total)
+        .map(|(bound, _)| *bound)
 }
 
 /// Asks the instance for its status and its metrics.
@@ -258,7 +290,7 @@ pub(crate) fn run(target: &Target, once: bool) -> anyhow::Result<()> {
     if once {
         std::thread::sleep(TICK);
         next(&mut model, sample(target)?);
-        print!("{}", view::text(&model, 120, 40));
+        out!("{}", view::text(&model, 120, 40));
         return Ok(());
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {

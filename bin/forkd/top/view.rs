@@ -43,9 +43,25 @@ fn per_second(v: f64) -> String {
 
 fn millis(seconds: Option<f64>) -> String {
     match seconds {
-        Some(s) if s.is_finite() => format!("≤{} ms", (s * 1000.0).round()),
+        Some(s) if s.is_finite() => format!("≤{} ms", ms(s)),
         Some(_) => "over the last bucket".into(),
         None => "-".into(),
+    }
+}
+
+/// Seconds as milliseconds, to the microsecond (a bucket's bound prints as
+/// written: 0.025 s is 25, not 25.000000000000004).
+fn ms(seconds: f64) -> f64 {
+    (seconds * 1e6).round() / 1e3
+}
+
+/// A quantile in a table's column: `≤2.5ms`, `>2.5s` past the last bound.
+fn short_millis(seconds: Option<f64>, last_bound: Option<f64>) -> String {
+    match (seconds, last_bound) {
+        (Some(s), _) if s.is_finite() => format!("≤{}ms", ms(s)),
+        (Some(_), Some(b)) => format!(">{b}s"),
+        (Some(_), None) => "over".into(),
+        (None, _) => "-".into(),
     }
 }
 
@@ -167,6 +183,7 @@ fn header(f: &mut Frame, m: &Model, area: Rect) {
 
 fn worker_table(f: &mut Frame, m: &Model, area: Rect) {
     let s = &m.now.status;
+    let last_bound = s.latency_bounds.last().copied();
     let rows = s.workers.iter().map(|w| {
         Row::new(vec![
             w.slot.to_string(),
@@ -174,6 +191,8 @@ fn worker_table(f: &mut Frame, m: &Model, area: Rect) {
             w.generation.to_string(),
             w.state.clone(),
             per_second(m.worker_rate(w.pid, w.requests)),
+            short_millis(m.worker_quantile(w.pid, 0.5), last_bound),
+            short_millis(m.worker_quantile(w.pid, 0.99), last_bound),
             w.in_flight.to_string(),
             w.connections.to_string(),
             bytes(w.rss_bytes),
@@ -189,6 +208,8 @@ fn worker_table(f: &mut Frame, m: &Model, area: Rect) {
         Constraint::Length(9),
         Constraint::Length(8),
         Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(8),
         Constraint::Length(6),
         Constraint::Length(10),
         Constraint::Length(8),
@@ -201,6 +222,8 @@ fn worker_table(f: &mut Frame, m: &Model, area: Rect) {
         "GEN",
         "STATE",
         "REQ/S",
+        "P50",
+        "P99",
         "INFLIGHT",
         "CONNS",
         "RSS",

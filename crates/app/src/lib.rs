@@ -82,7 +82,8 @@ pub use forkd_config::{Http2, OnRedisError, PolicyKey, Proxy, RouteAuth, Upstrea
 pub use forkd_store::{Policy, StoreConfig};
 pub use hyper::header::{HeaderName, HeaderValue};
 pub use metrics::{
-    MORE_AT as MORE_COUNTERS_AT, MORE_USED as MORE_COUNTERS_USED, USED as COUNTERS_USED,
+    BUCKETS as LATENCY_BOUNDS, HISTOGRAM as LATENCY_COUNTERS_AT, MORE_AT as MORE_COUNTERS_AT,
+    MORE_USED as MORE_COUNTERS_USED, USED as COUNTERS_USED,
 };
 pub use server::run;
 

@@ -12,13 +12,15 @@ pub(crate) const ROUTES: [&str; 7] = [
     "healthz", "readyz", "login", "logout", "profile", "metrics", "other",
 ];
 /// Upper bounds of the latency histogram, seconds (+Inf follows).
-const BUCKETS: [f64; 12] = [
+pub const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
 // Counter layout in a cell.
 const REQUESTS: usize = 0; // ROUTES.len() x 5 status classes
-const HISTOGRAM: usize = REQUESTS + ROUTES.len() * 5; // BUCKETS.len() + 1
+/// Where a cell's latency histogram starts: `BUCKETS.len() + 1` counters,
+/// the last for answers slower than every bound.
+pub const HISTOGRAM: usize = REQUESTS + ROUTES.len() * 5;
 const LATENCY_SUM_US: usize = HISTOGRAM + BUCKETS.len() + 1;
 pub(crate) const CACHE_HITS: usize = LATENCY_SUM_US + 1;
 pub(crate) const CACHE_MISSES: usize = CACHE_HITS + 1;

@@ -29,6 +29,7 @@ mod listen;
 mod location;
 mod overrides;
 mod raw;
+mod reference;
 #[cfg(test)]
 mod reference_tests;
 mod routes;
@@ -51,6 +52,7 @@ pub use raw::{
     AccessLogFormat, ListenerMode, RawAuth, RawConfig, RawHttp, RawMetrics, RawPolicy, RawProfile,
     RawRateLimit, RawRecycle, RawRedis, Workers,
 };
+pub use reference::key_table;
 pub use routes::{
     NamedPolicy, PolicyKey, Proxy, RawNamedPolicy, RawProxy, RawRoute, Route, RouteAuth, Upstream,
     BUILTIN_POLICIES, BUILT_IN_PATHS,

@@ -1,125 +1,73 @@
-//! docs/configuration.md's key table held to the code: every key a row
-//! names is a key, and every default it gives as TOML values is the
-//! default `RawConfig` has.
+//! docs/configuration.md's key table is the one the code makes, and the
+//! code's table names every key of the file once.
 
-use serde_json::Value;
+use crate::overrides::keys;
+use crate::reference::{key_table, ROWS};
 
-use crate::raw::RawConfig;
+/// The table arrays: rows of their own, not keys.
+const TABLE_ARRAYS: [&str; 1] = ["[[route]]"];
 
-/// The backticked items of a cell, if the cell is nothing else.
-fn only_code(cell: &str) -> Option<Vec<&str>> {
-    let items: Vec<&str> = cell.split(", ").map(str::trim).collect();
-    items
+/// Keys of the file with no row, and keys of rows that are no key.
+fn unlisted() -> (Vec<&'static str>, Vec<&'static str>) {
+    let listed: Vec<&str> = ROWS.iter().flat_map(|r| r.keys.iter().copied()).collect();
+    let missing = keys()
         .iter()
-        .map(|i| {
-            i.strip_prefix('`')?
-                .strip_suffix('`')
-                .filter(|v| !v.contains('`'))
-        })
-        .collect()
+        .copied()
+        .filter(|k| !listed.contains(k))
+        .collect();
+    let unknown = listed
+        .into_iter()
+        .filter(|k| !keys().contains(k) && !TABLE_ARRAYS.contains(k))
+        .collect();
+    (missing, unknown)
 }
 
-/// Numbers compared as numbers (`1` documents the float 1.0).
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
-        }
-        _ => a == b,
-    }
-}
+const BEGIN: &str = "<!-- the key table, made by `forkd config-reference` -->\n";
+const END: &str = "<!-- end of the key table -->";
 
 #[test]
-fn the_documented_keys_and_defaults_are_the_code_s() {
+fn the_page_s_key_table_is_the_code_s() {
     let doc = include_str!("../../../docs/configuration.md");
-    let defaults = serde_json::to_value(RawConfig::default()).unwrap();
-    let at = |key: &str| {
-        key.split('.')
-            .try_fold(&defaults, |v, part| v.get(part))
-            .cloned()
-    };
-    let (mut keys_seen, mut defaults_checked) = (0, 0);
-    for line in doc.lines().filter(|l| l.starts_with("| `")) {
-        let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
-        let Some(keys) = only_code(cells[0]) else {
-            continue;
-        };
-        if keys == ["[[route]]"] {
-            continue;
-        }
-        for key in &keys {
-            assert!(
-                at(key).is_some(),
-                "docs/configuration.md names `{key}`, which is no key"
-            );
-            keys_seen += 1;
-        }
-        let Some(values) = cells.get(1).and_then(|c| only_code(c)) else {
-            continue;
-        };
-        assert_eq!(keys.len(), values.len(), "{line}");
-        for (key, value) in keys.iter().zip(values) {
-            let documented: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
-                .unwrap_or_else(|e| panic!("`{key}`: `{value}` is not TOML: {e}"))
-                .remove("v")
-                .unwrap();
-            let documented = serde_json::to_value(documented).unwrap();
-            let actual = at(key).unwrap();
-            assert!(
-                same(&documented, &actual),
-                "docs/configuration.md gives `{key}` the default `{value}`; the code has {actual}"
-            );
-            defaults_checked += 1;
-        }
-    }
+    let start = doc
+        .find(BEGIN)
+        .expect("docs/configuration.md marks its key table")
+        + BEGIN.len();
+    let end = start + doc[start..].find(END).expect("the key table ends");
+    let made = key_table();
     assert!(
-        keys_seen >= 60 && defaults_checked >= 50,
-        "{keys_seen} keys, {defaults_checked} defaults"
+        doc[start..end] == made,
+        "docs/configuration.md's key table is not the code's; put this in (forkd \
+         config-reference prints it):\n{made}"
     );
 }
 
-/// Every TOML example of the README and the docs is a configuration forkd
-/// takes as written (alone, on top of the defaults).
 #[test]
-fn every_toml_example_in_the_docs_is_a_valid_config() {
-    // Every page, so that a new one is checked without being listed.
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let mut paths = vec![std::path::PathBuf::from(format!("{root}/README.md"))];
-    for entry in std::fs::read_dir(format!("{root}/docs")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "md") {
-            paths.push(path);
-        }
+fn every_key_has_one_row() {
+    let (missing, unknown) = unlisted();
+    assert!(
+        missing.is_empty(),
+        "keys with no row in the reference: {missing:?}"
+    );
+    assert!(unknown.is_empty(), "rows naming no key: {unknown:?}");
+    let mut all: Vec<&str> = ROWS.iter().flat_map(|r| r.keys.iter().copied()).collect();
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), n, "a key in two rows");
+    assert!(n >= 60, "{n} keys");
+}
+
+#[test]
+fn defaults_are_written_as_toml() {
+    let table = key_table();
+    for want in [
+        "| `instance` | `\"forkd\"` |",
+        "| `shutdown_timeout` | `30` |",
+        "| `watchdog_quorum` | `0.5` |",
+        "| `log_file` | unset (stderr) |",
+        "| `metrics.allow` | `[\"127.0.0.0/8\", \"::1\"]` |",
+        "| `auth.max_concurrent_hashes`, `auth.hash_queue_timeout` | `0`, `0.5` (`0`: one per core) |",
+    ] {
+        assert!(table.contains(want), "no {want} in:\n{table}");
     }
-    let pages: Vec<(String, String)> = paths
-        .iter()
-        .map(|p| (p.display().to_string(), std::fs::read_to_string(p).unwrap()))
-        .collect();
-    let mut checked = 0;
-    for (page, text) in &pages {
-        let mut block: Option<String> = None;
-        for line in text.lines() {
-            match (&mut block, line) {
-                (None, "```toml") => block = Some(String::new()),
-                (Some(b), "```") => {
-                    let example = std::mem::take(b);
-                    block = None;
-                    let valid = toml::from_str::<RawConfig>(&example)
-                        .map_err(|e| e.to_string())
-                        .and_then(|raw| raw.validate(2).map_err(|e| e.to_string()));
-                    if let Err(e) = valid {
-                        panic!("{page}: this example is refused: {e}\n{example}");
-                    }
-                    checked += 1;
-                }
-                (Some(b), l) => {
-                    b.push_str(l);
-                    b.push('\n');
-                }
-                _ => {}
-            }
-        }
-    }
-    assert!(checked >= 5, "{checked} TOML examples");
 }

@@ -67,6 +67,11 @@ pub struct WorkerStatus {
     /// Why the slot's previous worker was replaced, if it was.
     #[serde(default)]
     pub last_replaced: Option<String>,
+    /// The worker's answers so far by duration, one count per bound of
+    /// [`Status::latency_bounds`], then those slower than every bound (not
+    /// cumulative).
+    #[serde(default)]
+    pub latency_buckets: Vec<u64>,
 }
 
 /// A worker's oldest request in flight, in a status report.
@@ -131,6 +136,9 @@ pub struct Status {
     /// (secrets masked).
     #[serde(default)]
     pub config: String,
+    /// The upper bounds (seconds) of the workers' `latency_buckets`.
+    #[serde(default)]
+    pub latency_bounds: Vec<f64>,
 }
 
 /// A listener in a status report.

@@ -144,6 +144,9 @@ pub struct Live {
     /// program's routes, say): when a reload changes it, they start again
     /// from zero, so that no figure carries over to another meaning.
     pub more_counters_of: Vec<String>,
+    /// Which of the workers' counters hold their request-duration
+    /// histogram, for `forkd status` to show per worker.
+    pub latency: LatencyCounters,
     /// What `forkd status` shows of the listeners (in `Fixed::listen`'s
     /// order), the routes and where the configuration came from.
     pub listeners: Vec<control::ListenerStatus>,
@@ -151,6 +154,15 @@ pub struct Live {
     pub config_source: String,
     /// The configuration in use, as `forkd check-config` prints it.
     pub config: String,
+}
+
+/// A histogram among each worker's counters: `bounds.len() + 1` counters
+/// from `first` (one of the cell's [`COUNTERS`]), the count of answers that
+/// took at most each bound (seconds), and last those slower than every one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencyCounters {
+    pub first: usize,
+    pub bounds: Vec<f64>,
 }
 
 /// The managed redis-server: unix socket only, append-only file in `dir`.

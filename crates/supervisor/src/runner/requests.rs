@@ -133,6 +133,12 @@ impl<P: Program> Supervisor<P> {
 
     fn status(&self, now: u64) -> Status {
         let slots = self.plan.slots();
+        let latency = &self.settings.live.latency;
+        let buckets = if latency.bounds.is_empty() {
+            0
+        } else {
+            latency.bounds.len() + 1
+        };
         let mut workers: Vec<WorkerStatus> = self
             .plan
             .workers()
@@ -164,6 +170,7 @@ impl<P: Program> Supervisor<P> {
                         request_id: o.request_id,
                     }),
                     last_replaced: slots.get(w.slot).and_then(|s| s.last_replaced.clone()),
+                    latency_buckets: self.board.counters(w.cell, latency.first, buckets),
                 }
             })
             .collect();
@@ -186,6 +193,7 @@ impl<P: Program> Supervisor<P> {
             routes: self.settings.live.routes.clone(),
             config_source: self.settings.live.config_source.clone(),
             config: self.settings.live.config.clone(),
+            latency_bounds: latency.bounds.clone(),
             listener: self.settings.fixed.listener.name().to_owned(),
             generation: self.plan.generation(),
             phase: match (self.plan.phase(), self.plan.reloading()) {
