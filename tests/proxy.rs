@@ -1372,3 +1372,33 @@ fn a_failed_fill_releases_its_lock() {
     // after another's wait: it takes the lock itself.
     assert_eq!(get(f.port, "/c/x").unwrap().status, 502);
 }
+
+/// An upstream with a path: every forwarded path goes under it, after the
+/// prefix is stripped or not, with the query kept; `status` shows it.
+#[test]
+fn an_upstream_s_path_is_put_before_the_forwarded_path() {
+    let api = Upstream::tcp();
+    let f = Forkd::start(&format!(
+        "workers = 1\n\
+         [[route]]\nprefix = \"/s\"\nupstream = \"{0}/v2/\"\nauth = \"none\"\nstrip_prefix = true\n\
+         [[route]]\nprefix = \"/k\"\nupstream = \"{0}/v2\"\nauth = \"none\"\n",
+        api.url()
+    ));
+    for (path, target) in [
+        ("/s/items?page=2", "/v2/items?page=2"),
+        ("/s", "/v2/"),
+        ("/s/", "/v2/"),
+        ("/k/items?page=2", "/v2/k/items?page=2"),
+        ("/k", "/v2/k"),
+    ] {
+        let r = request(f.port, "GET", path, &[], b"").unwrap();
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(r.json()["target"], target, "{path}");
+    }
+    let out = f.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("route /s -> {}/v2 (", api.url())),
+        "{text}"
+    );
+}

@@ -34,6 +34,8 @@ mod reference;
 mod reference_tests;
 mod routes;
 #[cfg(test)]
+mod routes_tests;
+#[cfg(test)]
 mod tests;
 mod tls;
 mod validate;

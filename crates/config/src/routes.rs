@@ -93,16 +93,35 @@ impl Default for RawProxy {
 /// Where a route's requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
-    /// `HOST:PORT`.
-    Tcp(String),
+    /// `http://HOST:PORT`, with a path every forwarded path is put under
+    /// ("" for none; else '/' and segments, no trailing '/').
+    Tcp { addr: String, path: String },
     /// An absolute socket path.
     Unix(std::path::PathBuf),
+}
+
+impl Upstream {
+    /// `http://HOST:PORT`, with no path.
+    pub fn tcp(addr: impl Into<String>) -> Upstream {
+        Upstream::Tcp {
+            addr: addr.into(),
+            path: String::new(),
+        }
+    }
+
+    /// The path the forwarded paths go under ("" for none).
+    pub fn path(&self) -> &str {
+        match self {
+            Upstream::Tcp { path, .. } => path,
+            Upstream::Unix(_) => "",
+        }
+    }
 }
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Upstream::Tcp(a) => write!(f, "http://{a}"),
+            Upstream::Tcp { addr, path } => write!(f, "http://{addr}{path}"),
             Upstream::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -222,23 +241,35 @@ fn upstream(key: String, raw: &str) -> Result<Upstream, ConfigError> {
             "expected unix:/ABSOLUTE/PATH.sock (under 108 bytes)",
         ));
     }
-    let addr = raw
-        .strip_prefix("http://")
-        .unwrap_or("")
-        .trim_end_matches('/');
+    let rest = raw.strip_prefix("http://").unwrap_or("");
+    let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
     let host_ok = !host.is_empty()
         && (host.starts_with('[') && host.ends_with(']')
             || host
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
-    if host_ok && port.parse::<u16>().is_ok_and(|p| p > 0) {
-        Ok(Upstream::Tcp(addr.to_owned()))
+    // The path: as a route's prefix is written (plain path characters, no
+    // dot or empty segment, no escape), so it is what the upstream reads.
+    let path = path.trim_end_matches('/');
+    let path_ok = path.is_empty()
+        || path.len() <= 256
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b))
+            && path[1..]
+                .split('/')
+                .all(|s| !s.is_empty() && s != "." && s != "..");
+    if host_ok && port.parse::<u16>().is_ok_and(|p| p > 0) && path_ok {
+        Ok(Upstream::Tcp {
+            addr: addr.to_owned(),
+            path: path.to_owned(),
+        })
     } else {
         Err(bad(
             key,
             raw,
-            "expected http://HOST:PORT (no path) or unix:/PATH.sock",
+            "expected http://HOST:PORT, optionally with a path (\"http://127.0.0.1:9000/v2\": segments of letters, digits and -._~!$&'()*+,;=:@, no '.' or '..' segment, no %, no query), or unix:/PATH.sock",
         ))
     }
 }

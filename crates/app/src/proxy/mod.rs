@@ -134,9 +134,11 @@ async fn forward_to(
     } else {
         path
     };
+    // Under the upstream's own path, if it has one: "/v2" + "/users".
+    let under = route.cfg.upstream.as_ref().map_or("", |u| u.path());
     let target = match parts.uri.query() {
-        Some(q) => format!("http://{}{path}?{q}", route.authority),
-        None => format!("http://{}{path}", route.authority),
+        Some(q) => format!("http://{}{under}{path}?{q}", route.authority),
+        None => format!("http://{}{under}{path}", route.authority),
     };
     let Ok(uri) = target.parse::<Uri>() else {
         return Err(Refusal::bad_request(

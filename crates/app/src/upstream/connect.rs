@@ -63,7 +63,7 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let connect = async {
                 match &*target {
-                    Some(Upstream::Tcp(addr)) => {
+                    Some(Upstream::Tcp { addr, .. }) => {
                         let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
                         let _ = s.set_nodelay(true);
                         Ok(TokioIo::new(Box::new(s) as Box<dyn Io>))

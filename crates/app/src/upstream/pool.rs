@@ -87,7 +87,7 @@ impl Routes {
         let settings = profile;
         let profile = RouteSettings {
             prefix: "/profile".into(),
-            upstream: profile.origin.clone().map(Upstream::Tcp),
+            upstream: profile.origin.clone().map(Upstream::tcp),
             auth: RouteAuth::Required,
             strip_prefix: false,
             connect_timeout: profile.origin_timeout,
@@ -217,7 +217,7 @@ fn matches(prefix: &str, path: &str) -> bool {
 impl Route {
     fn new(cfg: &RouteSettings, proxy: &Proxy) -> Self {
         let authority = match &cfg.upstream {
-            Some(Upstream::Tcp(a)) => a.clone(),
+            Some(Upstream::Tcp { addr, .. }) => addr.clone(),
             Some(Upstream::Unix(_)) | None => "localhost".to_owned(),
         };
         let pool = |retry: bool| {
