@@ -168,7 +168,7 @@ fn the_readme_tour_runs_as_written() {
     said("docs/operations.md, /readyz", "\n200\n");
     said("docs/api.md, user add", "user 'bob' added (role admin)");
     said("docs/api.md, user passwd", "password of 'bob' changed");
-    said("docs/api.md, user list", "bob");
+    said("docs/api.md, user list", "Bob Example");
     said("docs/api.md, user del", "user 'bob' deleted");
     said(
         "docs/operations.md, a request id of the client's",

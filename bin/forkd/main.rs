@@ -52,6 +52,8 @@ use source::{runtime_dir_of, ConfigSource};
 use worker::Forkd;
 
 const EXIT_FAILURE: u8 = 1;
+/// 128 + SIGPIPE: what a shell reports for a command SIGPIPE ended.
+const EXIT_PIPE: i32 = 141;
 const EXIT_USAGE: u8 = 64;
 
 /// Writes to stdout for [`out!`] and [`outln!`].
@@ -62,11 +64,13 @@ pub(crate) fn write_stdout(args: std::fmt::Arguments) {
     }
 }
 
-/// Ends the command after a failed write to stdout: quietly (exit 0) when
-/// the reader has gone, as `ls | head` does, else with the error.
+/// Ends the command after a failed write to stdout: quietly when the
+/// reader has gone, with status 141 as a Unix tool that SIGPIPE ended
+/// (`ls | head`), so that a pipeline under `pipefail` still sees it; else
+/// with the error.
 pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
-        std::process::exit(0);
+        std::process::exit(EXIT_PIPE);
     }
     eprintln!("forkd: cannot write to stdout: {e}");
     std::process::exit(EXIT_FAILURE.into());

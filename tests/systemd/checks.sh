@@ -210,7 +210,7 @@ doc_block() { # SECTION N
 run_doc_line() { # LINE
     local t0 rc
     t0=$(now_ms)
-    doc_out=$(timeout 120 bash -c "$1" 2>&1)
+    doc_out=$(timeout 120 bash -c "$1" 2>&1 </dev/null)
     rc=$?
     doc_ms=$(($(now_ms) - t0))
     { echo "\$ $1  (exit $rc, ${doc_ms} ms)"; echo "$doc_out"; } >>"$results/docs.log"
@@ -482,7 +482,7 @@ check_instances() {
 # service: reload, status, a user, a new binary and an upgrade, the
 # journal, a stop.
 check_operate() {
-    local lines line mp
+    local lines line mp b0 b1
     timeout 120 systemctl start forkd.service || bad "systemctl start forkd failed"
     wait_for 30 serving || bad "not serving before the docs' operations"
     lines=$(doc_block '## Running under systemd' 2)
@@ -491,15 +491,30 @@ check_operate() {
     mp=$(main_pid)
     while IFS= read -r line; do
         [ "$line" = "systemctl stop forkd" ] && { [ "$(main_pid)" = "$mp" ] || bad "MainPID changed from $mp to $(main_pid) before the stop"; }
+        case "$line" in
+        *" upgrade"*) b0=$(st "d['build']") ;;
+        esac
         run_doc_line "$line" || continue
         case "$line" in
-        *" status") [[ "$doc_out" == *"running"* ]] || bad "'$line' printed no running instance: $(oneline <<<"$doc_out")" ;;
-        *" upgrade"*) wait_for 30 all_ready || bad "not every worker ready after '$line'" ;;
+        *" status") [[ "$doc_out" == *", running, "* ]] || bad "'$line' printed no running instance: $(oneline <<<"$doc_out")" ;;
+        *" user add "*) [[ "$doc_out" == *"user 'alice' added"* ]] || bad "'$line' printed: $(oneline <<<"$doc_out")" ;;
+        *" upgrade"*)
+            # The block installs target/release/forkd over the other build
+            # of checks 3 and 4: the build changes.
+            if wait_for 30 eval 'b1=$(st "d[\"build\"]") && [ -n "$b1" ] && [ "$b1" != "$b0" ] && all_ready'; then
+                note "upgraded: build $b0 -> $b1"
+            else
+                bad "after '$line' the build is still '$(st "d['build']")' (was $b0), or not all ready"
+            fi
+            ;;
         "systemctl reload forkd") wait_for 30 all_ready || bad "not every worker ready after the reload" ;;
-        journalctl*) [[ "$doc_out" == *"forkd"* ]] || bad "'$line' showed no line of forkd" ;;
-        esac
-        case "$line" in
-        *"user add "*) note "user added" ;;
+        journalctl*)
+            # What the docs say of the journal: lines that name the
+            # supervisor or a worker, with its pid (the upgrade just logged
+            # some of the supervisor's).
+            grep -Eq ' supervisor pid [0-9]+: ' <<<"$doc_out" ||
+                bad "'$line' showed no 'supervisor pid N:' line: $(tail -n 5 <<<"$doc_out" | oneline)"
+            ;;
         esac
     done <<<"$lines"
     active forkd.service && bad "forkd.service still active after the block's 'systemctl stop forkd'"
@@ -521,11 +536,11 @@ check_package() {
         /usr/local/bin/forkd /root/forkd-*
     rm -rf /etc/forkd /var/lib/forkd /run/forkd
     systemctl daemon-reload
-    wait_for 30 eval '! pgrep -u forkd >/dev/null' || bad "processes of user forkd left from checks 1-8: $(pgrep -a -u forkd | oneline)"
+    wait_for 30 eval '! pgrep -u forkd >/dev/null' || bad "processes of user forkd left from checks 1-9: $(pgrep -a -u forkd | oneline)"
     userdel forkd 2>/dev/null
     groupdel forkd 2>/dev/null
     left=$(pkg_leftovers)
-    [ -z "$left" ] || bad "before the install, left from checks 1-8: $(oneline <<<"$left")"
+    [ -z "$left" ] || bad "before the install, left from checks 1-9: $(oneline <<<"$left")"
     CLI=/usr/bin/forkd
 
     # docs/systemd.md's package block: bin/systemd-test ran its first line

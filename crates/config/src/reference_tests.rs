@@ -1,7 +1,9 @@
 //! docs/configuration.md's key table is the one the code makes, and the
-//! code's table names every key of the file once.
+//! code's table names every key of the file once; every TOML example of
+//! the docs is a configuration forkd takes.
 
 use crate::overrides::keys;
+use crate::raw::RawConfig;
 use crate::reference::{key_table, ROWS};
 
 /// The table arrays: rows of their own, not keys.
@@ -70,4 +72,49 @@ fn defaults_are_written_as_toml() {
     ] {
         assert!(table.contains(want), "no {want} in:\n{table}");
     }
+}
+
+/// Every TOML example of the README and the docs is a configuration forkd
+/// takes as written (alone, on top of the defaults).
+#[test]
+fn every_toml_example_in_the_docs_is_a_valid_config() {
+    // Every page, so that a new one is checked without being listed.
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let mut paths = vec![std::path::PathBuf::from(format!("{root}/README.md"))];
+    for entry in std::fs::read_dir(format!("{root}/docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            paths.push(path);
+        }
+    }
+    let pages: Vec<(String, String)> = paths
+        .iter()
+        .map(|p| (p.display().to_string(), std::fs::read_to_string(p).unwrap()))
+        .collect();
+    let mut checked = 0;
+    for (page, text) in &pages {
+        let mut block: Option<String> = None;
+        for line in text.lines() {
+            match (&mut block, line) {
+                (None, "```toml") => block = Some(String::new()),
+                (Some(b), "```") => {
+                    let example = std::mem::take(b);
+                    block = None;
+                    let valid = toml::from_str::<RawConfig>(&example)
+                        .map_err(|e| e.to_string())
+                        .and_then(|raw| raw.validate(2).map_err(|e| e.to_string()));
+                    if let Err(e) = valid {
+                        panic!("{page}: this example is refused: {e}\n{example}");
+                    }
+                    checked += 1;
+                }
+                (Some(b), l) => {
+                    b.push_str(l);
+                    b.push('\n');
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(checked >= 5, "{checked} TOML examples");
 }

@@ -298,15 +298,17 @@ impl Scoreboard {
         }
     }
 
-    /// Cell `i`'s counters `first..first + n`, those of them that are among
-    /// the cell's [`COUNTERS`].
+    /// Cell `i`'s counters `first..first + n`; none unless all of them are
+    /// among the cell's [`COUNTERS`].
     pub(crate) fn counters(&self, i: usize, first: usize, n: usize) -> Vec<u64> {
         let c = self.cell(i);
-        let end = first.saturating_add(n).min(COUNTERS);
-        c.counters[first.min(end)..end]
-            .iter()
-            .map(|v| v.load(Relaxed))
-            .collect()
+        match first.checked_add(n) {
+            Some(end) if end <= COUNTERS => c.counters[first..end]
+                .iter()
+                .map(|v| v.load(Relaxed))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The handle a worker keeps for its own cell. Valid for the life of
