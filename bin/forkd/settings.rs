@@ -340,7 +340,8 @@ fn route(
 ) -> forkd_app::RouteSettings {
     forkd_app::RouteSettings {
         prefix: r.prefix.clone(),
-        upstream: Some(r.upstream.clone()),
+        upstream: r.upstream.0.clone(),
+        fail_timeout: r.fail_timeout,
         auth: r.auth,
         strip_prefix: r.strip_prefix,
         connect_timeout: r.connect_timeout,

@@ -22,25 +22,63 @@ pub struct Upstream {
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
+    /// Every connection it accepted, to shut when it is dropped.
+    open: Open,
+}
+
+/// The connections open now, by a number of their own.
+type Open = Arc<std::sync::Mutex<(u64, std::collections::HashMap<u64, Box<dyn Conn>>)>>;
+
+/// Takes a connection off the open ones when its thread ends.
+struct Opened(Open, u64);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .remove(&self.1);
+    }
 }
 
 trait Conn: Read + Write + Send {
     fn reader(&self) -> std::io::Result<Box<dyn Read + Send>>;
+    fn copy(&self) -> std::io::Result<Box<dyn Conn>>;
+    fn shut(&self);
 }
 impl Conn for TcpStream {
     fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
         Ok(Box::new(self.try_clone()?))
+    }
+    fn copy(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
     }
 }
 impl Conn for std::os::unix::net::UnixStream {
     fn reader(&self) -> std::io::Result<Box<dyn Read + Send>> {
         Ok(Box::new(self.try_clone()?))
     }
+    fn copy(&self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Upstream {
     pub fn tcp() -> Upstream {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Upstream::tcp_on(0)
+    }
+
+    /// On a given port (0: any free one), as a server that comes back on
+    /// its address does.
+    pub fn tcp_on(port: u16) -> Upstream {
+        let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
         l.set_nonblocking(true).unwrap();
         let u = Upstream::new(l.local_addr().unwrap().port(), None);
         u.accept_loop(move || {
@@ -69,15 +107,30 @@ impl Upstream {
         &self,
         mut accept: impl FnMut() -> std::io::Result<Box<dyn Conn>> + Send + 'static,
     ) {
-        let (stop, c, r) = (
+        let (stop, c, r, open) = (
             self.stop.clone(),
             self.connections.clone(),
             self.requests.clone(),
+            self.open.clone(),
         );
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match accept() {
-                    Ok(s) => serve(s, c.clone(), r.clone()),
+                    Ok(s) => {
+                        let Ok(copy) = s.copy() else { continue };
+                        let id = {
+                            let mut o = open.lock().unwrap();
+                            // A server stopped meanwhile: this one too.
+                            if stop.load(Ordering::Relaxed) {
+                                copy.shut();
+                            }
+                            o.0 += 1;
+                            let id = o.0;
+                            o.1.insert(id, copy);
+                            id
+                        };
+                        serve(s, c.clone(), r.clone(), Opened(open.clone(), id))
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
@@ -91,6 +144,7 @@ impl Upstream {
             connections: Arc::default(),
             requests: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            open: Arc::default(),
         }
     }
 
@@ -103,9 +157,20 @@ impl Upstream {
     }
 }
 
+/// Stopped as a server process that exits: no more connections
+/// accepted (the listener closes with its thread), and every open one shut.
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        for c in self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .values()
+        {
+            c.shut();
+        }
     }
 }
 
@@ -113,9 +178,11 @@ fn serve(
     s: Box<dyn Conn>,
     conns: Arc<std::sync::atomic::AtomicUsize>,
     reqs: Arc<std::sync::atomic::AtomicUsize>,
+    opened: Opened,
 ) {
     conns.fetch_add(1, Ordering::Relaxed);
     std::thread::spawn(move || {
+        let _opened = opened;
         let Ok(reader) = s.reader() else { return };
         let mut r = BufReader::new(reader);
         let mut w = s;

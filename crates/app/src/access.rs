@@ -76,6 +76,8 @@ pub(crate) struct Routed {
     /// When the upstream (or built-in responder) was asked: its status,
     /// None when it gave no answer, and how long it took.
     pub(crate) upstream: Option<(Option<u16>, Duration)>,
+    /// Which of the route's servers was asked last (None before any).
+    pub(crate) server: Option<usize>,
 }
 
 #[derive(Default)]

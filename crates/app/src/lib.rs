@@ -160,9 +160,12 @@ pub struct TlsSettings {
 pub struct RouteSettings {
     /// '/' then segments, no trailing '/'.
     pub prefix: String,
-    /// None: a built-in route (`/profile` without `profile.origin`) that
-    /// answers itself.
-    pub upstream: Option<Upstream>,
+    /// Its servers; none for a built-in route (`/profile` without
+    /// `profile.origin`) that answers itself.
+    pub upstream: Vec<Upstream>,
+    /// How long a server that failed is passed over (when there are
+    /// others).
+    pub fail_timeout: Duration,
     pub auth: RouteAuth,
     pub strip_prefix: bool,
     pub connect_timeout: Duration,

@@ -70,7 +70,11 @@ pub(crate) async fn handle(
             .and_then(|r| r.index)
             .and_then(|i| st.settings.routes.get(i));
         let upstream = match (configured, routed) {
-            (Some(r), _) => r.upstream.as_ref().map(ToString::to_string),
+            (Some(r), Some(routed)) => routed
+                .server
+                .and_then(|i| r.upstream.get(i))
+                .map(ToString::to_string),
+            (Some(_), None) => None,
             (None, Some(_)) => st
                 .settings
                 .profile

@@ -38,6 +38,7 @@ mod routes_tests;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod upstreams;
 mod validate;
 
 use std::path::PathBuf;
@@ -56,10 +57,11 @@ pub use raw::{
 };
 pub use reference::key_table;
 pub use routes::{
-    NamedPolicy, PolicyKey, Proxy, RawNamedPolicy, RawProxy, RawRoute, Route, RouteAuth, Upstream,
+    NamedPolicy, PolicyKey, Proxy, RawNamedPolicy, RawProxy, RawRoute, Route, RouteAuth,
     BUILTIN_POLICIES, BUILT_IN_PATHS,
 };
 pub use tls::{Http2, RawHttp2, RawTls, Tls};
+pub use upstreams::{RawUpstreams, Upstream, Upstreams, MAX_UPSTREAMS};
 
 /// The largest number of workers one instance may run.
 pub const MAX_WORKERS: usize = 512;

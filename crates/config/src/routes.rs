@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::upstreams::{RawUpstreams, Upstreams};
 use crate::ConfigError;
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -35,7 +36,7 @@ pub enum RouteAuth {
 #[serde(deny_unknown_fields, default)]
 pub struct RawRoute {
     pub prefix: String,
-    pub upstream: String,
+    pub upstream: RawUpstreams,
     pub auth: RouteAuth,
     pub strip_prefix: bool,
     pub connect_timeout: f64,
@@ -45,13 +46,14 @@ pub struct RawRoute {
     pub cache: bool,
     pub cache_max_ttl: f64,
     pub cache_max_bytes: i64,
+    pub fail_timeout: f64,
 }
 
 impl Default for RawRoute {
     fn default() -> Self {
         RawRoute {
             prefix: String::new(),
-            upstream: String::new(),
+            upstream: RawUpstreams::default(),
             auth: RouteAuth::Required,
             strip_prefix: false,
             connect_timeout: 2.0,
@@ -61,6 +63,7 @@ impl Default for RawRoute {
             cache: false,
             cache_max_ttl: 300.0,
             cache_max_bytes: 1024 * 1024,
+            fail_timeout: 10.0,
         }
     }
 }
@@ -90,55 +93,13 @@ impl Default for RawProxy {
     }
 }
 
-/// Where a route's requests go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Upstream {
-    /// `http://HOST:PORT`, with a path every forwarded path is put under
-    /// ("" for none; else '/' and segments, no trailing '/').
-    Tcp { addr: String, path: String },
-    /// An absolute socket path.
-    Unix(std::path::PathBuf),
-}
-
-impl Upstream {
-    /// `http://HOST:PORT`, with no path.
-    pub fn tcp(addr: impl Into<String>) -> Upstream {
-        Upstream::Tcp {
-            addr: addr.into(),
-            path: String::new(),
-        }
-    }
-
-    /// The path the forwarded paths go under ("" for none).
-    pub fn path(&self) -> &str {
-        match self {
-            Upstream::Tcp { path, .. } => path,
-            Upstream::Unix(_) => "",
-        }
-    }
-}
-
-impl std::fmt::Display for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Upstream::Tcp { addr, path } => write!(f, "http://{addr}{path}"),
-            Upstream::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-impl Serialize for Upstream {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
 /// A validated route.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Route {
     /// Starts with '/', no trailing '/' (but "/" itself).
     pub prefix: String,
-    pub upstream: Upstream,
+    /// One server or more (a pool).
+    pub upstream: Upstreams,
     pub auth: RouteAuth,
     pub strip_prefix: bool,
     #[serde(serialize_with = "secs")]
@@ -153,6 +114,9 @@ pub struct Route {
     #[serde(serialize_with = "secs")]
     pub cache_max_ttl: Duration,
     pub cache_max_bytes: u64,
+    /// How long a server of the pool that failed is passed over.
+    #[serde(serialize_with = "secs")]
+    pub fail_timeout: Duration,
 }
 
 impl Route {
@@ -229,61 +193,17 @@ fn prefix(key: String, raw: &str) -> Result<String, ConfigError> {
     Ok(p.to_owned())
 }
 
-fn upstream(key: String, raw: &str) -> Result<Upstream, ConfigError> {
-    if let Some(path) = raw.strip_prefix("unix:") {
-        let path = std::path::Path::new(path);
-        if path.is_absolute() && path.as_os_str().len() < 108 {
-            return Ok(Upstream::Unix(path.to_owned()));
-        }
-        return Err(bad(
-            key,
-            raw,
-            "expected unix:/ABSOLUTE/PATH.sock (under 108 bytes)",
-        ));
-    }
-    let rest = raw.strip_prefix("http://").unwrap_or("");
-    let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
-    let host_ok = !host.is_empty()
-        && (host.starts_with('[') && host.ends_with(']')
-            || host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
-    // The path: as a route's prefix is written (plain path characters, no
-    // dot or empty segment, no escape), so it is what the upstream reads.
-    let path = path.trim_end_matches('/');
-    let path_ok = path.is_empty()
-        || path.len() <= 256
-            && path
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b))
-            && path[1..]
-                .split('/')
-                .all(|s| !s.is_empty() && s != "." && s != "..");
-    if host_ok && port.parse::<u16>().is_ok_and(|p| p > 0) && path_ok {
-        Ok(Upstream::Tcp {
-            addr: addr.to_owned(),
-            path: path.to_owned(),
-        })
-    } else {
-        Err(bad(
-            key,
-            raw,
-            "expected http://HOST:PORT, optionally with a path (\"http://127.0.0.1:9000/v2\": segments of letters, digits and -._~!$&'()*+,;=:@, no '.' or '..' segment, no %, no query), or unix:/PATH.sock",
-        ))
-    }
-}
-
 impl RawRoute {
     fn validate(&self, i: usize) -> Result<Route, ConfigError> {
         let key = |k: &str| format!("route[{i}].{k}");
         Ok(Route {
             prefix: prefix(key("prefix"), &self.prefix)?,
-            upstream: upstream(key("upstream"), &self.upstream)?,
+            upstream: self.upstream.validate(&key("upstream"))?,
             auth: self.auth,
             strip_prefix: self.strip_prefix,
             connect_timeout: secs_in(key("connect_timeout"), self.connect_timeout, 0.001, 60.0)?,
             timeout: secs_in(key("timeout"), self.timeout, 0.001, 3600.0)?,
+            fail_timeout: secs_in(key("fail_timeout"), self.fail_timeout, 0.001, 3600.0)?,
             pass_authorization: self.pass_authorization,
             policies: self.policies.clone(),
             cache: self.cache,

@@ -8,7 +8,7 @@ use crate::*;
 fn upstream_of(written: &str) -> Result<Upstream, ConfigError> {
     let text = format!("[[route]]\nprefix = \"/api\"\nupstream = \"{written}\"\n");
     let c = RawConfig::from_str(&text, Path::new("test.toml"))?.validate(2)?;
-    Ok(c.route[0].upstream.clone())
+    Ok(c.route[0].upstream.first().clone())
 }
 
 #[test]
@@ -54,4 +54,61 @@ fn an_upstream_path_is_refused_unless_plain() {
             "{written}: {e}"
         );
     }
+}
+
+fn upstreams_of(written: &str) -> Result<Upstreams, ConfigError> {
+    let text = format!("[[route]]\nprefix = \"/api\"\nupstream = {written}\nfail_timeout = 2.5\n");
+    let c = RawConfig::from_str(&text, Path::new("test.toml"))?.validate(2)?;
+    assert_eq!(
+        c.route[0].fail_timeout,
+        std::time::Duration::from_millis(2500)
+    );
+    Ok(c.route[0].upstream.clone())
+}
+
+#[test]
+fn an_upstream_may_be_a_list_of_servers() {
+    let u = upstreams_of(r#"["http://127.0.0.1:9001", "unix:/run/a.sock", "http://[::1]:9003"]"#)
+        .unwrap();
+    assert_eq!(u.0.len(), 3);
+    assert_eq!(
+        u.to_string(),
+        "http://127.0.0.1:9001, unix:/run/a.sock, http://[::1]:9003"
+    );
+    // Written back (check-config, status --show-config) as a list, and
+    // one server as a string.
+    let list = toml::Value::try_from(&u).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(3), "{list}");
+    let one = upstreams_of(r#"["http://127.0.0.1:9001"]"#).unwrap();
+    assert_eq!(
+        toml::Value::try_from(&one).unwrap().as_str(),
+        Some("http://127.0.0.1:9001")
+    );
+    for (written, expected) in [
+        ("[]", "expected 1 to 32 servers"),
+        (
+            r#"["http://127.0.0.1:9001", "http://127.0.0.1:9001/"]"#,
+            "expected each server once",
+        ),
+        (
+            r#"["http://127.0.0.1:9001/v2", "http://127.0.0.1:9002"]"#,
+            "the same path on every server",
+        ),
+        (
+            r#"["http://127.0.0.1:9001", "ftp://x:1"]"#,
+            "route[0].upstream[1]",
+        ),
+        ("42", "a server (\"http://HOST:PORT\") or a list of servers"),
+        ("[1, 2]", "invalid type"),
+    ] {
+        let e = upstreams_of(written).expect_err(written).to_string();
+        assert!(e.contains(expected), "{written}: {e}");
+    }
+    let many: Vec<String> = (0..33)
+        .map(|p| format!("\"http://127.0.0.1:{}\"", 9000 + p))
+        .collect();
+    let e = upstreams_of(&format!("[{}]", many.join(", ")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected 1 to 32 servers"), "{e}");
 }

@@ -30,7 +30,7 @@ use crate::state::State;
 
 use crate::cache::{self, fill::fill_cache, invalidate::Written};
 use crate::gate::check;
-use crate::upstream::Route;
+use crate::upstream::{Failure, Route};
 use cached::{builtin, from_cache};
 use headers::{Forwarding, Identity};
 
@@ -54,13 +54,16 @@ pub(crate) async fn forward(
     cx: &Context,
 ) -> Response<Body> {
     let mut upstream = None;
-    let mut r = forward_to(req, st, route, cx, &mut upstream)
+    let server = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let mut r = forward_to(req, st, route, cx, &mut upstream, &server)
         .await
         .unwrap_or_else(Response::from);
+    let server = server.load(std::sync::atomic::Ordering::Relaxed);
     r.extensions_mut().insert(Routed {
         label: route.label,
         index: route.index,
         upstream,
+        server: (server != usize::MAX).then_some(server),
     });
     r
 }
@@ -71,6 +74,7 @@ async fn forward_to(
     route: &Route,
     cx: &Context,
     upstream: &mut Option<(Option<u16>, std::time::Duration)>,
+    server: &Arc<std::sync::atomic::AtomicUsize>,
 ) -> Answer {
     if ambiguous(req.uri().path()) {
         return Err(Refusal::bad_request(
@@ -134,8 +138,9 @@ async fn forward_to(
     } else {
         path
     };
-    // Under the upstream's own path, if it has one: "/v2" + "/users".
-    let under = route.cfg.upstream.as_ref().map_or("", |u| u.path());
+    // Under the upstream's own path, if it has one: "/v2" + "/users" (a
+    // pool's servers share it: see the config's check).
+    let under = route.cfg.upstream.first().map_or("", |u| u.path());
     let target = match parts.uri.query() {
         Some(q) => format!("http://{}{under}{path}?{q}", route.authority),
         None => format!("http://{}{under}{path}", route.authority),
@@ -178,67 +183,56 @@ async fn forward_to(
     h.insert(crate::request::id::X_REQUEST_ID, cx.id.clone());
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    let idempotent = parts.method.is_idempotent();
     let fault = Arc::new(ClientFault::default());
     let out = Request::from_parts(parts, Body::Client(body, fault.clone()));
-    let pool = if idempotent {
-        &route.retrying
-    } else {
-        &route.once
-    };
     let asked = std::time::Instant::now();
     let sent = match written {
-        None => {
-            let r = tokio::time::timeout(route.cfg.timeout, pool.request(out)).await;
-            r.map(|r| r.map_err(|e| cause(&e)))
-        }
+        None => route.members.send(out, route.cfg.timeout, server).await,
         // A write on a cached route is sent, and its cached answers ended,
         // by a task of its own: both happen even if the client goes away
         // meanwhile (hyper then drops this request's future). The task is
         // bounded by the route's timeout, and at most DETACHED_WRITES run
         // detached in a worker; past that a write is sent as any request.
         Some(w) => {
-            let (client, st, uid) = (pool.clone(), st.clone(), checked.uid.clone());
-            let write = tokio::time::timeout(route.cfg.timeout, async move {
-                let r = client.request(out).await;
+            let (members, st, uid) = (route.members.clone(), st.clone(), checked.uid.clone());
+            let (timeout, server) = (route.cfg.timeout, server.clone());
+            let write = async move {
+                let r = members.send(out, timeout, &server).await;
                 if let Ok(resp) = &r {
                     if resp.status().as_u16() < 400 {
                         w.invalidate(&st, resp.headers(), uid.as_deref()).await;
                     }
                 }
-                r.map_err(|e| cause(&e))
-            });
+                r
+            };
             match DETACHED_WRITES.try_acquire() {
                 Ok(permit) => tokio::spawn(async move {
                     let _permit = permit;
                     write.await
                 })
                 .await
-                .unwrap_or_else(|e| Ok(Err(e.to_string()))),
+                .unwrap_or_else(|e| Err(Failure::Failed(e.to_string()))),
                 Err(_) => write.await,
             }
         }
     };
     *upstream = Some((
-        sent.as_ref()
-            .ok()
-            .and_then(|r| r.as_ref().ok())
-            .map(|r| r.status().as_u16()),
+        sent.as_ref().ok().map(|r| r.status().as_u16()),
         asked.elapsed(),
     ));
     let mut resp = match sent {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) if fault.get().is_some() => {
+        Ok(r) => r,
+        Err(Failure::Failed(_)) if fault.get().is_some() => {
             return Err(client_fault(st, fault.get()));
         }
-        Ok(Err(e)) => {
+        Err(Failure::Failed(e)) => {
             return Err(route.bad_gateway(
                 &st.host,
                 &e,
                 "The upstream service could not be reached or gave no answer.",
             ));
         }
-        Err(_) => {
+        Err(Failure::Timeout) => {
             return Err(route.gateway_timeout(
                 &st.host,
                 &format!(
@@ -292,21 +286,6 @@ async fn forward_to(
     };
     checked.add_headers(&mut r);
     Ok(r)
-}
-
-/// What went wrong, for the log: the error and each of its sources
-/// ("client error (Connect): Connection refused (os error 111)").
-fn cause(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.ends_with(&more) {
-            text = format!("{text}: {more}");
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// The answer to a request whose client broke off or garbled its body

@@ -33,7 +33,10 @@ async fn fetch_inner(route: &Route, user: &str) -> Result<String, OriginError> {
         .header(hyper::header::ACCEPT, "application/json")
         .body(Body::default())
         .map_err(|e| failed(&e))?;
-    let resp = route.retrying.request(req).await.map_err(|e| failed(&e))?;
+    let Some(origin) = route.members.list.first() else {
+        return Err(OriginError::Failed("no profile.origin".into()));
+    };
+    let resp = origin.retrying.request(req).await.map_err(|e| failed(&e))?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => return Err(OriginError::NotFound),

@@ -4,6 +4,8 @@
 //! state or the proxy that uses it.
 
 mod connect;
+pub(crate) mod members;
 pub(crate) mod pool;
 
+pub(crate) use members::Failure;
 pub(crate) use pool::{Route, Routes, Specs, PROFILE_POLICY};

@@ -6,17 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::header::HeaderName;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::connect::Connector;
-use crate::body::Body;
+use super::members::Members;
 use crate::{
     Host, PolicyKey, ProfileSettings, Proxy, RouteAuth, RouteCache, RoutePolicy, RouteSettings,
     Upstream,
 };
 
-pub(crate) type Pool = Client<Connector, Body>;
 use crate::refusal::{Problem, Refusal};
 
 /// The built-in policy of the `/profile` route (`[rate_limit.profile]`).
@@ -30,11 +26,9 @@ pub(crate) struct Route {
     pub(crate) cfg: RouteSettings,
     /// The `Host` for a request without one, and the URI authority.
     pub(crate) authority: String,
-    /// For idempotent methods: a request that was never sent (its pooled
-    /// connection had closed) is retried on another connection.
-    pub(crate) retrying: Pool,
-    /// For the others: never retried.
-    pub(crate) once: Pool,
+    /// Its servers, with their pooled clients (shared with a write's
+    /// detached task).
+    pub(crate) members: Arc<Members>,
     /// `RateLimit-Policy` of its policies (None without any).
     pub(crate) policy_header: Option<hyper::header::HeaderValue>,
     /// The cache specs this worker has seen for the route's URLs.
@@ -87,7 +81,13 @@ impl Routes {
         let settings = profile;
         let profile = RouteSettings {
             prefix: "/profile".into(),
-            upstream: profile.origin.clone().map(Upstream::tcp),
+            upstream: profile
+                .origin
+                .clone()
+                .map(Upstream::tcp)
+                .into_iter()
+                .collect(),
+            fail_timeout: Duration::from_secs(10),
             auth: RouteAuth::Required,
             strip_prefix: false,
             connect_timeout: profile.origin_timeout,
@@ -216,18 +216,9 @@ fn matches(prefix: &str, path: &str) -> bool {
 
 impl Route {
     fn new(cfg: &RouteSettings, proxy: &Proxy) -> Self {
-        let authority = match &cfg.upstream {
+        let authority = match cfg.upstream.first() {
             Some(Upstream::Tcp { addr, .. }) => addr.clone(),
             Some(Upstream::Unix(_)) | None => "localhost".to_owned(),
-        };
-        let pool = |retry: bool| {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(proxy.idle_timeout)
-                .pool_max_idle_per_host(proxy.max_idle_per_upstream)
-                .retry_canceled_requests(retry)
-                .set_host(false)
-                .build(Connector::new(cfg.upstream.clone(), cfg.connect_timeout))
         };
         let policies: Vec<String> = cfg
             .policies
@@ -240,8 +231,13 @@ impl Route {
             lenient_prefix: lenient(&cfg.prefix),
             cfg: cfg.clone(),
             authority,
-            retrying: pool(true),
-            once: pool(false),
+            members: Arc::new(Members::new(
+                &cfg.upstream,
+                cfg.connect_timeout,
+                cfg.fail_timeout,
+                proxy,
+                &cfg.prefix,
+            )),
             watch: std::sync::OnceLock::new(),
             builtin: None,
             label: crate::metrics::builtin("other"),
@@ -298,11 +294,14 @@ impl Route {
                 std::sync::Arc::new(crate::body::UpstreamBody {
                     host: host.clone(),
                     prefix: self.cfg.prefix.clone(),
-                    upstream: self
-                        .cfg
-                        .upstream
-                        .as_ref()
-                        .map_or("none".into(), ToString::to_string),
+                    upstream: match &self.cfg.upstream[..] {
+                        [] => "none".into(),
+                        list => list
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    },
                     warnings: Default::default(),
                 })
             })

@@ -1,0 +1,216 @@
+//! A route's `upstream`: one server, or a list of them (a pool), each
+//! `http://HOST:PORT` (with a path, optionally) or `unix:/PATH.sock`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::check::bad;
+use crate::ConfigError;
+
+/// The most servers one route's pool holds.
+pub const MAX_UPSTREAMS: usize = 32;
+
+/// Where a route's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// `http://HOST:PORT`, with a path every forwarded path is put under
+    /// ("" for none; else '/' and segments, no trailing '/').
+    Tcp { addr: String, path: String },
+    /// An absolute socket path.
+    Unix(std::path::PathBuf),
+}
+
+impl Upstream {
+    /// `http://HOST:PORT`, with no path.
+    pub fn tcp(addr: impl Into<String>) -> Upstream {
+        Upstream::Tcp {
+            addr: addr.into(),
+            path: String::new(),
+        }
+    }
+
+    /// The path the forwarded paths go under ("" for none).
+    pub fn path(&self) -> &str {
+        match self {
+            Upstream::Tcp { path, .. } => path,
+            Upstream::Unix(_) => "",
+        }
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Upstream::Tcp { addr, path } => write!(f, "http://{addr}{path}"),
+            Upstream::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for Upstream {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `upstream` as written: a string, or a list of strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawUpstreams {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Default for RawUpstreams {
+    fn default() -> Self {
+        RawUpstreams::One(String::new())
+    }
+}
+
+impl Serialize for RawUpstreams {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RawUpstreams::One(u) => u.serialize(s),
+            RawUpstreams::Many(list) => list.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawUpstreams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Written;
+        impl<'de> serde::de::Visitor<'de> for Written {
+            type Value = RawUpstreams;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a server (\"http://HOST:PORT\") or a list of servers")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawUpstreams, E> {
+                Ok(RawUpstreams::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawUpstreams, A::Error> {
+                let mut list = Vec::new();
+                while let Some(u) = seq.next_element::<String>()? {
+                    list.push(u);
+                }
+                Ok(RawUpstreams::Many(list))
+            }
+        }
+        d.deserialize_any(Written)
+    }
+}
+
+impl RawUpstreams {
+    /// Every server checked; a list holds 1 to [`MAX_UPSTREAMS`], none
+    /// twice.
+    pub(crate) fn validate(&self, key: &str) -> Result<Upstreams, ConfigError> {
+        let list = match self {
+            RawUpstreams::One(u) => vec![upstream(key, u)?],
+            RawUpstreams::Many(written) => {
+                if written.is_empty() || written.len() > MAX_UPSTREAMS {
+                    return Err(bad(
+                        key,
+                        format!("a list of {}", written.len()),
+                        &format!("expected 1 to {MAX_UPSTREAMS} servers"),
+                    ));
+                }
+                let mut list: Vec<Upstream> = Vec::with_capacity(written.len());
+                for (i, w) in written.iter().enumerate() {
+                    let u = upstream(&format!("{key}[{i}]"), w)?;
+                    if list.contains(&u) {
+                        return Err(bad(&format!("{key}[{i}]"), w, "expected each server once"));
+                    }
+                    if list.first().is_some_and(|f| f.path() != u.path()) {
+                        return Err(bad(
+                            &format!("{key}[{i}]"),
+                            w,
+                            "expected the same path on every server of the list (the path the forwarded paths go under)",
+                        ));
+                    }
+                    list.push(u);
+                }
+                list
+            }
+        };
+        Ok(Upstreams(list))
+    }
+}
+
+/// A route's servers: at least one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstreams(pub Vec<Upstream>);
+
+impl Upstreams {
+    /// The first (the one of a route that has one).
+    pub fn first(&self) -> &Upstream {
+        &self.0[0]
+    }
+}
+
+/// One server as a string, several as a list, as they can be written.
+impl Serialize for Upstreams {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0[..] {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+/// `http://a:1`, or `http://a:1, http://b:2` for a pool.
+impl std::fmt::Display for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, u) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{u}")?;
+        }
+        Ok(())
+    }
+}
+
+fn upstream(key: &str, raw: &str) -> Result<Upstream, ConfigError> {
+    if let Some(path) = raw.strip_prefix("unix:") {
+        let path = std::path::Path::new(path);
+        if path.is_absolute() && path.as_os_str().len() < 108 {
+            return Ok(Upstream::Unix(path.to_owned()));
+        }
+        return Err(bad(
+            key,
+            raw,
+            "expected unix:/ABSOLUTE/PATH.sock (under 108 bytes)",
+        ));
+    }
+    let rest = raw.strip_prefix("http://").unwrap_or("");
+    let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
+    let host_ok = !host.is_empty()
+        && (host.starts_with('[') && host.ends_with(']')
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+    // The path: as a route's prefix is written (plain path characters, no
+    // dot or empty segment, no escape), so it is what the upstream reads.
+    let path = path.trim_end_matches('/');
+    let path_ok = path.is_empty()
+        || path.len() <= 256
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b))
+            && path[1..]
+                .split('/')
+                .all(|s| !s.is_empty() && s != "." && s != "..");
+    if host_ok && port.parse::<u16>().is_ok_and(|p| p > 0) && path_ok {
+        Ok(Upstream::Tcp {
+            addr: addr.to_owned(),
+            path: path.to_owned(),
+        })
+    } else {
+        Err(bad(
+            key,
+            raw,
+            "expected http://HOST:PORT, optionally with a path (\"http://127.0.0.1:9000/v2\": segments of letters, digits and -._~!$&'()*+,;=:@, no '.' or '..' segment, no %, no query), or unix:/PATH.sock",
+        ))
+    }
+}
