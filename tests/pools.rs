@@ -138,3 +138,45 @@ fn a_write_is_not_sent_twice_and_every_server_down_is_502() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(answered(&a), 1);
 }
+
+/// The requests each server got, but the health checks.
+fn spread(f: &Forkd, a: &Upstream, b: &Upstream, n: usize) -> (usize, usize) {
+    let (a0, b0) = (answered(a), answered(b));
+    for i in 0..n {
+        let r = request(f.port, "GET", &format!("/api/h{i}"), &[], b"").unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    (answered(a) - a0, answered(b) - b0)
+}
+
+#[test]
+fn a_server_failing_its_health_check_is_out_until_it_passes() {
+    let (a, b) = (Upstream::tcp(), Upstream::tcp());
+    let f = Forkd::start(&pool_route(
+        &[&a, &b],
+        "health = { path = \"/health\", interval = 0.1, timeout = 1, fails = 2, passes = 2 }\n",
+    ));
+    poll(PATIENCE, || (b.checks.load(Relaxed) >= 2).then_some(()))
+        .expect("forkd checks the servers' health");
+    assert_eq!(spread(&f, &a, &b, 10), (5, 5));
+    // b answers its checks 503 (but its other requests still 200): out.
+    b.health_status.store(503, Relaxed);
+    poll(PATIENCE, || (spread(&f, &a, &b, 10).1 == 0).then_some(()))
+        .expect("a server failing its health check keeps getting requests");
+    let log = f.log_text();
+    assert!(
+        log.contains(&format!(
+            "route /api: upstream {} failed its health check /health 2 time(s) in a row (status 503)",
+            b.url()
+        )),
+        "{log}"
+    );
+    // Healthy again: back.
+    b.health_status.store(200, Relaxed);
+    poll(PATIENCE, || (spread(&f, &a, &b, 10).1 > 0).then_some(()))
+        .expect("a server passing its health checks again gets no requests");
+    assert!(f.log_text().contains(&format!(
+        "route /api: upstream {} passed its health check /health 2 time(s) in a row; back",
+        b.url()
+    )));
+}

@@ -342,6 +342,7 @@ fn route(
         prefix: r.prefix.clone(),
         upstream: r.upstream.0.clone(),
         fail_timeout: r.fail_timeout,
+        health: r.health.clone(),
         auth: r.auth,
         strip_prefix: r.strip_prefix,
         connect_timeout: r.connect_timeout,

@@ -7,6 +7,8 @@
 //! - `/slow/MS`: answers after MS milliseconds;
 //! - `/reset`: closes the connection without an answer;
 //! - `/ws`: `101 Switching Protocols`, then echoes every byte back;
+//! - `/health`: an empty answer with the status `health_status` holds
+//!   (200 at first), counted in `checks`, not in `requests`;
 //! - `?cc=VALUE&vary=NAMES` on the echo: its `Cache-Control` (else
 //!   `no-store`) and `Vary`; the echo's `n` counts the requests so far.
 //!
@@ -21,6 +23,8 @@ pub struct Upstream {
     pub path: Option<PathBuf>,
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
     pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    pub health_status: Arc<std::sync::atomic::AtomicU16>,
+    pub checks: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
     /// Every connection it accepted, to shut when it is dropped.
     open: Open,
@@ -113,6 +117,7 @@ impl Upstream {
             self.requests.clone(),
             self.open.clone(),
         );
+        let health = (self.health_status.clone(), self.checks.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match accept() {
@@ -129,7 +134,13 @@ impl Upstream {
                             o.1.insert(id, copy);
                             id
                         };
-                        serve(s, c.clone(), r.clone(), Opened(open.clone(), id))
+                        serve(
+                            s,
+                            c.clone(),
+                            r.clone(),
+                            Opened(open.clone(), id),
+                            health.clone(),
+                        )
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -143,6 +154,8 @@ impl Upstream {
             path,
             connections: Arc::default(),
             requests: Arc::default(),
+            health_status: Arc::new(std::sync::atomic::AtomicU16::new(200)),
+            checks: Arc::default(),
             stop: Arc::new(AtomicBool::new(false)),
             open: Arc::default(),
         }
@@ -179,6 +192,10 @@ fn serve(
     conns: Arc<std::sync::atomic::AtomicUsize>,
     reqs: Arc<std::sync::atomic::AtomicUsize>,
     opened: Opened,
+    health: (
+        Arc<std::sync::atomic::AtomicU16>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ),
 ) {
     conns.fetch_add(1, Ordering::Relaxed);
     std::thread::spawn(move || {
@@ -191,6 +208,15 @@ fn serve(
             let Some((method, target, headers)) = read_head(&mut r) else {
                 return;
             };
+            if target == "/health" {
+                health.1.fetch_add(1, Ordering::Relaxed);
+                let status = health.0.load(Ordering::Relaxed);
+                let head = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+                if w.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                continue;
+            }
             reqs.fetch_add(1, Ordering::Relaxed);
             let header = |n: &str| {
                 headers

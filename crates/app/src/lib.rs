@@ -78,7 +78,7 @@ use std::time::Duration;
 pub use access::{AccessFormat, AccessSettings};
 pub use connection::tickets::TicketKeys;
 pub use connection::tls::{CertificateInfo, Identity};
-pub use forkd_config::{Http2, OnRedisError, PolicyKey, Proxy, RouteAuth, Upstream};
+pub use forkd_config::{Health, Http2, OnRedisError, PolicyKey, Proxy, RouteAuth, Upstream};
 pub use forkd_store::{Policy, StoreConfig};
 pub use hyper::header::{HeaderName, HeaderValue};
 pub use metrics::{
@@ -166,6 +166,8 @@ pub struct RouteSettings {
     /// How long a server that failed is passed over (when there are
     /// others).
     pub fail_timeout: Duration,
+    /// The active health check of its servers, when on.
+    pub health: Option<Health>,
     pub auth: RouteAuth,
     pub strip_prefix: bool,
     pub connect_timeout: Duration,

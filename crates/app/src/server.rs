@@ -110,6 +110,7 @@ async fn serve(w: Worker) -> i32 {
     let dummy = state.dummy.clone();
     tokio::task::spawn_blocking(move || dummy.prepare());
     spawn_heartbeat(&state, settings.heartbeat_interval);
+    state.routes.spawn_health_checks();
     if settings
         .routes
         .iter()

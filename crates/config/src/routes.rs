@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::upstreams::{RawUpstreams, Upstreams};
+use crate::upstreams::{Health, RawHealth, RawUpstreams, Upstreams};
 use crate::ConfigError;
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -47,6 +47,7 @@ pub struct RawRoute {
     pub cache_max_ttl: f64,
     pub cache_max_bytes: i64,
     pub fail_timeout: f64,
+    pub health: RawHealth,
 }
 
 impl Default for RawRoute {
@@ -64,6 +65,7 @@ impl Default for RawRoute {
             cache_max_ttl: 300.0,
             cache_max_bytes: 1024 * 1024,
             fail_timeout: 10.0,
+            health: RawHealth::default(),
         }
     }
 }
@@ -117,6 +119,8 @@ pub struct Route {
     /// How long a server of the pool that failed is passed over.
     #[serde(serialize_with = "secs")]
     pub fail_timeout: Duration,
+    /// The active health check of its servers, when on.
+    pub health: Option<Health>,
 }
 
 impl Route {
@@ -204,6 +208,7 @@ impl RawRoute {
             connect_timeout: secs_in(key("connect_timeout"), self.connect_timeout, 0.001, 60.0)?,
             timeout: secs_in(key("timeout"), self.timeout, 0.001, 3600.0)?,
             fail_timeout: secs_in(key("fail_timeout"), self.fail_timeout, 0.001, 3600.0)?,
+            health: self.health.validate(&key("health"))?,
             pass_authorization: self.pass_authorization,
             policies: self.policies.clone(),
             cache: self.cache,

@@ -112,3 +112,53 @@ fn an_upstream_may_be_a_list_of_servers() {
         .to_string();
     assert!(e.contains("expected 1 to 32 servers"), "{e}");
 }
+
+#[test]
+fn a_health_check_is_off_without_a_path_and_checked_with_one() {
+    let route = |health: &str| {
+        let text = format!(
+            "[[route]]\nprefix = \"/api\"\nupstream = [\"http://127.0.0.1:9001\", \"http://127.0.0.1:9002\"]\n{health}"
+        );
+        RawConfig::from_str(&text, Path::new("test.toml"))
+            .and_then(|r| r.validate(2))
+            .map(|c| c.route[0].health.clone())
+    };
+    assert_eq!(route("").unwrap(), None);
+    let h = route("health = { path = \"/healthz?deep=1\", interval = 0.5 }\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            h.path.as_str(),
+            h.interval.as_millis(),
+            h.timeout.as_secs(),
+            h.fails,
+            h.passes
+        ),
+        ("/healthz?deep=1", 500, 2, 2, 2)
+    );
+    for (health, key) in [
+        ("health = { path = \"healthz\" }", "route[0].health.path"),
+        ("health = { path = \"/a b\" }", "route[0].health.path"),
+        (
+            "health = { path = \"/h\", interval = 0 }",
+            "route[0].health.interval",
+        ),
+        (
+            "health = { path = \"/h\", timeout = 61 }",
+            "route[0].health.timeout",
+        ),
+        (
+            "health = { path = \"/h\", fails = 0 }",
+            "route[0].health.fails",
+        ),
+        (
+            "health = { path = \"/h\", passes = 101 }",
+            "route[0].health.passes",
+        ),
+        ("health = { path = \"/h\", every = 1 }", "every"),
+    ] {
+        let e = route(&format!("{health}\n")).expect_err(health).to_string();
+        assert!(e.contains(key), "{health}: {e}");
+    }
+}

@@ -1,10 +1,95 @@
 //! A route's `upstream`: one server, or a list of them (a pool), each
 //! `http://HOST:PORT` (with a path, optionally) or `unix:/PATH.sock`.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::check::bad;
 use crate::ConfigError;
+
+/// A route's `health` table as written: a request every server of the
+/// pool must answer 2xx to stay in (off without a path).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    pub path: String,
+    pub interval: f64,
+    pub timeout: f64,
+    pub fails: i64,
+    pub passes: i64,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            path: String::new(),
+            interval: 5.0,
+            timeout: 2.0,
+            fails: 2,
+            passes: 2,
+        }
+    }
+}
+
+/// The active health check of a route's servers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Health {
+    /// Asked of each server as written ('/', then no space or control).
+    pub path: String,
+    #[serde(serialize_with = "secs")]
+    pub interval: Duration,
+    #[serde(serialize_with = "secs")]
+    pub timeout: Duration,
+    /// Failed checks in a row that take a server out.
+    pub fails: u32,
+    /// Passed checks in a row that bring it back.
+    pub passes: u32,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl RawHealth {
+    /// None when off (no path).
+    pub(crate) fn validate(&self, key: &str) -> Result<Option<Health>, ConfigError> {
+        if self.path.is_empty() {
+            return Ok(None);
+        }
+        let k = |name: &str| format!("{key}.{name}");
+        if !self.path.starts_with('/')
+            || self.path.len() > 256
+            || !self.path.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(bad(
+                &k("path"),
+                &self.path,
+                "expected a path such as \"/healthz\" ('/', then no space or control character, at most 256 bytes)",
+            ));
+        }
+        let secs = |name: &str, v: f64, max: f64| {
+            if v.is_finite() && (0.05..=max).contains(&v) {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(bad(&k(name), v, &format!("expected 0.05 to {max} seconds")))
+            }
+        };
+        let count = |name: &str, v: i64| {
+            u32::try_from(v)
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| bad(&k(name), v, "expected 1 to 100 checks in a row"))
+        };
+        Ok(Some(Health {
+            path: self.path.clone(),
+            interval: secs("interval", self.interval, 3600.0)?,
+            timeout: secs("timeout", self.timeout, 60.0)?,
+            fails: count("fails", self.fails)?,
+            passes: count("passes", self.passes)?,
+        }))
+    }
+}
 
 /// The most servers one route's pool holds.
 pub const MAX_UPSTREAMS: usize = 32;

@@ -10,8 +10,13 @@
 //! is never refused without a try. A request that was never sent (no
 //! connection could be made) goes to another server when it can be sent
 //! again: an idempotent method with no body.
+//!
+//! With a `health` check, each worker also asks every server its path
+//! every interval; a server that fails `fails` checks in a row (no 2xx
+//! within the check's timeout) is out until it passes `passes` in a row.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::connect::Connector;
 use crate::body::Body;
-use crate::{Proxy, Upstream};
+use crate::{Health, Proxy, RouteSettings, Upstream};
 
 pub(crate) type Pool = Client<Connector, Body>;
 
@@ -41,6 +46,20 @@ pub(crate) struct Member {
     /// Milliseconds after the pool's epoch until which it is passed over
     /// (0: never failed).
     out_until_ms: AtomicU64,
+    /// Out by its health checks.
+    sick: AtomicBool,
+    /// Checks in a row whose result differs from `sick`'s.
+    streak: AtomicU32,
+}
+
+impl Member {
+    /// `HOST:PORT`, or "localhost" for a unix socket.
+    fn authority(&self) -> &str {
+        match &self.upstream {
+            Upstream::Tcp { addr, .. } => addr,
+            Upstream::Unix(_) => "localhost",
+        }
+    }
 }
 
 /// A route's servers, in the configured order.
@@ -52,6 +71,7 @@ pub(crate) struct Members {
     epoch: Instant,
     /// The route's prefix, for the log.
     prefix: String,
+    health: Option<Health>,
 }
 
 /// Why a request got no answer from the pool.
@@ -63,13 +83,7 @@ pub(crate) enum Failure {
 }
 
 impl Members {
-    pub(crate) fn new(
-        upstreams: &[Upstream],
-        connect_timeout: Duration,
-        fail_timeout: Duration,
-        proxy: &Proxy,
-        prefix: &str,
-    ) -> Members {
+    pub(crate) fn new(route: &RouteSettings, proxy: &Proxy) -> Members {
         let pool = |u: &Upstream, retry: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
@@ -77,10 +91,11 @@ impl Members {
                 .pool_max_idle_per_host(proxy.max_idle_per_upstream)
                 .retry_canceled_requests(retry)
                 .set_host(false)
-                .build(Connector::new(Some(u.clone()), connect_timeout))
+                .build(Connector::new(Some(u.clone()), route.connect_timeout))
         };
         Members {
-            list: upstreams
+            list: route
+                .upstream
                 .iter()
                 .map(|u| Member {
                     upstream: u.clone(),
@@ -88,12 +103,15 @@ impl Members {
                     once: pool(u, false),
                     waiting: AtomicUsize::new(0),
                     out_until_ms: AtomicU64::new(0),
+                    sick: AtomicBool::new(false),
+                    streak: AtomicU32::new(0),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            fail_timeout,
+            fail_timeout: route.fail_timeout,
             epoch: Instant::now(),
-            prefix: prefix.to_owned(),
+            prefix: route.prefix.clone(),
+            health: route.health.clone(),
         }
     }
 
@@ -116,7 +134,7 @@ impl Members {
         for k in 0..n {
             let i = (start + k) % n;
             let m = &self.list[i];
-            if tried.contains(&i) || m.out_until_ms.load(Relaxed) > now {
+            if tried.contains(&i) || m.out_until_ms.load(Relaxed) > now || m.sick.load(Relaxed) {
                 continue;
             }
             let w = m.waiting.load(Relaxed);
@@ -214,6 +232,90 @@ impl Members {
                     return Err(Failure::Timeout);
                 }
             }
+        }
+    }
+}
+
+impl Members {
+    /// Starts the health checks, if the route has them (on the worker's
+    /// runtime: a task that lives as long as the worker).
+    pub(crate) fn spawn_checks(self: &Arc<Self>) {
+        let Some(h) = self.health.clone() else {
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(h.interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                let mut checks = tokio::task::JoinSet::new();
+                for i in 0..me.list.len() {
+                    let (me, h) = (me.clone(), h.clone());
+                    checks.spawn(async move { me.check(i, &h).await });
+                }
+                while checks.join_next().await.is_some() {}
+            }
+        });
+    }
+
+    /// One check of server `i`, and what its result changes.
+    async fn check(&self, i: usize, h: &Health) {
+        let m = &self.list[i];
+        let result = tokio::time::timeout(h.timeout, async {
+            let mut req = Request::new(Body::Full(Full::new(Bytes::new())));
+            *req.uri_mut() = format!("http://{}{}", m.authority(), h.path)
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+            req.headers_mut().insert(
+                hyper::header::HOST,
+                hyper::header::HeaderValue::from_str(m.authority()).map_err(|e| e.to_string())?,
+            );
+            req.headers_mut().insert(
+                hyper::header::USER_AGENT,
+                hyper::header::HeaderValue::from_static("forkd-health-check"),
+            );
+            let resp = m.retrying.request(req).await.map_err(|e| cause(&e))?;
+            let status = resp.status();
+            // Read to its end, so the connection can serve the next check.
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("status {}", status.as_u16()))
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", h.timeout)));
+        // A result that agrees with the server's state ends a streak.
+        if result.is_err() == m.sick.load(Relaxed) {
+            m.streak.store(0, Relaxed);
+            return;
+        }
+        let n = m.streak.fetch_add(1, Relaxed) + 1;
+        match &result {
+            Err(why) if n >= h.fails => {
+                m.sick.store(true, Relaxed);
+                m.streak.store(0, Relaxed);
+                log::warn!(
+                    "route {}: upstream {} failed its health check {} {n} time(s) in a row ({why}); out until it passes {} in a row",
+                    self.prefix,
+                    m.upstream,
+                    h.path,
+                    h.passes
+                );
+            }
+            Ok(()) if n >= h.passes => {
+                m.sick.store(false, Relaxed);
+                m.streak.store(0, Relaxed);
+                log::info!(
+                    "route {}: upstream {} passed its health check {} {n} time(s) in a row; back",
+                    self.prefix,
+                    m.upstream,
+                    h.path
+                );
+            }
+            _ => {}
         }
     }
 }

@@ -88,6 +88,7 @@ impl Routes {
                 .into_iter()
                 .collect(),
             fail_timeout: Duration::from_secs(10),
+            health: None,
             auth: RouteAuth::Required,
             strip_prefix: false,
             connect_timeout: profile.origin_timeout,
@@ -122,6 +123,14 @@ impl Routes {
                 HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
                     .expect("a validated header name")
             }),
+        }
+    }
+
+    /// Starts the active health checks of the routes that have them, on
+    /// this (the worker's) runtime.
+    pub(crate) fn spawn_health_checks(&self) {
+        for r in &self.routes {
+            r.members.spawn_checks();
         }
     }
 
@@ -231,13 +240,7 @@ impl Route {
             lenient_prefix: lenient(&cfg.prefix),
             cfg: cfg.clone(),
             authority,
-            members: Arc::new(Members::new(
-                &cfg.upstream,
-                cfg.connect_timeout,
-                cfg.fail_timeout,
-                proxy,
-                &cfg.prefix,
-            )),
+            members: Arc::new(Members::new(cfg, proxy)),
             watch: std::sync::OnceLock::new(),
             builtin: None,
             label: crate::metrics::builtin("other"),
