@@ -514,7 +514,7 @@ fn a_bad_route_is_a_configuration_error() {
             "route[0].upstream",
         ),
         (
-            "prefix = \"/a\"\nupstream = \"https://x:1/p\"",
+            "prefix = \"/a\"\nupstream = \"ftp://x:1/p\"",
             "route[0].upstream",
         ),
         (

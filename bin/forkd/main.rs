@@ -140,7 +140,7 @@ fn main() -> ExitCode {
                         }
                     }
                 }
-                _ => None,
+                _ => settings::Tls::default(),
             };
             match cli.command {
                 Command::Start { daemon: false, .. } => start(source, config, tls, inherited),
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
                 Command::Limit { command } => limits::run(&config, command),
                 Command::Cache { command } => limits::purge(&config, command),
                 _ => {
-                    check_config(&source, config, tls.as_deref());
+                    check_config(&source, config, tls.server.as_deref());
                     Ok(())
                 }
             }
@@ -296,7 +296,7 @@ fn preflight(config: &Config) -> anyhow::Result<()> {
 fn start(
     source: ConfigSource,
     config: Config,
-    tls: Option<std::sync::Arc<forkd_app::Identity>>,
+    tls: settings::Tls,
     inherited: Option<forkd_supervisor::InheritedState>,
 ) -> anyhow::Result<()> {
     // Before this process sets any variable of its own.
@@ -329,7 +329,7 @@ fn start(
     {
         std::env::set_var(forkd_config::env_name("redis.data_dir"), dir);
     }
-    let settings = supervisor_settings(&config, tls.as_deref(), &source_described);
+    let settings = supervisor_settings(&config, tls.server.as_deref(), &source_described);
     let program = Forkd {
         described: source_described,
         source,

@@ -54,12 +54,44 @@ pub(crate) fn policy(p: forkd_config::Policy) -> forkd_app::Policy {
     }
 }
 
-/// Reads the TLS certificate and key, when the config names them: at
-/// start before the privileges are dropped, and at each reload.
+/// Reads the TLS certificate and key, when the config names them, and
+/// what the routes' `https://` servers need (authorities, a client pair):
+/// at start before the privileges are dropped, and at each reload.
 ///
 /// # Errors
 /// A message naming the file and what is wrong with it.
-pub(crate) fn load_tls(c: &Config) -> Result<Option<Arc<forkd_app::Identity>>, String> {
+pub(crate) fn load_tls(c: &Config) -> Result<Tls, String> {
+    let upstreams = c
+        .route
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.upstream_tls
+                .as_ref()
+                .map(|t| {
+                    forkd_app::ClientTls::load(t)
+                        .map(Arc::new)
+                        .map_err(|e| format!("route[{i}].upstream_tls: {e}"))
+                })
+                .transpose()
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Tls {
+        server: load_identity(c)?,
+        upstreams,
+    })
+}
+
+/// What [`load_tls`] read: the listeners' certificate and key, and each
+/// route's TLS client settings (by the route's place; None without an
+/// `https://` server).
+#[derive(Default)]
+pub(crate) struct Tls {
+    pub(crate) server: Option<Arc<forkd_app::Identity>>,
+    pub(crate) upstreams: Vec<Option<Arc<forkd_app::ClientTls>>>,
+}
+
+fn load_identity(c: &Config) -> Result<Option<Arc<forkd_app::Identity>>, String> {
     let Some((cert, key)) = c.tls.files() else {
         return Ok(None);
     };
@@ -224,9 +256,10 @@ pub(crate) fn matcher(nets: Vec<forkd_config::Cidr>) -> forkd_app::TrustedProxy 
 
 pub(crate) fn app_settings(
     c: &Config,
-    tls: Option<&Arc<forkd_app::Identity>>,
+    loaded: &Tls,
     tickets: &forkd_app::TicketKeys,
 ) -> forkd_app::Settings {
+    let tls = loaded.server.as_ref();
     forkd_app::Settings {
         header_read_timeout: c.http.header_read_timeout,
         max_header_bytes: c.http.max_header_bytes,
@@ -294,7 +327,14 @@ pub(crate) fn app_settings(
         routes: c
             .route
             .iter()
-            .map(|r| route(r, &c.rate_limit.policy))
+            .enumerate()
+            .map(|(i, r)| {
+                route(
+                    r,
+                    &c.rate_limit.policy,
+                    loaded.upstreams.get(i).cloned().flatten(),
+                )
+            })
             .collect(),
         proxy: c.proxy.clone(),
         listeners: listener_settings(c),
@@ -337,12 +377,14 @@ fn hsts(c: &Config) -> Option<forkd_app::HeaderValue> {
 fn route(
     r: &forkd_config::Route,
     policies: &std::collections::BTreeMap<String, forkd_config::NamedPolicy>,
+    upstream_tls: Option<Arc<forkd_app::ClientTls>>,
 ) -> forkd_app::RouteSettings {
     forkd_app::RouteSettings {
         prefix: r.prefix.clone(),
         upstream: r.upstream.0.clone(),
         fail_timeout: r.fail_timeout,
         health: r.health.clone(),
+        upstream_tls,
         auth: r.auth,
         strip_prefix: r.strip_prefix,
         connect_timeout: r.connect_timeout,

@@ -4,12 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use forkd_app::Identity;
 use forkd_config::Config;
 use forkd_supervisor::{Program, Settings, WorkerCell, WorkerContext};
 
 use crate::logging;
-use crate::settings::{app_settings, heartbeat_interval, load_tls, supervisor_settings};
+use crate::settings::{app_settings, heartbeat_interval, load_tls, supervisor_settings, Tls};
 use crate::source::ConfigSource;
 
 /// The program the supervisor forks: the HTTP worker, with reloadable
@@ -17,12 +16,13 @@ use crate::source::ConfigSource;
 pub(crate) struct Forkd {
     pub(crate) source: ConfigSource,
     pub(crate) config: Config,
-    /// The certificate and key, read by this process, inherited by workers.
-    pub(crate) tls: Option<Arc<Identity>>,
+    /// The certificate and key, and the routes' TLS client settings, read
+    /// by this process, inherited by workers.
+    pub(crate) tls: Tls,
     /// Session-ticket keys for every worker of this configuration; a
     /// reload rotates them.
     pub(crate) tickets: forkd_app::TicketKeys,
-    pub(crate) previous: Option<(Config, Option<Arc<Identity>>, forkd_app::TicketKeys)>,
+    pub(crate) previous: Option<(Config, Tls, forkd_app::TicketKeys)>,
     /// Where the configuration came from (read once, at start).
     pub(crate) described: String,
 }
@@ -35,7 +35,7 @@ impl Program for Forkd {
             generation: ctx.generation,
             listeners: ctx.listeners,
             shared_listeners: ctx.shared_listeners,
-            settings: app_settings(&self.config, self.tls.as_ref(), &self.tickets),
+            settings: app_settings(&self.config, &self.tls, &self.tickets),
             host: Arc::new(CellHost {
                 cell: ctx.cell,
                 fresh_ms: forkd_supervisor::heartbeat_fresh_ms(heartbeat_interval(&self.config)),
@@ -62,7 +62,7 @@ impl Program for Forkd {
         // keep serving the pair they have.
         let tls = load_tls(&new)?;
         let tickets = self.tickets.rotate()?;
-        let settings = supervisor_settings(&new, tls.as_deref(), &self.described);
+        let settings = supervisor_settings(&new, tls.server.as_deref(), &self.described);
         let config = std::mem::replace(&mut self.config, new);
         let tls = std::mem::replace(&mut self.tls, tls);
         let tickets = std::mem::replace(&mut self.tickets, tickets);

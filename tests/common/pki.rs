@@ -76,6 +76,11 @@ impl Pki {
 
     /// A certificate for 127.0.0.1 and localhost, signed by the CA.
     pub fn leaf(&self, name: &str, kind: KeyKind) -> Leaf {
+        self.leaf_for(name, kind, "serverAuth")
+    }
+
+    /// A leaf for `usage` (`extendedKeyUsage`: serverAuth, clientAuth).
+    pub fn leaf_for(&self, name: &str, kind: KeyKind, usage: &str) -> Leaf {
         let d = self.dir.path();
         let serial = self.next_serial.get();
         self.next_serial.set(serial + 1);
@@ -113,8 +118,10 @@ impl Pki {
         );
         std::fs::write(
             d.join("ext.cnf"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-             extendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                 extendedKeyUsage={usage}\n"
+            ),
         )
         .unwrap();
         let only = format!("{stem}.only.pem");

@@ -58,6 +58,7 @@ mod lease;
 mod local_limit;
 mod log_gate;
 mod metrics;
+mod pem;
 mod pipeline;
 mod proxy;
 mod refusal;
@@ -86,6 +87,7 @@ pub use metrics::{
     MORE_USED as MORE_COUNTERS_USED, USED as COUNTERS_USED,
 };
 pub use server::run;
+pub use upstream::tls::ClientTls;
 
 /// Decides whether an address is a trusted proxy.
 pub type TrustedProxy = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
@@ -168,6 +170,8 @@ pub struct RouteSettings {
     pub fail_timeout: Duration,
     /// The active health check of its servers, when on.
     pub health: Option<Health>,
+    /// How its `https://` servers are reached (loaded by the supervisor).
+    pub upstream_tls: Option<Arc<ClientTls>>,
     pub auth: RouteAuth,
     pub strip_prefix: bool,
     pub connect_timeout: Duration,

@@ -61,7 +61,10 @@ pub use routes::{
     BUILTIN_POLICIES, BUILT_IN_PATHS,
 };
 pub use tls::{Http2, RawHttp2, RawTls, Tls};
-pub use upstreams::{Health, RawHealth, RawUpstreams, Upstream, Upstreams, MAX_UPSTREAMS};
+pub use upstreams::{
+    Health, RawHealth, RawUpstreamTls, RawUpstreams, Upstream, UpstreamTls, Upstreams,
+    MAX_UPSTREAMS,
+};
 
 /// The largest number of workers one instance may run.
 pub const MAX_WORKERS: usize = 512;

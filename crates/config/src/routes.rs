@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::upstreams::{Health, RawHealth, RawUpstreams, Upstreams};
+use crate::upstreams::{Health, RawHealth, RawUpstreamTls, RawUpstreams, UpstreamTls, Upstreams};
 use crate::ConfigError;
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -48,6 +48,7 @@ pub struct RawRoute {
     pub cache_max_bytes: i64,
     pub fail_timeout: f64,
     pub health: RawHealth,
+    pub upstream_tls: RawUpstreamTls,
 }
 
 impl Default for RawRoute {
@@ -66,6 +67,7 @@ impl Default for RawRoute {
             cache_max_bytes: 1024 * 1024,
             fail_timeout: 10.0,
             health: RawHealth::default(),
+            upstream_tls: RawUpstreamTls::default(),
         }
     }
 }
@@ -121,6 +123,8 @@ pub struct Route {
     pub fail_timeout: Duration,
     /// The active health check of its servers, when on.
     pub health: Option<Health>,
+    /// How its `https://` servers are reached (Some when it has one).
+    pub upstream_tls: Option<UpstreamTls>,
 }
 
 impl Route {
@@ -200,9 +204,13 @@ fn prefix(key: String, raw: &str) -> Result<String, ConfigError> {
 impl RawRoute {
     fn validate(&self, i: usize) -> Result<Route, ConfigError> {
         let key = |k: &str| format!("route[{i}].{k}");
+        let upstream = self.upstream.validate(&key("upstream"))?;
         Ok(Route {
+            upstream_tls: self
+                .upstream_tls
+                .validate(&key("upstream_tls"), &upstream)?,
             prefix: prefix(key("prefix"), &self.prefix)?,
-            upstream: self.upstream.validate(&key("upstream"))?,
+            upstream,
             auth: self.auth,
             strip_prefix: self.strip_prefix,
             connect_timeout: secs_in(key("connect_timeout"), self.connect_timeout, 0.001, 60.0)?,

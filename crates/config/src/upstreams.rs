@@ -91,6 +91,88 @@ impl RawHealth {
     }
 }
 
+/// A route's `upstream_tls` table as written: how its `https://` servers
+/// are checked, and the certificate forkd shows them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstreamTls {
+    pub ca_file: String,
+    pub server_name: String,
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+/// How a route's `https://` servers are reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTls {
+    /// PEM certificates of the authorities trusted (None: the system's).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The name every server's certificate must have, sent by SNI (None:
+    /// each server's host).
+    pub server_name: Option<String>,
+    /// forkd's client certificate (then its chain) and key, if asked.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl RawUpstreamTls {
+    /// Some when a server is `https://`; a table set for none is refused.
+    pub(crate) fn validate(
+        &self,
+        key: &str,
+        servers: &Upstreams,
+    ) -> Result<Option<UpstreamTls>, ConfigError> {
+        let any_tls = servers
+            .0
+            .iter()
+            .any(|u| matches!(u, Upstream::Tcp { tls: true, .. }));
+        let set = !(self.ca_file.is_empty()
+            && self.server_name.is_empty()
+            && self.cert_file.is_empty()
+            && self.key_file.is_empty());
+        if !any_tls {
+            return if set {
+                Err(bad(
+                    key,
+                    "a table",
+                    "upstream_tls is for https:// servers, and this route has none",
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+        let client = match (path(&self.cert_file), path(&self.key_file)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    &format!("{key}.cert_file"),
+                    &self.cert_file,
+                    "expected cert_file and key_file together",
+                ))
+            }
+        };
+        let name = &self.server_name;
+        if !name.is_empty()
+            && (name.len() > 253
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
+        {
+            return Err(bad(
+                &format!("{key}.server_name"),
+                name,
+                "expected a DNS name or an IP address",
+            ));
+        }
+        Ok(Some(UpstreamTls {
+            ca_file: path(&self.ca_file),
+            server_name: path(name).map(|_| name.clone()),
+            client,
+        }))
+    }
+}
+
 /// The most servers one route's pool holds.
 pub const MAX_UPSTREAMS: usize = 32;
 
@@ -99,7 +181,12 @@ pub const MAX_UPSTREAMS: usize = 32;
 pub enum Upstream {
     /// `http://HOST:PORT`, with a path every forwarded path is put under
     /// ("" for none; else '/' and segments, no trailing '/').
-    Tcp { addr: String, path: String },
+    /// With `tls`, `https://`.
+    Tcp {
+        addr: String,
+        path: String,
+        tls: bool,
+    },
     /// An absolute socket path.
     Unix(std::path::PathBuf),
 }
@@ -110,6 +197,7 @@ impl Upstream {
         Upstream::Tcp {
             addr: addr.into(),
             path: String::new(),
+            tls: false,
         }
     }
 
@@ -125,7 +213,10 @@ impl Upstream {
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Upstream::Tcp { addr, path } => write!(f, "http://{addr}{path}"),
+            Upstream::Tcp { addr, path, tls } => {
+                let scheme = if *tls { "https" } else { "http" };
+                write!(f, "{scheme}://{addr}{path}")
+            }
             Upstream::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -267,7 +358,11 @@ fn upstream(key: &str, raw: &str) -> Result<Upstream, ConfigError> {
             "expected unix:/ABSOLUTE/PATH.sock (under 108 bytes)",
         ));
     }
-    let rest = raw.strip_prefix("http://").unwrap_or("");
+    let (tls, rest) = match (raw.strip_prefix("http://"), raw.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => (false, ""),
+    };
     let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
     let host_ok = !host.is_empty()
@@ -290,12 +385,13 @@ fn upstream(key: &str, raw: &str) -> Result<Upstream, ConfigError> {
         Ok(Upstream::Tcp {
             addr: addr.to_owned(),
             path: path.to_owned(),
+            tls,
         })
     } else {
         Err(bad(
             key,
             raw,
-            "expected http://HOST:PORT, optionally with a path (\"http://127.0.0.1:9000/v2\": segments of letters, digits and -._~!$&'()*+,;=:@, no '.' or '..' segment, no %, no query), or unix:/PATH.sock",
+            "expected http://HOST:PORT or https://HOST:PORT, optionally with a path (\"http://127.0.0.1:9000/v2\": segments of letters, digits and -._~!$&'()*+,;=:@, no '.' or '..' segment, no %, no query), or unix:/PATH.sock",
         ))
     }
 }

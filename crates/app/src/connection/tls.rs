@@ -3,17 +3,15 @@
 //! workers across fork, and the rustls configuration each worker builds
 //! from them after the fork (so that its session-ticket keys are its own).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
+
+use crate::pem::read_capped;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ServerSessionMemoryCache;
 use rustls::ServerConfig;
-
-/// No PEM file of a certificate chain or key is this large.
-const MAX_PEM_BYTES: u64 = 1 << 20;
 
 /// Resumption state each worker keeps for clients that come back.
 const SESSION_CACHE_ENTRIES: usize = 4096;
@@ -106,22 +104,6 @@ impl Identity {
         })?;
         Ok(id)
     }
-}
-
-fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
-    let f =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut out = Vec::new();
-    f.take(MAX_PEM_BYTES + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if out.len() as u64 > MAX_PEM_BYTES {
-        return Err(format!(
-            "{}: larger than {MAX_PEM_BYTES} bytes; not a certificate or key file",
-            path.display()
-        ));
-    }
-    Ok(out)
 }
 
 fn describe(file: &Path, leaf: &CertificateDer<'_>) -> Result<CertificateInfo, String> {

@@ -1,7 +1,7 @@
-//! How a route's pooled client reaches its upstream: TCP to `HOST:PORT` or
-//! a unix socket, bounded by the route's connect timeout. The client asks
-//! for a connection with the request's URI; every client has one upstream,
-//! so the URI is not looked at.
+//! How a route's pooled client reaches its upstream: TCP to `HOST:PORT`
+//! (with TLS for `https://`) or a unix socket, bounded by the route's
+//! connect timeout. The client asks for a connection with the request's
+//! URI; every client has one upstream, so the URI is not looked at.
 
 use std::future::Future;
 use std::io;
@@ -16,19 +16,27 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::tls::ClientTls;
 use crate::Upstream;
 
 #[derive(Clone)]
 pub(crate) struct Connector {
     target: Arc<Option<Upstream>>,
     timeout: Duration,
+    /// For an `https://` target.
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Connector {
-    pub(crate) fn new(target: Option<Upstream>, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        target: Option<Upstream>,
+        timeout: Duration,
+        tls: Option<Arc<ClientTls>>,
+    ) -> Self {
         Connector {
             target: Arc::new(target),
             timeout,
+            tls,
         }
     }
 }
@@ -60,13 +68,29 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let target = self.target.clone();
         let timeout = self.timeout;
+        let tls = self.tls.clone();
         Box::pin(async move {
             let connect = async {
                 match &*target {
-                    Some(Upstream::Tcp { addr, .. }) => {
+                    Some(Upstream::Tcp {
+                        addr, tls: https, ..
+                    }) => {
                         let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
                         let _ = s.set_nodelay(true);
-                        Ok(TokioIo::new(Box::new(s) as Box<dyn Io>))
+                        match (https, &tls) {
+                            (false, _) => Ok(TokioIo::new(Box::new(s) as Box<dyn Io>)),
+                            // The handshake is part of connecting: within
+                            // the connect timeout, and a failure is a
+                            // connect error (the request was never sent).
+                            (true, Some(t)) => {
+                                let s = t.wrap(addr, s).await?;
+                                Ok(TokioIo::new(Box::new(s) as Box<dyn Io>))
+                            }
+                            (true, None) => Err(io::Error::new(
+                                io::ErrorKind::InvalidInput,
+                                "an https:// upstream without TLS settings",
+                            )),
+                        }
                     }
                     Some(Upstream::Unix(path)) => {
                         let s = tokio::net::UnixStream::connect(PathBuf::from(path)).await?;

@@ -91,7 +91,11 @@ impl Members {
                 .pool_max_idle_per_host(proxy.max_idle_per_upstream)
                 .retry_canceled_requests(retry)
                 .set_host(false)
-                .build(Connector::new(Some(u.clone()), route.connect_timeout))
+                .build(Connector::new(
+                    Some(u.clone()),
+                    route.connect_timeout,
+                    route.upstream_tls.clone(),
+                ))
         };
         Members {
             list: route

@@ -6,6 +6,7 @@
 mod connect;
 pub(crate) mod members;
 pub(crate) mod pool;
+pub(crate) mod tls;
 
 pub(crate) use members::Failure;
 pub(crate) use pool::{Route, Routes, Specs, PROFILE_POLICY};

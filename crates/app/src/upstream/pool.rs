@@ -89,6 +89,7 @@ impl Routes {
                 .collect(),
             fail_timeout: Duration::from_secs(10),
             health: None,
+            upstream_tls: None,
             auth: RouteAuth::Required,
             strip_prefix: false,
             connect_timeout: profile.origin_timeout,
