@@ -180,3 +180,37 @@ fn a_server_failing_its_health_check_is_out_until_it_passes() {
         b.url()
     )));
 }
+
+/// A client cannot take servers out: bodies that break off and slow
+/// uploads are the client's doing, never a server's failure.
+#[test]
+fn a_client_breaking_off_its_body_takes_no_server_out() {
+    use std::io::Write;
+    let (a, b) = (Upstream::tcp(), Upstream::tcp());
+    let f = Forkd::start(&pool_route(&[&a, &b], "fail_timeout = 60\ntimeout = 1\n"));
+    for i in 0..6 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+        write!(
+            s,
+            "POST /api/count HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nonly-a-start-{i}"
+        )
+        .unwrap();
+        // Gone before the body ends; or, for the odd ones, slow past the
+        // route's timeout.
+        if i % 2 == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        drop(s);
+    }
+    // Both servers still take requests in turn.
+    poll(PATIENCE, || {
+        let (x, y) = spread(&f, &a, &b, 10);
+        (x == 5 && y == 5).then_some(())
+    })
+    .expect("the servers took turns again");
+    assert!(
+        !f.log_text().contains("passed over"),
+        "a client took a server out:\n{}",
+        f.log_text()
+    );
+}

@@ -904,7 +904,13 @@ fn paths_and_forward_auth_headers_that_could_skip_a_check_are_refused() {
         let want = if path == "/%2561pi" { 200 } else { 400 };
         assert_eq!(r.status, want, "{path}: {r:?}");
         if want == 400 {
-            assert!(r.body.contains("another route"), "{path}: {r:?}");
+            // `..;` is a dot segment to Tomcat-style servers: refused as one.
+            let why = if path.contains("..;") {
+                "dot segment"
+            } else {
+                "another route"
+            };
+            assert!(r.body.contains(why), "{path}: {r:?}");
         }
     }
     assert_eq!(

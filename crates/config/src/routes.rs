@@ -180,10 +180,14 @@ fn prefix(key: String, raw: &str) -> Result<String, ConfigError> {
     let chars_ok = p
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b));
+    // Sliced only once known to be ASCII and to start with '/' ("", "//"
+    // and "é" are refused, not a panic).
     let segments_ok = p == "/"
-        || p[1..]
-            .split('/')
-            .all(|s| !s.is_empty() && s != "." && s != "..");
+        || chars_ok
+            && p.starts_with('/')
+            && p[1..]
+                .split('/')
+                .all(|s| !s.is_empty() && s != "." && s != "..");
     if !p.starts_with('/') || !chars_ok || !segments_ok || p.len() > 256 {
         return Err(bad(
             key,

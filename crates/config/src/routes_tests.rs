@@ -47,6 +47,8 @@ fn an_upstream_path_is_refused_unless_plain() {
         "http://127.0.0.1:9000/v2#x",
         "http://127.0.0.1:9000/v 2",
         "http://127.0.0.1/v2",
+        "http://[a b]:80",
+        "http://[]:80",
     ] {
         let e = upstream_of(written).expect_err(written).to_string();
         assert!(
@@ -161,4 +163,44 @@ fn a_health_check_is_off_without_a_path_and_checked_with_one() {
         let e = route(&format!("{health}\n")).expect_err(health).to_string();
         assert!(e.contains(key), "{health}: {e}");
     }
+}
+
+#[test]
+fn a_prefix_that_is_no_path_is_refused_not_a_panic() {
+    for prefix in ["", "//", "é", "/é", "a"] {
+        let text = format!("[[route]]\nprefix = \"{prefix}\"\nupstream = \"http://127.0.0.1:9\"\n");
+        let e = RawConfig::from_str(&text, Path::new("test.toml"))
+            .and_then(|r| r.validate(2))
+            .expect_err(prefix)
+            .to_string();
+        assert!(e.contains("route[0].prefix"), "{prefix:?}: {e}");
+    }
+}
+
+/// What check-config and status --show-config print of routes with every
+/// new key is read back as the same configuration.
+#[test]
+fn routes_with_pools_health_and_upstream_tls_read_back_the_same() {
+    let text = r#"
+[[route]]
+prefix = "/api"
+upstream = ["https://127.0.0.1:9001/v2", "https://[::1]:9002/v2"]
+fail_timeout = 3
+health = { path = "/healthz", interval = 0.5, timeout = 1, fails = 3, passes = 1 }
+upstream_tls = { ca_file = "/etc/forkd/ca.pem", server_name = "api.internal", cert_file = "/etc/forkd/c.pem", key_file = "/etc/forkd/c.key" }
+
+[[route]]
+prefix = "/one"
+upstream = "unix:/run/app.sock"
+"#;
+    let first = RawConfig::from_str(text, Path::new("test.toml"))
+        .unwrap()
+        .validate(2)
+        .unwrap();
+    let shown = first.to_toml();
+    let again = RawConfig::from_str(&shown, Path::new("shown.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{shown}"))
+        .validate(2)
+        .unwrap_or_else(|e| panic!("{e}\n{shown}"));
+    assert_eq!(again.route, first.route, "{shown}");
 }

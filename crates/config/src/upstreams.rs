@@ -103,7 +103,7 @@ pub struct RawUpstreamTls {
 }
 
 /// How a route's `https://` servers are reached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTls {
     /// PEM certificates of the authorities trusted (None: the system's).
     pub ca_file: Option<std::path::PathBuf>,
@@ -112,6 +112,25 @@ pub struct UpstreamTls {
     pub server_name: Option<String>,
     /// forkd's client certificate (then its chain) and key, if asked.
     pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Written back with the keys it was read from.
+impl Serialize for UpstreamTls {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        if let Some(f) = &self.ca_file {
+            m.serialize_entry("ca_file", f)?;
+        }
+        if let Some(n) = &self.server_name {
+            m.serialize_entry("server_name", n)?;
+        }
+        if let Some((c, k)) = &self.client {
+            m.serialize_entry("cert_file", c)?;
+            m.serialize_entry("key_file", k)?;
+        }
+        m.end()
+    }
 }
 
 impl RawUpstreamTls {
@@ -157,12 +176,12 @@ impl RawUpstreamTls {
             && (name.len() > 253
                 || !name
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b)))
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b)))
         {
             return Err(bad(
                 &format!("{key}.server_name"),
                 name,
-                "expected a DNS name or an IP address",
+                "expected a DNS name or an IP address (no brackets)",
             ));
         }
         Ok(Some(UpstreamTls {
@@ -365,11 +384,15 @@ fn upstream(key: &str, raw: &str) -> Result<Upstream, ConfigError> {
     };
     let (addr, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
-    let host_ok = !host.is_empty()
-        && (host.starts_with('[') && host.ends_with(']')
-            || host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        }
+    };
     // The path: as a route's prefix is written (plain path characters, no
     // dot or empty segment, no escape), so it is what the upstream reads.
     let path = path.trim_end_matches('/');

@@ -35,14 +35,19 @@ use cached::{builtin, from_cache};
 use headers::{Forwarding, Identity};
 
 /// A path that a prefix could be matched against in one way and the
-/// upstream read in another: a dot segment, or an escaped '.', '/' or '\'.
+/// upstream read in another: a dot segment (also with `;parameters`, as
+/// `..;` that Tomcat-style servers read as `..`: it could climb out of
+/// the upstream's path), or an escaped '.', '/' or '\'.
 fn ambiguous(path: &str) -> bool {
     let escaped = |w: &[u8]| {
         w[0] == b'%' && matches!((w[1], w[2] | 0x20), (b'2', b'e' | b'f') | (b'5', b'c'))
     };
     path.as_bytes().windows(3).any(escaped)
         || path.contains('\\')
-        || path.split('/').any(|s| s == "." || s == "..")
+        || path.split('/').any(|s| {
+            let s = s.split(';').next().unwrap_or(s);
+            s == "." || s == ".."
+        })
 }
 
 /// Forwards `req` to the route's upstream and streams its answer back,
@@ -187,7 +192,12 @@ async fn forward_to(
     let out = Request::from_parts(parts, Body::Client(body, fault.clone()));
     let asked = std::time::Instant::now();
     let sent = match written {
-        None => route.members.send(out, route.cfg.timeout, server).await,
+        None => {
+            route
+                .members
+                .send(out, route.cfg.timeout, server, &fault)
+                .await
+        }
         // A write on a cached route is sent, and its cached answers ended,
         // by a task of its own: both happen even if the client goes away
         // meanwhile (hyper then drops this request's future). The task is
@@ -195,9 +205,9 @@ async fn forward_to(
         // detached in a worker; past that a write is sent as any request.
         Some(w) => {
             let (members, st, uid) = (route.members.clone(), st.clone(), checked.uid.clone());
-            let (timeout, server) = (route.cfg.timeout, server.clone());
+            let (timeout, server, fault) = (route.cfg.timeout, server.clone(), fault.clone());
             let write = async move {
-                let r = members.send(out, timeout, &server).await;
+                let r = members.send(out, timeout, &server, &fault).await;
                 if let Ok(resp) = &r {
                     if resp.status().as_u16() < 400 {
                         w.invalidate(&st, resp.headers(), uid.as_deref()).await;
@@ -443,6 +453,8 @@ mod tests {
             "/api/%2e%2e/admin",
             "/api%2Fx",
             "/a/./b",
+            "/api/..;/admin",
+            "/a/.;x/b",
             "/a\\b",
             "/a%5cb",
             "/a%5Cb",

@@ -28,7 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::connect::Connector;
-use crate::body::Body;
+use crate::body::{Body, ClientFault};
 use crate::{Health, Proxy, RouteSettings, Upstream};
 
 pub(crate) type Pool = Client<Connector, Body>;
@@ -125,8 +125,9 @@ impl Members {
     }
 
     /// The server to try, of those not in `tried`: the least busy of those
-    /// not passed over; with none such, on a first try, the one passed
-    /// over longest ago; on a retry, none.
+    /// in (ties in turn); with none such, on a first try, the least busy
+    /// of those its health checks keep, else of all (a pool is never
+    /// refused untried); on a retry, none.
     pub(crate) fn pick(&self, tried: &[usize]) -> Option<usize> {
         let n = self.list.len();
         if n == 0 {
@@ -134,25 +135,27 @@ impl Members {
         }
         let now = self.now_ms();
         let start = self.next.fetch_add(1, Relaxed) % n;
-        let mut best: Option<(usize, usize)> = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            let m = &self.list[i];
-            if tried.contains(&i) || m.out_until_ms.load(Relaxed) > now || m.sick.load(Relaxed) {
-                continue;
+        let least = |usable: &dyn Fn(&Member) -> bool| {
+            let mut best: Option<(usize, usize)> = None;
+            for k in 0..n {
+                let i = (start + k) % n;
+                let m = &self.list[i];
+                if tried.contains(&i) || !usable(m) {
+                    continue;
+                }
+                let w = m.waiting.load(Relaxed);
+                if best.is_none_or(|(_, fewest)| w < fewest) {
+                    best = Some((i, w));
+                }
             }
-            let w = m.waiting.load(Relaxed);
-            if best.is_none_or(|(_, least)| w < least) {
-                best = Some((i, w));
+            best.map(|(i, _)| i)
+        };
+        least(&|m| m.out_until_ms.load(Relaxed) <= now && !m.sick.load(Relaxed)).or_else(|| {
+            if !tried.is_empty() {
+                return None;
             }
-        }
-        match best {
-            Some((i, _)) => Some(i),
-            None if tried.is_empty() => {
-                (0..n).min_by_key(|&i| self.list[i].out_until_ms.load(Relaxed))
-            }
-            None => None,
-        }
+            least(&|m| !m.sick.load(Relaxed)).or_else(|| least(&|_| true))
+        })
     }
 
     /// Passes over server `i` for the fail timeout (when there is another
@@ -176,15 +179,20 @@ impl Members {
 
     /// Sends `out` to a server of the pool (see the module's docs), within
     /// `timeout` in all; `server` is set to each one's index as it is
-    /// asked (for the access log).
+    /// asked (for the access log). A failure the client caused (its body
+    /// broke off: `fault`), or a timeout while a body was going up (a slow
+    /// client may be why), does not pass the server over: a client must
+    /// not be able to take servers out.
     pub(crate) async fn send(
         &self,
         out: Request<Body>,
         timeout: Duration,
         server: &AtomicUsize,
+        fault: &ClientFault,
     ) -> Result<Response<Incoming>, Failure> {
         let deadline = tokio::time::Instant::now() + timeout;
         let idempotent = out.method().is_idempotent();
+        let has_body = !out.body().is_end_stream();
         // What it takes to send it again: an idempotent request whose body
         // is known to be empty.
         let again = (idempotent && out.body().is_end_stream()).then(|| {
@@ -225,14 +233,18 @@ impl Members {
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(e)) => {
                     let why = cause(&e);
-                    self.failed(i, &why);
+                    if fault.get().is_none() {
+                        self.failed(i, &why);
+                    }
                     if !(e.is_connect() && again.is_some()) {
                         return Err(Failure::Failed(why));
                     }
                     last = why;
                 }
                 Err(_) => {
-                    self.failed(i, "no answer in time");
+                    if !has_body {
+                        self.failed(i, "no answer in time");
+                    }
                     return Err(Failure::Timeout);
                 }
             }
@@ -281,8 +293,13 @@ impl Members {
             );
             let resp = m.retrying.request(req).await.map_err(|e| cause(&e))?;
             let status = resp.status();
-            // Read to its end, so the connection can serve the next check.
-            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            // Read to its end (up to 64 KiB), so that the connection can
+            // serve the next check; a longer answer just closes it.
+            let _ = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                resp.into_body(),
+                64 * 1024,
+            ))
+            .await;
             if status.is_success() {
                 Ok(())
             } else {
