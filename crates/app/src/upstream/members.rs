@@ -6,10 +6,12 @@
 //! their answer's head, among those not passed over, ties taken in turn.
 //! A server that fails (no connection, no answer, no answer in time) is
 //! passed over for the route's `fail_timeout`, unless every server is:
-//! then the one passed over longest ago is tried all the same, so a pool
-//! is never refused without a try. A request that was never sent (no
-//! connection could be made) goes to another server when it can be sent
-//! again: an idempotent method with no body.
+//! then the least busy of those the health checks keep (else of all) is
+//! tried all the same, so a pool is never refused without a try. A
+//! request that was never sent (no connection could be made) goes to
+//! another server when it can be sent again: an idempotent method with
+//! no body. What a client causes (a body that breaks off, a timeout while
+//! a body goes up) never passes a server over.
 //!
 //! With a `health` check, each worker also asks every server its path
 //! every interval; a server that fails `fails` checks in a row (no 2xx
