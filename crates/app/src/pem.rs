@@ -5,6 +5,9 @@
 use std::io::Read;
 use std::path::Path;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
 /// No PEM file of certificates or a key is this large.
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
@@ -22,4 +25,35 @@ pub(crate) fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(out)
+}
+
+/// A certificate file (PEM: the certificate, then its chain) and its key
+/// file (PEM: PKCS#8, PKCS#1 or SEC1), read; whether they belong together
+/// is for rustls to say.
+///
+/// # Errors
+/// A message naming the file: unreadable, not PEM, no certificate, no
+/// key, or a key of a kind rustls cannot use.
+pub(crate) fn read_pair(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let cert_pem = read_capped(cert_file)?;
+    let key_pem = read_capped(key_file)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert_file.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: no CERTIFICATE block in the file",
+            cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        format!(
+            "{}: no usable private key (PKCS#8, RSA or EC PEM): {e}",
+            key_file.display()
+        )
+    })?;
+    Ok((chain, key))
 }

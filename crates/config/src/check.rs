@@ -16,10 +16,15 @@ pub(crate) fn bad(key: &str, value: impl ToString, expected: &str) -> ConfigErro
 
 /// `v` seconds, from `min` to a day.
 pub(crate) fn seconds(key: &str, v: f64, min: f64) -> Result<Duration, ConfigError> {
-    if v.is_finite() && (min..=86_400.0).contains(&v) {
+    seconds_in(key, v, min, 86_400.0)
+}
+
+/// `v` seconds, from `min` to `max`.
+pub(crate) fn seconds_in(key: &str, v: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && (min..=max).contains(&v) {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(bad(key, v, &format!("expected {min} to 86400 seconds")))
+        Err(bad(key, v, &format!("expected {min} to {max} seconds")))
     }
 }
 

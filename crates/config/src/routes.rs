@@ -6,12 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::check::{seconds_in, secs};
 use crate::upstreams::{Health, RawHealth, RawUpstreamTls, RawUpstreams, UpstreamTls, Upstreams};
 use crate::ConfigError;
-
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
-}
 
 /// Paths forkd answers itself; a route cannot take them.
 pub const BUILT_IN_PATHS: &[&str] = &[
@@ -160,14 +157,6 @@ fn bad(key: String, value: impl ToString, expected: &str) -> ConfigError {
     }
 }
 
-fn secs_in(key: String, v: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
-    if v.is_finite() && (min..=max).contains(&v) {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(bad(key, v, &format!("expected {min} to {max} seconds")))
-    }
-}
-
 /// A prefix of plain path characters, with no dot segment, no empty
 /// segment and no percent escape: what a route matches is then what the
 /// upstream sees, however it decodes.
@@ -217,14 +206,19 @@ impl RawRoute {
             upstream,
             auth: self.auth,
             strip_prefix: self.strip_prefix,
-            connect_timeout: secs_in(key("connect_timeout"), self.connect_timeout, 0.001, 60.0)?,
-            timeout: secs_in(key("timeout"), self.timeout, 0.001, 3600.0)?,
-            fail_timeout: secs_in(key("fail_timeout"), self.fail_timeout, 0.001, 3600.0)?,
+            connect_timeout: seconds_in(
+                &key("connect_timeout"),
+                self.connect_timeout,
+                0.001,
+                60.0,
+            )?,
+            timeout: seconds_in(&key("timeout"), self.timeout, 0.001, 3600.0)?,
+            fail_timeout: seconds_in(&key("fail_timeout"), self.fail_timeout, 0.001, 3600.0)?,
             health: self.health.validate(&key("health"))?,
             pass_authorization: self.pass_authorization,
             policies: self.policies.clone(),
             cache: self.cache,
-            cache_max_ttl: secs_in(key("cache_max_ttl"), self.cache_max_ttl, 1.0, 86_400.0)?,
+            cache_max_ttl: seconds_in(&key("cache_max_ttl"), self.cache_max_ttl, 1.0, 86_400.0)?,
             cache_max_bytes: if (1..=64 * 1024 * 1024).contains(&self.cache_max_bytes) {
                 self.cache_max_bytes as u64
             } else {
@@ -334,7 +328,7 @@ impl RawProxy {
                     "expected 0 to 1024",
                 ));
             },
-            idle_timeout: secs_in("proxy.idle_timeout".into(), self.idle_timeout, 0.1, 3600.0)?,
+            idle_timeout: seconds_in("proxy.idle_timeout", self.idle_timeout, 0.1, 3600.0)?,
             forward_auth_path: match self.forward_auth_path.as_str() {
                 "" => String::new(),
                 p => prefix("proxy.forward_auth_path".into(), p)?,
@@ -492,7 +486,7 @@ pub(crate) fn validate_policies(
             name.clone(),
             NamedPolicy {
                 limit: p.limit as u64,
-                window: secs_in(at("window"), p.window, 0.001, 86_400.0)?,
+                window: seconds_in(&at("window"), p.window, 0.001, 86_400.0)?,
                 key,
                 lease: lease(&at("lease"), p.lease, p.limit)?,
             },

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::bad;
+use crate::check::{bad, count, seconds_in, secs};
 use crate::ConfigError;
 
 /// A route's `health` table as written: a request every server of the
@@ -47,10 +47,6 @@ pub struct Health {
     pub passes: u32,
 }
 
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
-}
-
 impl RawHealth {
     /// None when off (no path).
     pub(crate) fn validate(&self, key: &str) -> Result<Option<Health>, ConfigError> {
@@ -68,25 +64,12 @@ impl RawHealth {
                 "expected a path such as \"/healthz\" ('/', then no space or control character, at most 256 bytes)",
             ));
         }
-        let secs = |name: &str, v: f64, max: f64| {
-            if v.is_finite() && (0.05..=max).contains(&v) {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(bad(&k(name), v, &format!("expected 0.05 to {max} seconds")))
-            }
-        };
-        let count = |name: &str, v: i64| {
-            u32::try_from(v)
-                .ok()
-                .filter(|n| (1..=100).contains(n))
-                .ok_or_else(|| bad(&k(name), v, "expected 1 to 100 checks in a row"))
-        };
         Ok(Some(Health {
             path: self.path.clone(),
-            interval: secs("interval", self.interval, 3600.0)?,
-            timeout: secs("timeout", self.timeout, 60.0)?,
-            fails: count("fails", self.fails)?,
-            passes: count("passes", self.passes)?,
+            interval: seconds_in(&k("interval"), self.interval, 0.05, 3600.0)?,
+            timeout: seconds_in(&k("timeout"), self.timeout, 0.05, 60.0)?,
+            fails: count(&k("fails"), self.fails, 1, 100)?,
+            passes: count(&k("passes"), self.passes, 1, 100)?,
         }))
     }
 }
@@ -217,6 +200,15 @@ impl Upstream {
             addr: addr.into(),
             path: String::new(),
             tls: false,
+        }
+    }
+
+    /// What a request to it names as its authority (and `Host` when the
+    /// client sent none): `HOST:PORT`, or "localhost" for a unix socket.
+    pub fn authority(&self) -> &str {
+        match self {
+            Upstream::Tcp { addr, .. } => addr,
+            Upstream::Unix(_) => "localhost",
         }
     }
 

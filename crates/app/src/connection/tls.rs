@@ -6,9 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-
-use crate::pem::read_capped;
+use crate::pem::read_pair;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ServerSessionMemoryCache;
 use rustls::ServerConfig;
@@ -75,23 +73,8 @@ impl Identity {
     /// key, a key of a kind rustls cannot use, or a key that is not the
     /// certificate's.
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Identity, String> {
-        let cert_pem = read_capped(cert_file)?;
-        let key_pem = read_capped(key_file)?;
-        let chain = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert_file.display()))?;
-        let Some(leaf) = chain.first() else {
-            return Err(format!(
-                "{}: no CERTIFICATE block in the file",
-                cert_file.display()
-            ));
-        };
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            format!(
-                "{}: no usable private key (PKCS#8, RSA or EC PEM): {e}",
-                key_file.display()
-            )
-        })?;
+        let (chain, key) = read_pair(cert_file, key_file)?;
+        let leaf = &chain[0];
         let info = describe(cert_file, leaf)?;
         let id = Identity { chain, key, info };
         server_config(&id, true, None).map_err(|e| match e {

@@ -54,16 +54,6 @@ pub(crate) struct Member {
     streak: AtomicU32,
 }
 
-impl Member {
-    /// `HOST:PORT`, or "localhost" for a unix socket.
-    fn authority(&self) -> &str {
-        match &self.upstream {
-            Upstream::Tcp { addr, .. } => addr,
-            Upstream::Unix(_) => "localhost",
-        }
-    }
-}
-
 /// A route's servers, in the configured order.
 pub(crate) struct Members {
     pub(crate) list: Vec<Member>,
@@ -196,8 +186,9 @@ impl Members {
         let idempotent = out.method().is_idempotent();
         let has_body = !out.body().is_end_stream();
         // What it takes to send it again: an idempotent request whose body
-        // is known to be empty.
-        let again = (idempotent && out.body().is_end_stream()).then(|| {
+        // is known to be empty, when there is another server to send it to
+        // (so a route of one server copies no headers).
+        let again = (idempotent && out.body().is_end_stream() && self.list.len() > 1).then(|| {
             (
                 out.method().clone(),
                 out.uri().clone(),
@@ -282,12 +273,13 @@ impl Members {
         let m = &self.list[i];
         let result = tokio::time::timeout(h.timeout, async {
             let mut req = Request::new(Body::Full(Full::new(Bytes::new())));
-            *req.uri_mut() = format!("http://{}{}", m.authority(), h.path)
+            *req.uri_mut() = format!("http://{}{}", m.upstream.authority(), h.path)
                 .parse()
                 .map_err(|e| format!("{e}"))?;
             req.headers_mut().insert(
                 hyper::header::HOST,
-                hyper::header::HeaderValue::from_str(m.authority()).map_err(|e| e.to_string())?,
+                hyper::header::HeaderValue::from_str(m.upstream.authority())
+                    .map_err(|e| e.to_string())?,
             );
             req.headers_mut().insert(
                 hyper::header::USER_AGENT,

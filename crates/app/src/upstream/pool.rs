@@ -226,10 +226,11 @@ fn matches(prefix: &str, path: &str) -> bool {
 
 impl Route {
     fn new(cfg: &RouteSettings, proxy: &Proxy) -> Self {
-        let authority = match cfg.upstream.first() {
-            Some(Upstream::Tcp { addr, .. }) => addr.clone(),
-            Some(Upstream::Unix(_)) | None => "localhost".to_owned(),
-        };
+        let authority = cfg
+            .upstream
+            .first()
+            .map_or("localhost", Upstream::authority)
+            .to_owned();
         let policies: Vec<String> = cfg
             .policies
             .iter()

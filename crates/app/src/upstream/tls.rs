@@ -9,11 +9,11 @@ use std::io;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 
-use crate::pem::read_capped;
+use crate::pem::{read_capped, read_pair};
 
 /// A route's TLS client settings.
 pub struct ClientTls {
@@ -75,21 +75,7 @@ impl ClientTls {
             .with_root_certificates(roots);
         let mut config = match &t.client {
             Some((cert, key)) => {
-                let chain = CertificateDer::pem_slice_iter(&read_capped(cert)?)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
-                if chain.is_empty() {
-                    return Err(format!(
-                        "{}: no CERTIFICATE block in the file",
-                        cert.display()
-                    ));
-                }
-                let key_der = PrivateKeyDer::from_pem_slice(&read_capped(key)?).map_err(|e| {
-                    format!(
-                        "{}: no usable private key (PKCS#8, RSA or EC PEM): {e}",
-                        key.display()
-                    )
-                })?;
+                let (chain, key_der) = read_pair(cert, key)?;
                 builder.with_client_auth_cert(chain, key_der).map_err(|e| {
                     format!(
                         "client certificate {} and key {}: {e}",
